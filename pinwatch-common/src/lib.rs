@@ -1,0 +1,301 @@
+//! The contract between pinwatch's kernel programs and user space.
+//!
+//! Everything here is plain data: `#[repr(C)]` records with explicit widths, map keys
+//! and values, hook ids and flag bits. Both sides are built from this one file, so a
+//! change here is a change of the wire format: bump [`RECORD_VERSION`].
+#![no_std]
+
+/// Bumped whenever a record layout below changes.
+pub const RECORD_VERSION: u16 = 1;
+
+/// Folio head pfns carried by one record. A GUP call that takes more pages is sent as
+/// several records (chunks) of the same call.
+pub const PFNS_PER_RECORD: usize = 64;
+/// Chunks one GUP call or release may produce; pages past
+/// `PFNS_PER_RECORD * MAX_CHUNKS` are counted (`nr_pages`) but their pfns are not sent,
+/// and the record says so with [`RECORD_TRUNCATED`].
+pub const MAX_CHUNKS: usize = 8;
+
+pub const TASK_COMM_LEN: usize = 16;
+
+/// Record kinds (the `kind` field of [`RecordHeader`]).
+pub mod kind {
+    pub const PIN: u16 = 1;
+    pub const RELEASE: u16 = 2;
+}
+
+/// Record flag bits ([`RecordHeader::flags`]).
+pub const RECORD_TRUNCATED: u16 = 1 << 0;
+/// The GUP call returned an error (`ret` < 0); no pages were taken.
+pub const RECORD_FAILED: u16 = 1 << 1;
+
+/// Kernel functions pinwatch hooks. The id travels in records; user space maps it back
+/// to the kernel's name with [`Hook::name`].
+#[repr(u16)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Hook {
+    GetUserPages = 1,
+    PinUserPages = 2,
+    GetUserPagesFast = 3,
+    PinUserPagesFast = 4,
+    GetUserPagesFastOnly = 5,
+    GetUserPagesRemote = 6,
+    PinUserPagesRemote = 7,
+    GetUserPagesUnlocked = 8,
+    PinUserPagesUnlocked = 9,
+
+    UnpinUserPage = 20,
+    UnpinUserPages = 21,
+    UnpinUserPagesDirtyLock = 22,
+    UnpinUserPageRangeDirtyLock = 23,
+    UnpinFolio = 24,
+    UnpinFolios = 25,
+    UnpinUserFolio = 26,
+    /// Drops the FOLL_GET references that direct I/O took (5.x to 6.4).
+    BioReleasePages = 27,
+    /// `__bio_release_pages`, the out-of-line half of bio_release_pages (5.15+).
+    UnderscoreBioReleasePages = 28,
+    /// Drops the reference a vmsplice'd page held in a pipe buffer.
+    PageCachePipeBufRelease = 29,
+    /// kmem:mm_page_free: the page is free, so no reference of any kind is left.
+    MmPageFree = 30,
+}
+
+impl Hook {
+    pub const ACQUIRE: [Hook; 9] = [
+        Hook::GetUserPages,
+        Hook::PinUserPages,
+        Hook::GetUserPagesFast,
+        Hook::PinUserPagesFast,
+        Hook::GetUserPagesFastOnly,
+        Hook::GetUserPagesRemote,
+        Hook::PinUserPagesRemote,
+        Hook::GetUserPagesUnlocked,
+        Hook::PinUserPagesUnlocked,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Hook::GetUserPages => "get_user_pages",
+            Hook::PinUserPages => "pin_user_pages",
+            Hook::GetUserPagesFast => "get_user_pages_fast",
+            Hook::PinUserPagesFast => "pin_user_pages_fast",
+            Hook::GetUserPagesFastOnly => "get_user_pages_fast_only",
+            Hook::GetUserPagesRemote => "get_user_pages_remote",
+            Hook::PinUserPagesRemote => "pin_user_pages_remote",
+            Hook::GetUserPagesUnlocked => "get_user_pages_unlocked",
+            Hook::PinUserPagesUnlocked => "pin_user_pages_unlocked",
+            Hook::UnpinUserPage => "unpin_user_page",
+            Hook::UnpinUserPages => "unpin_user_pages",
+            Hook::UnpinUserPagesDirtyLock => "unpin_user_pages_dirty_lock",
+            Hook::UnpinUserPageRangeDirtyLock => "unpin_user_page_range_dirty_lock",
+            Hook::UnpinFolio => "unpin_folio",
+            Hook::UnpinFolios => "unpin_folios",
+            Hook::UnpinUserFolio => "unpin_user_folio",
+            Hook::BioReleasePages => "bio_release_pages",
+            Hook::UnderscoreBioReleasePages => "__bio_release_pages",
+            Hook::PageCachePipeBufRelease => "page_cache_pipe_buf_release",
+            Hook::MmPageFree => "mm_page_free",
+        }
+    }
+
+    pub fn from_u16(v: u16) -> Option<Hook> {
+        use Hook::*;
+        const ALL: [Hook; 20] = [
+            GetUserPages,
+            PinUserPages,
+            GetUserPagesFast,
+            PinUserPagesFast,
+            GetUserPagesFastOnly,
+            GetUserPagesRemote,
+            PinUserPagesRemote,
+            GetUserPagesUnlocked,
+            PinUserPagesUnlocked,
+            UnpinUserPage,
+            UnpinUserPages,
+            UnpinUserPagesDirtyLock,
+            UnpinUserPageRangeDirtyLock,
+            UnpinFolio,
+            UnpinFolios,
+            UnpinUserFolio,
+            BioReleasePages,
+            UnderscoreBioReleasePages,
+            PageCachePipeBufRelease,
+            MmPageFree,
+        ];
+        ALL.iter().copied().find(|h| *h as u16 == v)
+    }
+
+    /// pin_* calls take FOLL_PIN references, get_* calls plain FOLL_GET references.
+    pub const fn is_pin(self) -> bool {
+        matches!(
+            self,
+            Hook::PinUserPages
+                | Hook::PinUserPagesFast
+                | Hook::PinUserPagesRemote
+                | Hook::PinUserPagesUnlocked
+        )
+    }
+}
+
+/// Which kind of reference a release drops ([`ReleaseRecord::release`]).
+pub mod release {
+    /// A FOLL_PIN reference (the unpin family).
+    pub const UNPIN: u16 = 1;
+    /// A FOLL_GET reference (bio or pipe buffer release: a put_page we can see).
+    pub const PUT: u16 = 2;
+    /// The page was freed: every reference of either kind is gone.
+    pub const FREED: u16 = 3;
+}
+
+#[repr(C)]
+#[derive(Copy, Clone, Debug)]
+pub struct RecordHeader {
+    pub version: u16,
+    pub kind: u16,
+    pub hook: u16,
+    pub flags: u16,
+    pub ts_ns: u64,
+    /// The process (tgid) and thread of the task in whose context the hook ran.
+    pub tgid: u32,
+    pub tid: u32,
+    pub uid: u32,
+    pub _pad: u32,
+    pub cgroup_id: u64,
+    pub comm: [u8; TASK_COMM_LEN],
+}
+
+/// One chunk of a GUP call that returned (successfully or not).
+#[repr(C)]
+#[derive(Copy, Clone, Debug)]
+pub struct PinRecord {
+    pub header: RecordHeader,
+    /// gup_flags as passed, undecoded: FOLL_* values differ between kernels and user
+    /// space knows which ones this kernel uses.
+    pub gup_flags: u32,
+    /// Index of this chunk within the call, and how many pfns it carries.
+    pub chunk: u16,
+    pub nr_pfns: u16,
+    /// What the call returned: pages taken, or -errno.
+    pub ret: i64,
+    pub start: u64,
+    pub nr_requested: u64,
+    /// An id shared by all chunks of one call.
+    pub call_id: u64,
+    pub pfns: [u64; PFNS_PER_RECORD],
+}
+
+/// One chunk of a release (unpin, put or free) of pages pinwatch saw being taken.
+#[repr(C)]
+#[derive(Copy, Clone, Debug)]
+pub struct ReleaseRecord {
+    pub header: RecordHeader,
+    pub release: u16,
+    pub chunk: u16,
+    pub nr_pfns: u16,
+    /// make_dirty of the unpin_*_dirty_lock calls.
+    pub dirty: u16,
+    pub call_id: u64,
+    pub pfns: [u64; PFNS_PER_RECORD],
+}
+
+/// A GUP call in flight on one thread, from entry to return (map GUP_CALLS).
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default)]
+pub struct GupCall {
+    pub hook: u16,
+    /// Nested GUP calls below the outermost one (only the outermost is recorded).
+    pub depth: u16,
+    pub gup_flags: u32,
+    pub pages: u64,
+    pub start: u64,
+    pub nr_requested: u64,
+}
+
+/// What the kernel side knows of one pinned folio (map PINS, keyed by head pfn).
+/// Hazard hooks consult it; user space keeps the full per-pin story.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default)]
+pub struct PinState {
+    pub pin_refs: u32,
+    pub get_refs: u32,
+    /// tgid of the latest pinner.
+    pub tgid: u32,
+    pub gup_flags: u32,
+    pub first_ts_ns: u64,
+}
+
+/// Per-process pin counters kept in the kernel (map PROC_PINS, keyed by tgid): pages
+/// taken and pages released as seen by the hooks. User space reads them to cross-check
+/// the event stream and to show what it would otherwise have lost.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default)]
+pub struct ProcPins {
+    pub pin_pages: u64,
+    pub get_pages: u64,
+    pub released_pages: u64,
+    pub calls: u64,
+}
+
+/// Indexes of the COUNTERS per-CPU array: everything the kernel side had to drop.
+pub mod counter {
+    /// A ring-buffer reservation failed: a record was lost.
+    pub const RINGBUF_FULL: u32 = 0;
+    /// PINS had no room for a new folio.
+    pub const PIN_MAP_FULL: u32 = 1;
+    /// A GUP call took more pages than the records can carry.
+    pub const PFNS_TRUNCATED: u32 = 2;
+    /// GUP_CALLS had no room for a call in flight.
+    pub const CALL_MAP_FULL: u32 = 3;
+    /// A page pointer could not be read.
+    pub const READ_FAILED: u32 = 4;
+    pub const NR: u32 = 5;
+}
+
+/// Struct layouts and kernel constants, read by user space from BTF and kallsyms and
+/// written into the programs as globals before load. The names are the globals'.
+pub mod globals {
+    /// Address of the kernel variable `vmemmap_base` (its value is read at run time).
+    pub const VMEMMAP_BASE_ADDR: &str = "VMEMMAP_BASE_ADDR";
+    pub const STRUCT_PAGE_SIZE: &str = "STRUCT_PAGE_SIZE";
+    /// Offset of compound_head (compound_info on 7.1+) in struct page.
+    pub const PAGE_COMPOUND_HEAD_OFF: &str = "PAGE_COMPOUND_HEAD_OFF";
+    pub const BIO_IO_VEC_OFF: &str = "BIO_IO_VEC_OFF";
+    pub const BIO_VCNT_OFF: &str = "BIO_VCNT_OFF";
+    pub const PIPE_BUFFER_PAGE_OFF: &str = "PIPE_BUFFER_PAGE_OFF";
+    /// pid of pinwatch itself: its own activity is not recorded.
+    pub const SELF_TGID: &str = "SELF_TGID";
+}
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+    unsafe impl aya::Pod for GupCall {}
+    unsafe impl aya::Pod for PinState {}
+    unsafe impl aya::Pod for ProcPins {}
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use super::*;
+
+    #[test]
+    fn hook_ids_round_trip() {
+        for v in 0..64u16 {
+            if let Some(h) = Hook::from_u16(v) {
+                assert_eq!(h as u16, v);
+            }
+        }
+        assert_eq!(Hook::from_u16(4), Some(Hook::PinUserPagesFast));
+        assert_eq!(Hook::from_u16(0), None);
+    }
+
+    #[test]
+    fn record_sizes_are_stable() {
+        // The layouts are a wire format: a size change must come with a version bump.
+        assert_eq!(core::mem::size_of::<RecordHeader>(), 56);
+        assert_eq!(core::mem::size_of::<PinRecord>(), 56 + 40 + 8 * PFNS_PER_RECORD);
+        assert_eq!(core::mem::size_of::<ReleaseRecord>(), 56 + 16 + 8 * PFNS_PER_RECORD);
+    }
+}

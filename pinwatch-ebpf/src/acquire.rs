@@ -1,0 +1,201 @@
+//! The GUP entry points: remember the call on entry, record what it took on return.
+//! Only the outermost GUP call of a thread is recorded (pin_user_pages_unlocked and the
+//! GUP-fast slow path call get_user_pages_unlocked before 6.2).
+
+use aya_ebpf::helpers::bpf_probe_read_kernel;
+use pinwatch_common::{
+    counter, kind, GupCall, PinState, ProcPins, Hook, MAX_CHUNKS, PFNS_PER_RECORD,
+    RECORD_FAILED, RECORD_TRUNCATED,
+};
+
+use crate::{
+    maps::{count, GUP_CALLS, PINS, PIN_SCRATCH, PROC_PINS},
+    page::head_pfn,
+    record::{current, fill_header, is_self, now, send},
+};
+
+/// Where a hook keeps its arguments (0-based). These positions are the same on every
+/// kernel from 5.10 on; only trailing arguments (vmas, locked) came and went.
+#[derive(Copy, Clone)]
+pub struct Layout {
+    pub start: usize,
+    pub nr_pages: usize,
+    pub gup_flags: usize,
+    pub pages: usize,
+}
+
+pub const LAYOUT_PLAIN: Layout = Layout { start: 0, nr_pages: 1, gup_flags: 2, pages: 3 };
+pub const LAYOUT_REMOTE: Layout = Layout { start: 1, nr_pages: 2, gup_flags: 3, pages: 4 };
+pub const LAYOUT_UNLOCKED: Layout = Layout { start: 0, nr_pages: 1, gup_flags: 3, pages: 2 };
+
+/// Called on entry with the arguments already read at `Layout` positions.
+#[inline(always)]
+pub fn enter(hook: Hook, start: u64, nr_pages: u64, gup_flags: u64, pages: u64) {
+    let (tgid, tid) = current();
+    if is_self(tgid) {
+        return;
+    }
+    if let Some(call) = GUP_CALLS.get_ptr_mut(&tid) {
+        unsafe { (*call).depth += 1 };
+        return;
+    }
+    // Without a pages array GUP only faults pages in and keeps no reference.
+    if pages == 0 {
+        return;
+    }
+    let call = GupCall {
+        hook: hook as u16,
+        depth: 0,
+        gup_flags: gup_flags as u32,
+        pages,
+        start,
+        nr_requested: nr_pages,
+    };
+    if GUP_CALLS.insert(&tid, &call, 0).is_err() {
+        count(counter::CALL_MAP_FULL, 1);
+    }
+}
+
+/// *_fast return int, the others long: the upper half of the register is not ours.
+#[inline(always)]
+fn returns_int(hook: u16) -> bool {
+    hook == Hook::GetUserPagesFast as u16
+        || hook == Hook::PinUserPagesFast as u16
+        || hook == Hook::GetUserPagesFastOnly as u16
+}
+
+#[inline(always)]
+fn is_pin(hook: u16) -> bool {
+    hook == Hook::PinUserPages as u16
+        || hook == Hook::PinUserPagesFast as u16
+        || hook == Hook::PinUserPagesRemote as u16
+        || hook == Hook::PinUserPagesUnlocked as u16
+}
+
+/// Called on return with the raw return register.
+#[inline(always)]
+pub fn exit(raw_ret: u64) {
+    let (tgid, tid) = current();
+    let Some(slot) = GUP_CALLS.get_ptr_mut(&tid) else {
+        return;
+    };
+    let call = unsafe { *slot };
+    if call.depth > 0 {
+        unsafe { (*slot).depth -= 1 };
+        return;
+    }
+    let _ = GUP_CALLS.remove(&tid);
+    let ret = if returns_int(call.hook) { raw_ret as i32 as i64 } else { raw_ret as i64 };
+    record(&call, ret, tgid, tid);
+}
+
+#[inline(always)]
+fn record(call: &GupCall, ret: i64, tgid: u32, tid: u32) {
+    let Some(rec) = PIN_SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    let rec = unsafe { &mut *rec };
+    fill_header(&mut rec.header, kind::PIN, call.hook);
+    let ts = rec.header.ts_ns;
+    rec.gup_flags = call.gup_flags;
+    rec.ret = ret;
+    rec.start = call.start;
+    rec.nr_requested = call.nr_requested;
+    rec.call_id = (ts << 16) ^ tid as u64;
+    rec.chunk = 0;
+    rec.nr_pfns = 0;
+    if ret <= 0 {
+        if ret < 0 {
+            rec.header.flags = RECORD_FAILED;
+        }
+        send(rec);
+        return;
+    }
+    let n = ret as u64;
+    let max = (PFNS_PER_RECORD * MAX_CHUNKS) as u64;
+    if n > max {
+        rec.header.flags = RECORD_TRUNCATED;
+        count(counter::PFNS_TRUNCATED, n - max);
+    }
+    let pin = is_pin(call.hook);
+    for chunk in 0..MAX_CHUNKS {
+        let base = (chunk * PFNS_PER_RECORD) as u64;
+        if base >= n {
+            break;
+        }
+        let mut k = 0u16;
+        for j in 0..PFNS_PER_RECORD {
+            let i = base + j as u64;
+            if i >= n {
+                break;
+            }
+            let page = unsafe { bpf_probe_read_kernel((call.pages + i * 8) as *const u64) }
+                .unwrap_or(0);
+            let pfn = if page == 0 {
+                count(counter::READ_FAILED, 1);
+                u64::MAX
+            } else {
+                head_pfn(page)
+            };
+            rec.pfns[j] = pfn;
+            k += 1;
+            if pfn != u64::MAX {
+                track_pin(pfn, pin, tgid, call.gup_flags, ts);
+            }
+        }
+        rec.chunk = chunk as u16;
+        rec.nr_pfns = k;
+        send(rec);
+    }
+    let taken = if n > max { max } else { n };
+    match PROC_PINS.get_ptr_mut(&tgid) {
+        Some(p) => unsafe {
+            if pin {
+                (*p).pin_pages += taken;
+            } else {
+                (*p).get_pages += taken;
+            }
+            (*p).calls += 1;
+        },
+        None => {
+            let p = ProcPins {
+                pin_pages: if pin { taken } else { 0 },
+                get_pages: if pin { 0 } else { taken },
+                released_pages: 0,
+                calls: 1,
+            };
+            let _ = PROC_PINS.insert(&tgid, &p, 0);
+        }
+    }
+}
+
+#[inline(always)]
+fn track_pin(pfn: u64, pin: bool, tgid: u32, gup_flags: u32, ts: u64) {
+    if let Some(s) = PINS.get_ptr_mut(&pfn) {
+        unsafe {
+            if pin {
+                (*s).pin_refs += 1;
+            } else {
+                (*s).get_refs += 1;
+            }
+            (*s).tgid = tgid;
+            (*s).gup_flags |= gup_flags;
+        }
+        return;
+    }
+    let state = PinState {
+        pin_refs: pin as u32,
+        get_refs: !pin as u32,
+        tgid,
+        gup_flags,
+        first_ts_ns: ts,
+    };
+    if PINS.insert(&pfn, &state, 0).is_err() {
+        count(counter::PIN_MAP_FULL, 1);
+    }
+}
+
+#[allow(dead_code)]
+pub fn now_ns() -> u64 {
+    now()
+}

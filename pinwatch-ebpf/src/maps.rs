@@ -1,0 +1,48 @@
+//! Every map the programs use, with the reason for its size.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, PerCpuArray, RingBuf},
+};
+use pinwatch_common::{counter, GupCall, PinState, ProcPins, ReleaseRecord, PinRecord};
+
+/// Records to user space. 8 MiB holds about 13,000 full records (~600 bytes each):
+/// several seconds of a heavy direct-I/O load even if user space stalls.
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(8 << 20, 0);
+
+/// Drop counters, per CPU so that counting never contends. See pinwatch_common::counter.
+#[map]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::NR, 0);
+
+/// GUP calls in flight, keyed by thread id. A thread is in at most one outermost GUP
+/// call, so this bounds the threads inside GUP at once.
+#[map]
+pub static GUP_CALLS: HashMap<u32, GupCall> = HashMap::with_max_entries(16384, 0);
+
+/// Nesting depth of release calls per thread (unpin_user_pages_dirty_lock calls
+/// unpin_user_pages, for one): only the outermost one is recorded.
+#[map]
+pub static RELEASE_DEPTH: HashMap<u32, u32> = HashMap::with_max_entries(16384, 0);
+
+/// Pinned folios by head pfn: the filter every hazard hook consults. 262144 folios is
+/// 1 GiB of base pages; a full map is counted (PIN_MAP_FULL) and reported.
+#[map]
+pub static PINS: HashMap<u64, PinState> = HashMap::with_max_entries(262144, 0);
+
+/// Per-process counters by tgid.
+#[map]
+pub static PROC_PINS: HashMap<u32, ProcPins> = HashMap::with_max_entries(32768, 0);
+
+/// Scratch space for one record: records are larger than the 512-byte BPF stack.
+#[map]
+pub static PIN_SCRATCH: PerCpuArray<PinRecord> = PerCpuArray::with_max_entries(1, 0);
+#[map]
+pub static RELEASE_SCRATCH: PerCpuArray<ReleaseRecord> = PerCpuArray::with_max_entries(1, 0);
+
+#[inline(always)]
+pub fn count(index: u32, n: u64) {
+    if let Some(c) = COUNTERS.get_ptr_mut(index) {
+        unsafe { *c += n };
+    }
+}

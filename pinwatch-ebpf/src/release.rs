@@ -1,0 +1,248 @@
+//! Releases of pages pinwatch saw being taken: the unpin family (FOLL_PIN), the
+//! put_page calls we can see for FOLL_GET references (bio and pipe buffer release), and
+//! page free, after which no reference of any kind can be left.
+
+use aya_ebpf::helpers::bpf_probe_read_kernel;
+use pinwatch_common::{kind, release, ReleaseRecord, MAX_CHUNKS, PFNS_PER_RECORD};
+
+use crate::{
+    maps::{GUP_CALLS, PINS, PROC_PINS, RELEASE_DEPTH, RELEASE_SCRATCH},
+    page::{head_pfn, page_to_pfn, struct_page_size},
+    record::{current, fill_header, send},
+};
+
+#[no_mangle]
+static BIO_IO_VEC_OFF: u64 = 0;
+#[no_mangle]
+static BIO_VCNT_OFF: u64 = 0;
+#[no_mangle]
+static PIPE_BUFFER_PAGE_OFF: u64 = 0;
+
+const MAX_PAGES: u64 = (PFNS_PER_RECORD * MAX_CHUNKS) as u64;
+
+/// Drop one reference of kind `release` from the pin state of `pfn`. Returns whether
+/// pinwatch knew of such a reference (only those are worth a record).
+#[inline(always)]
+fn track_release(pfn: u64, release: u16) -> bool {
+    let Some(s) = PINS.get_ptr_mut(&pfn) else {
+        return false;
+    };
+    let s = unsafe { &mut *s };
+    if release == release::FREED {
+        let _ = PINS.remove(&pfn);
+        return true;
+    }
+    if release == release::UNPIN {
+        if s.pin_refs == 0 {
+            return false;
+        }
+        s.pin_refs -= 1;
+    } else {
+        if s.get_refs == 0 {
+            return false;
+        }
+        s.get_refs -= 1;
+    }
+    let owner = s.tgid;
+    if s.pin_refs == 0 && s.get_refs == 0 {
+        let _ = PINS.remove(&pfn);
+    }
+    if let Some(p) = PROC_PINS.get_ptr_mut(&owner) {
+        unsafe { (*p).released_pages += 1 };
+    }
+    true
+}
+
+/// Collects released pfns into records of PFNS_PER_RECORD.
+pub struct Batch {
+    rec: *mut ReleaseRecord,
+    n: usize,
+}
+
+impl Batch {
+    #[inline(always)]
+    pub fn new(hook: u16, release: u16, dirty: u16) -> Option<Batch> {
+        let rec = RELEASE_SCRATCH.get_ptr_mut(0)?;
+        let r = unsafe { &mut *rec };
+        fill_header(&mut r.header, kind::RELEASE, hook);
+        r.release = release;
+        r.chunk = 0;
+        r.nr_pfns = 0;
+        r.dirty = dirty;
+        r.call_id = (r.header.ts_ns << 16) ^ r.header.tid as u64;
+        Some(Batch { rec, n: 0 })
+    }
+
+    #[inline(always)]
+    pub fn release(&mut self, pfn: u64) {
+        let r = unsafe { &mut *self.rec };
+        if !track_release(pfn, r.release) {
+            return;
+        }
+        if self.n >= PFNS_PER_RECORD {
+            self.flush();
+        }
+        let i = self.n & (PFNS_PER_RECORD - 1);
+        r.pfns[i] = pfn;
+        self.n = i + 1;
+    }
+
+    #[inline(always)]
+    pub fn flush(&mut self) {
+        if self.n == 0 {
+            return;
+        }
+        let r = unsafe { &mut *self.rec };
+        r.nr_pfns = self.n as u16;
+        send(r);
+        r.chunk += 1;
+        self.n = 0;
+    }
+}
+
+/// Only the outermost release call of a thread is recorded, and none inside a GUP call
+/// (FOLL_LONGTERM pins that must migrate are unpinned and retried inside GUP, before
+/// pinwatch ever reported them).
+#[inline(always)]
+pub fn enter_outermost() -> bool {
+    let (_, tid) = current();
+    if GUP_CALLS.get_ptr(&tid).is_some() {
+        return false;
+    }
+    if let Some(d) = RELEASE_DEPTH.get_ptr_mut(&tid) {
+        unsafe { *d += 1 };
+        return false;
+    }
+    let _ = RELEASE_DEPTH.insert(&tid, &1, 0);
+    true
+}
+
+/// Counterpart of every enter_outermost, called from the return probe.
+#[inline(always)]
+pub fn exit() {
+    let (_, tid) = current();
+    if let Some(d) = RELEASE_DEPTH.get_ptr_mut(&tid) {
+        unsafe {
+            if *d <= 1 {
+                let _ = RELEASE_DEPTH.remove(&tid);
+            } else {
+                *d -= 1;
+            }
+        }
+    }
+}
+
+/// unpin_user_pages and friends: an array of page pointers.
+#[inline(always)]
+pub fn page_array(hook: u16, release: u16, pages: u64, npages: u64, dirty: u16) {
+    let Some(mut b) = Batch::new(hook, release, dirty) else {
+        return;
+    };
+    for i in 0..MAX_PAGES {
+        if i >= npages {
+            break;
+        }
+        let page = unsafe { bpf_probe_read_kernel((pages + i * 8) as *const u64) }.unwrap_or(0);
+        if page != 0 {
+            b.release(head_pfn(page));
+        }
+    }
+    b.flush();
+}
+
+/// unpin_user_page_range_dirty_lock: npages consecutive struct pages from `page`.
+#[inline(always)]
+pub fn page_range(hook: u16, page: u64, npages: u64, dirty: u16) {
+    let Some(mut b) = Batch::new(hook, release::UNPIN, dirty) else {
+        return;
+    };
+    let size = struct_page_size();
+    for i in 0..MAX_PAGES {
+        if i >= npages {
+            break;
+        }
+        b.release(head_pfn(page + i * size));
+    }
+    b.flush();
+}
+
+/// `refs` references on one folio (unpin_user_folio, unpin_folio, unpin_user_page).
+#[inline(always)]
+pub fn folio_refs(hook: u16, release: u16, page: u64, refs: u64) {
+    let Some(mut b) = Batch::new(hook, release, 0) else {
+        return;
+    };
+    let pfn = head_pfn(page);
+    for i in 0..MAX_PAGES {
+        if i >= refs {
+            break;
+        }
+        b.release(pfn);
+    }
+    b.flush();
+}
+
+/// bio_release_pages / __bio_release_pages: one put_page per page of every bio_vec.
+#[inline(always)]
+pub fn bio(hook: u16, bio: u64) {
+    let read_u64 = |a: u64| unsafe { bpf_probe_read_kernel(a as *const u64) }.unwrap_or(0);
+    let vec = read_u64(bio + unsafe { core::ptr::read_volatile(&BIO_IO_VEC_OFF) });
+    let vcnt = unsafe {
+        bpf_probe_read_kernel((bio + core::ptr::read_volatile(&BIO_VCNT_OFF)) as *const u16)
+    }
+    .unwrap_or(0) as u64;
+    if vec == 0 {
+        return;
+    }
+    let Some(mut b) = Batch::new(hook, release::PUT, 0) else {
+        return;
+    };
+    let size = struct_page_size();
+    for v in 0..32u64 {
+        if v >= vcnt {
+            break;
+        }
+        let bv = vec + v * 16;
+        let page = read_u64(bv);
+        let len_off = read_u64(bv + 8);
+        let len = len_off & 0xffff_ffff;
+        let off = len_off >> 32;
+        if page == 0 || len == 0 {
+            continue;
+        }
+        let first = off >> 12;
+        let last = (off + len - 1) >> 12;
+        for p in 0..16u64 {
+            let k = first + p;
+            if k > last {
+                break;
+            }
+            b.release(head_pfn(page + k * size));
+        }
+    }
+    b.flush();
+}
+
+/// page_cache_pipe_buf_release(pipe, buf): buf->page loses the pipe's reference.
+#[inline(always)]
+pub fn pipe_buf(hook: u16, buf: u64) {
+    let off = unsafe { core::ptr::read_volatile(&PIPE_BUFFER_PAGE_OFF) };
+    let page = unsafe { bpf_probe_read_kernel((buf + off) as *const u64) }.unwrap_or(0);
+    if page != 0 {
+        folio_refs(hook, release::PUT, page, 1);
+    }
+}
+
+/// kmem:mm_page_free(page, order). Runs on every page free, so the common case is one
+/// map lookup that misses.
+#[inline(always)]
+pub fn page_free(hook: u16, page: u64) {
+    let pfn = page_to_pfn(page);
+    if PINS.get_ptr(&pfn).is_none() {
+        return;
+    }
+    if let Some(mut b) = Batch::new(hook, release::FREED, 0) {
+        b.release(pfn);
+        b.flush();
+    }
+}

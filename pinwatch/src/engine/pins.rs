@@ -1,0 +1,170 @@
+//! Who holds which pins, by folio head pfn.
+//!
+//! A GUP call adds one reference per page taken, to the folio the page belongs to. A
+//! release drops references of its kind on the pfns it names: an unpin drops a FOLL_PIN
+//! reference, a put a FOLL_GET one, a free all of them. Releases name pfns, not owners
+//! (an I/O completion runs in whatever task is current), so when several processes pin
+//! one folio the release goes to the unpinning process if it holds one, else to the
+//! oldest pin.
+
+use std::collections::{BTreeMap, HashMap};
+
+use crate::trace::{Event, Flag, Held, Pin, Release};
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct HeldPin {
+    pub pid: u32,
+    pub comm: String,
+    pub func: String,
+    pub flags: Vec<Flag>,
+    pub since_ns: u64,
+}
+
+impl HeldPin {
+    pub fn is_pin(&self) -> bool {
+        self.flags.contains(&Flag::Pin)
+    }
+}
+
+#[derive(Default, Debug)]
+pub struct PinTable {
+    by_pfn: HashMap<u64, Vec<HeldPin>>,
+    /// Releases of pfns with no matching pin (pins taken before pinwatch started, or
+    /// records lost); counted, never guessed at.
+    pub unmatched_releases: u64,
+}
+
+impl PinTable {
+    pub fn apply(&mut self, event: &Event) {
+        match event {
+            Event::Pin(p) => self.pin(p),
+            Event::Unpin(u) => {
+                for pfn in &u.pfns {
+                    if !self.release(*pfn, u.release, u.pid) {
+                        self.unmatched_releases += 1;
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn pin(&mut self, p: &Pin) {
+        for pfn in &p.pfns {
+            self.by_pfn.entry(*pfn).or_default().push(HeldPin {
+                pid: p.pid,
+                comm: p.comm.clone(),
+                func: p.func.clone(),
+                flags: p.flags.clone(),
+                since_ns: p.ts_ns,
+            });
+        }
+    }
+
+    fn release(&mut self, pfn: u64, kind: Release, releaser: u32) -> bool {
+        let Some(list) = self.by_pfn.get_mut(&pfn) else { return false };
+        let matched = match kind {
+            Release::Freed => {
+                list.clear();
+                true
+            }
+            Release::Unpin | Release::Put => {
+                let want_pin = kind == Release::Unpin;
+                let same_kind = |h: &HeldPin| h.is_pin() == want_pin;
+                let idx = list
+                    .iter()
+                    .position(|h| same_kind(h) && h.pid == releaser)
+                    .or_else(|| list.iter().position(same_kind));
+                match idx {
+                    Some(i) => {
+                        list.remove(i);
+                        true
+                    }
+                    None => false,
+                }
+            }
+        };
+        if list.is_empty() {
+            self.by_pfn.remove(&pfn);
+        }
+        matched
+    }
+
+    pub fn pins_on(&self, pfn: u64) -> &[HeldPin] {
+        self.by_pfn.get(&pfn).map(Vec::as_slice).unwrap_or(&[])
+    }
+
+    pub fn total_refs(&self) -> usize {
+        self.by_pfn.values().map(Vec::len).sum()
+    }
+
+    /// References still held, per process, sorted by pid.
+    pub fn held(&self) -> Vec<Held> {
+        let mut m: BTreeMap<u32, Held> = BTreeMap::new();
+        for h in self.by_pfn.values().flatten() {
+            let e = m.entry(h.pid).or_insert_with(|| Held { pid: h.pid, comm: h.comm.clone(), pages: 0 });
+            e.pages += 1;
+        }
+        m.into_values().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::trace::Unpin;
+
+    fn pin(pid: u32, flags: &[Flag], pfns: &[u64]) -> Event {
+        Event::Pin(Pin { pid, flags: flags.to_vec(), pfns: pfns.to_vec(), nr_pages: pfns.len() as u64, ..Default::default() })
+    }
+
+    fn rel(pid: u32, release: Release, pfns: &[u64]) -> Event {
+        Event::Unpin(Unpin {
+            ts_ns: 0,
+            pid,
+            tid: pid,
+            comm: String::new(),
+            func: String::new(),
+            release,
+            dirty: false,
+            pfns: pfns.to_vec(),
+        })
+    }
+
+    #[test]
+    fn table() {
+        use Flag::*;
+        use Release::*;
+        // (events, expected refs left, expected unmatched releases)
+        let cases: Vec<(&str, Vec<Event>, usize, u64)> = vec![
+            ("pin then unpin", vec![pin(1, &[Pin], &[10, 11]), rel(1, Unpin, &[10, 11])], 0, 0),
+            ("unpin does not drop a GET ref", vec![pin(1, &[Get], &[10]), rel(1, Unpin, &[10])], 1, 1),
+            ("put drops a GET ref", vec![pin(1, &[Get], &[10]), rel(9, Put, &[10])], 0, 0),
+            ("free drops everything", vec![pin(1, &[Get], &[10]), pin(2, &[Pin], &[10, 10]), rel(0, Freed, &[10])], 0, 0),
+            ("two pages of one folio are two refs", vec![pin(1, &[Pin], &[10, 10]), rel(1, Unpin, &[10])], 1, 0),
+            ("release of an unknown pfn is counted", vec![rel(1, Unpin, &[99])], 0, 1),
+            ("partial release", vec![pin(1, &[Pin, Write], &[1, 2, 3]), rel(5, Unpin, &[2])], 2, 0),
+        ];
+        for (name, events, left, unmatched) in cases {
+            let mut t = PinTable::default();
+            events.iter().for_each(|e| t.apply(e));
+            assert_eq!(t.total_refs(), left, "{name}");
+            assert_eq!(t.unmatched_releases, unmatched, "{name}");
+        }
+    }
+
+    #[test]
+    fn release_prefers_the_releasing_process() {
+        let mut t = PinTable::default();
+        t.apply(&pin(1, &[Flag::Pin], &[10]));
+        t.apply(&pin(2, &[Flag::Pin], &[10]));
+        t.apply(&rel(2, Release::Unpin, &[10]));
+        assert_eq!(t.pins_on(10).len(), 1);
+        assert_eq!(t.pins_on(10)[0].pid, 1);
+        // Otherwise the oldest pin goes first.
+        t.apply(&pin(3, &[Flag::Pin], &[10]));
+        t.apply(&rel(7, Release::Unpin, &[10]));
+        assert_eq!(t.pins_on(10)[0].pid, 3);
+        assert_eq!(t.held(), vec![Held { pid: 3, comm: String::new(), pages: 1 }]);
+    }
+}

@@ -1,0 +1,259 @@
+//! Raw ring-buffer records to trace events. Pure: no kernel needed, so it is tested
+//! with hand-made records. GUP calls larger than one record arrive as chunks that are
+//! put back together here.
+
+use std::collections::HashMap;
+
+use anyhow::{bail, Result};
+use pinwatch_common::{
+    kind, release, Hook, PinRecord, RecordHeader, ReleaseRecord, MAX_CHUNKS, PFNS_PER_RECORD,
+    RECORD_FAILED, RECORD_TRUNCATED, RECORD_VERSION,
+};
+
+use super::btf::FollFlags;
+use crate::trace::{Event, Flag, Pin, Release, Unpin};
+
+fn read<T: Copy>(bytes: &[u8]) -> Result<T> {
+    if bytes.len() < std::mem::size_of::<T>() {
+        bail!("record of {} bytes is shorter than {}", bytes.len(), std::mem::size_of::<T>());
+    }
+    // SAFETY: length checked; T is a plain #[repr(C)] record without invalid bit patterns.
+    Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr() as *const T) })
+}
+
+pub fn comm(raw: &[u8; 16]) -> String {
+    let end = raw.iter().position(|b| *b == 0).unwrap_or(raw.len());
+    String::from_utf8_lossy(&raw[..end]).into_owned()
+}
+
+fn hook_name(id: u16) -> String {
+    Hook::from_u16(id).map(|h| h.name().to_string()).unwrap_or_else(|| format!("hook#{id}"))
+}
+
+pub fn decode_flags(hook: u16, gup_flags: u32, foll: &FollFlags) -> Vec<Flag> {
+    let pin = Hook::from_u16(hook).map(Hook::is_pin).unwrap_or(false) || gup_flags & foll.pin != 0;
+    let mut v = vec![if pin { Flag::Pin } else { Flag::Get }];
+    if gup_flags & foll.longterm != 0 {
+        v.push(Flag::Longterm);
+    }
+    if gup_flags & foll.write != 0 {
+        v.push(Flag::Write);
+    }
+    v
+}
+
+/// Puts chunked records back together into events.
+pub struct Decoder {
+    foll: FollFlags,
+    /// Pin calls with chunks still to come, by call id.
+    partial: HashMap<u64, (Pin, usize)>,
+}
+
+impl Decoder {
+    pub fn new(foll: FollFlags) -> Self {
+        Decoder { foll, partial: HashMap::new() }
+    }
+
+    /// One ring-buffer record in; zero or more finished events out.
+    pub fn push(&mut self, bytes: &[u8]) -> Result<Option<Event>> {
+        let h: RecordHeader = read(bytes)?;
+        if h.version != RECORD_VERSION {
+            bail!("record version {} but this pinwatch reads {RECORD_VERSION}: kernel programs and user space are from different builds", h.version);
+        }
+        match h.kind {
+            kind::PIN => self.pin(read(bytes)?),
+            kind::RELEASE => Ok(Some(release_event(&read(bytes)?))),
+            k => bail!("unknown record kind {k}"),
+        }
+    }
+
+    fn pin(&mut self, r: PinRecord) -> Result<Option<Event>> {
+        let h = &r.header;
+        let n = (r.nr_pfns as usize).min(PFNS_PER_RECORD);
+        let pfns = r.pfns[..n].iter().copied().filter(|p| *p != u64::MAX);
+        let failed = h.flags & RECORD_FAILED != 0;
+        let taken = if r.ret > 0 { r.ret as u64 } else { 0 };
+        let chunks = (taken as usize).div_ceil(PFNS_PER_RECORD).clamp(1, MAX_CHUNKS);
+        let entry = self.partial.entry(r.call_id).or_insert_with(|| {
+            (
+                Pin {
+                    ts_ns: h.ts_ns,
+                    pid: h.tgid,
+                    tid: h.tid,
+                    comm: comm(&h.comm),
+                    uid: h.uid,
+                    cgroup_id: h.cgroup_id,
+                    func: hook_name(h.hook),
+                    flags: decode_flags(h.hook, r.gup_flags, &self.foll),
+                    gup_flags: r.gup_flags,
+                    nr_pages: taken,
+                    nr_requested: r.nr_requested,
+                    start: r.start,
+                    end: r.start + taken * 4096,
+                    pfns: Vec::with_capacity(taken.min(512) as usize),
+                    errno: failed.then_some((-r.ret) as i32),
+                    truncated: h.flags & RECORD_TRUNCATED != 0,
+                    incomplete: false,
+                },
+                0,
+            )
+        });
+        entry.0.pfns.extend(pfns);
+        entry.1 += 1;
+        if entry.1 >= chunks {
+            let (pin, _) = self.partial.remove(&r.call_id).expect("entry just used");
+            return Ok(Some(Event::Pin(pin)));
+        }
+        Ok(None)
+    }
+
+    /// Calls whose remaining chunks never came (lost records): emitted as incomplete.
+    pub fn flush(&mut self) -> Vec<Event> {
+        let mut out: Vec<Pin> = self.partial.drain().map(|(_, (mut p, _))| {
+            p.incomplete = true;
+            p
+        }).collect();
+        out.sort_by_key(|p| p.ts_ns);
+        out.into_iter().map(Event::Pin).collect()
+    }
+}
+
+fn release_event(r: &ReleaseRecord) -> Event {
+    let h = &r.header;
+    let n = (r.nr_pfns as usize).min(PFNS_PER_RECORD);
+    Event::Unpin(Unpin {
+        ts_ns: h.ts_ns,
+        pid: h.tgid,
+        tid: h.tid,
+        comm: comm(&h.comm),
+        func: hook_name(h.hook),
+        release: match r.release {
+            release::UNPIN => Release::Unpin,
+            release::PUT => Release::Put,
+            _ => Release::Freed,
+        },
+        dirty: r.dirty != 0,
+        pfns: r.pfns[..n].to_vec(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pinwatch_common::TASK_COMM_LEN;
+
+    fn header(kind: u16, hook: Hook) -> RecordHeader {
+        let mut comm = [0u8; TASK_COMM_LEN];
+        comm[..4].copy_from_slice(b"fio\0");
+        RecordHeader {
+            version: RECORD_VERSION,
+            kind,
+            hook: hook as u16,
+            flags: 0,
+            ts_ns: 5,
+            tgid: 100,
+            tid: 101,
+            uid: 0,
+            _pad: 0,
+            cgroup_id: 1,
+            comm,
+        }
+    }
+
+    fn bytes<T>(v: &T) -> Vec<u8> {
+        unsafe { std::slice::from_raw_parts(v as *const T as *const u8, std::mem::size_of::<T>()) }.to_vec()
+    }
+
+    fn pin_record(chunk: u16, nr: u16, ret: i64, first_pfn: u64) -> PinRecord {
+        let mut pfns = [0u64; PFNS_PER_RECORD];
+        for (i, p) in pfns.iter_mut().enumerate() {
+            *p = first_pfn + i as u64;
+        }
+        PinRecord {
+            header: header(kind::PIN, Hook::PinUserPagesFast),
+            gup_flags: FollFlags::BEFORE_6_3.longterm | FollFlags::BEFORE_6_3.write,
+            chunk,
+            nr_pfns: nr,
+            ret,
+            start: 0x7000_0000,
+            nr_requested: ret.max(0) as u64,
+            call_id: 42,
+            pfns,
+        }
+    }
+
+    #[test]
+    fn chunks_of_one_call_become_one_pin() {
+        let mut d = Decoder::new(FollFlags::BEFORE_6_3);
+        assert!(d.push(&bytes(&pin_record(0, 64, 100, 1000))).unwrap().is_none());
+        let Some(Event::Pin(p)) = d.push(&bytes(&pin_record(1, 36, 100, 2000))).unwrap() else { panic!() };
+        assert_eq!(p.nr_pages, 100);
+        assert_eq!(p.pfns.len(), 100);
+        assert_eq!(p.pfns[64], 2000);
+        assert_eq!(p.flags, vec![Flag::Pin, Flag::Longterm, Flag::Write]);
+        assert_eq!(p.comm, "fio");
+        assert_eq!(p.end - p.start, 100 * 4096);
+        assert!(d.flush().is_empty());
+    }
+
+    #[test]
+    fn failed_call_carries_errno_and_no_pages() {
+        let mut d = Decoder::new(FollFlags::BEFORE_6_3);
+        let mut r = pin_record(0, 0, -14, 0);
+        r.header.flags = RECORD_FAILED;
+        let Some(Event::Pin(p)) = d.push(&bytes(&r)).unwrap() else { panic!() };
+        assert_eq!(p.errno, Some(14));
+        assert_eq!(p.nr_pages, 0);
+        assert!(p.pfns.is_empty());
+    }
+
+    #[test]
+    fn lost_chunk_is_flushed_as_incomplete() {
+        let mut d = Decoder::new(FollFlags::BEFORE_6_3);
+        assert!(d.push(&bytes(&pin_record(0, 64, 100, 1000))).unwrap().is_none());
+        let out = d.flush();
+        let [Event::Pin(p)] = out.as_slice() else { panic!() };
+        assert!(p.incomplete);
+        assert_eq!(p.pfns.len(), 64);
+    }
+
+    #[test]
+    fn get_user_pages_is_get_and_new_foll_values_decode() {
+        let new = FollFlags { write: 1, longterm: 1 << 8, pin: 1 << 19 };
+        assert_eq!(decode_flags(Hook::GetUserPagesFast as u16, 0, &new), vec![Flag::Get]);
+        assert_eq!(decode_flags(Hook::PinUserPages as u16, 1 | (1 << 8), &new), vec![Flag::Pin, Flag::Longterm, Flag::Write]);
+        // The 5.10 LONGTERM bit means nothing on 6.3+.
+        assert_eq!(decode_flags(Hook::PinUserPages as u16, 0x10000, &new), vec![Flag::Pin]);
+    }
+
+    #[test]
+    fn short_or_foreign_records_are_errors() {
+        let mut d = Decoder::new(FollFlags::BEFORE_6_3);
+        assert!(d.push(&[0u8; 8]).is_err());
+        let mut r = pin_record(0, 1, 1, 1);
+        r.header.version = RECORD_VERSION + 1;
+        assert!(d.push(&bytes(&r)).unwrap_err().to_string().contains("different builds"));
+    }
+
+    #[test]
+    fn release_record_decodes() {
+        let mut pfns = [0u64; PFNS_PER_RECORD];
+        pfns[0] = 7;
+        pfns[1] = 8;
+        let r = ReleaseRecord {
+            header: header(kind::RELEASE, Hook::UnpinUserPagesDirtyLock),
+            release: release::UNPIN,
+            chunk: 0,
+            nr_pfns: 2,
+            dirty: 1,
+            call_id: 1,
+            pfns,
+        };
+        let mut d = Decoder::new(FollFlags::BEFORE_6_3);
+        let Some(Event::Unpin(u)) = d.push(&bytes(&r)).unwrap() else { panic!() };
+        assert_eq!(u.pfns, vec![7, 8]);
+        assert!(u.dirty);
+        assert_eq!(u.func, "unpin_user_pages_dirty_lock");
+        assert_eq!(u.release, Release::Unpin);
+    }
+}

@@ -1,0 +1,78 @@
+//! The live record stream: ring buffer to decoded events, plus the drop counters turned
+//! into "lost" events so that nothing is lost silently.
+
+use anyhow::Result;
+use aya::maps::{MapData, RingBuf};
+use tokio::io::unix::AsyncFd;
+
+use super::{decode::Decoder, load::Counters, Kernel};
+use crate::trace::{Event, Lost};
+
+/// CLOCK_MONOTONIC in ns: the clock bpf_ktime_get_ns() reads, so user-side events sort
+/// with kernel ones.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+pub struct LiveSource {
+    ring: AsyncFd<RingBuf<MapData>>,
+    decoder: Decoder,
+    last: Counters,
+    /// Records that could not be decoded (a bug, or mismatched builds): counted.
+    pub undecodable: u64,
+}
+
+impl LiveSource {
+    pub fn new(kernel: &mut Kernel) -> Result<Self> {
+        // SAFETY: the ring owns its fd and lives inside the AsyncFd until both are dropped.
+        let ring = unsafe { AsyncFd::register(kernel.take_ring()?) }
+            .map_err(|e| anyhow::anyhow!("registering the ring buffer with tokio: {e}"))?;
+        Ok(LiveSource { ring, decoder: Decoder::new(kernel.layouts.foll), last: Counters::default(), undecodable: 0 })
+    }
+
+    /// Waits until records are ready, then takes all of them.
+    pub async fn next_batch(&mut self, out: &mut Vec<Event>) -> Result<()> {
+        let mut guard = self.ring.readable_mut().await?;
+        Self::take_all(guard.get_inner_mut(), &mut self.decoder, &mut self.undecodable, out);
+        guard.clear_ready();
+        Ok(())
+    }
+
+    /// Takes whatever is in the ring now, without waiting.
+    pub fn drain(&mut self, out: &mut Vec<Event>) {
+        Self::take_all(self.ring.get_mut(), &mut self.decoder, &mut self.undecodable, out);
+    }
+
+    fn take_all(ring: &mut RingBuf<MapData>, decoder: &mut Decoder, bad: &mut u64, out: &mut Vec<Event>) {
+        while let Some(item) = ring.next() {
+            match decoder.push(&item) {
+                Ok(Some(e)) => out.push(e),
+                Ok(None) => {}
+                Err(e) => {
+                    *bad += 1;
+                    log::warn!("undecodable record: {e:#}");
+                }
+            }
+        }
+    }
+
+    /// Calls still waiting for chunks, emitted as incomplete.
+    pub fn flush(&mut self, out: &mut Vec<Event>) {
+        out.extend(self.decoder.flush());
+    }
+
+    /// New drops since the last call, one "lost" event per reason.
+    pub fn lost(&mut self, kernel: &Kernel, out: &mut Vec<Event>) -> Result<()> {
+        let now = kernel.counters()?;
+        for (i, name) in Counters::NAMES.iter().enumerate() {
+            let delta = now.0[i].saturating_sub(self.last.0[i]);
+            if delta > 0 {
+                out.push(Event::Lost(Lost { ts_ns: monotonic_ns(), count: delta, reason: name.to_string() }));
+            }
+        }
+        self.last = now;
+        Ok(())
+    }
+}

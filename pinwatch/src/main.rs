@@ -1,0 +1,49 @@
+//! pinwatch: who holds DMA pins on which pages, and when the kernel treats a pinned
+//! page as an ordinary one.
+//!
+//! Three rooms, data flowing one way: `kernel` (everything that touches the running
+//! kernel) -> `engine` (pure state and rules) -> `output` (the modes).
+
+mod engine;
+mod kernel;
+mod output;
+mod trace;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "pinwatch", version, about = "Who holds DMA pins on which pages of memory")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Record pin events to a JSON-lines trace.
+    Record(output::record::RecordArgs),
+    /// Say what pinwatch can see on this kernel.
+    Doctor(output::doctor::DoctorArgs),
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Doctor(args) => output::doctor::run(args),
+        Command::Record(args) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(output::record::run(args))),
+    };
+    match result {
+        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+        Err(e) => {
+            eprintln!("pinwatch: error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

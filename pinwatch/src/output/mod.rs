@@ -1,0 +1,4 @@
+//! The modes: each wires a source to the engine to a sink.
+
+pub mod doctor;
+pub mod record;
