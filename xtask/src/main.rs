@@ -1,1 +1,266 @@
-fn main(){}
+//! Developer tasks: set-up, the VM lab on real kernels, tests, the demo.
+
+mod checks;
+mod kernels;
+mod lab;
+mod setup;
+mod util;
+
+use std::{
+    path::PathBuf,
+    process::{Command, ExitCode},
+    time::Duration,
+};
+
+use anyhow::{bail, Context as _, Result};
+use clap::{Parser, Subcommand};
+
+use kernels::Fetched;
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what building and the lab need (idempotent).
+    Setup,
+    /// Boot lab kernels and check pinwatch against the pinning scenarios.
+    Lab {
+        /// Kernel series to run (5.10, 6.1, 6.12, 7.x); all when omitted.
+        #[arg(long = "kernel")]
+        kernels: Vec<String>,
+    },
+    /// Everything: unit tests, this machine's kernel, and the lab on all kernels.
+    Test,
+    /// Show pinwatch at work: boot a lab kernel and record the pinning scenarios there.
+    Demo {
+        #[arg(long, default_value = "6.12")]
+        kernel: String,
+    },
+}
+
+const SCENARIOS: &[(&str, &str)] = &[
+    ("odirect", "pinwatch-scenario odirect-slow --file /mnt/odirect --dev /dev/nullb0 --pages 8"),
+    ("vmsplice", "pinwatch-scenario vmsplice --pages 8"),
+    ("pvm", "pinwatch-scenario pvm-writev --pages 8"),
+    ("iouring", "pinwatch-scenario iouring-fixed --pages 64"),
+    ("buffered", "pinwatch-scenario buffered --file /mnt/buffered --pages 8"),
+];
+
+fn plan() -> String {
+    let mut s = String::from(
+        "pinwatch doctor --format json > /tmp/doctor.json 2>&1; say RC doctor $?\nsed \"s/^/PINWATCH-LAB OUT doctor /\" /tmp/doctor.json > $R\nsay END doctor\n",
+    );
+    for (name, cmd) in SCENARIOS {
+        s.push_str(&format!("record {name} -- {cmd}\n"));
+    }
+    s
+}
+
+#[derive(Default)]
+struct Tally {
+    passed: usize,
+    failed: usize,
+    not_run: Vec<String>,
+}
+
+impl Tally {
+    fn pass(&mut self, what: &str, detail: &str) {
+        self.passed += 1;
+        println!("  PASS {what}: {detail}");
+    }
+    fn fail(&mut self, what: &str, why: &str) {
+        self.failed += 1;
+        println!("  FAIL {what}: {why}");
+    }
+}
+
+fn selected(names: &[String]) -> Result<Vec<kernels::Series>> {
+    if names.is_empty() {
+        return Ok(kernels::SERIES.to_vec());
+    }
+    names
+        .iter()
+        .map(|n| kernels::SERIES.iter().find(|s| s.name == n || (s.name == "7.x" && n.starts_with('7'))).copied().with_context(|| format!("unknown kernel series {n}")))
+        .collect()
+}
+
+fn lab(names: &[String], tally: &mut Tally) -> Result<()> {
+    let series = selected(names)?;
+    let bins = lab::build_binaries()?;
+    let conf = kernels::update()?;
+    for s in series {
+        println!("lab: kernel {} ({})", s.name, s.suite);
+        let k = match kernels::fetch(&conf, &s) {
+            Ok(Fetched::Ready(k)) => k,
+            Ok(Fetched::Retired(why)) => {
+                println!("  NOT TESTED {}: {why}", s.name);
+                tally.not_run.push(format!("{}: {why}", s.name));
+                continue;
+            }
+            Err(e) => {
+                tally.fail(&format!("{} fetch", s.name), &format!("{e:#}"));
+                continue;
+            }
+        };
+        let work = util::cache_dir().join("runs").join(&k.release);
+        std::fs::create_dir_all(&work)?;
+        let boot = lab::build_initramfs(&k, &bins, &plan(), &work)
+            .and_then(|img| lab::boot(&k, &img, &work, Duration::from_secs(300)));
+        let boot = match boot {
+            Ok(b) => b,
+            Err(e) => {
+                tally.fail(&format!("{} boot", k.release), &format!("{e:#}"));
+                continue;
+            }
+        };
+        let _ = &boot.console;
+        let results = lab::parse(&boot.results);
+        let v = checks::version(&k.release);
+        match results.get("doctor") {
+            Some(d) if d.rc == Some(0) => {
+                let text = d.out.join("\n");
+                match serde_json::from_str::<serde_json::Value>(&text) {
+                    Ok(j) if j["can_track_pins"] == true => tally.pass(&format!("{} doctor", k.release), "can track pins"),
+                    Ok(j) => tally.fail(&format!("{} doctor", k.release), &j["verdict"].to_string()),
+                    Err(e) => tally.fail(&format!("{} doctor", k.release), &format!("bad JSON ({e}): {text}")),
+                }
+            }
+            other => tally.fail(&format!("{} doctor", k.release), &format!("{:?}", other.map(|d| (&d.rc, &d.out)))),
+        }
+        for (name, _) in SCENARIOS {
+            let what = format!("{} {name}", k.release);
+            match results.get(*name) {
+                None => tally.fail(&what, "no result from the guest"),
+                Some(r) => match checks::check(name, r, v) {
+                    Ok(detail) => tally.pass(&what, &detail),
+                    Err(e) => {
+                        tally.fail(&what, &format!("{e:#}"));
+                        let dump = work.join(format!("{name}.trace.jsonl"));
+                        let _ = std::fs::write(&dump, r.trace.iter().map(|t| t.to_string() + "\n").collect::<String>());
+                        println!("       trace kept in {}", dump.display());
+                    }
+                },
+            }
+        }
+    }
+    Ok(())
+}
+
+/// On this machine's own kernel: pinwatch must explain what it cannot do, not crash.
+fn host(tally: &mut Tally) -> Result<()> {
+    let pinwatch = util::workspace_root().join("target/release/pinwatch");
+    let kprobes = std::path::Path::new("/sys/bus/event_source/devices/kprobe").exists();
+    let doctor = Command::new(&pinwatch).arg("doctor").output().context("running pinwatch doctor")?;
+    let text = String::from_utf8_lossy(&doctor.stdout).into_owned() + &String::from_utf8_lossy(&doctor.stderr);
+    let what = "host doctor";
+    if text.contains("panicked") {
+        tally.fail(what, "pinwatch panicked");
+    } else if kprobes {
+        if doctor.status.success() { tally.pass(what, "kprobes present, doctor says pins can be tracked") } else { tally.fail(what, &text) }
+    } else if doctor.status.code() == Some(1) && text.contains("no kprobe support") && text.contains("cannot track pins") {
+        tally.pass(what, "explains that kprobes are missing, exits 1");
+    } else {
+        tally.fail(what, &format!("exit {:?}: {text}", doctor.status.code()));
+    }
+    if !kprobes {
+        let out = std::env::temp_dir().join("pinwatch-host-record.jsonl");
+        let rec = Command::new(&pinwatch).args(["record", "--output"]).arg(&out).args(["--", "true"]).output()?;
+        let err = String::from_utf8_lossy(&rec.stderr);
+        if rec.status.code() == Some(2) && err.contains("cannot see any GUP entry point") && !err.contains("panicked") {
+            tally.pass("host record", "clear message, exit 2, no backtrace");
+        } else {
+            tally.fail("host record", &format!("exit {:?}: {err}", rec.status.code()));
+        }
+    }
+    Ok(())
+}
+
+fn cargo_tests() -> Result<()> {
+    util::run(Command::new("cargo").args(["test", "--workspace", "--exclude", "pinwatch-ebpf"]).current_dir(util::workspace_root()))
+}
+
+fn demo(kernel: &str) -> Result<()> {
+    let s = selected(&[kernel.to_string()])?.remove(0);
+    let bins = lab::build_binaries()?;
+    let conf = kernels::update()?;
+    let Fetched::Ready(k) = kernels::fetch(&conf, &s)? else { bail!("kernel {kernel} is not available") };
+    let work: PathBuf = util::cache_dir().join("demo");
+    std::fs::create_dir_all(&work)?;
+    println!("demo: booting Debian {} under QEMU and running pinwatch there", k.release);
+    let img = lab::build_initramfs(&k, &bins, &plan(), &work)?;
+    let boot = lab::boot(&k, &img, &work, Duration::from_secs(300))?;
+    let results = lab::parse(&boot.results);
+    if let Some(d) = results.get("doctor") {
+        println!("\n$ pinwatch doctor --format json   (verdict)");
+        let j: serde_json::Value = serde_json::from_str(&d.out.join("\n")).unwrap_or_default();
+        println!("{}", j["verdict"]);
+    }
+    for (name, cmd) in SCENARIOS {
+        let Some(r) = results.get(*name) else { continue };
+        println!("\n$ pinwatch record --output {name}.jsonl -- {cmd}");
+        for l in r.trace.iter().filter(|e| e["event"] != "unpin" || r.trace.len() < 12).take(8) {
+            let mut l = l.clone();
+            if let Some(p) = l.get_mut("pfns").and_then(|p| p.as_array_mut()) {
+                if p.len() > 4 {
+                    p.truncate(4);
+                    p.push("...".into());
+                }
+            }
+            println!("{l}");
+        }
+        for l in &r.err {
+            println!("{l}");
+        }
+    }
+    println!("\ndemo: traces and the guest console are in {}", work.display());
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = (|| -> Result<bool> {
+        match cli.command {
+            Cmd::Setup => setup::setup().map(|_| true),
+            Cmd::Demo { kernel } => {
+                setup::setup()?;
+                demo(&kernel).map(|_| true)
+            }
+            Cmd::Lab { kernels } => {
+                setup::setup()?;
+                let mut t = Tally::default();
+                lab(&kernels, &mut t)?;
+                summary(&t);
+                Ok(t.failed == 0)
+            }
+            Cmd::Test => {
+                setup::setup()?;
+                cargo_tests()?;
+                let mut t = Tally::default();
+                lab::build_binaries()?;
+                host(&mut t)?;
+                lab(&[], &mut t)?;
+                summary(&t);
+                Ok(t.failed == 0)
+            }
+        }
+    })();
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn summary(t: &Tally) {
+    for n in &t.not_run {
+        println!("not tested: {n}");
+    }
+    println!("lab: {} passed, {} failed", t.passed, t.failed);
+}

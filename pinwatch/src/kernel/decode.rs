@@ -133,7 +133,7 @@ fn release_event(r: &ReleaseRecord) -> Event {
             _ => Release::Freed,
         },
         dirty: r.dirty != 0,
-        pfns: r.pfns[..n].to_vec(),
+        pfns: r.pfns[..n].iter().copied().filter(|p| *p != u64::MAX).collect(),
     })
 }
 
@@ -239,12 +239,13 @@ mod tests {
     fn release_record_decodes() {
         let mut pfns = [0u64; PFNS_PER_RECORD];
         pfns[0] = 7;
-        pfns[1] = 8;
+        pfns[1] = u64::MAX; // a page pinwatch did not know
+        pfns[2] = 8;
         let r = ReleaseRecord {
             header: header(kind::RELEASE, Hook::UnpinUserPagesDirtyLock),
             release: release::UNPIN,
             chunk: 0,
-            nr_pfns: 2,
+            nr_pfns: 3,
             dirty: 1,
             call_id: 1,
             pfns,

@@ -34,6 +34,8 @@ fn short(e: impl std::fmt::Display) -> String {
     e.to_string()
 }
 
+/// The error and its causes on one line. Verifier logs run to megabytes: keep their
+/// start and their end, where the verifier says what it rejected.
 fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut src = e.source();
@@ -41,6 +43,13 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         s.push_str(": ");
         s.push_str(&inner.to_string());
         src = inner.source();
+    }
+    const HEAD: usize = 300;
+    const TAIL: usize = 700;
+    if s.len() > HEAD + TAIL + 100 {
+        let head_end = (0..=HEAD).rev().find(|i| s.is_char_boundary(*i)).unwrap_or(0);
+        let tail_start = (s.len() - TAIL..s.len()).find(|i| s.is_char_boundary(*i)).unwrap_or(s.len());
+        s = format!("{} [... {} bytes of verifier log ...] {}", &s[..head_end], tail_start - head_end, &s[tail_start..]);
     }
     s
 }

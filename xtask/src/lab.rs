@@ -1,0 +1,290 @@
+//! The VM lab: an initramfs holding pinwatch, the scenarios, the modules they need and
+//! an ext4 image; QEMU (TCG) boots a Debian kernel with it, the guest runs a plan and
+//! writes results to a second serial port, kept apart from kernel messages.
+//! A panic, a hang or a missing result is a failure: nothing is assumed.
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    fs,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+
+use crate::{kernels::Kernel, util::{output, run, workspace_root}};
+
+/// Modules the plan needs, with their parameters. Dependencies come from modules.dep.
+const MODULES: &[(&str, &str)] = &[
+    ("configfs", ""),
+    ("brd", "rd_nr=1 rd_size=32768"),
+    // Every I/O takes 2 s: a DMA that keeps its pages pinned long enough to watch.
+    ("null_blk", "irqmode=2 completion_nsec=2000000000 nr_devices=1"),
+];
+
+const INIT: &str = r#"#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin:/sbin:/usr/bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+mount -t tmpfs tmp /tmp
+mount -t tracefs nodev /sys/kernel/tracing 2>/dev/null
+mount -t debugfs nodev /sys/kernel/debug 2>/dev/null
+mount -t bpf bpf /sys/fs/bpf
+R=/dev/ttyS1
+say() { echo "PINWATCH-LAB $*" > $R; }
+say BOOTED $(uname -r)
+while read -r mod params; do
+  [ -n "$mod" ] || continue
+  insmod /modules/$mod $params || say ERROR insmod $mod
+done < /modules/load.list
+mount -t configfs none /sys/kernel/config 2>/dev/null
+dd if=/ext4.img of=/dev/ram0 bs=1M 2>/dev/null || say ERROR dd
+mkdir -p /mnt && mount -t ext4 /dev/ram0 /mnt || say ERROR mount ext4
+[ -b /dev/nullb0 ] || say ERROR no /dev/nullb0
+. /plan.sh
+say DONE
+sync
+poweroff -f
+"#;
+
+/// Runs one command under `pinwatch record` and sends everything back marked.
+const PLAN_HELPERS: &str = r#"
+record() {
+  name=$1; shift
+  say BEGIN $name
+  pinwatch record --output /tmp/$name.jsonl "$@" > /tmp/$name.out 2> /tmp/$name.err
+  say RC $name $?
+  sed "s/^/PINWATCH-LAB OUT $name /" /tmp/$name.out > $R
+  sed "s/^/PINWATCH-LAB ERR $name /" /tmp/$name.err > $R
+  [ -f /tmp/$name.jsonl ] && sed "s/^/PINWATCH-LAB TRACE $name /" /tmp/$name.jsonl > $R
+  say END $name
+}
+"#;
+
+pub struct Binaries {
+    pub pinwatch: PathBuf,
+    pub scenario: PathBuf,
+}
+
+pub fn build_binaries() -> Result<Binaries> {
+    let root = workspace_root();
+    run(Command::new("cargo").args(["build", "--release", "-p", "pinwatch", "-p", "pinwatch-scenarios"]).current_dir(&root))?;
+    let dir = root.join("target/release");
+    Ok(Binaries { pinwatch: dir.join("pinwatch"), scenario: dir.join("pinwatch-scenario") })
+}
+
+fn copy(from: &Path, to: &Path) -> Result<()> {
+    if let Some(p) = to.parent() {
+        fs::create_dir_all(p)?;
+    }
+    fs::copy(from, to).with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
+    Ok(())
+}
+
+/// Shared libraries a dynamically linked binary needs, from ldd.
+fn libraries(bin: &Path) -> Result<Vec<PathBuf>> {
+    let text = output(Command::new("ldd").arg(bin))?;
+    let mut libs = Vec::new();
+    for line in text.lines() {
+        let path = match line.split("=>").nth(1) {
+            Some(rest) => rest.split_whitespace().next(),
+            None => line.split_whitespace().next().filter(|p| p.starts_with('/')),
+        };
+        if let Some(p) = path.filter(|p| p.starts_with('/')) {
+            libs.push(PathBuf::from(p));
+        }
+    }
+    Ok(libs)
+}
+
+/// Module files to load, dependencies first, with parameters.
+fn module_plan(k: &Kernel) -> Result<Vec<(PathBuf, String)>> {
+    let dep = fs::read_to_string(k.modules.join("modules.dep")).context("modules.dep")?;
+    let mut deps: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for line in dep.lines() {
+        let Some((m, d)) = line.split_once(':') else { continue };
+        deps.insert(m.trim().to_string(), d.split_whitespace().map(str::to_string).collect());
+    }
+    let builtin = fs::read_to_string(k.modules.join("modules.builtin")).unwrap_or_default();
+    let find = |name: &str| -> Option<String> {
+        deps.keys()
+            .find(|p| {
+                let file = p.rsplit('/').next().unwrap_or(p);
+                let stem = file.split(".ko").next().unwrap_or(file);
+                stem == name || stem.replace('-', "_") == name
+            })
+            .cloned()
+    };
+    let mut order: Vec<(PathBuf, String)> = Vec::new();
+    let mut seen = HashSet::new();
+    fn visit(p: &str, deps: &BTreeMap<String, Vec<String>>, seen: &mut HashSet<String>, out: &mut Vec<String>) {
+        if !seen.insert(p.to_string()) {
+            return;
+        }
+        for d in deps.get(p).into_iter().flatten() {
+            visit(d, deps, seen, out);
+        }
+        out.push(p.to_string());
+    }
+    for (name, params) in MODULES {
+        let Some(path) = find(name) else {
+            if builtin.lines().any(|l| l.rsplit('/').next().is_some_and(|f| f.starts_with(&format!("{name}.ko")))) {
+                continue;
+            }
+            bail!("module {name} is neither in modules.dep nor built into {}", k.release);
+        };
+        let mut list = Vec::new();
+        visit(&path, &deps, &mut seen, &mut list);
+        for p in list {
+            let params = if p == path { params.to_string() } else { String::new() };
+            order.push((k.modules.join(&p), params));
+        }
+    }
+    Ok(order)
+}
+
+pub fn build_initramfs(k: &Kernel, bins: &Binaries, plan: &str, work: &Path) -> Result<PathBuf> {
+    let root = work.join("root");
+    let _ = fs::remove_dir_all(&root);
+    for d in ["bin", "sbin", "proc", "sys", "dev", "tmp", "mnt", "modules", "etc"] {
+        fs::create_dir_all(root.join(d))?;
+    }
+    copy(Path::new("/bin/busybox"), &root.join("bin/busybox")).context("busybox-static is needed (`cargo xtask setup`)")?;
+    for bin in [&bins.pinwatch, &bins.scenario] {
+        copy(bin, &root.join("bin").join(bin.file_name().expect("file")))?;
+        for lib in libraries(bin)? {
+            copy(&lib, &root.join(lib.strip_prefix("/").expect("absolute")))?;
+        }
+    }
+    let mut list = String::new();
+    for (path, params) in module_plan(k)? {
+        let file = path.file_name().expect("file").to_string_lossy().into_owned();
+        let plain = file.trim_end_matches(".xz").trim_end_matches(".zst").to_string();
+        let dest = root.join("modules").join(&plain);
+        if file.ends_with(".xz") {
+            let data = Command::new("xz").arg("-dc").arg(&path).output().context("xz")?;
+            if !data.status.success() {
+                bail!("xz -dc {} failed", path.display());
+            }
+            fs::write(&dest, data.stdout)?;
+        } else {
+            copy(&path, &dest)?;
+        }
+        list.push_str(&format!("{plain} {params}\n"));
+    }
+    fs::write(root.join("modules/load.list"), list)?;
+    let img = root.join("ext4.img");
+    run(Command::new("mkfs.ext4").args(["-q", "-F", "-b", "4096"]).arg(&img).arg("24M").stdout(Stdio::null()))?;
+    fs::write(root.join("init"), INIT)?;
+    fs::write(root.join("plan.sh"), format!("{PLAN_HELPERS}\n{plan}"))?;
+    run(Command::new("chmod").arg("+x").arg(root.join("init")))?;
+    let cpio = work.join("initramfs.cpio");
+    run(Command::new("sh")
+        .arg("-c")
+        .arg(format!("find . | cpio -o -H newc --quiet > {}", cpio.display()))
+        .current_dir(&root))?;
+    Ok(cpio)
+}
+
+/// What came back from one boot.
+pub struct Boot {
+    pub console: String,
+    pub results: Vec<String>,
+}
+
+pub fn boot(k: &Kernel, initramfs: &Path, work: &Path, limit: Duration) -> Result<Boot> {
+    let console = work.join("console.log");
+    let results = work.join("results.log");
+    let mut child = Command::new("qemu-system-x86_64")
+        .args(["-accel", "tcg", "-cpu", "max", "-m", "1G", "-smp", "2", "-no-reboot", "-display", "none", "-monitor", "none"])
+        .arg("-kernel")
+        .arg(&k.vmlinuz)
+        .arg("-initrd")
+        .arg(initramfs)
+        .args(["-append", "console=ttyS0 panic=-1 oops=panic quiet"])
+        .arg("-serial")
+        .arg(format!("file:{}", console.display()))
+        .arg("-serial")
+        .arg(format!("file:{}", results.display()))
+        .stdin(Stdio::null())
+        .spawn()
+        .context("starting qemu-system-x86_64 (`cargo xtask setup` installs it)")?;
+    let start = Instant::now();
+    let mut hung = false;
+    loop {
+        if child.try_wait()?.is_some() {
+            break;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            hung = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let console = fs::read_to_string(&console).unwrap_or_default();
+    let results: Vec<String> = fs::read_to_string(&results).unwrap_or_default().lines().map(|l| l.trim_end_matches('\r').to_string()).collect();
+    if console.contains("Kernel panic") || console.contains("BUG:") {
+        let at = console.find("Kernel panic").or_else(|| console.find("BUG:")).unwrap_or(0);
+        bail!("kernel {} crashed:\n{}", k.release, &console[at.saturating_sub(2000)..(at + 1500).min(console.len())]);
+    }
+    if hung {
+        bail!("kernel {} did not finish within {:?} (hang); last console lines:\n{}", k.release, limit, tail(&console, 30));
+    }
+    if !results.iter().any(|l| l == "PINWATCH-LAB DONE") {
+        bail!("kernel {} powered off without reporting DONE; console:\n{}", k.release, tail(&console, 40));
+    }
+    for l in &results {
+        if let Some(e) = l.strip_prefix("PINWATCH-LAB ERROR ") {
+            return Err(anyhow!("guest set-up failed on {}: {e}", k.release));
+        }
+    }
+    Ok(Boot { console, results })
+}
+
+fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// One `record` block of the plan, as the guest reported it.
+#[derive(Default, Debug)]
+pub struct Recorded {
+    pub rc: Option<i32>,
+    pub out: Vec<String>,
+    pub err: Vec<String>,
+    pub trace: Vec<serde_json::Value>,
+    pub ended: bool,
+}
+
+pub fn parse(results: &[String]) -> BTreeMap<String, Recorded> {
+    let mut m: BTreeMap<String, Recorded> = BTreeMap::new();
+    for l in results {
+        let Some(rest) = l.strip_prefix("PINWATCH-LAB ") else { continue };
+        let mut it = rest.splitn(3, ' ');
+        let (Some(tag), Some(name)) = (it.next(), it.next()) else { continue };
+        let body = it.next().unwrap_or("");
+        match tag {
+            "BEGIN" => {
+                m.entry(name.to_string()).or_default();
+            }
+            "RC" => m.entry(name.to_string()).or_default().rc = body.trim().parse().ok(),
+            "OUT" => m.entry(name.to_string()).or_default().out.push(body.to_string()),
+            "ERR" => m.entry(name.to_string()).or_default().err.push(body.to_string()),
+            "TRACE" => {
+                let r = m.entry(name.to_string()).or_default();
+                match serde_json::from_str(body) {
+                    Ok(v) => r.trace.push(v),
+                    Err(e) => r.err.push(format!("unparsable trace line ({e}): {body}")),
+                }
+            }
+            "END" => m.entry(name.to_string()).or_default().ended = true,
+            _ => {}
+        }
+    }
+    m
+}
