@@ -54,11 +54,12 @@ fn track_release(pfn: u64, release: u16) -> bool {
 }
 
 /// Fills release records slot by slot: slot j of chunk c is item c * PFNS_PER_RECORD + j,
-/// and `page_of(i)` says which page item i is (0: none). Every slot has a fixed place,
+/// and `pfn_of(i)` says which folio item i releases. Every slot has a fixed place,
 /// so the verifier sees one shape per iteration; pfns pinwatch did not know are sent as
-/// u64::MAX and skipped by user space.
+/// u64::MAX and skipped by user space. `pfn_of(i)` gives item i's folio head pfn
+/// (u64::MAX: none).
 #[inline(always)]
-fn release_items(hook: u16, release: u16, dirty: u16, n: u64, page_of: impl Fn(u64) -> u64) {
+fn release_items(hook: u16, release: u16, dirty: u16, n: u64, pfn_of: impl Fn(u64) -> u64) {
     let Some(rec) = RELEASE_SCRATCH.get_ptr_mut(0) else {
         return;
     };
@@ -79,8 +80,7 @@ fn release_items(hook: u16, release: u16, dirty: u16, n: u64, page_of: impl Fn(u
             if i >= n {
                 break;
             }
-            let page = page_of(i);
-            let pfn = if page == 0 { u64::MAX } else { head_pfn(page) };
+            let pfn = pfn_of(i);
             let known = pfn != u64::MAX && track_release(pfn, release);
             r.pfns[j] = if known { pfn } else { u64::MAX };
             any |= known;
@@ -126,11 +126,16 @@ pub fn exit() {
     }
 }
 
+#[inline(always)]
+fn pfn_of_page(page: u64) -> u64 {
+    if page == 0 { u64::MAX } else { head_pfn(page) }
+}
+
 /// unpin_user_pages and friends: an array of page pointers.
 #[inline(always)]
 pub fn page_array(hook: u16, release: u16, pages: u64, npages: u64, dirty: u16) {
     release_items(hook, release, dirty, npages.min(MAX_PAGES), |i| {
-        unsafe { bpf_probe_read_kernel((pages + i * 8) as *const u64) }.unwrap_or(0)
+        pfn_of_page(unsafe { bpf_probe_read_kernel((pages + i * 8) as *const u64) }.unwrap_or(0))
     });
 }
 
@@ -138,13 +143,14 @@ pub fn page_array(hook: u16, release: u16, pages: u64, npages: u64, dirty: u16) 
 #[inline(always)]
 pub fn page_range(hook: u16, page: u64, npages: u64, dirty: u16) {
     let size = struct_page_size();
-    release_items(hook, release::UNPIN, dirty, npages.min(MAX_PAGES), |i| page + i * size);
+    release_items(hook, release::UNPIN, dirty, npages.min(MAX_PAGES), |i| pfn_of_page(page + i * size));
 }
 
 /// `refs` references on one folio (unpin_user_folio, unpin_folio, unpin_user_page).
 #[inline(always)]
 pub fn folio_refs(hook: u16, release: u16, page: u64, refs: u64) {
-    release_items(hook, release, 0, refs.min(MAX_PAGES), |_| page);
+    let pfn = pfn_of_page(page);
+    release_items(hook, release, 0, refs.min(MAX_PAGES), |_| pfn);
 }
 
 /// Pages per bio_vec looked at. A bvec spans several pages when they are physically
@@ -174,14 +180,14 @@ pub fn bio(hook: u16, bio: u64) {
         let len_off = read_u64(bv + 8);
         let (len, off) = (len_off & 0xffff_ffff, len_off >> 32);
         if page == 0 || len == 0 {
-            return 0;
+            return u64::MAX;
         }
         let first = off >> 12;
         let last = (off + len - 1) >> 12;
         if first + p > last {
-            return 0;
+            return u64::MAX;
         }
-        page + (first + p) * size
+        pfn_of_page(page + (first + p) * size)
     });
 }
 
@@ -203,5 +209,5 @@ pub fn page_free(hook: u16, page: u64) {
     if PINS.get_ptr(&pfn).is_none() {
         return;
     }
-    release_items(hook, release::FREED, 0, 1, |_| page);
+    release_items(hook, release::FREED, 0, 1, |_| pfn);
 }

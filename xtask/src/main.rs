@@ -124,7 +124,22 @@ fn lab(names: &[String], tally: &mut Tally) -> Result<()> {
             Some(d) if d.rc == Some(0) => {
                 let text = d.out.join("\n");
                 match serde_json::from_str::<serde_json::Value>(&text) {
-                    Ok(j) if j["can_track_pins"] == true => tally.pass(&format!("{} doctor", k.release), "can track pins"),
+                    Ok(j) if j["can_track_pins"] == true => {
+                        // A hook whose symbol exists but that failed to load or attach
+                        // (a verifier rejection, say) is a defect, not a kernel limit.
+                        let failed: Vec<String> = j["hooks"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .filter(|h| h["reason"].as_str().is_some_and(|r| r.starts_with("attach failed")))
+                            .map(|h| format!("{}: {}", h["symbol"], h["reason"]))
+                            .collect();
+                        if failed.is_empty() {
+                            tally.pass(&format!("{} doctor", k.release), "can track pins, every present hook attached")
+                        } else {
+                            tally.fail(&format!("{} doctor", k.release), &failed.join("\n"))
+                        }
+                    }
                     Ok(j) => tally.fail(&format!("{} doctor", k.release), &j["verdict"].to_string()),
                     Err(e) => tally.fail(&format!("{} doctor", k.release), &format!("bad JSON ({e}): {text}")),
                 }

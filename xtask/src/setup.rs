@@ -19,6 +19,10 @@ pub fn setup() -> Result<()> {
 }
 
 fn rust_src() -> Result<()> {
+    if Command::new("rustc").arg("+nightly").arg("--version").output().map(|o| !o.status.success()).unwrap_or(true) {
+        println!("setup: installing the nightly toolchain (the eBPF programs need -Z build-std)");
+        run(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]).env("RUSTUP_AUTO_INSTALL", "1"))?;
+    }
     let installed = output(Command::new("rustup").args(["component", "list", "--toolchain", "nightly", "--installed"]))
         .context("the nightly toolchain is needed to build the eBPF programs (`rustup toolchain install nightly`)")?;
     if installed.lines().any(|l| l.starts_with("rust-src")) {
