@@ -11,7 +11,7 @@ use pinwatch_common::{
 use crate::{
     maps::{count, GUP_CALLS, PINS, PIN_SCRATCH, PROC_PINS},
     page::head_pfn,
-    record::{current, fill_header, is_self, now, send},
+    record::{current, fill_header, is_self, send},
 };
 
 /// Where a hook keeps its arguments (0-based). These positions are the same on every
@@ -193,9 +193,4 @@ fn track_pin(pfn: u64, pin: bool, tgid: u32, gup_flags: u32, ts: u64) {
     if PINS.insert(&pfn, &state, 0).is_err() {
         count(counter::PIN_MAP_FULL, 1);
     }
-}
-
-#[allow(dead_code)]
-pub fn now_ns() -> u64 {
-    now()
 }

@@ -137,8 +137,10 @@ impl<W: Write> Writer<W> {
     }
 }
 
-/// Reads a trace. A malformed line is an error naming its line number; a last line cut
+/// Reads a trace (for replaying a recording through the engine; the report mode is
+/// the next user). A malformed line is an error naming its line number; a last line cut
 /// short (a crash mid-write) is reported as such, and everything before it is kept.
+#[allow(dead_code)]
 pub fn read_trace(input: impl BufRead) -> Result<(Vec<Event>, Option<String>)> {
     let mut events = Vec::new();
     let lines: Vec<String> = input.lines().collect::<std::io::Result<_>>().context("reading trace")?;

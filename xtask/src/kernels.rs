@@ -32,7 +32,6 @@ pub const SERIES: &[Series] = &[
 ];
 
 pub struct Kernel {
-    pub series: &'static str,
     /// uname -r of the kernel.
     pub release: String,
     pub vmlinuz: PathBuf,
@@ -158,10 +157,10 @@ pub fn fetch(conf: &Path, s: &Series) -> Result<Fetched> {
         }
         fs::write(&done, b"")?;
     }
-    locate(s.name, &root).map(Fetched::Ready)
+    locate(&root).map(Fetched::Ready)
 }
 
-fn locate(series: &'static str, root: &Path) -> Result<Kernel> {
+fn locate(root: &Path) -> Result<Kernel> {
     let modroot = ["lib/modules", "usr/lib/modules"]
         .iter()
         .map(|d| root.join(d))
@@ -188,5 +187,5 @@ fn locate(series: &'static str, root: &Path) -> Result<Kernel> {
         }
         run(Command::new("depmod").arg("-b").arg(&base).arg(&release)).context("depmod (from kmod; `cargo xtask setup` installs it)")?;
     }
-    Ok(Kernel { series, release, vmlinuz, modules })
+    Ok(Kernel { release, vmlinuz, modules })
 }

@@ -117,7 +117,6 @@ fn lab(names: &[String], tally: &mut Tally) -> Result<()> {
                 continue;
             }
         };
-        let _ = &boot.console;
         let results = lab::parse(&boot.results);
         let v = checks::version(&k.release);
         match results.get("doctor") {

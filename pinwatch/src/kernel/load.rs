@@ -1,12 +1,12 @@
 //! Loading the eBPF object with this kernel's layouts, testing which attach types the
 //! kernel accepts, and attaching every hook of the plan.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use aya::{
     maps::{MapData, PerCpuArray, RingBuf},
-    programs::{FEntry, KProbe, RawTracePoint},
+    programs::{FEntry, KProbe, Program, RawTracePoint},
     Ebpf, EbpfLoader,
 };
 use pinwatch_common::{counter, globals};
@@ -87,19 +87,22 @@ impl Kernel {
     /// Attaches every hook the plan chose. A hook that fails to attach is marked
     /// unavailable with the kernel's reason; the others go on.
     pub fn attach(&mut self) -> Result<()> {
-        let mut loaded: HashSet<&'static str> = HashSet::new();
+        let mut loads = HashMap::new();
         for hook in self.plan.iter_mut() {
             let Choice::Use { attach } = hook.choice else { continue };
             let result = match attach {
                 AttachType::Kprobe => {
+                    // The return probe first: an entry probe without it would leave
+                    // calls in flight forever.
                     let mut r = Ok(());
                     if let Some(ret) = hook.spec.ret_program {
-                        r = attach_kprobe(&mut self.ebpf, &mut loaded, ret, hook.symbol);
+                        r = attach_program(&mut self.ebpf, &mut loads, ret, Target::Kprobe(hook.symbol));
                     }
-                    r.and_then(|_| attach_kprobe(&mut self.ebpf, &mut loaded, hook.spec.program, hook.symbol))
+                    r.and_then(|_| attach_program(&mut self.ebpf, &mut loads, hook.spec.program, Target::Kprobe(hook.symbol)))
                 }
-                AttachType::RawTracepoint => attach_raw_tp(&mut self.ebpf, &mut loaded, hook.spec.program, hook.symbol),
-                AttachType::Fentry => Err(anyhow!("fentry programs are not built for this hook")),
+                AttachType::RawTracepoint => {
+                    attach_program(&mut self.ebpf, &mut loads, hook.spec.program, Target::RawTracepoint(hook.symbol))
+                }
             };
             if let Err(e) = result {
                 hook.choice = Choice::Unavailable { reason: format!("attach failed: {e:#}") };
@@ -144,28 +147,38 @@ impl Counters {
         ["ringbuf_full", "pin_map_full", "pfns_truncated", "call_map_full", "read_failed"];
 }
 
-fn attach_kprobe(ebpf: &mut Ebpf, loaded: &mut HashSet<&'static str>, program: &'static str, symbol: &str) -> Result<()> {
-    let p: &mut KProbe = ebpf
-        .program_mut(program)
-        .ok_or_else(|| anyhow!("program {program} missing from the eBPF object"))?
-        .try_into()?;
-    if loaded.insert(program) {
-        p.load().map_err(|e| anyhow!("loading {program}: {}", error_chain(&e)))?;
-    }
-    p.attach(symbol, 0).map_err(|e| anyhow!("{}", error_chain(&e)))?;
-    Ok(())
+/// Where a program goes: a kernel function (kprobe) or a tracepoint.
+enum Target<'a> {
+    Kprobe(&'a str),
+    RawTracepoint(&'a str),
 }
 
-fn attach_raw_tp(ebpf: &mut Ebpf, loaded: &mut HashSet<&'static str>, program: &'static str, tp: &str) -> Result<()> {
-    let p: &mut RawTracePoint = ebpf
-        .program_mut(program)
-        .ok_or_else(|| anyhow!("program {program} missing from the eBPF object"))?
-        .try_into()?;
-    if loaded.insert(program) {
-        p.load().map_err(|e| anyhow!("loading {program}: {}", error_chain(&e)))?;
+/// Loads `program` once (remembering the outcome, so that every hook sharing a program
+/// that the verifier refused reports the verifier's reason) and attaches it.
+fn attach_program(
+    ebpf: &mut Ebpf,
+    loads: &mut HashMap<&'static str, Result<(), String>>,
+    program: &'static str,
+    target: Target<'_>,
+) -> Result<()> {
+    let prog = ebpf.program_mut(program).ok_or_else(|| anyhow!("program {program} missing from the eBPF object"))?;
+    let outcome = loads.entry(program).or_insert_with(|| {
+        match prog {
+            Program::KProbe(p) => p.load(),
+            Program::RawTracePoint(p) => p.load(),
+            _ => return Err(format!("program {program} is neither a kprobe nor a raw tracepoint")),
+        }
+        .map_err(|e| format!("loading {program}: {}", error_chain(&e)))
+    });
+    if let Err(e) = outcome {
+        bail!("{e}");
     }
-    p.attach(tp).map_err(|e| anyhow!("{}", error_chain(&e)))?;
-    Ok(())
+    let attached = match (prog, target) {
+        (Program::KProbe(p), Target::Kprobe(symbol)) => p.attach(symbol, 0).map(drop),
+        (Program::RawTracePoint(p), Target::RawTracepoint(tp)) => p.attach(tp).map(drop),
+        _ => bail!("program {program} does not fit the attach type the plan chose"),
+    };
+    attached.map_err(|e| anyhow!("{}", error_chain(&e)))
 }
 
 /// Loads and attaches real programs, then lets them go: what the kernel accepts is

@@ -26,7 +26,6 @@ impl Role {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AttachType {
-    Fentry,
     Kprobe,
     RawTracepoint,
 }
@@ -34,7 +33,6 @@ pub enum AttachType {
 impl AttachType {
     pub fn name(self) -> &'static str {
         match self {
-            AttachType::Fentry => "fentry",
             AttachType::Kprobe => "kprobe",
             AttachType::RawTracepoint => "raw_tracepoint",
         }
