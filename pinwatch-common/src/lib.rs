@@ -239,6 +239,15 @@ pub struct ProcPins {
     pub calls: u64,
 }
 
+/// Indexes of the CALIB array (vmemmap_base calibration).
+pub mod calib {
+    pub const BASE: u32 = 0;
+    pub const SAMPLES: u32 = 1;
+    /// Samples whose base differed from the first one.
+    pub const DISAGREEMENTS: u32 = 2;
+    pub const NR: u32 = 3;
+}
+
 /// Indexes of the COUNTERS per-CPU array: everything the kernel side had to drop.
 pub mod counter {
     /// A ring-buffer reservation failed: a record was lost.
@@ -259,6 +268,11 @@ pub mod counter {
 pub mod globals {
     /// Address of the kernel variable `vmemmap_base` (its value is read at run time).
     pub const VMEMMAP_BASE_ADDR: &str = "VMEMMAP_BASE_ADDR";
+    /// The value of vmemmap_base when user space calibrated it (kallsyms without data
+    /// symbols); used instead of VMEMMAP_BASE_ADDR when non-zero.
+    pub const VMEMMAP_BASE: &str = "VMEMMAP_BASE";
+    /// Offset of `pfn` in the kmem:mm_page_free tracepoint record (tracefs format).
+    pub const MM_PAGE_FREE_PFN_OFF: &str = "MM_PAGE_FREE_PFN_OFF";
     pub const STRUCT_PAGE_SIZE: &str = "STRUCT_PAGE_SIZE";
     /// Offset of compound_head (compound_info on 7.1+) in struct page.
     pub const PAGE_COMPOUND_HEAD_OFF: &str = "PAGE_COMPOUND_HEAD_OFF";

@@ -5,14 +5,15 @@
 #![no_main]
 
 mod acquire;
+mod calibrate;
 mod maps;
 mod page;
 mod record;
 mod release;
 
 use aya_ebpf::{
-    macros::{kprobe, kretprobe, raw_tracepoint},
-    programs::{ProbeContext, RawTracePointContext, RetProbeContext},
+    macros::{kprobe, kretprobe, raw_tracepoint, tracepoint},
+    programs::{ProbeContext, RawTracePointContext, RetProbeContext, TracePointContext},
 };
 use pinwatch_common::{release as rel, Hook};
 
@@ -126,6 +127,18 @@ pub fn page_cache_pipe_buf_release(ctx: ProbeContext) -> u32 {
 #[raw_tracepoint(tracepoint = "mm_page_free")]
 pub fn mm_page_free(ctx: RawTracePointContext) -> i32 {
     release::page_free(Hook::MmPageFree as u16, ctx.arg::<u64>(0));
+    0
+}
+
+// ---- vmemmap_base calibration (start-up only, kernels whose kallsyms hides it).
+#[raw_tracepoint(tracepoint = "mm_page_free")]
+pub fn calib_page(ctx: RawTracePointContext) -> i32 {
+    calibrate::remember_page(ctx.arg::<u64>(0));
+    0
+}
+#[tracepoint(category = "kmem", name = "mm_page_free")]
+pub fn calib_pfn(ctx: TracePointContext) -> u32 {
+    calibrate::sample_pfn(&ctx);
     0
 }
 

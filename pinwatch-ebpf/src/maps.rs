@@ -2,9 +2,9 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
-use pinwatch_common::{counter, GupCall, PinState, ProcPins, ReleaseRecord, PinRecord};
+use pinwatch_common::{calib, counter, GupCall, PinState, ProcPins, ReleaseRecord, PinRecord};
 
 /// Records to user space. 8 MiB holds about 13,000 full records (~600 bytes each):
 /// several seconds of a heavy direct-I/O load even if user space stalls.
@@ -39,6 +39,14 @@ pub static PROC_PINS: HashMap<u32, ProcPins> = HashMap::with_max_entries(32768, 
 pub static PIN_SCRATCH: PerCpuArray<PinRecord> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 pub static RELEASE_SCRATCH: PerCpuArray<ReleaseRecord> = PerCpuArray::with_max_entries(1, 0);
+
+/// vmemmap_base calibration: the page pointer the raw mm_page_free probe saw last on
+/// this CPU, and the result (see pinwatch_common::calib). Used only at start-up on
+/// kernels whose kallsyms hides vmemmap_base.
+#[map]
+pub static CALIB_PAGE: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+#[map]
+pub static CALIB: Array<u64> = Array::with_max_entries(calib::NR, 0);
 
 #[inline(always)]
 pub fn count(index: u32, n: u64) {

@@ -6,6 +6,8 @@ use aya_ebpf::helpers::bpf_probe_read_kernel;
 #[no_mangle]
 static VMEMMAP_BASE_ADDR: u64 = 0;
 #[no_mangle]
+static VMEMMAP_BASE: u64 = 0;
+#[no_mangle]
 static STRUCT_PAGE_SIZE: u64 = 64;
 #[no_mangle]
 static PAGE_COMPOUND_HEAD_OFF: u64 = 8;
@@ -34,7 +36,10 @@ pub fn folio_head(page: u64) -> u64 {
 /// pfn of a struct page pointer: (page - vmemmap_base) / sizeof(struct page).
 #[inline(always)]
 pub fn page_to_pfn(page: u64) -> u64 {
-    let base = unsafe { bpf_probe_read_kernel(global(&VMEMMAP_BASE_ADDR) as *const u64) }.unwrap_or(0);
+    let base = match global(&VMEMMAP_BASE) {
+        0 => unsafe { bpf_probe_read_kernel(global(&VMEMMAP_BASE_ADDR) as *const u64) }.unwrap_or(0),
+        calibrated => calibrated,
+    };
     let size = struct_page_size();
     if base == 0 || size == 0 || page < base {
         return u64::MAX;

@@ -180,6 +180,12 @@ fn host(tally: &mut Tally) -> Result<()> {
     } else {
         tally.fail(what, &format!("exit {:?}: {text}", doctor.status.code()));
     }
+    // pfns need vmemmap_base: from kallsyms, or calibrated where kallsyms hides it.
+    if text.contains("pfns          yes") {
+        tally.pass("host pfns", text.lines().find(|l| l.starts_with("pfns")).unwrap_or("").trim());
+    } else {
+        tally.fail("host pfns", text.lines().find(|l| l.starts_with("pfns")).unwrap_or("no pfns line"));
+    }
     if !kprobes {
         let out = std::env::temp_dir().join("pinwatch-host-record.jsonl");
         let rec = Command::new(&pinwatch).args(["record", "--output"]).arg(&out).args(["--", "true"]).output()?;

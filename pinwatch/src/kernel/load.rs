@@ -22,8 +22,7 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pi
 
 pub struct Kernel {
     pub release: String,
-    /// Address of vmemmap_base, when kallsyms lists data symbols (CONFIG_KALLSYMS_ALL).
-    pub vmemmap_base: Option<u64>,
+    pub vmemmap: Vmemmap,
     pub layouts: Layouts,
     pub caps: Capabilities,
     pub plan: Vec<PlannedHook>,
@@ -65,12 +64,24 @@ impl Kernel {
         let vmlinux = btf::load_vmlinux()?;
         let layouts = btf::read_layouts(&vmlinux).context("reading struct layouts from BTF")?;
         let syms = Symbols::load(&plan::wanted_symbols())?;
-        // Without it struct page pointers cannot become pfns; doctor says so, and the
-        // programs send u64::MAX in place of each pfn.
-        let vmemmap_base = syms.addr("vmemmap_base").unwrap_or(0);
+        let vmemmap = match syms.addr("vmemmap_base") {
+            Some(addr) => Vmemmap::Symbol(addr),
+            None => match calibrate_vmemmap(&layouts) {
+                Ok(base) => Vmemmap::Calibrated(base),
+                // Without it struct page pointers cannot become pfns; doctor says so,
+                // and the programs send u64::MAX in place of each pfn.
+                Err(e) => Vmemmap::Unknown(format!("{e:#}")),
+            },
+        };
+        let (vmemmap_base_addr, vmemmap_base) = match vmemmap {
+            Vmemmap::Symbol(a) => (a, 0u64),
+            Vmemmap::Calibrated(b) => (0, b),
+            Vmemmap::Unknown(_) => (0, 0),
+        };
         let self_tgid = std::process::id();
         let mut ebpf = EbpfLoader::new()
-            .override_global(globals::VMEMMAP_BASE_ADDR, &vmemmap_base, true)
+            .override_global(globals::VMEMMAP_BASE_ADDR, &vmemmap_base_addr, true)
+            .override_global(globals::VMEMMAP_BASE, &vmemmap_base, true)
             .override_global(globals::STRUCT_PAGE_SIZE, &layouts.struct_page_size, true)
             .override_global(globals::PAGE_COMPOUND_HEAD_OFF, &layouts.compound_head_off, true)
             .override_global(globals::BIO_IO_VEC_OFF, &layouts.bio_io_vec_off, true)
@@ -81,7 +92,7 @@ impl Kernel {
             .map_err(|e| anyhow!("loading the eBPF object failed: {}", error_chain(&e)))?;
         let caps = test_capabilities(&mut ebpf, &syms)?;
         let plan = plan::plan(&syms, &caps, mode);
-        Ok(Kernel { release, vmemmap_base: (vmemmap_base != 0).then_some(vmemmap_base), layouts, caps, plan, ebpf })
+        Ok(Kernel { release, vmemmap, layouts, caps, plan, ebpf })
     }
 
     /// Attaches every hook the plan chose. A hook that fails to attach is marked
@@ -136,6 +147,27 @@ impl Kernel {
             })
             .collect()
     }
+}
+
+/// Where the programs get vmemmap_base (to turn struct page pointers into pfns).
+#[derive(Clone, Debug)]
+pub enum Vmemmap {
+    /// The variable's address from kallsyms (CONFIG_KALLSYMS_ALL); read at run time.
+    Symbol(u64),
+    /// Its value, calibrated from two views of page frees (see calibrate.rs).
+    Calibrated(u64),
+    /// Neither worked: pfns cannot be computed, and why.
+    Unknown(String),
+}
+
+fn calibrate_vmemmap(layouts: &Layouts) -> Result<u64> {
+    let pfn_off = super::calibrate::pfn_offset()?;
+    let mut ebpf = EbpfLoader::new()
+        .override_global(globals::STRUCT_PAGE_SIZE, &layouts.struct_page_size, true)
+        .override_global(globals::MM_PAGE_FREE_PFN_OFF, &pfn_off, true)
+        .load(OBJECT)
+        .map_err(|e| anyhow!("loading the eBPF object for calibration: {}", error_chain(&e)))?;
+    super::calibrate::vmemmap_base(&mut ebpf)
 }
 
 /// Drop counters summed over CPUs, indexed by pinwatch_common::counter.

@@ -3,6 +3,7 @@
 //! Nothing here decides what a record means; that is the engine's job.
 
 pub mod btf;
+pub mod calibrate;
 pub mod decode;
 pub mod load;
 pub mod plan;

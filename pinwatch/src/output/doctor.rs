@@ -8,6 +8,7 @@ use serde::Serialize;
 use crate::kernel::{
     btf::Layouts,
     plan::{covered_roles, AttachMode, Choice, PlannedHook, Role},
+    load::Vmemmap,
     Kernel,
 };
 
@@ -90,9 +91,10 @@ pub fn run(args: DoctorArgs) -> Result<i32> {
             .map(|r| RoleReport { role: r.name(), visible: covered.contains(&r), what: role_what(r) })
             .collect(),
         hooks: kernel.plan.clone(),
-        pfns: match kernel.vmemmap_base {
-            Some(a) => format!("yes (vmemmap_base at {a:#x})"),
-            None => "NO: vmemmap_base is not in /proc/kallsyms (CONFIG_KALLSYMS_ALL off), so page pointers cannot become pfns".into(),
+        pfns: match &kernel.vmemmap {
+            Vmemmap::Symbol(a) => format!("yes (vmemmap_base at {a:#x}, from kallsyms)"),
+            Vmemmap::Calibrated(b) => format!("yes (vmemmap_base = {b:#x}, calibrated from mm_page_free: kallsyms lists no data symbols here)"),
+            Vmemmap::Unknown(why) => format!("NO: vmemmap_base is not in /proc/kallsyms and calibration failed ({why}), so page pointers cannot become pfns"),
         },
         can_track_pins: can_track,
         verdict,
