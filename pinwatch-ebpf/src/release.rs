@@ -54,10 +54,9 @@ fn track_release(pfn: u64, release: u16) -> bool {
 }
 
 /// Fills release records slot by slot: slot j of chunk c is item c * PFNS_PER_RECORD + j,
-/// and `pfn_of(i)` says which folio item i releases. Every slot has a fixed place,
+/// and `pfn_of(i)` is the folio head pfn item i releases (u64::MAX: none). Every slot has a fixed place,
 /// so the verifier sees one shape per iteration; pfns pinwatch did not know are sent as
-/// u64::MAX and skipped by user space. `pfn_of(i)` gives item i's folio head pfn
-/// (u64::MAX: none).
+/// u64::MAX and skipped by user space.
 #[inline(always)]
 fn release_items(hook: u16, release: u16, dirty: u16, n: u64, pfn_of: impl Fn(u64) -> u64) {
     let Some(rec) = RELEASE_SCRATCH.get_ptr_mut(0) else {

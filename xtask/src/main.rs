@@ -88,9 +88,8 @@ fn selected(names: &[String]) -> Result<Vec<kernels::Series>> {
         .collect()
 }
 
-fn lab(names: &[String], tally: &mut Tally) -> Result<()> {
+fn lab(names: &[String], bins: &lab::Binaries, tally: &mut Tally) -> Result<()> {
     let series = selected(names)?;
-    let bins = lab::build_binaries()?;
     let conf = kernels::update()?;
     for s in series {
         println!("lab: kernel {} ({})", s.name, s.suite);
@@ -108,7 +107,7 @@ fn lab(names: &[String], tally: &mut Tally) -> Result<()> {
         };
         let work = util::cache_dir().join("runs").join(&k.release);
         std::fs::create_dir_all(&work)?;
-        let boot = lab::build_initramfs(&k, &bins, &plan(), &work)
+        let boot = lab::build_initramfs(&k, bins, &plan(), &work)
             .and_then(|img| lab::boot(&k, &img, &work, Duration::from_secs(300)));
         let boot = match boot {
             Ok(b) => b,
@@ -165,10 +164,10 @@ fn lab(names: &[String], tally: &mut Tally) -> Result<()> {
 }
 
 /// On this machine's own kernel: pinwatch must explain what it cannot do, not crash.
-fn host(tally: &mut Tally) -> Result<()> {
-    let pinwatch = util::workspace_root().join("target/release/pinwatch");
+fn host(bins: &lab::Binaries, tally: &mut Tally) -> Result<()> {
+    let pinwatch = &bins.pinwatch;
     let kprobes = std::path::Path::new("/sys/bus/event_source/devices/kprobe").exists();
-    let doctor = Command::new(&pinwatch).arg("doctor").output().context("running pinwatch doctor")?;
+    let doctor = Command::new(pinwatch).arg("doctor").output().context("running pinwatch doctor")?;
     let text = String::from_utf8_lossy(&doctor.stdout).into_owned() + &String::from_utf8_lossy(&doctor.stderr);
     let what = "host doctor";
     if text.contains("panicked") {
@@ -188,7 +187,7 @@ fn host(tally: &mut Tally) -> Result<()> {
     }
     if !kprobes {
         let out = std::env::temp_dir().join("pinwatch-host-record.jsonl");
-        let rec = Command::new(&pinwatch).args(["record", "--output"]).arg(&out).args(["--", "true"]).output()?;
+        let rec = Command::new(pinwatch).args(["record", "--output"]).arg(&out).args(["--", "true"]).output()?;
         let err = String::from_utf8_lossy(&rec.stderr);
         if rec.status.code() == Some(2) && err.contains("cannot see any GUP entry point") && !err.contains("panicked") {
             tally.pass("host record", "clear message, exit 2, no backtrace");
@@ -252,7 +251,7 @@ fn main() -> ExitCode {
             Cmd::Lab { kernels } => {
                 setup::setup()?;
                 let mut t = Tally::default();
-                lab(&kernels, &mut t)?;
+                lab(&kernels, &lab::build_binaries()?, &mut t)?;
                 summary(&t);
                 Ok(t.failed == 0)
             }
@@ -260,9 +259,9 @@ fn main() -> ExitCode {
                 setup::setup()?;
                 cargo_tests()?;
                 let mut t = Tally::default();
-                lab::build_binaries()?;
-                host(&mut t)?;
-                lab(&[], &mut t)?;
+                let bins = lab::build_binaries()?;
+                host(&bins, &mut t)?;
+                lab(&[], &bins, &mut t)?;
                 summary(&t);
                 Ok(t.failed == 0)
             }
