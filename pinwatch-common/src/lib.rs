@@ -6,7 +6,7 @@
 #![no_std]
 
 /// Bumped whenever a record layout below changes.
-pub const RECORD_VERSION: u16 = 1;
+pub const RECORD_VERSION: u16 = 2;
 
 /// Folio head pfns carried by one record. A GUP call that takes more pages is sent as
 /// several records (chunks) of the same call.
@@ -24,6 +24,40 @@ pub const TASK_COMM_LEN: usize = 16;
 pub mod kind {
     pub const PIN: u16 = 1;
     pub const RELEASE: u16 = 2;
+    /// A pinned folio met a hazard hook (unmap, mkclean, writeback, truncate, dirty).
+    pub const PAGE: u16 = 3;
+}
+
+/// What a hazard hook was doing to a folio ([`PageRecord::op`]).
+pub mod page_op {
+    /// try_to_unmap_one: a mapping of the folio is being torn down.
+    pub const UNMAP: u16 = 1;
+    /// page_mkclean_one: the folio's ptes are being write-protected and cleaned.
+    pub const MKCLEAN: u16 = 2;
+    /// The filesystem submits the folio for writeback.
+    pub const WRITEBACK: u16 = 3;
+    /// The folio leaves the page cache (truncate, invalidate).
+    pub const TRUNCATE: u16 = 4;
+    /// The folio is being marked dirty.
+    pub const DIRTY: u16 = 5;
+}
+
+/// Why a page record was sent ([`PageRecord::seen`]).
+pub mod seen {
+    /// The folio is in PINS: pinwatch saw the GUP call that pinned it.
+    pub const PINS: u16 = 1;
+    /// Not in PINS, but the kernel's own count says it may be DMA-pinned
+    /// (folio_maybe_dma_pinned); used where GUP calls cannot be seen.
+    pub const KERNEL_PIN_COUNT: u16 = 2;
+}
+
+/// How a folio is backed ([`PageRecord::backing`], from folio->mapping).
+pub mod backing {
+    pub const NONE: u16 = 0;
+    pub const ANON: u16 = 1;
+    pub const FILE: u16 = 2;
+    /// movable non-LRU or KSM: neither anonymous nor a file's page cache.
+    pub const OTHER: u16 = 3;
 }
 
 /// Record flag bits ([`RecordHeader::flags`]).
@@ -61,6 +95,19 @@ pub enum Hook {
     PageCachePipeBufRelease = 29,
     /// kmem:mm_page_free: the page is free, so no reference of any kind is left.
     MmPageFree = 30,
+
+    TryToUnmapOne = 40,
+    PageMkcleanOne = 41,
+    /// ext4's per-page writeback: ext4_bio_write_page (up to 6.3), ext4_bio_write_folio (6.4+).
+    Ext4BioWritePage = 42,
+    Ext4BioWriteFolio = 43,
+    /// filemap:mm_filemap_delete_from_page_cache.
+    MmFilemapDeleteFromPageCache = 44,
+    FolioMarkDirty = 45,
+    SetPageDirty = 46,
+    /// writeback:writeback_dirty_folio (5.17+) and writeback_dirty_page (before).
+    WritebackDirtyFolio = 47,
+    WritebackDirtyPage = 48,
 }
 
 impl Hook {
@@ -98,12 +145,21 @@ impl Hook {
             Hook::UnderscoreBioReleasePages => "__bio_release_pages",
             Hook::PageCachePipeBufRelease => "page_cache_pipe_buf_release",
             Hook::MmPageFree => "mm_page_free",
+            Hook::TryToUnmapOne => "try_to_unmap_one",
+            Hook::PageMkcleanOne => "page_mkclean_one",
+            Hook::Ext4BioWritePage => "ext4_bio_write_page",
+            Hook::Ext4BioWriteFolio => "ext4_bio_write_folio",
+            Hook::MmFilemapDeleteFromPageCache => "mm_filemap_delete_from_page_cache",
+            Hook::FolioMarkDirty => "folio_mark_dirty",
+            Hook::SetPageDirty => "set_page_dirty",
+            Hook::WritebackDirtyFolio => "writeback_dirty_folio",
+            Hook::WritebackDirtyPage => "writeback_dirty_page",
         }
     }
 
     pub fn from_u16(v: u16) -> Option<Hook> {
         use Hook::*;
-        const ALL: [Hook; 20] = [
+        const ALL: [Hook; 29] = [
             GetUserPages,
             PinUserPages,
             GetUserPagesFast,
@@ -124,6 +180,15 @@ impl Hook {
             UnderscoreBioReleasePages,
             PageCachePipeBufRelease,
             MmPageFree,
+            TryToUnmapOne,
+            PageMkcleanOne,
+            Ext4BioWritePage,
+            Ext4BioWriteFolio,
+            MmFilemapDeleteFromPageCache,
+            FolioMarkDirty,
+            SetPageDirty,
+            WritebackDirtyFolio,
+            WritebackDirtyPage,
         ];
         ALL.iter().copied().find(|h| *h as u16 == v)
     }
@@ -148,6 +213,9 @@ pub mod release {
     pub const PUT: u16 = 2;
     /// The page was freed: every reference of either kind is gone.
     pub const FREED: u16 = 3;
+    /// A hazard hook found the kernel's own counts too low for the references pinwatch
+    /// thought were held (their release went unseen, e.g. an inline put_page): all gone.
+    pub const GONE: u16 = 4;
 }
 
 #[repr(C)]
@@ -184,7 +252,56 @@ pub struct PinRecord {
     pub nr_requested: u64,
     /// An id shared by all chunks of one call.
     pub call_id: u64,
+    /// Pages of this chunk that belong to a file's page cache, and the file of the
+    /// first of them (0 when none).
+    pub file_pages: u16,
+    pub _pad: [u16; 3],
+    pub file: FileRef,
     pub pfns: [u64; PFNS_PER_RECORD],
+}
+
+/// The file a page-cache folio belongs to.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default)]
+pub struct FileRef {
+    /// super_block->s_dev (kernel dev_t: major << 20 | minor).
+    pub dev: u32,
+    pub _pad: u32,
+    pub ino: u64,
+    /// super_block->s_magic: tells shmem/hugetlbfs (no writeback) from disk filesystems.
+    pub fs_magic: u64,
+}
+
+/// A pinned folio met a hazard hook. The header's task is the actor (kswapd, a flusher,
+/// the truncating process); the pinner is what PINS knew.
+#[repr(C)]
+#[derive(Copy, Clone, Debug)]
+pub struct PageRecord {
+    pub header: RecordHeader,
+    /// page_op::*
+    pub op: u16,
+    /// seen::*
+    pub seen: u16,
+    /// backing::*
+    pub backing: u16,
+    /// Folio order (0 for a single page).
+    pub order: u16,
+    pub pfn: u64,
+    /// page index in the file (folio->index), when backing is FILE.
+    pub index: u64,
+    pub file: FileRef,
+    /// The kernel's own view at this moment: folio->_refcount, and the large-folio pin
+    /// count (-1 when the folio is a single page or the kernel has no such field).
+    pub refcount: i32,
+    pub pincount: i32,
+    /// bpf_get_stackid of the kernel stack, or a negative errno.
+    pub stack_id: i64,
+    /// PINS as the kernel side knew it (all zero when seen is KERNEL_PIN_COUNT).
+    pub pin_refs: u32,
+    pub get_refs: u32,
+    pub pinner_tgid: u32,
+    pub gup_flags: u32,
+    pub first_ts_ns: u64,
 }
 
 /// One chunk of a release (unpin, put or free) of pages pinwatch saw being taken.
@@ -260,7 +377,9 @@ pub mod counter {
     pub const CALL_MAP_FULL: u32 = 3;
     /// A page pointer could not be read.
     pub const READ_FAILED: u32 = 4;
-    pub const NR: u32 = 5;
+    /// A hazard's kernel stack could not be stored (STACKS full or collision).
+    pub const STACK_LOST: u32 = 5;
+    pub const NR: u32 = 6;
 }
 
 /// Struct layouts and kernel constants, read by user space from BTF and kallsyms and
@@ -281,7 +400,27 @@ pub mod globals {
     pub const PIPE_BUFFER_PAGE_OFF: &str = "PIPE_BUFFER_PAGE_OFF";
     /// pid of pinwatch itself: its own activity is not recorded.
     pub const SELF_TGID: &str = "SELF_TGID";
+    /// struct page / folio fields the hazard hooks read (offsets from the folio head).
+    pub const PAGE_FLAGS_OFF: &str = "PAGE_FLAGS_OFF";
+    /// Bit number of PG_head in page->flags (64: unknown, every folio is order 0).
+    pub const PG_HEAD_BIT: &str = "PG_HEAD_BIT";
+    pub const PAGE_REFCOUNT_OFF: &str = "PAGE_REFCOUNT_OFF";
+    pub const PAGE_MAPPING_OFF: &str = "PAGE_MAPPING_OFF";
+    pub const PAGE_INDEX_OFF: &str = "PAGE_INDEX_OFF";
+    /// Where a large folio keeps its order (one byte) and its pin count (0: nowhere).
+    pub const FOLIO_ORDER_OFF: &str = "FOLIO_ORDER_OFF";
+    pub const FOLIO_PINCOUNT_OFF: &str = "FOLIO_PINCOUNT_OFF";
+    /// Smallest order whose folios keep a separate pin count (2 on 5.10, 1 later).
+    pub const PINCOUNT_MIN_ORDER: &str = "PINCOUNT_MIN_ORDER";
+    pub const MAPPING_HOST_OFF: &str = "MAPPING_HOST_OFF";
+    pub const INODE_INO_OFF: &str = "INODE_INO_OFF";
+    pub const INODE_SB_OFF: &str = "INODE_SB_OFF";
+    pub const SB_DEV_OFF: &str = "SB_DEV_OFF";
+    pub const SB_MAGIC_OFF: &str = "SB_MAGIC_OFF";
 }
+
+/// GUP_PIN_COUNTING_BIAS: what one FOLL_PIN adds to a small folio's refcount.
+pub const GUP_PIN_COUNTING_BIAS: i32 = 1024;
 
 #[cfg(feature = "user")]
 mod user {
@@ -289,6 +428,7 @@ mod user {
     unsafe impl aya::Pod for GupCall {}
     unsafe impl aya::Pod for PinState {}
     unsafe impl aya::Pod for ProcPins {}
+    unsafe impl aya::Pod for FileRef {}
 }
 
 #[cfg(test)]
@@ -311,7 +451,8 @@ mod tests {
     fn record_sizes_are_stable() {
         // The layouts are a wire format: a size change must come with a version bump.
         assert_eq!(core::mem::size_of::<RecordHeader>(), 56);
-        assert_eq!(core::mem::size_of::<PinRecord>(), 56 + 40 + 8 * PFNS_PER_RECORD);
+        assert_eq!(core::mem::size_of::<PinRecord>(), 56 + 40 + 8 + 24 + 8 * PFNS_PER_RECORD);
+        assert_eq!(core::mem::size_of::<PageRecord>(), 56 + 8 + 16 + 24 + 8 + 8 + 24);
         assert_eq!(core::mem::size_of::<ReleaseRecord>(), 56 + 16 + 8 * PFNS_PER_RECORD);
     }
 }

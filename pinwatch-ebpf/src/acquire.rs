@@ -4,13 +4,13 @@
 
 use aya_ebpf::helpers::bpf_probe_read_kernel;
 use pinwatch_common::{
-    counter, kind, GupCall, PinState, ProcPins, Hook, MAX_CHUNKS, PFNS_PER_RECORD,
+    backing as bk, counter, kind, GupCall, PinState, ProcPins, Hook, MAX_CHUNKS, PFNS_PER_RECORD,
     RECORD_FAILED, RECORD_TRUNCATED,
 };
 
 use crate::{
     maps::{count, GUP_CALLS, PINS, PIN_SCRATCH, PROC_PINS},
-    page::head_pfn,
+    page::{backing, file_of, folio_head, mapping, page_to_pfn},
     record::{current, fill_header, is_self, send},
 };
 
@@ -104,6 +104,8 @@ fn record(call: &GupCall, ret: i64, tgid: u32, tid: u32) {
     rec.call_id = (ts << 16) ^ tid as u64;
     rec.chunk = 0;
     rec.nr_pfns = 0;
+    rec.file_pages = 0;
+    rec.file = Default::default();
     if ret <= 0 {
         if ret < 0 {
             rec.header.flags = RECORD_FAILED;
@@ -124,6 +126,8 @@ fn record(call: &GupCall, ret: i64, tgid: u32, tid: u32) {
             break;
         }
         let mut k = 0u16;
+        let mut file_pages = 0u16;
+        let mut first_file = 0u64;
         for j in 0..PFNS_PER_RECORD {
             let i = base + j as u64;
             if i >= n {
@@ -135,7 +139,15 @@ fn record(call: &GupCall, ret: i64, tgid: u32, tid: u32) {
                 count(counter::READ_FAILED, 1);
                 u64::MAX
             } else {
-                head_pfn(page)
+                let head = folio_head(page);
+                let m = mapping(head);
+                if backing(m) == bk::FILE {
+                    file_pages += 1;
+                    if first_file == 0 {
+                        first_file = m;
+                    }
+                }
+                page_to_pfn(head)
             };
             rec.pfns[j] = pfn;
             k += 1;
@@ -145,6 +157,8 @@ fn record(call: &GupCall, ret: i64, tgid: u32, tid: u32) {
         }
         rec.chunk = chunk as u16;
         rec.nr_pfns = k;
+        rec.file_pages = file_pages;
+        rec.file = if first_file == 0 { Default::default() } else { file_of(first_file) };
         send(rec);
     }
     let taken = if n > max { max } else { n };

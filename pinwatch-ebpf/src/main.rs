@@ -1,55 +1,84 @@
 //! pinwatch's kernel programs. Entry points only: each names its hook and reads its
 //! arguments, then hands over to the module of its family. The programs record and
 //! filter; user space decides.
+//!
+//! Every function hook exists twice, as a kprobe named after the kernel function and
+//! as an fentry program named `fentry_<function>`, built from one body by `twins!`.
+//! Return programs differ more: one kretprobe serves all GUP calls (the call in flight
+//! knows its hook), while an fexit program is bound to one function and finds the
+//! return value after the arguments, so there is one per function and argument count
+//! (`fexit_<function>_<nargs>`), chosen by user space from the kernel's BTF.
 #![no_std]
 #![no_main]
 
 mod acquire;
 mod calibrate;
+mod hazard;
 mod maps;
 mod page;
 mod record;
 mod release;
 
 use aya_ebpf::{
-    macros::{kprobe, kretprobe, raw_tracepoint, tracepoint},
-    programs::{ProbeContext, RawTracePointContext, RetProbeContext, TracePointContext},
+    macros::{fentry, fexit, kprobe, kretprobe, raw_tracepoint, tracepoint},
+    programs::{FEntryContext, FExitContext, ProbeContext, RawTracePointContext, RetProbeContext, TracePointContext},
 };
-use pinwatch_common::{release as rel, Hook};
+use pinwatch_common::{page_op, release as rel, Hook};
 
 use acquire::{Layout, LAYOUT_PLAIN, LAYOUT_REMOTE, LAYOUT_UNLOCKED};
 
-#[inline(always)]
-fn arg(ctx: &ProbeContext, n: usize) -> u64 {
-    ctx.arg::<u64>(n).unwrap_or(0)
+/// Argument n of the hooked function as a u64, whichever way the program attached.
+trait Args {
+    fn a(&self, n: usize) -> u64;
+}
+impl Args for ProbeContext {
+    #[inline(always)]
+    fn a(&self, n: usize) -> u64 {
+        self.arg::<u64>(n).unwrap_or(0)
+    }
+}
+impl Args for FEntryContext {
+    #[inline(always)]
+    fn a(&self, n: usize) -> u64 {
+        self.arg::<u64>(n)
+    }
+}
+
+/// A kprobe and its fentry twin with one body; `$c` is the context in the body.
+macro_rules! twins {
+    ($kprobe:ident, $fentry:ident, $sym:literal, |$c:ident| $body:expr) => {
+        #[kprobe]
+        #[allow(non_snake_case)]
+        pub fn $kprobe(ctx: ProbeContext) -> u32 {
+            let $c = &ctx;
+            $body;
+            0
+        }
+        #[fentry(function = $sym)]
+        #[allow(non_snake_case)]
+        pub fn $fentry(ctx: FEntryContext) -> u32 {
+            let $c = &ctx;
+            $body;
+            0
+        }
+    };
 }
 
 #[inline(always)]
-fn gup_enter(ctx: &ProbeContext, hook: Hook, l: Layout) -> u32 {
-    acquire::enter(hook, arg(ctx, l.start), arg(ctx, l.nr_pages), arg(ctx, l.gup_flags), arg(ctx, l.pages));
-    0
+fn gup_enter(c: &impl Args, hook: Hook, l: Layout) {
+    acquire::enter(hook, c.a(l.start), c.a(l.nr_pages), c.a(l.gup_flags), c.a(l.pages));
 }
 
-// ---- acquire: one entry program per hook (the hook id is its identity), one return
-// program for all of them (the call in flight knows its hook).
-#[kprobe]
-pub fn get_user_pages(ctx: ProbeContext) -> u32 { gup_enter(&ctx, Hook::GetUserPages, LAYOUT_PLAIN) }
-#[kprobe]
-pub fn pin_user_pages(ctx: ProbeContext) -> u32 { gup_enter(&ctx, Hook::PinUserPages, LAYOUT_PLAIN) }
-#[kprobe]
-pub fn get_user_pages_fast(ctx: ProbeContext) -> u32 { gup_enter(&ctx, Hook::GetUserPagesFast, LAYOUT_PLAIN) }
-#[kprobe]
-pub fn pin_user_pages_fast(ctx: ProbeContext) -> u32 { gup_enter(&ctx, Hook::PinUserPagesFast, LAYOUT_PLAIN) }
-#[kprobe]
-pub fn get_user_pages_fast_only(ctx: ProbeContext) -> u32 { gup_enter(&ctx, Hook::GetUserPagesFastOnly, LAYOUT_PLAIN) }
-#[kprobe]
-pub fn get_user_pages_remote(ctx: ProbeContext) -> u32 { gup_enter(&ctx, Hook::GetUserPagesRemote, LAYOUT_REMOTE) }
-#[kprobe]
-pub fn pin_user_pages_remote(ctx: ProbeContext) -> u32 { gup_enter(&ctx, Hook::PinUserPagesRemote, LAYOUT_REMOTE) }
-#[kprobe]
-pub fn get_user_pages_unlocked(ctx: ProbeContext) -> u32 { gup_enter(&ctx, Hook::GetUserPagesUnlocked, LAYOUT_UNLOCKED) }
-#[kprobe]
-pub fn pin_user_pages_unlocked(ctx: ProbeContext) -> u32 { gup_enter(&ctx, Hook::PinUserPagesUnlocked, LAYOUT_UNLOCKED) }
+// ---- acquire: one entry program per hook (the hook id is its identity).
+twins!(get_user_pages, fentry_get_user_pages, "get_user_pages", |c| gup_enter(c, Hook::GetUserPages, LAYOUT_PLAIN));
+twins!(pin_user_pages, fentry_pin_user_pages, "pin_user_pages", |c| gup_enter(c, Hook::PinUserPages, LAYOUT_PLAIN));
+twins!(get_user_pages_fast, fentry_get_user_pages_fast, "get_user_pages_fast", |c| gup_enter(c, Hook::GetUserPagesFast, LAYOUT_PLAIN));
+twins!(pin_user_pages_fast, fentry_pin_user_pages_fast, "pin_user_pages_fast", |c| gup_enter(c, Hook::PinUserPagesFast, LAYOUT_PLAIN));
+twins!(get_user_pages_fast_only, fentry_get_user_pages_fast_only, "get_user_pages_fast_only", |c| gup_enter(c, Hook::GetUserPagesFastOnly, LAYOUT_PLAIN));
+twins!(get_user_pages_remote, fentry_get_user_pages_remote, "get_user_pages_remote", |c| gup_enter(c, Hook::GetUserPagesRemote, LAYOUT_REMOTE));
+twins!(pin_user_pages_remote, fentry_pin_user_pages_remote, "pin_user_pages_remote", |c| gup_enter(c, Hook::PinUserPagesRemote, LAYOUT_REMOTE));
+twins!(get_user_pages_unlocked, fentry_get_user_pages_unlocked, "get_user_pages_unlocked", |c| gup_enter(c, Hook::GetUserPagesUnlocked, LAYOUT_UNLOCKED));
+twins!(pin_user_pages_unlocked, fentry_pin_user_pages_unlocked, "pin_user_pages_unlocked", |c| gup_enter(c, Hook::PinUserPagesUnlocked, LAYOUT_UNLOCKED));
 
 #[kretprobe]
 pub fn gup_return(ctx: RetProbeContext) -> u32 {
@@ -57,49 +86,61 @@ pub fn gup_return(ctx: RetProbeContext) -> u32 {
     0
 }
 
-// ---- release: the unpin family, with a shared return program for nesting.
+/// fexit of a GUP function with `$n` arguments: the return value is slot `$n`.
+macro_rules! gup_fexit {
+    ($name:ident, $sym:literal, $n:literal) => {
+        #[fexit(function = $sym)]
+        pub fn $name(ctx: FExitContext) -> u32 {
+            acquire::exit(ctx.arg::<u64>($n));
+            0
+        }
+    };
+}
+// get_user_pages and pin_user_pages lost `vmas` in 6.5; *_remote went from 7 arguments
+// to 6 then, and fentry refuses more than 6 before 6.6, so there is no `_7`.
+gup_fexit!(fexit_get_user_pages_4, "get_user_pages", 4);
+gup_fexit!(fexit_get_user_pages_5, "get_user_pages", 5);
+gup_fexit!(fexit_pin_user_pages_4, "pin_user_pages", 4);
+gup_fexit!(fexit_pin_user_pages_5, "pin_user_pages", 5);
+gup_fexit!(fexit_get_user_pages_fast_4, "get_user_pages_fast", 4);
+gup_fexit!(fexit_pin_user_pages_fast_4, "pin_user_pages_fast", 4);
+gup_fexit!(fexit_get_user_pages_fast_only_4, "get_user_pages_fast_only", 4);
+gup_fexit!(fexit_get_user_pages_remote_6, "get_user_pages_remote", 6);
+gup_fexit!(fexit_pin_user_pages_remote_6, "pin_user_pages_remote", 6);
+gup_fexit!(fexit_get_user_pages_unlocked_4, "get_user_pages_unlocked", 4);
+gup_fexit!(fexit_pin_user_pages_unlocked_4, "pin_user_pages_unlocked", 4);
+
+// ---- release: the unpin family, with return programs for nesting.
 #[inline(always)]
-fn unpin(f: impl FnOnce()) -> u32 {
+fn unpin(f: impl FnOnce()) {
     if release::enter_outermost() {
         f();
     }
-    0
 }
 
-#[kprobe]
-pub fn unpin_user_page(ctx: ProbeContext) -> u32 {
-    unpin(|| release::folio_refs(Hook::UnpinUserPage as u16, rel::UNPIN, arg(&ctx, 0), 1))
-}
-#[kprobe]
-pub fn unpin_user_pages(ctx: ProbeContext) -> u32 {
-    unpin(|| release::page_array(Hook::UnpinUserPages as u16, rel::UNPIN, arg(&ctx, 0), arg(&ctx, 1), 0))
-}
-#[kprobe]
-pub fn unpin_user_pages_dirty_lock(ctx: ProbeContext) -> u32 {
-    unpin(|| {
-        let dirty = (arg(&ctx, 2) & 0xff != 0) as u16;
-        release::page_array(Hook::UnpinUserPagesDirtyLock as u16, rel::UNPIN, arg(&ctx, 0), arg(&ctx, 1), dirty)
-    })
-}
-#[kprobe]
-pub fn unpin_user_page_range_dirty_lock(ctx: ProbeContext) -> u32 {
-    unpin(|| {
-        let dirty = (arg(&ctx, 2) & 0xff != 0) as u16;
-        release::page_range(Hook::UnpinUserPageRangeDirtyLock as u16, arg(&ctx, 0), arg(&ctx, 1), dirty)
-    })
-}
-#[kprobe]
-pub fn unpin_folio(ctx: ProbeContext) -> u32 {
-    unpin(|| release::folio_refs(Hook::UnpinFolio as u16, rel::UNPIN, arg(&ctx, 0), 1))
-}
-#[kprobe]
-pub fn unpin_folios(ctx: ProbeContext) -> u32 {
-    unpin(|| release::page_array(Hook::UnpinFolios as u16, rel::UNPIN, arg(&ctx, 0), arg(&ctx, 1), 0))
-}
-#[kprobe]
-pub fn unpin_user_folio(ctx: ProbeContext) -> u32 {
-    unpin(|| release::folio_refs(Hook::UnpinUserFolio as u16, rel::UNPIN, arg(&ctx, 0), arg(&ctx, 1) & 0xffff_ffff))
-}
+twins!(unpin_user_page, fentry_unpin_user_page, "unpin_user_page", |c| unpin(|| {
+    release::folio_refs(Hook::UnpinUserPage as u16, rel::UNPIN, c.a(0), 1)
+}));
+twins!(unpin_user_pages, fentry_unpin_user_pages, "unpin_user_pages", |c| unpin(|| {
+    release::page_array(Hook::UnpinUserPages as u16, rel::UNPIN, c.a(0), c.a(1), 0)
+}));
+twins!(unpin_user_pages_dirty_lock, fentry_unpin_user_pages_dirty_lock, "unpin_user_pages_dirty_lock", |c| unpin(|| {
+    let dirty = (c.a(2) & 0xff != 0) as u16;
+    release::page_array(Hook::UnpinUserPagesDirtyLock as u16, rel::UNPIN, c.a(0), c.a(1), dirty)
+}));
+twins!(unpin_user_page_range_dirty_lock, fentry_unpin_user_page_range_dirty_lock, "unpin_user_page_range_dirty_lock", |c| unpin(|| {
+    let dirty = (c.a(2) & 0xff != 0) as u16;
+    release::page_range(Hook::UnpinUserPageRangeDirtyLock as u16, c.a(0), c.a(1), dirty)
+}));
+twins!(unpin_folio, fentry_unpin_folio, "unpin_folio", |c| unpin(|| {
+    release::folio_refs(Hook::UnpinFolio as u16, rel::UNPIN, c.a(0), 1)
+}));
+twins!(unpin_folios, fentry_unpin_folios, "unpin_folios", |c| unpin(|| {
+    release::page_array(Hook::UnpinFolios as u16, rel::UNPIN, c.a(0), c.a(1), 0)
+}));
+twins!(unpin_user_folio, fentry_unpin_user_folio, "unpin_user_folio", |c| unpin(|| {
+    release::folio_refs(Hook::UnpinUserFolio as u16, rel::UNPIN, c.a(0), c.a(1) & 0xffff_ffff)
+}));
 
 #[kretprobe]
 pub fn unpin_return(_ctx: RetProbeContext) -> u32 {
@@ -107,28 +148,79 @@ pub fn unpin_return(_ctx: RetProbeContext) -> u32 {
     0
 }
 
+macro_rules! unpin_fexit {
+    ($name:ident, $sym:literal) => {
+        #[fexit(function = $sym)]
+        pub fn $name(_ctx: FExitContext) -> u32 {
+            release::exit();
+            0
+        }
+    };
+}
+unpin_fexit!(fexit_unpin_user_page, "unpin_user_page");
+unpin_fexit!(fexit_unpin_user_pages, "unpin_user_pages");
+unpin_fexit!(fexit_unpin_user_pages_dirty_lock, "unpin_user_pages_dirty_lock");
+unpin_fexit!(fexit_unpin_user_page_range_dirty_lock, "unpin_user_page_range_dirty_lock");
+unpin_fexit!(fexit_unpin_folio, "unpin_folio");
+unpin_fexit!(fexit_unpin_folios, "unpin_folios");
+unpin_fexit!(fexit_unpin_user_folio, "unpin_user_folio");
+
 // ---- FOLL_GET releases we can see, and the page-free safety net.
-#[kprobe]
-pub fn bio_release_pages(ctx: ProbeContext) -> u32 {
-    release::bio(Hook::BioReleasePages as u16, arg(&ctx, 0));
-    0
-}
-#[kprobe]
-pub fn __bio_release_pages(ctx: ProbeContext) -> u32 {
-    release::bio(Hook::UnderscoreBioReleasePages as u16, arg(&ctx, 0));
-    0
-}
-#[kprobe]
-pub fn page_cache_pipe_buf_release(ctx: ProbeContext) -> u32 {
-    release::pipe_buf(Hook::PageCachePipeBufRelease as u16, arg(&ctx, 1));
-    0
-}
+twins!(bio_release_pages, fentry_bio_release_pages, "bio_release_pages", |c| {
+    release::bio(Hook::BioReleasePages as u16, c.a(0), (c.a(1) & 0xff != 0) as u16)
+});
+twins!(__bio_release_pages, fentry___bio_release_pages, "__bio_release_pages", |c| {
+    release::bio(Hook::UnderscoreBioReleasePages as u16, c.a(0), (c.a(1) & 0xff != 0) as u16)
+});
+twins!(page_cache_pipe_buf_release, fentry_page_cache_pipe_buf_release, "page_cache_pipe_buf_release", |c| {
+    release::pipe_buf(Hook::PageCachePipeBufRelease as u16, c.a(1))
+});
 
 #[raw_tracepoint(tracepoint = "mm_page_free")]
 pub fn mm_page_free(ctx: RawTracePointContext) -> i32 {
     release::page_free(Hook::MmPageFree as u16, ctx.arg::<u64>(0));
     0
 }
+
+// ---- hazards: the kernel treating a pinned folio as an ordinary one.
+twins!(try_to_unmap_one, fentry_try_to_unmap_one, "try_to_unmap_one", |c| {
+    hazard::page_op(c, Hook::TryToUnmapOne as u16, page_op::UNMAP, c.a(0), false)
+});
+twins!(page_mkclean_one, fentry_page_mkclean_one, "page_mkclean_one", |c| {
+    hazard::page_op(c, Hook::PageMkcleanOne as u16, page_op::MKCLEAN, c.a(0), false)
+});
+twins!(ext4_bio_write_page, fentry_ext4_bio_write_page, "ext4_bio_write_page", |c| {
+    hazard::page_op(c, Hook::Ext4BioWritePage as u16, page_op::WRITEBACK, c.a(1), false)
+});
+twins!(ext4_bio_write_folio, fentry_ext4_bio_write_folio, "ext4_bio_write_folio", |c| {
+    hazard::page_op(c, Hook::Ext4BioWriteFolio as u16, page_op::WRITEBACK, c.a(1), false)
+});
+twins!(folio_mark_dirty, fentry_folio_mark_dirty, "folio_mark_dirty", |c| {
+    hazard::page_op(c, Hook::FolioMarkDirty as u16, page_op::DIRTY, c.a(0), false)
+});
+twins!(set_page_dirty, fentry_set_page_dirty, "set_page_dirty", |c| {
+    hazard::page_op(c, Hook::SetPageDirty as u16, page_op::DIRTY, c.a(0), false)
+});
+
+/// Tracepoint hazard programs come in two kinds: `<tp>` reports folios in PINS only,
+/// `<tp>_kpins` also folios the kernel counts as DMA-pinned (tracepoint-only mode).
+macro_rules! tp_hazard {
+    ($name:ident, $kpins:ident, $tp:literal, $hook:expr, $op:expr) => {
+        #[raw_tracepoint(tracepoint = $tp)]
+        pub fn $name(ctx: RawTracePointContext) -> i32 {
+            hazard::page_op(&ctx, $hook as u16, $op, ctx.arg::<u64>(0), false);
+            0
+        }
+        #[raw_tracepoint(tracepoint = $tp)]
+        pub fn $kpins(ctx: RawTracePointContext) -> i32 {
+            hazard::page_op(&ctx, $hook as u16, $op, ctx.arg::<u64>(0), true);
+            0
+        }
+    };
+}
+tp_hazard!(mm_filemap_delete_from_page_cache, mm_filemap_delete_from_page_cache_kpins, "mm_filemap_delete_from_page_cache", Hook::MmFilemapDeleteFromPageCache, page_op::TRUNCATE);
+tp_hazard!(writeback_dirty_folio, writeback_dirty_folio_kpins, "writeback_dirty_folio", Hook::WritebackDirtyFolio, page_op::DIRTY);
+tp_hazard!(writeback_dirty_page, writeback_dirty_page_kpins, "writeback_dirty_page", Hook::WritebackDirtyPage, page_op::DIRTY);
 
 // ---- vmemmap_base calibration (start-up only, kernels whose kallsyms hides it).
 #[raw_tracepoint(tracepoint = "mm_page_free")]
@@ -154,7 +246,7 @@ static LICENSE: [u8; 4] = *b"GPL\0";
 
 /// Never attached for work: doctor and the loader load it to learn whether this kernel
 /// accepts fentry programs at all.
-#[aya_ebpf::macros::fentry(function = "get_user_pages_fast")]
-pub fn probe_fentry(_ctx: aya_ebpf::programs::FEntryContext) -> u32 {
+#[fentry(function = "get_user_pages_fast")]
+pub fn probe_fentry(_ctx: FEntryContext) -> u32 {
     0
 }

@@ -2,9 +2,9 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, RingBuf, StackTrace},
 };
-use pinwatch_common::{calib, counter, GupCall, PinState, ProcPins, ReleaseRecord, PinRecord};
+use pinwatch_common::{calib, counter, GupCall, PageRecord, PinRecord, PinState, ProcPins, ReleaseRecord};
 
 /// Records to user space. 8 MiB holds about 13,000 full records (~600 bytes each):
 /// several seconds of a heavy direct-I/O load even if user space stalls.
@@ -38,7 +38,14 @@ pub static PROC_PINS: HashMap<u32, ProcPins> = HashMap::with_max_entries(32768, 
 #[map]
 pub static PIN_SCRATCH: PerCpuArray<PinRecord> = PerCpuArray::with_max_entries(1, 0);
 #[map]
+pub static PAGE_SCRATCH: PerCpuArray<PageRecord> = PerCpuArray::with_max_entries(1, 0);
+#[map]
 pub static RELEASE_SCRATCH: PerCpuArray<ReleaseRecord> = PerCpuArray::with_max_entries(1, 0);
+
+/// Kernel stacks of hazards, by id. Stacks repeat (reclaim, writeback, truncate take
+/// few paths), so 2048 distinct ones last long; a full map is counted (STACK_LOST).
+#[map]
+pub static STACKS: StackTrace = StackTrace::with_max_entries(2048, 0);
 
 /// vmemmap_base calibration: the page pointer the raw mm_page_free probe saw last on
 /// this CPU, and the result (see pinwatch_common::calib). Used only at start-up on

@@ -51,3 +51,101 @@ pub fn page_to_pfn(page: u64) -> u64 {
 pub fn head_pfn(page: u64) -> u64 {
     page_to_pfn(folio_head(page))
 }
+
+// ---- what the kernel itself knows of a folio, read for hazards only.
+#[no_mangle]
+static PAGE_FLAGS_OFF: u64 = 0;
+#[no_mangle]
+static PG_HEAD_BIT: u64 = 64;
+#[no_mangle]
+static PAGE_REFCOUNT_OFF: u64 = 52;
+#[no_mangle]
+static PAGE_MAPPING_OFF: u64 = 24;
+#[no_mangle]
+static PAGE_INDEX_OFF: u64 = 32;
+#[no_mangle]
+static FOLIO_ORDER_OFF: u64 = 0;
+#[no_mangle]
+static FOLIO_PINCOUNT_OFF: u64 = 0;
+#[no_mangle]
+static PINCOUNT_MIN_ORDER: u64 = 1;
+#[no_mangle]
+static MAPPING_HOST_OFF: u64 = 0;
+#[no_mangle]
+static INODE_INO_OFF: u64 = 0;
+#[no_mangle]
+static INODE_SB_OFF: u64 = 0;
+#[no_mangle]
+static SB_DEV_OFF: u64 = 0;
+#[no_mangle]
+static SB_MAGIC_OFF: u64 = 0;
+
+#[inline(always)]
+fn read<T: Default>(addr: u64) -> T {
+    unsafe { bpf_probe_read_kernel(addr as *const T) }.unwrap_or_default()
+}
+
+/// The kernel's own pin view of a folio head: what folio_maybe_dma_pinned() computes.
+pub struct Live {
+    pub refcount: i32,
+    /// -1 when the folio keeps no separate pin count.
+    pub pincount: i32,
+    pub order: u16,
+    pub maybe_dma_pinned: bool,
+}
+
+#[inline(always)]
+pub fn live(head: u64) -> Live {
+    let refcount: i32 = read(head + global(&PAGE_REFCOUNT_OFF));
+    let bit = global(&PG_HEAD_BIT);
+    let flags: u64 = read(head + global(&PAGE_FLAGS_OFF));
+    let large = bit < 64 && flags & (1u64 << (bit & 63)) != 0;
+    let order = if large { read::<u8>(head + global(&FOLIO_ORDER_OFF)) as u16 } else { 0 };
+    let pincount_off = global(&FOLIO_PINCOUNT_OFF);
+    if large && pincount_off != 0 && order as u64 >= global(&PINCOUNT_MIN_ORDER) {
+        let pincount: i32 = read(head + pincount_off);
+        Live { refcount, pincount, order, maybe_dma_pinned: pincount > 0 }
+    } else {
+        // Small folios carry pins in _refcount, GUP_PIN_COUNTING_BIAS at a time (false
+        // positives possible, negatives never: the kernel's own rule).
+        Live { refcount, pincount: -1, order, maybe_dma_pinned: refcount >= pinwatch_common::GUP_PIN_COUNTING_BIAS }
+    }
+}
+
+/// folio->mapping: its low bits say anonymous (1) or movable/KSM (2, 3).
+#[inline(always)]
+pub fn mapping(head: u64) -> u64 {
+    read(head + global(&PAGE_MAPPING_OFF))
+}
+
+#[inline(always)]
+pub fn backing(mapping: u64) -> u16 {
+    use pinwatch_common::backing;
+    match (mapping, mapping & 3) {
+        (0, _) => backing::NONE,
+        (_, 0) => backing::FILE,
+        (_, 1) => backing::ANON,
+        _ => backing::OTHER,
+    }
+}
+
+#[inline(always)]
+pub fn page_index(head: u64) -> u64 {
+    read(head + global(&PAGE_INDEX_OFF))
+}
+
+/// The file behind a page-cache mapping: mapping->host->{i_ino, i_sb->{s_dev, s_magic}}.
+#[inline(always)]
+pub fn file_of(mapping: u64) -> pinwatch_common::FileRef {
+    let host: u64 = read(mapping + global(&MAPPING_HOST_OFF));
+    if host == 0 {
+        return Default::default();
+    }
+    let sb: u64 = read(host + global(&INODE_SB_OFF));
+    pinwatch_common::FileRef {
+        dev: if sb == 0 { 0 } else { read(sb + global(&SB_DEV_OFF)) },
+        _pad: 0,
+        ino: read(host + global(&INODE_INO_OFF)),
+        fs_magic: if sb == 0 { 0 } else { read(sb + global(&SB_MAGIC_OFF)) },
+    }
+}

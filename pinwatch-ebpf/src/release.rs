@@ -28,7 +28,7 @@ fn track_release(pfn: u64, release: u16) -> bool {
         return false;
     };
     let s = unsafe { &mut *s };
-    if release == release::FREED {
+    if release == release::FREED || release == release::GONE {
         let _ = PINS.remove(&pfn);
         return true;
     }
@@ -157,10 +157,11 @@ pub fn folio_refs(hook: u16, release: u16, page: u64, refs: u64) {
 /// the page-free safety net.
 const PAGES_PER_BVEC: u64 = 16;
 
-/// bio_release_pages / __bio_release_pages: one put_page per page of every bio_vec.
+/// bio_release_pages / __bio_release_pages(bio, mark_dirty): one put_page per page of
+/// every bio_vec, each page dirtied first when mark_dirty (a direct-I/O read completing).
 /// Item i is page i % PAGES_PER_BVEC of bvec i / PAGES_PER_BVEC.
 #[inline(always)]
-pub fn bio(hook: u16, bio: u64) {
+pub fn bio(hook: u16, bio: u64, dirty: u16) {
     let read_u64 = |a: u64| unsafe { bpf_probe_read_kernel(a as *const u64) }.unwrap_or(0);
     let vec = read_u64(bio + unsafe { core::ptr::read_volatile(&BIO_IO_VEC_OFF) });
     let vcnt = unsafe {
@@ -172,7 +173,7 @@ pub fn bio(hook: u16, bio: u64) {
     }
     let size = struct_page_size();
     let n = (vcnt * PAGES_PER_BVEC).min(MAX_PAGES);
-    release_items(hook, release::PUT, 0, n, |i| {
+    release_items(hook, release::PUT, dirty, n, |i| {
         let bv = vec + (i / PAGES_PER_BVEC) * 16;
         let p = i % PAGES_PER_BVEC;
         let page = read_u64(bv);

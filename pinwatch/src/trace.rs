@@ -27,6 +27,8 @@ pub enum Event {
     Start(Start),
     Pin(Pin),
     Unpin(Unpin),
+    Page(Page),
+    Hazard(Hazard),
     Lost(Lost),
     Stop(Stop),
 }
@@ -37,6 +39,32 @@ pub struct Start {
     pub kernel: String,
     /// role -> "symbol via attach type" for every hook that is attached.
     pub hooks: Vec<String>,
+    /// "full", or "tracepoint_only" where GUP calls cannot be seen.
+    #[serde(default)]
+    pub mode: String,
+    /// Hazard roles no hook serves on this kernel: what this trace cannot show.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub blind: Vec<String>,
+}
+
+/// The file a page-cache page belongs to.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+pub struct FileRef {
+    /// "major:minor" of the filesystem's device (super_block->s_dev).
+    pub dev: String,
+    pub ino: u64,
+    /// Page index in the file (hazards only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index: Option<u64>,
+    /// The filesystem type, from its magic number where pinwatch knows it.
+    pub fs: String,
+}
+
+impl FileRef {
+    /// shmem/tmpfs, hugetlbfs: page cache with no writeback behind it.
+    pub fn is_memory_fs(&self) -> bool {
+        matches!(self.fs.as_str(), "tmpfs" | "hugetlbfs")
+    }
 }
 
 /// A GUP call that returned: what it took, or its errno.
@@ -66,6 +94,162 @@ pub struct Pin {
     /// Some chunks of this call were lost (ring buffer full).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub incomplete: bool,
+    /// Pages taken that belong to a file's page cache, and the first such file.
+    #[serde(default)]
+    pub file_pages: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<FileRef>,
+}
+
+/// What a hazard hook was doing to a page.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum PageOp {
+    Unmap,
+    Mkclean,
+    Writeback,
+    Truncate,
+    Dirty,
+}
+
+/// The task doing something to a page: kswapd, a flusher thread, the truncating
+/// process; its kernel stack when it could be kept.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+pub struct Actor {
+    pub pid: u32,
+    pub tid: u32,
+    pub comm: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stack: Vec<String>,
+}
+
+/// The kernel's own pin view of a folio at that moment (folio_maybe_dma_pinned).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct KernelPins {
+    pub refcount: i32,
+    /// Large folios only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pincount: Option<i32>,
+    pub maybe_dma_pinned: bool,
+}
+
+/// A hazard hook met a folio that pinwatch knows is pinned, or that the kernel counts
+/// as DMA-pinned. Raw material for the engine: a replay of the trace derives the same
+/// hazards from these.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+pub struct Page {
+    pub ts_ns: u64,
+    pub op: Option<PageOp>,
+    /// The kernel function or tracepoint that saw it.
+    pub func: String,
+    pub pfn: u64,
+    pub order: u16,
+    /// "pins" (pinwatch saw the pin) or "kernel_pin_count".
+    pub seen: String,
+    pub actor: Actor,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<FileRef>,
+    /// "file", "anon", "other" or "none" (removed from its mapping already).
+    pub backing: String,
+    pub kernel_pins: KernelPins,
+    /// What the kernel side's pin map said: the latest pinner, its flags, and references
+    /// by kind.
+    #[serde(default)]
+    pub pinner_pid: u32,
+    #[serde(default)]
+    pub pinner_flags: Vec<Flag>,
+    #[serde(default)]
+    pub pin_refs: u32,
+    #[serde(default)]
+    pub get_refs: u32,
+    #[serde(skip)]
+    pub stack_id: i64,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[serde(rename_all = "snake_case")]
+pub enum HazardKind {
+    UnmapWhilePinned,
+    MkcleanWhilePinned,
+    WritebackWhilePinned,
+    TruncateWhilePinned,
+    DirtyAfterUnmap,
+    LongtermFilePin,
+    LongtermPinRefused,
+}
+
+impl HazardKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            HazardKind::UnmapWhilePinned => "unmap_while_pinned",
+            HazardKind::MkcleanWhilePinned => "mkclean_while_pinned",
+            HazardKind::WritebackWhilePinned => "writeback_while_pinned",
+            HazardKind::TruncateWhilePinned => "truncate_while_pinned",
+            HazardKind::DirtyAfterUnmap => "dirty_after_unmap",
+            HazardKind::LongtermFilePin => "longterm_file_pin",
+            HazardKind::LongtermPinRefused => "longterm_pin_refused",
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[serde(rename_all = "snake_case")]
+pub enum Severity {
+    Info,
+    Warning,
+    Critical,
+}
+
+/// Who holds the pin a hazard collides with. Fields are null when only the kernel's
+/// pin count knows of it (tracepoint-only mode, or a pin older than the recording).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+pub struct Pinner {
+    pub pid: Option<u32>,
+    pub comm: Option<String>,
+    pub func: Option<String>,
+    pub flags: Vec<Flag>,
+    pub age_ns: Option<u64>,
+}
+
+/// One pinner, or several when several pins collide.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(untagged)]
+pub enum Pinners {
+    One(Pinner),
+    Many(Vec<Pinner>),
+}
+
+impl Pinners {
+    pub fn from_vec(mut v: Vec<Pinner>) -> Pinners {
+        if v.len() == 1 { Pinners::One(v.remove(0)) } else { Pinners::Many(v) }
+    }
+
+    #[cfg(test)]
+    pub fn list(&self) -> Vec<&Pinner> {
+        match self {
+            Pinners::One(p) => vec![p],
+            Pinners::Many(v) => v.iter().collect(),
+        }
+    }
+}
+
+/// The kernel treated a pinned page as an ordinary one (or refused a long-term pin).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct Hazard {
+    pub ts_ns: u64,
+    pub kind: HazardKind,
+    pub severity: Severity,
+    /// The folio head pfn (null for a refused pin: no page was taken).
+    pub pfn: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub order: Option<u16>,
+    pub pinner: Pinners,
+    pub actor: Actor,
+    pub file: Option<FileRef>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel_pins: Option<KernelPins>,
+    /// The kernel function that did it.
+    pub func: String,
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
@@ -77,6 +261,9 @@ pub enum Release {
     Put,
     /// The page was freed: no reference of any kind is left.
     Freed,
+    /// A hazard hook found the kernel's counts too low for the references pinwatch
+    /// thought held: their release went unseen (an inline put_page, say).
+    Gone,
 }
 
 /// References dropped on pages pinwatch saw being taken. `pid` is the task that ran the
@@ -107,6 +294,9 @@ pub struct Stop {
     pub lost_total: u64,
     /// Pins still held when recording stopped, per process.
     pub held: Vec<Held>,
+    /// Hazards reported, by kind.
+    #[serde(default)]
+    pub hazards: std::collections::BTreeMap<String, u64>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]

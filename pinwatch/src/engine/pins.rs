@@ -64,7 +64,7 @@ impl PinTable {
     fn release(&mut self, pfn: u64, kind: Release, releaser: u32) -> bool {
         let Some(list) = self.by_pfn.get_mut(&pfn) else { return false };
         let matched = match kind {
-            Release::Freed => {
+            Release::Freed | Release::Gone => {
                 list.clear();
                 true
             }
@@ -90,7 +90,6 @@ impl PinTable {
         matched
     }
 
-    #[allow(dead_code)] // hazard rules look pins up by pfn (next step)
     pub fn pins_on(&self, pfn: u64) -> &[HeldPin] {
         self.by_pfn.get(&pfn).map(Vec::as_slice).unwrap_or(&[])
     }

@@ -34,6 +34,32 @@ pub struct Layouts {
     pub foll: FollFlags,
     /// Where FOLL_* came from: "btf enum" (6.3+) or "5.10-6.2 defines".
     pub foll_source: &'static str,
+    pub folio: FolioLayout,
+}
+
+/// What the hazard hooks read of a folio and its file, as offsets from the folio head
+/// (struct folio where the kernel has it, 5.16+, else struct page and its tail pages).
+#[derive(Clone, Debug, serde::Serialize, Default)]
+pub struct FolioLayout {
+    pub flags_off: u64,
+    /// Bit of PG_head in flags; 64 when unknown (then every folio counts as small).
+    pub pg_head_bit: u64,
+    pub refcount_off: u64,
+    pub mapping_off: u64,
+    pub index_off: u64,
+    /// One byte holding the order of a large folio, and where it came from.
+    pub order_off: u64,
+    pub order_field: &'static str,
+    /// The large-folio pin count (0: none found), where it came from, and the smallest
+    /// order that has one.
+    pub pincount_off: u64,
+    pub pincount_field: &'static str,
+    pub pincount_min_order: u64,
+    pub mapping_host_off: u64,
+    pub inode_ino_off: u64,
+    pub inode_sb_off: u64,
+    pub sb_dev_off: u64,
+    pub sb_magic_off: u64,
 }
 
 pub fn load_vmlinux() -> Result<Btf> {
@@ -81,6 +107,70 @@ pub fn member_offset(btf: &Btf, strukt: &str, member: &str) -> Result<u64> {
         .ok_or_else(|| anyhow!("struct {strukt} has no member {member} in this kernel's BTF"))
 }
 
+/// Offset of the first of `members` that `strukt` has, with its name.
+fn first_member(btf: &Btf, strukt: &str, members: &[&'static str]) -> Option<(u64, &'static str)> {
+    let s = struct_type(btf, strukt).ok()?;
+    members.iter().find_map(|m| find_member(btf, &s, m, 0).ok().flatten().map(|o| (o as u64, *m)))
+}
+
+/// Number of parameters of a kernel function, from its BTF FUNC_PROTO: an fexit
+/// program finds the return value right after them.
+pub fn func_nargs(btf: &Btf, func: &str) -> Option<usize> {
+    for t in btf.resolve_types_by_name(func).ok()? {
+        if let Type::Func(f) = t {
+            if let Ok(Type::FuncProto(p)) = btf.resolve_chained_type(&f) {
+                return Some(p.parameters.len());
+            }
+        }
+    }
+    None
+}
+
+fn folio_layout(btf: &Btf, page_size: u64) -> Result<FolioLayout> {
+    let has_folio = struct_type(btf, "folio").is_ok();
+    // Fields of the head page: struct folio names them on 5.16+, struct page always.
+    let head = |members: &[&'static str]| -> Result<u64> {
+        let found = if has_folio { first_member(btf, "folio", members) } else { None };
+        found
+            .or_else(|| first_member(btf, "page", members))
+            .map(|(o, _)| o)
+            .ok_or_else(|| anyhow!("neither struct folio nor struct page has {members:?} in this kernel's BTF"))
+    };
+    // The order of a large folio: folio->_flags_1 low byte (6.6+), folio->_folio_order
+    // (6.3-6.5), page[1].compound_order (up to 6.2).
+    let (order_off, order_field) = first_member(btf, "folio", &["_flags_1", "_folio_order"])
+        .or_else(|| first_member(btf, "page", &["compound_order"]).map(|(o, n)| (o + page_size, n)))
+        .unwrap_or((0, "unknown"));
+    // The pin count of a large folio: folio->_pincount (6.3+), page[1].compound_pincount
+    // (5.19-6.2), page[2].hpage_pinned_refcount (5.10-5.18, orders >= 2 only).
+    let (pincount_off, pincount_field, pincount_min_order) = if let Some((o, n)) = first_member(btf, "folio", &["_pincount"]) {
+        (o, n, 1)
+    } else if let Some((o, n)) = first_member(btf, "page", &["compound_pincount"]) {
+        (o + page_size, n, 1)
+    } else if let Some((o, n)) = first_member(btf, "page", &["hpage_pinned_refcount"]) {
+        (o + 2 * page_size, n, 2)
+    } else {
+        (0, "none", 64)
+    };
+    Ok(FolioLayout {
+        flags_off: head(&["flags"])?,
+        pg_head_bit: enum_value(btf, "PG_head").map(u64::from).unwrap_or(64),
+        refcount_off: head(&["_refcount"])?,
+        mapping_off: head(&["mapping"])?,
+        index_off: head(&["index", "__folio_index"])?,
+        order_off,
+        order_field,
+        pincount_off,
+        pincount_field,
+        pincount_min_order,
+        mapping_host_off: member_offset(btf, "address_space", "host")?,
+        inode_ino_off: member_offset(btf, "inode", "i_ino")?,
+        inode_sb_off: member_offset(btf, "inode", "i_sb")?,
+        sb_dev_off: member_offset(btf, "super_block", "s_dev")?,
+        sb_magic_off: member_offset(btf, "super_block", "s_magic")?,
+    })
+}
+
 fn enum_value(btf: &Btf, name: &str) -> Option<u32> {
     // FOLL_* became members of an anonymous enum in 6.3; look them up by name.
     use fallible_iterator::FallibleIterator as _;
@@ -117,8 +207,10 @@ pub fn read_layouts(btf: &Btf) -> Result<Layouts> {
         (Some(write), Some(longterm), Some(pin)) => (FollFlags { write, longterm, pin }, "btf enum"),
         _ => (FollFlags::BEFORE_6_3, "5.10-6.2 defines"),
     };
+    let struct_page_size = page.size() as u64;
     Ok(Layouts {
-        struct_page_size: page.size() as u64,
+        folio: folio_layout(btf, struct_page_size).context("struct folio / page fields for the hazard hooks")?,
+        struct_page_size,
         compound_head_field,
         compound_head_off,
         bio_io_vec_off: member_offset(btf, "bio", "bi_io_vec")?,

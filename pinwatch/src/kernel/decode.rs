@@ -6,12 +6,12 @@ use std::collections::HashMap;
 
 use anyhow::{bail, Result};
 use pinwatch_common::{
-    kind, release, Hook, PinRecord, RecordHeader, ReleaseRecord, MAX_CHUNKS, PFNS_PER_RECORD,
-    RECORD_FAILED, RECORD_TRUNCATED, RECORD_VERSION,
+    backing, kind, page_op, release, seen, Hook, PageRecord, PinRecord, RecordHeader, ReleaseRecord,
+    MAX_CHUNKS, PFNS_PER_RECORD, RECORD_FAILED, RECORD_TRUNCATED, RECORD_VERSION,
 };
 
 use super::btf::FollFlags;
-use crate::trace::{Event, Flag, Pin, Release, Unpin};
+use crate::trace::{Actor, Event, FileRef, Flag, KernelPins, Page, PageOp, Pin, Release, Unpin};
 
 fn read<T: Copy>(bytes: &[u8]) -> Result<T> {
     if bytes.len() < std::mem::size_of::<T>() {
@@ -42,6 +42,31 @@ pub fn decode_flags(hook: u16, gup_flags: u32, foll: &FollFlags) -> Vec<Flag> {
     v
 }
 
+/// Filesystem names by super_block->s_magic (include/uapi/linux/magic.h).
+pub fn fs_name(magic: u64) -> String {
+    match magic {
+        0xEF53 => "ext4".into(),
+        0x0102_1994 => "tmpfs".into(),
+        0x9584_58f6 => "hugetlbfs".into(),
+        0x8584_58f6 => "ramfs".into(),
+        0x5846_5342 => "xfs".into(),
+        0x9123_683E => "btrfs".into(),
+        0xF2F5_2010 => "f2fs".into(),
+        0x6969 => "nfs".into(),
+        0x794c_7630 => "overlay".into(),
+        0x6462_6720 => "debugfs".into(),
+        m => format!("magic {m:#x}"),
+    }
+}
+
+/// A kernel FileRef; None when it names no file.
+fn file_ref(f: &pinwatch_common::FileRef, index: Option<u64>) -> Option<FileRef> {
+    if f.ino == 0 && f.dev == 0 {
+        return None;
+    }
+    Some(FileRef { dev: format!("{}:{}", f.dev >> 20, f.dev & 0xfffff), ino: f.ino, index, fs: fs_name(f.fs_magic) })
+}
+
 /// Puts chunked records back together into events.
 pub struct Decoder {
     foll: FollFlags,
@@ -63,6 +88,7 @@ impl Decoder {
         match h.kind {
             kind::PIN => self.pin(read(bytes)?),
             kind::RELEASE => Ok(Some(release_event(&read(bytes)?))),
+            kind::PAGE => Ok(Some(page_event(&read(bytes)?, &self.foll))),
             k => bail!("unknown record kind {k}"),
         }
     }
@@ -94,11 +120,17 @@ impl Decoder {
                     errno: failed.then_some((-r.ret) as i32),
                     truncated: h.flags & RECORD_TRUNCATED != 0,
                     incomplete: false,
+                    file_pages: 0,
+                    file: None,
                 },
                 0,
             )
         });
         entry.0.pfns.extend(pfns);
+        entry.0.file_pages += r.file_pages as u64;
+        if entry.0.file.is_none() {
+            entry.0.file = file_ref(&r.file, None);
+        }
         entry.1 += 1;
         if entry.1 >= chunks {
             let (pin, _) = self.partial.remove(&r.call_id).expect("entry just used");
@@ -130,10 +162,56 @@ fn release_event(r: &ReleaseRecord) -> Event {
         release: match r.release {
             release::UNPIN => Release::Unpin,
             release::PUT => Release::Put,
+            release::GONE => Release::Gone,
             _ => Release::Freed,
         },
         dirty: r.dirty != 0,
         pfns: r.pfns[..n].iter().copied().filter(|p| *p != u64::MAX).collect(),
+    })
+}
+
+fn page_event(r: &PageRecord, foll: &FollFlags) -> Event {
+    let h = &r.header;
+    let op = match r.op {
+        page_op::UNMAP => Some(PageOp::Unmap),
+        page_op::MKCLEAN => Some(PageOp::Mkclean),
+        page_op::WRITEBACK => Some(PageOp::Writeback),
+        page_op::TRUNCATE => Some(PageOp::Truncate),
+        page_op::DIRTY => Some(PageOp::Dirty),
+        _ => None,
+    };
+    let kernel_pins = KernelPins {
+        refcount: r.refcount,
+        pincount: (r.pincount >= 0).then_some(r.pincount),
+        maybe_dma_pinned: if r.pincount >= 0 { r.pincount > 0 } else { r.refcount >= pinwatch_common::GUP_PIN_COUNTING_BIAS },
+    };
+    Event::Page(Page {
+        ts_ns: h.ts_ns,
+        op,
+        func: hook_name(h.hook),
+        pfn: r.pfn,
+        order: r.order,
+        seen: if r.seen == seen::PINS { "pins".into() } else { "kernel_pin_count".into() },
+        actor: Actor { pid: h.tgid, tid: h.tid, comm: comm(&h.comm), stack: Vec::new() },
+        file: if r.backing == backing::FILE { file_ref(&r.file, Some(r.index)) } else { None },
+        backing: match r.backing {
+            backing::FILE => "file",
+            backing::ANON => "anon",
+            backing::OTHER => "other",
+            _ => "none",
+        }
+        .into(),
+        kernel_pins,
+        pinner_pid: r.pinner_tgid,
+        pinner_flags: if r.seen == seen::PINS {
+            let hook = if r.pin_refs > 0 { Hook::PinUserPages } else { Hook::GetUserPages };
+            decode_flags(hook as u16, r.gup_flags, foll)
+        } else {
+            Vec::new()
+        },
+        pin_refs: r.pin_refs,
+        get_refs: r.get_refs,
+        stack_id: r.stack_id,
     })
 }
 
@@ -178,8 +256,42 @@ mod tests {
             start: 0x7000_0000,
             nr_requested: ret.max(0) as u64,
             call_id: 42,
+            file_pages: 0,
+            _pad: [0; 3],
+            file: Default::default(),
             pfns,
         }
+    }
+
+    #[test]
+    fn page_record_decodes_with_file_and_kernel_pins() {
+        let r = PageRecord {
+            header: header(kind::PAGE, Hook::TryToUnmapOne),
+            op: page_op::UNMAP,
+            seen: seen::PINS,
+            backing: backing::FILE,
+            order: 0,
+            pfn: 4242,
+            index: 3,
+            file: pinwatch_common::FileRef { dev: (254 << 20) | 1, _pad: 0, ino: 12, fs_magic: 0xEF53 },
+            refcount: 1027,
+            pincount: -1,
+            stack_id: 7,
+            pin_refs: 1,
+            get_refs: 0,
+            pinner_tgid: 100,
+            gup_flags: 1,
+            first_ts_ns: 1,
+        };
+        let mut d = Decoder::new(FollFlags::BEFORE_6_3);
+        let Some(Event::Page(p)) = d.push(&bytes(&r)).unwrap() else { panic!() };
+        assert_eq!(p.op, Some(PageOp::Unmap));
+        assert_eq!(p.func, "try_to_unmap_one");
+        assert_eq!(p.file, Some(FileRef { dev: "254:1".into(), ino: 12, index: Some(3), fs: "ext4".into() }));
+        assert!(p.kernel_pins.maybe_dma_pinned);
+        assert_eq!(p.kernel_pins.pincount, None);
+        assert_eq!(p.seen, "pins");
+        assert_eq!(p.stack_id, 7);
     }
 
     #[test]

@@ -5,15 +5,15 @@ use std::collections::HashMap;
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use aya::{
-    maps::{MapData, PerCpuArray, RingBuf},
+    maps::{MapData, PerCpuArray, RingBuf, StackTraceMap},
     programs::{FEntry, KProbe, Program, RawTracePoint},
-    Ebpf, EbpfLoader,
+    Btf, Ebpf, EbpfLoader,
 };
 use pinwatch_common::{counter, globals};
 
 use super::{
     btf::{self, Layouts},
-    plan::{self, AttachMode, AttachType, Capabilities, Choice, PlannedHook},
+    plan::{self, AttachMode, AttachType, Capabilities, Choice, Family, HookSpec, Mode, PlannedHook, Role},
     symbols::Symbols,
 };
 
@@ -27,6 +27,10 @@ pub struct Kernel {
     pub caps: Capabilities,
     pub plan: Vec<PlannedHook>,
     pub ebpf: Ebpf,
+    /// Parameter counts of the hooked functions, from BTF (fexit needs them).
+    nargs: HashMap<&'static str, usize>,
+    /// Kernel BTF for fentry/fexit, when the kernel has it.
+    btf: Option<Btf>,
 }
 
 fn short(e: impl std::fmt::Display) -> String {
@@ -63,6 +67,10 @@ impl Kernel {
         let release = super::release();
         let vmlinux = btf::load_vmlinux()?;
         let layouts = btf::read_layouts(&vmlinux).context("reading struct layouts from BTF")?;
+        // tracefs says which functions can be probed and which tracepoints exist.
+        if let Err(e) = super::calibrate::ensure_tracefs() {
+            log::warn!("{e:#}");
+        }
         let syms = Symbols::load(&plan::wanted_symbols())?;
         let vmemmap = match syms.addr("vmemmap_base") {
             Some(addr) => Vmemmap::Symbol(addr),
@@ -79,7 +87,21 @@ impl Kernel {
             Vmemmap::Unknown(_) => (0, 0),
         };
         let self_tgid = std::process::id();
+        let f = &layouts.folio;
         let mut ebpf = EbpfLoader::new()
+            .override_global(globals::PAGE_FLAGS_OFF, &f.flags_off, true)
+            .override_global(globals::PG_HEAD_BIT, &f.pg_head_bit, true)
+            .override_global(globals::PAGE_REFCOUNT_OFF, &f.refcount_off, true)
+            .override_global(globals::PAGE_MAPPING_OFF, &f.mapping_off, true)
+            .override_global(globals::PAGE_INDEX_OFF, &f.index_off, true)
+            .override_global(globals::FOLIO_ORDER_OFF, &f.order_off, true)
+            .override_global(globals::FOLIO_PINCOUNT_OFF, &f.pincount_off, true)
+            .override_global(globals::PINCOUNT_MIN_ORDER, &f.pincount_min_order, true)
+            .override_global(globals::MAPPING_HOST_OFF, &f.mapping_host_off, true)
+            .override_global(globals::INODE_INO_OFF, &f.inode_ino_off, true)
+            .override_global(globals::INODE_SB_OFF, &f.inode_sb_off, true)
+            .override_global(globals::SB_DEV_OFF, &f.sb_dev_off, true)
+            .override_global(globals::SB_MAGIC_OFF, &f.sb_magic_off, true)
             .override_global(globals::VMEMMAP_BASE_ADDR, &vmemmap_base_addr, true)
             .override_global(globals::VMEMMAP_BASE, &vmemmap_base, true)
             .override_global(globals::STRUCT_PAGE_SIZE, &layouts.struct_page_size, true)
@@ -92,34 +114,73 @@ impl Kernel {
             .map_err(|e| anyhow!("loading the eBPF object failed: {}", error_chain(&e)))?;
         let caps = test_capabilities(&mut ebpf, &syms)?;
         let plan = plan::plan(&syms, &caps, mode);
-        Ok(Kernel { release, vmemmap, layouts, caps, plan, ebpf })
+        let nargs = plan::HOOKS
+            .iter()
+            .filter(|h| h.family == Family::Function)
+            .filter_map(|h| btf::func_nargs(&vmlinux, h.symbol).map(|n| (h.symbol, n)))
+            .collect();
+        let btf = Btf::from_sys_fs().ok();
+        Ok(Kernel { release, vmemmap, layouts, caps, plan, ebpf, nargs, btf })
     }
 
-    /// Attaches every hook the plan chose. A hook that fails to attach is marked
-    /// unavailable with the kernel's reason; the others go on.
-    pub fn attach(&mut self) -> Result<()> {
+    /// Attaches every hook of the plan, each down its ladder until a rung works; a hook
+    /// that attaches nowhere is marked unavailable with the kernel's reasons. Function
+    /// hooks go first: whether GUP calls are seen decides which tracepoint programs
+    /// serve (tracepoint-only mode reports pages by the kernel's own pin count).
+    pub fn attach(&mut self) -> Result<Mode> {
         let mut loads = HashMap::new();
-        for hook in self.plan.iter_mut() {
-            let Choice::Use { attach } = hook.choice else { continue };
-            let result = match attach {
-                AttachType::Kprobe => {
-                    // The return probe first: an entry probe without it would leave
-                    // calls in flight forever.
-                    let mut r = Ok(());
-                    if let Some(ret) = hook.spec.ret_program {
-                        r = attach_program(&mut self.ebpf, &mut loads, ret, Target::Kprobe(hook.symbol));
+        let mut served: HashMap<&'static str, &'static str> = HashMap::new();
+        let order: Vec<usize> = (0..self.plan.len())
+            .filter(|i| self.plan[*i].spec.family == Family::Function)
+            .chain((0..self.plan.len()).filter(|i| self.plan[*i].spec.family == Family::Tracepoint))
+            .collect();
+        let mut kernel_pins = None;
+        for i in order {
+            let spec = self.plan[i].spec;
+            if spec.family == Family::Tracepoint && kernel_pins.is_none() {
+                kernel_pins = Some(!plan::covered_roles(&self.plan).contains(&Role::Acquire));
+            }
+            let Choice::Try { ladder } = self.plan[i].choice.clone() else { continue };
+            if let Some(other) = spec.group.and_then(|g| served.get(g)) {
+                self.plan[i].choice = Choice::Standby { instead: other };
+                continue;
+            }
+            let mut failures = Vec::new();
+            for attach in ladder {
+                let nargs = self.nargs.get(spec.symbol).copied();
+                match attach_hook(&mut self.ebpf, self.btf.as_ref(), &mut loads, &spec, attach, nargs, kernel_pins.unwrap_or(false)) {
+                    Ok(()) => {
+                        let note = (!failures.is_empty()).then(|| failures.join("; "));
+                        self.plan[i].choice = Choice::Use { attach, note };
+                        if let Some(g) = spec.group {
+                            served.insert(g, spec.symbol);
+                        }
+                        break;
                     }
-                    r.and_then(|_| attach_program(&mut self.ebpf, &mut loads, hook.spec.program, Target::Kprobe(hook.symbol)))
+                    Err(e) => failures.push(format!("{}: {e:#}", attach.name())),
                 }
-                AttachType::RawTracepoint => {
-                    attach_program(&mut self.ebpf, &mut loads, hook.spec.program, Target::RawTracepoint(hook.symbol))
-                }
-            };
-            if let Err(e) = result {
-                hook.choice = Choice::Unavailable { reason: format!("attach failed: {e:#}") };
+            }
+            if !matches!(self.plan[i].choice, Choice::Use { .. }) {
+                self.plan[i].choice = Choice::Unavailable { reason: format!("attach failed: {}", failures.join("; ")) };
             }
         }
-        Ok(())
+        Ok(self.mode())
+    }
+
+    pub fn mode(&self) -> Mode {
+        let roles = plan::covered_roles(&self.plan);
+        if roles.contains(&Role::Acquire) {
+            Mode::Full
+        } else if roles.contains(&Role::Truncate) || roles.contains(&Role::Dirty) {
+            Mode::TracepointOnly
+        } else {
+            Mode::Blind
+        }
+    }
+
+    pub fn take_stacks(&mut self) -> Result<StackTraceMap<MapData>> {
+        let map = self.ebpf.take_map("STACKS").ok_or_else(|| anyhow!("map STACKS missing from the eBPF object"))?;
+        Ok(StackTraceMap::try_from(map)?)
     }
 
     pub fn take_ring(&mut self) -> Result<RingBuf<MapData>> {
@@ -142,7 +203,7 @@ impl Kernel {
         self.plan
             .iter()
             .filter_map(|h| match h.choice {
-                Choice::Use { attach } => Some(format!("{}: {} via {}", h.role.name(), h.symbol, attach.name())),
+                Choice::Use { attach, .. } => Some(format!("{}: {} via {}", h.role.name(), h.symbol, attach.name())),
                 _ => None,
             })
             .collect()
@@ -176,41 +237,92 @@ pub struct Counters(pub [u64; counter::NR as usize]);
 
 impl Counters {
     pub const NAMES: [&'static str; counter::NR as usize] =
-        ["ringbuf_full", "pin_map_full", "pfns_truncated", "call_map_full", "read_failed"];
+        ["ringbuf_full", "pin_map_full", "pfns_truncated", "call_map_full", "read_failed", "stack_lost"];
 }
 
-/// Where a program goes: a kernel function (kprobe) or a tracepoint.
-enum Target<'a> {
-    Kprobe(&'a str),
-    RawTracepoint(&'a str),
+/// Attaches one hook with one attach type: the return program first (an entry
+/// program without it would leave calls in flight forever), then the entry program.
+/// If the entry program fails, the return program is detached again so that the next
+/// rung starts clean.
+fn attach_hook(
+    ebpf: &mut Ebpf,
+    btf: Option<&Btf>,
+    loads: &mut HashMap<String, Result<(), String>>,
+    spec: &HookSpec,
+    attach: AttachType,
+    nargs: Option<usize>,
+    kernel_pins: bool,
+) -> Result<()> {
+    let ret = match spec.ret_program(attach, nargs) {
+        Some(name) => Some((name.clone(), attach_program(ebpf, btf, loads, &name, attach, spec.symbol)?)),
+        None => None,
+    };
+    let entry = spec.program(attach, kernel_pins);
+    match attach_program(ebpf, btf, loads, &entry, attach, spec.symbol) {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            if let Some((name, link)) = ret {
+                link.detach(ebpf, &name);
+            }
+            Err(e)
+        }
+    }
+}
+
+/// A link made by attach_program, kept only to undo it.
+enum Link {
+    Kprobe(aya::programs::kprobe::KProbeLinkId),
+    Fexit(aya::programs::fexit::FExitLinkId),
+    Other,
+}
+
+impl Link {
+    fn detach(self, ebpf: &mut Ebpf, program: &str) {
+        let Some(p) = ebpf.program_mut(program) else { return };
+        match (self, p) {
+            (Link::Kprobe(l), Program::KProbe(p)) => drop(p.detach(l)),
+            (Link::Fexit(l), Program::FExit(p)) => drop(p.detach(l)),
+            _ => {}
+        }
+    }
 }
 
 /// Loads `program` once (remembering the outcome, so that every hook sharing a program
-/// that the verifier refused reports the verifier's reason) and attaches it.
+/// that the verifier refused reports the verifier's reason) and attaches it to
+/// `symbol` (a kernel function or a tracepoint).
 fn attach_program(
     ebpf: &mut Ebpf,
-    loads: &mut HashMap<&'static str, Result<(), String>>,
-    program: &'static str,
-    target: Target<'_>,
-) -> Result<()> {
-    let prog = ebpf.program_mut(program).ok_or_else(|| anyhow!("program {program} missing from the eBPF object"))?;
-    let outcome = loads.entry(program).or_insert_with(|| {
+    btf: Option<&Btf>,
+    loads: &mut HashMap<String, Result<(), String>>,
+    program: &str,
+    attach: AttachType,
+    symbol: &str,
+) -> Result<Link> {
+    let Some(prog) = ebpf.program_mut(program) else {
+        bail!("this build has no program {program}");
+    };
+    let outcome = loads.entry(program.to_string()).or_insert_with(|| {
+        let btf = btf.ok_or_else(|| "no kernel BTF for fentry/fexit".to_string());
         match prog {
-            Program::KProbe(p) => p.load(),
-            Program::RawTracePoint(p) => p.load(),
-            _ => return Err(format!("program {program} is neither a kprobe nor a raw tracepoint")),
+            Program::KProbe(p) => p.load().map_err(|e| error_chain(&e)),
+            Program::RawTracePoint(p) => p.load().map_err(|e| error_chain(&e)),
+            Program::FEntry(p) => btf.and_then(|b| p.load(symbol, b).map_err(|e| error_chain(&e))),
+            Program::FExit(p) => btf.and_then(|b| p.load(symbol, b).map_err(|e| error_chain(&e))),
+            _ => Err(format!("program {program} is of a type pinwatch does not attach")),
         }
-        .map_err(|e| format!("loading {program}: {}", error_chain(&e)))
+        .map_err(|e| format!("loading {program}: {e}"))
     });
     if let Err(e) = outcome {
         bail!("{e}");
     }
-    let attached = match (prog, target) {
-        (Program::KProbe(p), Target::Kprobe(symbol)) => p.attach(symbol, 0).map(drop),
-        (Program::RawTracePoint(p), Target::RawTracepoint(tp)) => p.attach(tp).map(drop),
-        _ => bail!("program {program} does not fit the attach type the plan chose"),
+    let link = match (prog, attach) {
+        (Program::KProbe(p), AttachType::Kprobe) => p.attach(symbol, 0).map(Link::Kprobe),
+        (Program::RawTracePoint(p), AttachType::RawTracepoint) => p.attach(symbol).map(|_| Link::Other),
+        (Program::FEntry(p), AttachType::Fentry) => p.attach().map(|_| Link::Other),
+        (Program::FExit(p), AttachType::Fentry) => p.attach().map(Link::Fexit),
+        _ => bail!("program {program} does not fit the attach type {}", attach.name()),
     };
-    attached.map_err(|e| anyhow!("{}", error_chain(&e)))
+    link.map_err(|e| anyhow!("{}", error_chain(&e)))
 }
 
 /// Loads and attaches real programs, then lets them go: what the kernel accepts is

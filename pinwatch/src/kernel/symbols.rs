@@ -9,6 +9,8 @@ pub struct Symbols {
     addrs: HashMap<String, u64>,
     /// Functions kprobes and fentry may attach to; None when tracefs is unavailable.
     traceable: Option<HashSet<String>>,
+    /// Tracepoint names (events/<system>/<name>); None when tracefs is unavailable.
+    tracepoints: Option<HashSet<String>>,
 }
 
 /// Reads kallsyms lines "ADDR TYPE NAME [module]", keeping the names in `wanted`.
@@ -43,7 +45,32 @@ impl Symbols {
                     .collect()
             })
         });
-        Ok(Symbols { addrs, traceable })
+        let tracepoints = ["/sys/kernel/tracing/events", "/sys/kernel/debug/tracing/events"].iter().find_map(|d| {
+            let systems = std::fs::read_dir(d).ok()?;
+            Some(
+                systems
+                    .flatten()
+                    .filter_map(|s| std::fs::read_dir(s.path()).ok())
+                    .flat_map(|events| events.flatten().map(|e| e.file_name().to_string_lossy().into_owned()))
+                    .collect(),
+            )
+        });
+        Ok(Symbols { addrs, traceable, tracepoints })
+    }
+
+    /// Some(false) when tracefs lists no such tracepoint.
+    pub fn tracepoint_exists(&self, name: &str) -> Option<bool> {
+        self.tracepoints.as_ref().map(|t| t.contains(name))
+    }
+
+    /// A kernel that has exactly these functions, all traceable (for tests).
+    #[cfg(test)]
+    pub fn from_names(names: &[&str]) -> Symbols {
+        Symbols {
+            addrs: names.iter().map(|n| (n.to_string(), 0xffff_ffff_8100_0000)).collect(),
+            traceable: Some(names.iter().map(|n| n.to_string()).collect()),
+            tracepoints: None,
+        }
     }
 
     pub fn addr(&self, name: &str) -> Option<u64> {

@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use crate::kernel::{
     btf::Layouts,
-    plan::{covered_roles, AttachMode, Choice, PlannedHook, Role},
+    plan::{covered_roles, AttachMode, Choice, Mode, PlannedHook, Role},
     load::Vmemmap,
     Kernel,
 };
@@ -51,20 +51,15 @@ struct Report {
     hooks: Vec<PlannedHook>,
     roles: Vec<RoleReport>,
     pfns: String,
+    mode: Mode,
+    mode_explained: &'static str,
     can_track_pins: bool,
     verdict: String,
 }
 
-fn role_what(r: Role) -> &'static str {
-    match r {
-        Role::Acquire => "who takes which pages (GUP calls: pid, function, flags, pfns)",
-        Role::Release => "when pins and page references are dropped",
-    }
-}
-
 pub fn run(args: DoctorArgs) -> Result<i32> {
     let mut kernel = Kernel::open(args.attach)?;
-    kernel.attach()?;
+    let mode = kernel.attach()?;
     let covered = covered_roles(&kernel.plan);
     let can_track = covered.contains(&Role::Acquire);
     let attach_types = [("fentry", &kernel.caps.fentry), ("kprobe", &kernel.caps.kprobe), ("raw_tracepoint", &kernel.caps.raw_tracepoint)]
@@ -86,10 +81,12 @@ pub fn run(args: DoctorArgs) -> Result<i32> {
         btf: kernel.caps.btf,
         attach_types,
         layouts: kernel.layouts.clone(),
-        roles: [Role::Acquire, Role::Release]
+        roles: Role::ALL
             .into_iter()
-            .map(|r| RoleReport { role: r.name(), visible: covered.contains(&r), what: role_what(r) })
+            .map(|r| RoleReport { role: r.name(), visible: covered.contains(&r), what: r.what() })
             .collect(),
+        mode,
+        mode_explained: mode.explain(),
         hooks: kernel.plan.clone(),
         pfns: match &kernel.vmemmap {
             Vmemmap::Symbol(a) => format!("yes (vmemmap_base at {a:#x}, from kallsyms)"),
@@ -131,7 +128,10 @@ fn print_text(r: &Report) {
     t.load_preset(UTF8_FULL_CONDENSED).set_header(["ROLE", "SYMBOL", "ATTACH", "KERNELS"]);
     for h in &r.hooks {
         let how = match &h.choice {
-            Choice::Use { attach } => attach.name().to_string(),
+            Choice::Use { attach, note: None } => attach.name().to_string(),
+            Choice::Use { attach, note: Some(n) } => format!("{} (after {n})", attach.name()),
+            Choice::Standby { instead } => format!("standby: {instead} serves"),
+            Choice::Try { .. } => "not attached".to_string(),
             Choice::Unavailable { reason } => format!("- {reason}"),
         };
         t.add_row([h.role.name().to_string(), h.symbol.to_string(), how, h.kernels.to_string()]);
@@ -139,7 +139,8 @@ fn print_text(r: &Report) {
     println!("\nhooks:\n{t}");
     println!("\nwhat pinwatch can see here:");
     for role in &r.roles {
-        println!("  {:<8} {:<3} {}", role.role, if role.visible { "yes" } else { "NO" }, role.what);
+        println!("  {:<10} {:<3} {}", role.role, if role.visible { "yes" } else { "NO" }, role.what);
     }
+    println!("\nmode          {}: {}", r.mode.name(), r.mode_explained);
     println!("\n{}", r.verdict);
 }

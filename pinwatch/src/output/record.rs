@@ -6,9 +6,9 @@ use anyhow::{bail, Context as _, Result};
 use tokio::time::{sleep, Instant};
 
 use crate::{
-    engine::PinTable,
+    engine::Engine,
     kernel::{
-        plan::{covered_roles, AttachMode, Choice, Role},
+        plan::{blind_roles, AttachMode, Choice, Mode, Role},
         stream::{monotonic_ns, LiveSource},
         Kernel,
     },
@@ -37,23 +37,27 @@ const GRACE: Duration = Duration::from_millis(500);
 
 pub async fn run(args: RecordArgs) -> Result<i32> {
     let mut kernel = Kernel::open(args.attach)?;
-    kernel.attach()?;
-    if !covered_roles(&kernel.plan).contains(&Role::Acquire) {
-        let why: Vec<String> = kernel
-            .plan
-            .iter()
-            .filter(|h| h.role == Role::Acquire)
-            .filter_map(|h| match &h.choice {
-                Choice::Unavailable { reason } => Some(reason.clone()),
-                _ => None,
-            })
-            .take(1)
-            .collect();
-        bail!(
-            "pinwatch cannot see any GUP entry point on kernel {} ({}); nothing to record. `pinwatch doctor` shows what this kernel allows",
-            kernel.release,
-            why.first().map(String::as_str).unwrap_or("no hook")
-        );
+    let mode = kernel.attach()?;
+    match mode {
+        Mode::Full => {}
+        Mode::TracepointOnly => eprintln!("pinwatch: {}", mode.explain()),
+        Mode::Blind => {
+            let why: Vec<String> = kernel
+                .plan
+                .iter()
+                .filter(|h| h.role == Role::Acquire)
+                .filter_map(|h| match &h.choice {
+                    Choice::Unavailable { reason } => Some(reason.clone()),
+                    _ => None,
+                })
+                .take(1)
+                .collect();
+            bail!(
+                "pinwatch cannot see any GUP entry point on kernel {} ({}), and no tracepoint hazard hook attached either; nothing to record. `pinwatch doctor` shows what this kernel allows",
+                kernel.release,
+                why.first().map(String::as_str).unwrap_or("no hook")
+            );
+        }
     }
     let file = File::create(&args.output).with_context(|| format!("creating {}", args.output.display()))?;
     let mut writer = Writer::new(BufWriter::new(file));
@@ -61,9 +65,11 @@ pub async fn run(args: RecordArgs) -> Result<i32> {
         version: env!("CARGO_PKG_VERSION").into(),
         kernel: kernel.release.clone(),
         hooks: kernel.hooks_in_use(),
+        mode: mode.name().into(),
+        blind: blind_roles(&kernel.plan).iter().map(|r| r.name().to_string()).collect(),
     }))?;
     let mut source = LiveSource::new(&mut kernel)?;
-    let mut table = PinTable::default();
+    let mut engine = Engine::default();
 
     let mut child = match args.command.split_first() {
         Some((prog, rest)) => Some(
@@ -84,8 +90,11 @@ pub async fn run(args: RecordArgs) -> Result<i32> {
             if let Event::Lost(l) = &e {
                 lost_total += l.count;
             }
-            table.apply(&e);
+            let hazards = engine.apply(&e);
             writer.write(&e)?;
+            for h in hazards {
+                writer.write(&Event::Hazard(h))?;
+            }
         }
         Ok(())
     };
@@ -108,14 +117,17 @@ pub async fn run(args: RecordArgs) -> Result<i32> {
     source.flush(&mut batch);
     source.lost(&kernel, &mut batch)?;
     write(&mut batch, &mut writer)?;
-    let held = table.held();
-    writer.write(&Event::Stop(Stop { ts_ns: monotonic_ns(), lost_total, held: held.clone() }))?;
+    let held = engine.pins.held();
+    let hazards = engine.hazards.counts.iter().map(|(k, n)| (k.name().to_string(), *n)).collect();
+    writer.write(&Event::Stop(Stop { ts_ns: monotonic_ns(), lost_total, held: held.clone(), hazards }))?;
     writer.flush()?;
     let pages: u64 = held.iter().map(|h| h.pages).sum();
+    let nhaz: u64 = engine.hazards.counts.values().sum();
     eprintln!(
-        "pinwatch: trace written to {}; {} lost record(s); {} page reference(s) still held by {} process(es)",
+        "pinwatch: trace written to {}; {} lost record(s); {} hazard(s); {} page reference(s) still held by {} process(es)",
         args.output.display(),
         lost_total,
+        nhaz,
         pages,
         held.len()
     );

@@ -1,0 +1,93 @@
+//! The hazard hooks: try_to_unmap_one, page_mkclean_one, ext4's per-page writeback, the
+//! page-cache deletion and the dirtying of a folio. These run for every page under
+//! reclaim and writeback, so an unpinned folio costs one PINS lookup and nothing more.
+//! A pinned one is checked against the kernel's own counts (a release pinwatch could
+//! not see leaves a stale entry, dropped here) and sent with what the kernel knows of
+//! it; the engine in user space decides whether and how bad it is.
+
+use aya_ebpf::programs::tracing::StackIdContext;
+use pinwatch_common::{backing, counter, kind, release, seen, PinState};
+
+use crate::{
+    maps::{count, PAGE_SCRATCH, PINS, RELEASE_SCRATCH, STACKS},
+    page::{backing as backing_of, file_of, folio_head, live, mapping, page_index, page_to_pfn},
+    record::{fill_header, send},
+};
+
+/// `page` is any page of the folio. With `kernel_pins`, folios missing from PINS are
+/// still reported when the kernel counts them as DMA-pinned: the tracepoint-only mode,
+/// where GUP calls cannot be seen at all.
+#[inline(always)]
+pub fn page_op<C: StackIdContext>(ctx: &C, hook: u16, op: u16, page: u64, kernel_pins: bool) {
+    if page == 0 {
+        return;
+    }
+    let head = folio_head(page);
+    let pfn = page_to_pfn(head);
+    let state = match PINS.get_ptr(&pfn) {
+        Some(s) => unsafe { *s },
+        None if kernel_pins => PinState::default(),
+        None => return,
+    };
+    let l = live(head);
+    let known = state.pin_refs != 0 || state.get_refs != 0;
+    if known {
+        // FOLL_PIN refs show in the kernel's pin count; FOLL_GET refs at least in
+        // _refcount. Counts too low mean the release went unseen: the pin is gone.
+        let pins_gone = state.pin_refs != 0 && !l.maybe_dma_pinned;
+        let gets_gone = state.get_refs != 0 && (l.refcount as i64) < state.get_refs as i64;
+        if pins_gone || gets_gone {
+            let _ = PINS.remove(&pfn);
+            send_gone(hook, pfn);
+            return;
+        }
+    } else if !l.maybe_dma_pinned {
+        return;
+    }
+    let Some(rec) = PAGE_SCRATCH.get_ptr_mut(0) else { return };
+    let r = unsafe { &mut *rec };
+    fill_header(&mut r.header, kind::PAGE, hook);
+    r.op = op;
+    r.seen = if known { seen::PINS } else { seen::KERNEL_PIN_COUNT };
+    r.order = l.order;
+    r.pfn = pfn;
+    let m = mapping(head);
+    r.backing = backing_of(m);
+    if r.backing == backing::FILE {
+        r.file = file_of(m);
+        r.index = page_index(head);
+    } else {
+        r.file = Default::default();
+        r.index = 0;
+    }
+    r.refcount = l.refcount;
+    r.pincount = l.pincount;
+    r.stack_id = match ctx.get_stackid(&STACKS, 0) {
+        Ok(id) => id,
+        Err(e) => {
+            count(counter::STACK_LOST, 1);
+            e as i64
+        }
+    };
+    r.pin_refs = state.pin_refs;
+    r.get_refs = state.get_refs;
+    r.pinner_tgid = state.tgid;
+    r.gup_flags = state.gup_flags;
+    r.first_ts_ns = state.first_ts_ns;
+    send(r);
+}
+
+/// One release record saying every reference pinwatch knew on `pfn` is gone.
+#[inline(always)]
+fn send_gone(hook: u16, pfn: u64) {
+    let Some(rec) = RELEASE_SCRATCH.get_ptr_mut(0) else { return };
+    let r = unsafe { &mut *rec };
+    fill_header(&mut r.header, kind::RELEASE, hook);
+    r.release = release::GONE;
+    r.dirty = 0;
+    r.chunk = 0;
+    r.nr_pfns = 1;
+    r.call_id = (r.header.ts_ns << 16) ^ r.header.tid as u64;
+    r.pfns[0] = pfn;
+    send(r);
+}

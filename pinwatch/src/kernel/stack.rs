@@ -1,0 +1,58 @@
+//! Kernel stacks of hazards: ids from bpf_get_stackid, frames from the STACKS map,
+//! names from /proc/kallsyms. A stack id keeps its frames until the map is cleared
+//! (stacks are stored without BPF_F_REUSE_STACKID), so each id is resolved once.
+
+use std::collections::{BTreeMap, HashMap};
+
+use aya::maps::{MapData, StackTraceMap};
+
+/// Frames kept per stack: the hook and the path that led there.
+const FRAMES: usize = 16;
+
+pub struct Stacks {
+    map: StackTraceMap<MapData>,
+    ksyms: BTreeMap<u64, String>,
+    resolved: HashMap<u32, Vec<String>>,
+}
+
+impl Stacks {
+    pub fn new(map: StackTraceMap<MapData>) -> Stacks {
+        // Without kallsyms the frames stay addresses: still worth keeping.
+        let ksyms = aya::util::kernel_symbols().unwrap_or_default();
+        Stacks { map, ksyms, resolved: HashMap::new() }
+    }
+
+    /// "function+0xoff" per frame, innermost first; empty when the id is an error.
+    pub fn resolve(&mut self, id: i64) -> Vec<String> {
+        let Ok(id) = u32::try_from(id) else { return Vec::new() };
+        if let Some(s) = self.resolved.get(&id) {
+            return s.clone();
+        }
+        let frames: Vec<String> = match self.map.get(&id, 0) {
+            Ok(st) => st.frames().iter().take(FRAMES).map(|f| symbolize(&self.ksyms, f.ip)).collect(),
+            Err(_) => Vec::new(),
+        };
+        self.resolved.insert(id, frames.clone());
+        frames
+    }
+}
+
+pub fn symbolize(ksyms: &BTreeMap<u64, String>, ip: u64) -> String {
+    match ksyms.range(..=ip).next_back() {
+        Some((addr, name)) => format!("{name}+{:#x}", ip - addr),
+        None => format!("{ip:#x}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearest_symbol_below() {
+        let k: BTreeMap<u64, String> = [(0x1000, "a".to_string()), (0x2000, "b".to_string())].into();
+        assert_eq!(symbolize(&k, 0x1010), "a+0x10");
+        assert_eq!(symbolize(&k, 0x2000), "b+0x0");
+        assert_eq!(symbolize(&k, 0x10), "0x10");
+    }
+}
