@@ -52,6 +52,50 @@ enum Scenario {
         #[arg(long, default_value_t = 500)]
         hold_ms: u64,
     },
+    /// The 2018 sequence on demand: a slow O_DIRECT read pins the first `pages` pages of
+    /// a MAP_SHARED ext4 mapping of 2 * `pages`, and while the pin is held msync,
+    /// MADV_PAGEOUT and ftruncate clean, unmap and drop pages. `--target pinned` works on
+    /// the pinned pages; `--target other` on the other half only (a control), `--no-pin`
+    /// skips the read (a control).
+    OdirectHazard {
+        #[arg(long)]
+        file: String,
+        #[arg(long)]
+        dev: String,
+        #[arg(long, default_value_t = 8)]
+        pages: usize,
+        #[arg(long, value_enum, default_value_t = Target::Pinned)]
+        target: Target,
+        #[arg(long)]
+        no_pin: bool,
+    },
+    /// A pin taken and released, then the same pages cleaned, unmapped and truncated:
+    /// must report no hazard.
+    Released {
+        #[arg(long)]
+        file: String,
+        #[arg(long)]
+        dev: String,
+        #[arg(long, default_value_t = 8)]
+        pages: usize,
+    },
+    /// io_uring fixed buffers on a MAP_SHARED ext4 mapping: a FOLL_LONGTERM pin of page
+    /// cache. Kernels before 6.5 take it (io_uring then refuses the buffer); 6.5+ refuse
+    /// it in GUP with -EFAULT.
+    LongtermFile {
+        #[arg(long)]
+        file: String,
+        #[arg(long, default_value_t = 8)]
+        pages: usize,
+    },
+    /// A memfd registered as io_uring fixed buffers (long-term FOLL_PIN of shmem), then
+    /// truncated while registered. `--no-pin` skips the registration (a control).
+    MemfdTruncate {
+        #[arg(long, default_value_t = 8)]
+        pages: usize,
+        #[arg(long)]
+        no_pin: bool,
+    },
     /// Buffered I/O only: must pin nothing.
     Buffered {
         #[arg(long)]
@@ -59,6 +103,12 @@ enum Scenario {
         #[arg(long, default_value_t = 8)]
         pages: usize,
     },
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Target {
+    Pinned,
+    Other,
 }
 
 fn check(ret: libc::c_long, what: &str) -> Result<libc::c_long> {
@@ -127,6 +177,143 @@ fn odirect_slow(file: &str, dev: &str, pages: usize) -> Result<()> {
     Ok(())
 }
 
+/// A MAP_SHARED mapping of `pages` pages of `file`, every page faulted in and dirty.
+fn map_file(file: &str, pages: usize) -> Result<(i32, *mut u8)> {
+    let len = pages * PAGE;
+    let fd = open(file, libc::O_RDWR | libc::O_CREAT | libc::O_TRUNC)?;
+    check(unsafe { libc::ftruncate(fd, len as _) } as _, "ftruncate")?;
+    let map = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd, 0) };
+    if map == libc::MAP_FAILED {
+        bail!("mmap {file}: {}", std::io::Error::last_os_error());
+    }
+    dirty(map as *mut u8, pages, 0xab);
+    Ok((fd, map as *mut u8))
+}
+
+fn dirty(map: *mut u8, pages: usize, v: u8) {
+    for i in 0..pages {
+        unsafe { std::ptr::write_volatile(map.add(i * PAGE), v) };
+    }
+}
+
+/// msync, MADV_PAGEOUT, then ftruncate down to `keep` pages: what the kernel does to a
+/// file's pages anyway, done on purpose to the pages from `first` on.
+fn clean_unmap_truncate(fd: i32, map: *mut u8, first: usize, pages: usize, keep: usize) -> Result<()> {
+    let at = unsafe { map.add(first * PAGE) } as *mut libc::c_void;
+    check(unsafe { libc::msync(at, pages * PAGE, libc::MS_SYNC) } as _, "msync")?;
+    check(unsafe { libc::madvise(at, pages * PAGE, libc::MADV_PAGEOUT) } as _, "madvise(MADV_PAGEOUT)")?;
+    check(unsafe { libc::ftruncate(fd, (keep * PAGE) as _) } as _, "ftruncate")?;
+    Ok(())
+}
+
+/// A slow O_DIRECT read of `pages` pages into `map` on another thread: the pin is held
+/// until the device answers (2 s with the lab's null_blk).
+fn slow_read(dev: &str, map: *mut u8, pages: usize) -> Result<std::thread::JoinHandle<Result<()>>> {
+    let dfd = open(dev, libc::O_RDONLY | libc::O_DIRECT)?;
+    let addr = map as usize;
+    Ok(std::thread::spawn(move || {
+        let n = check(unsafe { libc::pread(dfd, addr as *mut _, pages * PAGE, 0) } as _, "O_DIRECT pread")?;
+        unsafe { libc::close(dfd) };
+        if n as usize != pages * PAGE {
+            bail!("short O_DIRECT read: {n} of {}", pages * PAGE);
+        }
+        Ok(())
+    }))
+}
+
+fn odirect_hazard(file: &str, dev: &str, pages: usize, target: Target, no_pin: bool) -> Result<()> {
+    let (fd, map) = map_file(file, 2 * pages)?;
+    report("odirect-hazard", pages, &format!(",\"target\":\"{target:?}\",\"pin\":{}", !no_pin));
+    let reader = if no_pin { None } else { Some(slow_read(dev, map, pages)?) };
+    // Let the read reach the device: the pages are pinned from then on.
+    sleep(Duration::from_millis(300));
+    match target {
+        Target::Pinned => clean_unmap_truncate(fd, map, 0, pages, 0)?,
+        Target::Other => clean_unmap_truncate(fd, map, pages, pages, pages)?,
+    }
+    if let Some(r) = reader {
+        r.join().map_err(|_| anyhow::anyhow!("reader panicked"))??;
+    }
+    unsafe {
+        libc::munmap(map as *mut _, 2 * pages * PAGE);
+        libc::close(fd);
+    }
+    Ok(())
+}
+
+fn released(file: &str, dev: &str, pages: usize) -> Result<()> {
+    let (fd, map) = map_file(file, pages)?;
+    report("released", pages, "");
+    slow_read(dev, map, pages)?.join().map_err(|_| anyhow::anyhow!("reader panicked"))??;
+    // The pin is gone; the same pages are now ordinary page cache.
+    dirty(map, pages, 0xcd);
+    clean_unmap_truncate(fd, map, 0, pages, 0)?;
+    unsafe {
+        libc::munmap(map as *mut _, pages * PAGE);
+        libc::close(fd);
+    }
+    Ok(())
+}
+
+fn uring() -> Result<i64> {
+    let mut params = IoUringParams([0; 120]);
+    check(unsafe { libc::syscall(libc::SYS_io_uring_setup, 4u32, &mut params as *mut _) }, "io_uring_setup")
+}
+
+const IORING_REGISTER_BUFFERS: u32 = 0;
+const IORING_UNREGISTER_BUFFERS: u32 = 1;
+
+fn register(ring: i64, buf: *mut u8, len: usize) -> libc::c_long {
+    let iov = libc::iovec { iov_base: buf as *mut _, iov_len: len };
+    unsafe { libc::syscall(libc::SYS_io_uring_register, ring, IORING_REGISTER_BUFFERS, &iov as *const _, 1u32) }
+}
+
+fn longterm_file(file: &str, pages: usize) -> Result<()> {
+    let (fd, map) = map_file(file, pages)?;
+    let ring = uring()?;
+    report("longterm-file", pages, "");
+    let r = register(ring, map, pages * PAGE);
+    let errno = if r < 0 { std::io::Error::last_os_error().raw_os_error().unwrap_or(0) } else { 0 };
+    println!("PINWATCH-SCENARIO-RESULT {{\"register\":{r},\"errno\":{errno}}}");
+    if r == 0 {
+        unsafe { libc::syscall(libc::SYS_io_uring_register, ring, IORING_UNREGISTER_BUFFERS, std::ptr::null::<u8>(), 0u32) };
+    }
+    unsafe {
+        libc::close(ring as i32);
+        libc::munmap(map as *mut _, pages * PAGE);
+        libc::close(fd);
+    }
+    Ok(())
+}
+
+fn memfd_truncate(pages: usize, no_pin: bool) -> Result<()> {
+    let len = pages * PAGE;
+    let name = CString::new("pinwatch-memfd")?;
+    let fd = check(unsafe { libc::memfd_create(name.as_ptr(), 0) } as _, "memfd_create")? as i32;
+    check(unsafe { libc::ftruncate(fd, len as _) } as _, "ftruncate")?;
+    let map = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd, 0) };
+    if map == libc::MAP_FAILED {
+        bail!("mmap memfd: {}", std::io::Error::last_os_error());
+    }
+    dirty(map as *mut u8, pages, 0x11);
+    let ring = uring()?;
+    report("memfd-truncate", pages, &format!(",\"pin\":{}", !no_pin));
+    if !no_pin {
+        check(register(ring, map as *mut u8, len), "IORING_REGISTER_BUFFERS")?;
+    }
+    // The device may still write these pages; the file no longer has them.
+    check(unsafe { libc::ftruncate(fd, 0) } as _, "ftruncate to 0")?;
+    if !no_pin {
+        check(unsafe { libc::syscall(libc::SYS_io_uring_register, ring, IORING_UNREGISTER_BUFFERS, std::ptr::null::<u8>(), 0u32) }, "IORING_UNREGISTER_BUFFERS")?;
+    }
+    unsafe {
+        libc::close(ring as i32);
+        libc::munmap(map, len);
+        libc::close(fd);
+    }
+    Ok(())
+}
+
 fn vmsplice(pages: usize, hold_ms: u64) -> Result<()> {
     let buf = map_anon(pages)?;
     let mut fds = [0i32; 2];
@@ -180,13 +367,9 @@ struct IoUringParams([u8; 120]);
 
 fn iouring_fixed(pages: usize, hold_ms: u64) -> Result<()> {
     let buf = map_anon(pages)?;
-    let mut params = IoUringParams([0; 120]);
-    let ring = check(unsafe { libc::syscall(libc::SYS_io_uring_setup, 4u32, &mut params as *mut _) }, "io_uring_setup")?;
-    let iov = libc::iovec { iov_base: buf as *mut _, iov_len: pages * PAGE };
-    const IORING_REGISTER_BUFFERS: u32 = 0;
-    const IORING_UNREGISTER_BUFFERS: u32 = 1;
+    let ring = uring()?;
     report("iouring-fixed", pages, "");
-    check(unsafe { libc::syscall(libc::SYS_io_uring_register, ring, IORING_REGISTER_BUFFERS, &iov as *const _, 1u32) }, "IORING_REGISTER_BUFFERS")?;
+    check(register(ring, buf, pages * PAGE), "IORING_REGISTER_BUFFERS")?;
     sleep(Duration::from_millis(hold_ms));
     check(unsafe { libc::syscall(libc::SYS_io_uring_register, ring, IORING_UNREGISTER_BUFFERS, std::ptr::null::<u8>(), 0u32) }, "IORING_UNREGISTER_BUFFERS")?;
     unsafe { libc::close(ring as i32) };
@@ -216,6 +399,10 @@ fn main() -> Result<()> {
         Scenario::PvmWritev { pages } => pvm_writev(pages),
         Scenario::IouringFixed { pages, hold_ms } => iouring_fixed(pages, hold_ms),
         Scenario::Buffered { file, pages } => buffered(&file, pages),
+        Scenario::OdirectHazard { file, dev, pages, target, no_pin } => odirect_hazard(&file, &dev, pages, target, no_pin),
+        Scenario::Released { file, dev, pages } => released(&file, &dev, pages),
+        Scenario::LongtermFile { file, pages } => longterm_file(&file, pages),
+        Scenario::MemfdTruncate { pages, no_pin } => memfd_truncate(pages, no_pin),
     }
     .context("scenario failed")
 }

@@ -141,6 +141,11 @@ impl Kernel {
                 kernel_pins = Some(!plan::covered_roles(&self.plan).contains(&Role::Acquire));
             }
             let Choice::Try { ladder } = self.plan[i].choice.clone() else { continue };
+            if kernel_pins == Some(true) && !spec.watches_pages() {
+                // The page-free safety net only drops pins GUP hooks recorded.
+                self.plan[i].choice = Choice::Unavailable { reason: "not needed: GUP calls are not seen, so there are no pins to drop".into() };
+                continue;
+            }
             if let Some(other) = spec.group.and_then(|g| served.get(g)) {
                 self.plan[i].choice = Choice::Standby { instead: other };
                 continue;

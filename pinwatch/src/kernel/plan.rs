@@ -115,9 +115,14 @@ impl HookSpec {
     pub fn program(&self, attach: AttachType, kernel_pins: bool) -> String {
         match attach {
             AttachType::Fentry => format!("fentry_{}", self.symbol),
-            AttachType::RawTracepoint if kernel_pins => format!("{}_kpins", self.symbol),
+            AttachType::RawTracepoint if kernel_pins && self.watches_pages() => format!("{}_kpins", self.symbol),
             _ => self.symbol.to_string(),
         }
+    }
+
+    /// Hazard hooks look at pages; the others follow pins.
+    pub fn watches_pages(&self) -> bool {
+        !matches!(self.role, Role::Acquire | Role::Release)
     }
 
     pub fn ret_program(&self, attach: AttachType, nargs: Option<usize>) -> Option<String> {
@@ -259,21 +264,19 @@ fn choose_function(spec: &HookSpec, syms: &Symbols, caps: &Capabilities, mode: A
         return Choice::Unavailable { reason: format!("{} is not in available_filter_functions (inlined or notrace)", spec.symbol) };
     }
     let mut ladder = Vec::new();
-    let mut why = Vec::new();
-    if mode != AttachMode::Kprobe {
-        match &caps.fentry {
-            Ok(()) => ladder.push(AttachType::Fentry),
-            Err(e) => why.push(format!("fentry: {e}")),
-        }
+    if mode != AttachMode::Kprobe && caps.fentry.is_ok() {
+        ladder.push(AttachType::Fentry);
     }
-    if mode != AttachMode::Fentry {
-        match &caps.kprobe {
-            Ok(()) => ladder.push(AttachType::Kprobe),
-            Err(e) => why.push(format!("kprobe: {e}")),
-        }
+    if mode != AttachMode::Fentry && caps.kprobe.is_ok() {
+        ladder.push(AttachType::Kprobe);
     }
     if ladder.is_empty() {
-        return Choice::Unavailable { reason: format!("no attach type allowed ({})", why.join("; ")) };
+        let allowed = match mode {
+            AttachMode::Auto => "neither fentry nor kprobe works here",
+            AttachMode::Fentry => "fentry does not work here (--attach fentry)",
+            AttachMode::Kprobe => "kprobes do not work here (--attach kprobe)",
+        };
+        return Choice::Unavailable { reason: format!("{allowed}: see attach types") };
     }
     Choice::Try { ladder }
 }

@@ -29,12 +29,24 @@ impl Stacks {
             return s.clone();
         }
         let frames: Vec<String> = match self.map.get(&id, 0) {
-            Ok(st) => st.frames().iter().take(FRAMES).map(|f| symbolize(&self.ksyms, f.ip)).collect(),
+            Ok(st) => st
+                .frames()
+                .iter()
+                .map(|f| symbolize(&self.ksyms, f.ip))
+                .skip_while(|f| is_probe_frame(f))
+                .take(FRAMES)
+                .collect(),
             Err(_) => Vec::new(),
         };
         self.resolved.insert(id, frames.clone());
         frames
     }
+}
+
+/// Frames of pinwatch's own program and the tracing machinery that called it: the
+/// stack worth reading starts below them.
+fn is_probe_frame(f: &str) -> bool {
+    f.contains("[bpf]") || ["bpf_", "__bpf_", "kprobe", "__kprobe", "ftrace", "arch_ftrace", "fentry"].iter().any(|p| f.starts_with(p))
 }
 
 pub fn symbolize(ksyms: &BTreeMap<u64, String>, ip: u64) -> String {
@@ -54,5 +66,12 @@ mod tests {
         assert_eq!(symbolize(&k, 0x1010), "a+0x10");
         assert_eq!(symbolize(&k, 0x2000), "b+0x0");
         assert_eq!(symbolize(&k, 0x10), "0x10");
+    }
+
+    #[test]
+    fn probe_frames_are_skipped() {
+        assert!(is_probe_frame("bpf_prog_e1aa0129f2afa457_mm_filemap\t[bpf]+0x889"));
+        assert!(is_probe_frame("bpf_trace_run1+0xfe"));
+        assert!(!is_probe_frame("__filemap_remove_folio+0x1ad"));
     }
 }
