@@ -1,7 +1,7 @@
 //! What each scenario must show in pinwatch's trace, kernel by kernel. Exact values:
 //! the pinning function, the flags, the page count, and how every page is released.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
 use anyhow::{bail, ensure, Context as _, Result};
 use serde_json::Value;
@@ -47,23 +47,147 @@ fn u(v: &Value, k: &str) -> u64 {
     v.get(k).and_then(Value::as_u64).unwrap_or(u64::MAX)
 }
 
-/// Checks one scenario's trace; returns a one-line summary of what was seen.
-pub fn check(scenario: &str, r: &Recorded, v: (u32, u32)) -> Result<String> {
+/// What every scenario's run must show first: it ended, pinwatch exited 0, the
+/// scenario said what it did, nothing was lost. Returns (scenario pid, pages, start).
+fn basics(r: &Recorded) -> Result<(u64, u64, u64)> {
     ensure!(r.ended, "the guest never finished this scenario");
     if r.rc != Some(0) {
         bail!("pinwatch record exited with {:?}: {}", r.rc, r.err.join(" | "));
     }
     let s = scenario_line(r)?;
-    let (pid, pages, since) = (u(&s, "pid"), u(&s, "pages"), u(&s, "ts_ns"));
     ensure!(!r.trace.is_empty(), "empty trace");
     let lost: u64 = r.trace.iter().filter(|e| e["event"] == "lost").map(|e| u(e, "count")).sum();
     ensure!(lost == 0, "{lost} records lost");
-    // Pins the scenario took after it started (exec takes its own references first).
-    let pins: Vec<&Value> = r
-        .trace
+    Ok((u(&s, "pid"), u(&s, "pages"), u(&s, "ts_ns")))
+}
+
+/// Pins the scenario took after it started (exec takes its own references first).
+fn scenario_pins(r: &Recorded, pid: u64, since: u64) -> Vec<&Value> {
+    r.trace
         .iter()
         .filter(|e| e["event"] == "pin" && u(e, "pid") == pid && u(e, "ts_ns") >= since && e.get("errno").is_none())
-        .collect();
+        .collect()
+}
+
+fn pfns_of<'a>(events: impl IntoIterator<Item = &'a Value>) -> BTreeSet<u64> {
+    events.into_iter().flat_map(|e| e["pfns"].as_array().into_iter().flatten().filter_map(Value::as_u64)).collect()
+}
+
+fn hazards<'a>(r: &'a Recorded, kind: &'a str) -> impl Iterator<Item = &'a Value> + 'a {
+    r.trace.iter().filter(move |e| e["event"] == "hazard" && (kind.is_empty() || e["kind"] == kind))
+}
+
+fn pinner_pids(h: &Value) -> Vec<Option<u64>> {
+    match &h["pinner"] {
+        Value::Array(a) => a.iter().map(|p| p["pid"].as_u64()).collect(),
+        p => vec![p["pid"].as_u64()],
+    }
+}
+
+/// The kinds the slow O_DIRECT read with msync, MADV_PAGEOUT and ftruncate provokes.
+pub const SEQUENCE: [&str; 5] =
+    ["mkclean_while_pinned", "writeback_while_pinned", "unmap_while_pinned", "truncate_while_pinned", "dirty_after_unmap"];
+
+/// Hazard scenarios: exactly the pinned pfns, the right pinner, each kind; controls
+/// silent.
+pub fn check_hazards(scenario: &str, r: &Recorded, v: (u32, u32)) -> Result<String> {
+    let (pid, pages, since) = basics(r)?;
+    let pins = scenario_pins(r, pid, since);
+    let pinned = pfns_of(pins.iter().copied());
+    let all: Vec<&Value> = hazards(r, "").collect();
+    let start = r.trace.iter().find(|e| e["event"] == "start").context("no start event")?;
+    let hooks: Vec<&str> = start["hooks"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+    match scenario {
+        "hazard" | "hazard_kprobe" => {
+            // The attach type asked for is the one used by every hazard hook.
+            let via = if scenario == "hazard" { "fentry" } else { "kprobe" };
+            for role in ["unmap", "mkclean", "writeback", "dirty"] {
+                let h = hooks.iter().find(|h| h.starts_with(&format!("{role}: "))).with_context(|| format!("no {role} hook attached: {hooks:?}"))?;
+                ensure!(h.ends_with(&format!("via {via}")), "{h}, expected via {via}");
+            }
+            ensure!(pinned.len() as u64 == pages, "{} pinned pfns, expected {pages}", pinned.len());
+            let mut seen = Vec::new();
+            for kind in SEQUENCE {
+                let hs: Vec<&Value> = hazards(r, kind).collect();
+                let got: BTreeSet<u64> = hs.iter().filter_map(|h| h["pfn"].as_u64()).collect();
+                ensure!(got == pinned, "{kind}: pfns {got:?}, expected exactly the pinned {pinned:?}");
+                for h in &hs {
+                    ensure!(pinner_pids(h).contains(&Some(pid)), "{kind} names pinners {:?}, not the scenario's pid {pid}", pinner_pids(h));
+                }
+                seen.push(format!("{kind} x{}", hs.len()));
+            }
+            let stray: Vec<&&Value> = all.iter().filter(|h| h["pfn"].as_u64().is_some_and(|p| !pinned.contains(&p))).collect();
+            ensure!(stray.is_empty(), "hazards on pages that were not pinned: {:?}", stray.first());
+            Ok(format!("{} pinned pfns via {via}: {}", pinned.len(), seen.join(", ")))
+        }
+        "hazard_other" | "hazard_nopin" | "released" => {
+            if scenario != "hazard_nopin" {
+                ensure!(pinned.len() as u64 == pages, "the control took {} pins, expected {pages}: it proves nothing", pinned.len());
+            }
+            ensure!(all.is_empty(), "control reported {} hazard(s), first: {}", all.len(), all[0]);
+            Ok(format!("{} pfns pinned, no hazard", pinned.len()))
+        }
+        "longterm" => {
+            let (kind, severity) = if v >= (6, 5) { ("longterm_pin_refused", "info") } else { ("longterm_file_pin", "critical") };
+            let hs: Vec<&Value> = hazards(r, kind).collect();
+            ensure!(!hs.is_empty(), "no {kind} hazard; hazards: {all:?}");
+            for h in &hs {
+                ensure!(pinner_pids(h) == vec![Some(pid)], "{kind} pinner {:?}, expected {pid}", pinner_pids(h));
+                ensure!(h["severity"] == severity, "{kind} severity {}, expected {severity}", h["severity"]);
+            }
+            Ok(format!("{kind} ({severity}) x{}", hs.len()))
+        }
+        "memfd" | "memfd_nopin" => {
+            let hs: Vec<&Value> = hazards(r, "truncate_while_pinned").collect();
+            if scenario == "memfd_nopin" {
+                ensure!(all.is_empty(), "control reported {} hazard(s), first: {}", all.len(), all[0]);
+                return Ok("no hazard".into());
+            }
+            ensure!(pinned.len() as u64 == pages, "{} pinned pfns, expected {pages}", pinned.len());
+            let got: BTreeSet<u64> = hs.iter().filter_map(|h| h["pfn"].as_u64()).collect();
+            ensure!(got == pinned, "truncate_while_pinned pfns {got:?}, expected exactly the pinned {pinned:?}");
+            ensure!(all.len() == hs.len(), "other hazards than truncate: {all:?}");
+            for h in &hs {
+                ensure!(pinner_pids(h) == vec![Some(pid)], "pinner {:?}, expected {pid}", pinner_pids(h));
+            }
+            Ok(format!("truncate_while_pinned on all {} pinned memfd pages, pinner {pid}", got.len()))
+        }
+        _ => bail!("no check for scenario {scenario}"),
+    }
+}
+
+/// This machine's kernel: tracepoint-only mode must catch the truncate of pages the
+/// kernel counts as DMA-pinned, without a pinner, and say what it cannot see.
+pub fn check_host_memfd(scenario: &str, r: &Recorded) -> Result<String> {
+    let (_pid, pages, _since) = basics(r)?;
+    let start = r.trace.iter().find(|e| e["event"] == "start").context("no start event")?;
+    ensure!(start["mode"] == "tracepoint_only", "mode {}, expected tracepoint_only", start["mode"]);
+    let blind: Vec<&str> = start["blind"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+    for role in ["acquire", "unmap", "mkclean", "writeback"] {
+        ensure!(blind.contains(&role), "start event does not say {role} is invisible: {blind:?}");
+    }
+    ensure!(r.err.iter().any(|l| l.contains("tracepoint-only mode")), "no explanation on stderr: {:?}", r.err);
+    let all: Vec<&Value> = hazards(r, "").collect();
+    if scenario == "memfd_nopin" {
+        ensure!(all.is_empty(), "control reported {} hazard(s), first: {}", all.len(), all[0]);
+        return Ok("no hazard".into());
+    }
+    let got: BTreeSet<u64> = all.iter().filter(|h| h["kind"] == "truncate_while_pinned").filter_map(|h| h["pfn"].as_u64()).collect();
+    ensure!(got.len() as u64 == pages && all.len() as u64 == pages, "{} hazards on {} pfns, expected {pages} truncate_while_pinned", all.len(), got.len());
+    for h in &all {
+        ensure!(pinner_pids(h) == vec![None], "tracepoint-only mode cannot know the pinner, yet named {:?}", pinner_pids(h));
+        ensure!(h["kernel_pins"]["maybe_dma_pinned"] == true, "hazard without the kernel's pin count: {h}");
+    }
+    Ok(format!("{pages} truncate_while_pinned from the kernel's pin count, pinner unknown"))
+}
+
+/// Checks one scenario's trace; returns a one-line summary of what was seen.
+pub fn check(scenario: &str, r: &Recorded, v: (u32, u32)) -> Result<String> {
+    if !matches!(scenario, "odirect" | "vmsplice" | "pvm" | "iouring" | "buffered") {
+        return check_hazards(scenario, r, v);
+    }
+    let (pid, pages, since) = basics(r)?;
+    let pins = scenario_pins(r, pid, since);
     let Some(want) = expect(scenario, v) else {
         ensure!(pins.is_empty(), "control pid {pid} has {} pin event(s): {:?}", pins.len(), pins.first());
         return Ok(format!("pid {pid}: no pins, as expected"));
@@ -158,5 +282,48 @@ mod tests {
         // lost records fail the check
         let lost = [pin(5, 20, &[1, 2]), unpin(30, "unpin", &[1, 2]), serde_json::json!({"event":"lost","count":1})];
         assert!(check("pvm", &rec(&lost, 5), v).is_err());
+    }
+
+    fn hazard(kind: &str, pfn: u64, pid: u64) -> Value {
+        serde_json::json!({"event":"hazard","kind":kind,"severity":"critical","pfn":pfn,"pinner":{"pid":pid}})
+    }
+
+    fn start(via: &str) -> Value {
+        let hooks: Vec<String> = ["unmap", "mkclean", "writeback", "dirty"].iter().map(|r| format!("{r}: f via {via}")).collect();
+        serde_json::json!({"event":"start","hooks":hooks})
+    }
+
+    #[test]
+    fn hazard_checks_fail_on_each_defect() {
+        let v = (6, 12);
+        let mut good = vec![start("fentry"), pin(5, 20, &[1, 2])];
+        for k in SEQUENCE {
+            good.push(hazard(k, 1, 5));
+            good.push(hazard(k, 2, 5));
+        }
+        assert!(check("hazard", &rec(&good, 5), v).is_ok(), "{:?}", check("hazard", &rec(&good, 5), v));
+        // attached the wrong way
+        let mut t = good.clone();
+        t[0] = start("kprobe");
+        assert!(check("hazard", &rec(&t, 5), v).is_err());
+        // a kind missing one pfn
+        let t: Vec<Value> = good.iter().filter(|e| !(e["kind"] == "dirty_after_unmap" && e["pfn"] == 2)).cloned().collect();
+        assert!(check("hazard", &rec(&t, 5), v).is_err());
+        // the wrong pinner
+        let mut t = good.clone();
+        t[2] = hazard(SEQUENCE[0], 1, 6);
+        assert!(check("hazard", &rec(&t, 5), v).is_err());
+        // a hazard on a page that was not pinned
+        let mut t = good.clone();
+        t.push(hazard("unmap_while_pinned", 3, 5));
+        assert!(check("hazard", &rec(&t, 5), v).is_err());
+        // controls: silent passes, any hazard fails, no pin at all makes the
+        // other-pages control vacuous
+        let quiet = vec![start("fentry"), pin(5, 20, &[1, 2])];
+        assert!(check("hazard_other", &rec(&quiet, 5), v).is_ok());
+        let mut loud = quiet.clone();
+        loud.push(hazard("unmap_while_pinned", 1, 5));
+        assert!(check("hazard_other", &rec(&loud, 5), v).is_err());
+        assert!(check("hazard_other", &rec(&[start("fentry")], 5), v).is_err());
     }
 }
