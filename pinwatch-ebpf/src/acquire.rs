@@ -10,7 +10,7 @@ use pinwatch_common::{
 
 use crate::{
     maps::{count, GUP_CALLS, PINS, PIN_SCRATCH, PROC_PINS},
-    page::{backing, file_of, folio_head, mapping, page_to_pfn},
+    page::{backing, file_of, folio_head, mapping, PfnMath},
     record::{current, fill_header, is_self, send},
 };
 
@@ -125,40 +125,30 @@ fn record(call: &GupCall, ret: i64, tgid: u32, tid: u32) {
         if base >= n {
             break;
         }
-        let mut k = 0u16;
-        let mut file_pages = 0u16;
-        let mut first_file = 0u64;
+        // Pages in this chunk, known before the loop: a count kept inside it would make
+        // each exit a state of its own for the verifier.
+        let k = (n - base).min(PFNS_PER_RECORD as u64) as u16;
         for j in 0..PFNS_PER_RECORD {
-            let i = base + j as u64;
-            if i >= n {
+            if j as u16 >= k {
                 break;
             }
-            let page = unsafe { bpf_probe_read_kernel((call.pages + i * 8) as *const u64) }
-                .unwrap_or(0);
-            let pfn = if page == 0 {
-                count(counter::READ_FAILED, 1);
-                u64::MAX
-            } else {
-                let head = folio_head(page);
-                let m = mapping(head);
-                if backing(m) == bk::FILE {
-                    file_pages += 1;
-                    if first_file == 0 {
-                        first_file = m;
-                    }
-                }
-                page_to_pfn(head)
-            };
-            rec.pfns[j] = pfn;
-            k += 1;
-            if pfn != u64::MAX {
-                track_pin(pfn, pin, tgid, call.gup_flags, ts);
-            }
+            let i = base + j as u64;
+            rec.pfns[j] = pin_page(call.pages + i * 8, pin as u64, tgid as u64, call.gup_flags as u64, ts);
         }
         rec.chunk = chunk as u16;
         rec.nr_pfns = k;
-        rec.file_pages = file_pages;
-        rec.file = if first_file == 0 { Default::default() } else { file_of(first_file) };
+        // Whether the pages are page cache, judged by the chunk's first page: a branch
+        // per page in the loop above multiplies the verifier's paths past its limit,
+        // and a GUP call rarely spans more than one mapping.
+        let first = unsafe { bpf_probe_read_kernel((call.pages + base * 8) as *const u64) }.unwrap_or(0);
+        let m = if first == 0 { 0 } else { mapping(folio_head(first)) };
+        if backing(m) == bk::FILE {
+            rec.file_pages = k;
+            rec.file = file_of(m);
+        } else {
+            rec.file_pages = 0;
+            rec.file = Default::default();
+        }
         send(rec);
     }
     let taken = if n > max { max } else { n };
@@ -181,6 +171,21 @@ fn record(call: &GupCall, ret: i64, tgid: u32, tid: u32) {
             let _ = PROC_PINS.insert(&tgid, &p, 0);
         }
     }
+}
+
+/// One page of a GUP call: its folio head pfn, counted in PINS. A global function, so
+/// the verifier checks it once rather than at each of the unrolled call sites.
+#[no_mangle]
+#[inline(never)]
+pub extern "C" fn pin_page(slot: u64, pin: u64, tgid: u64, gup_flags: u64, ts: u64) -> u64 {
+    let page = unsafe { bpf_probe_read_kernel(slot as *const u64) }.unwrap_or(0);
+    let pfn = PfnMath::new().head_pfn(page);
+    if pfn == u64::MAX {
+        count(counter::READ_FAILED, 1);
+    } else {
+        track_pin(pfn, pin != 0, tgid as u32, gup_flags as u32, ts);
+    }
+    pfn
 }
 
 #[inline(always)]

@@ -250,3 +250,4 @@ static LICENSE: [u8; 4] = *b"GPL\0";
 pub fn probe_fentry(_ctx: FEntryContext) -> u32 {
     0
 }
+

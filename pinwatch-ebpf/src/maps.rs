@@ -39,6 +39,9 @@ pub static PROC_PINS: HashMap<u32, ProcPins> = HashMap::with_max_entries(32768, 
 pub static PIN_SCRATCH: PerCpuArray<PinRecord> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 pub static PAGE_SCRATCH: PerCpuArray<PageRecord> = PerCpuArray::with_max_entries(1, 0);
+/// Whether the release chunk being filled named any pfn pinwatch knew.
+#[map]
+pub static KNOWN: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 pub static RELEASE_SCRATCH: PerCpuArray<ReleaseRecord> = PerCpuArray::with_max_entries(1, 0);
 

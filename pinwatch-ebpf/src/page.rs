@@ -36,20 +36,54 @@ pub fn folio_head(page: u64) -> u64 {
 /// pfn of a struct page pointer: (page - vmemmap_base) / sizeof(struct page).
 #[inline(always)]
 pub fn page_to_pfn(page: u64) -> u64 {
-    let base = match global(&VMEMMAP_BASE) {
-        0 => unsafe { bpf_probe_read_kernel(global(&VMEMMAP_BASE_ADDR) as *const u64) }.unwrap_or(0),
-        calibrated => calibrated,
-    };
-    let size = struct_page_size();
-    if base == 0 || size == 0 || page < base {
-        return u64::MAX;
-    }
-    (page - base) / size
+    PfnMath::new().pfn(page)
 }
 
+/// Folio head pfn of any page of the folio.
 #[inline(always)]
 pub fn head_pfn(page: u64) -> u64 {
-    page_to_pfn(folio_head(page))
+    PfnMath::new().head_pfn(page)
+}
+
+/// vmemmap_base and the struct page layout, read once for a loop over many pages.
+#[derive(Clone, Copy)]
+pub struct PfnMath {
+    base: u64,
+    size: u64,
+    head_off: u64,
+}
+
+impl PfnMath {
+    #[inline(always)]
+    pub fn new() -> PfnMath {
+        let base = match global(&VMEMMAP_BASE) {
+            0 => unsafe { bpf_probe_read_kernel(global(&VMEMMAP_BASE_ADDR) as *const u64) }.unwrap_or(0),
+            calibrated => calibrated,
+        };
+        PfnMath { base, size: struct_page_size().max(1), head_off: global(&PAGE_COMPOUND_HEAD_OFF) }
+    }
+
+    /// Folio head pfn of a page pointer, u64::MAX when it cannot be known. Written
+    /// without branches on the data: this runs in loops the verifier walks page by page.
+    #[inline(always)]
+    pub fn head_pfn(&self, page: u64) -> u64 {
+        let ch: u64 = unsafe { bpf_probe_read_kernel((page + self.head_off) as *const u64) }.unwrap_or(0);
+        let tail = 0u64.wrapping_sub(ch & 1);
+        let head = (page & !tail) | (ch.wrapping_sub(1) & tail);
+        if page == 0 {
+            return u64::MAX;
+        }
+        self.pfn(head)
+    }
+
+    /// pfn of a struct page pointer: (page - vmemmap_base) / sizeof(struct page).
+    #[inline(always)]
+    pub fn pfn(&self, page: u64) -> u64 {
+        if self.base == 0 || page < self.base {
+            return u64::MAX;
+        }
+        (page - self.base) / self.size
+    }
 }
 
 // ---- what the kernel itself knows of a folio, read for hazards only.

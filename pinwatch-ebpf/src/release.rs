@@ -6,8 +6,8 @@ use aya_ebpf::helpers::bpf_probe_read_kernel;
 use pinwatch_common::{kind, release, MAX_CHUNKS, PFNS_PER_RECORD};
 
 use crate::{
-    maps::{GUP_CALLS, PINS, PROC_PINS, RELEASE_DEPTH, RELEASE_SCRATCH},
-    page::{head_pfn, page_to_pfn, struct_page_size},
+    maps::{GUP_CALLS, KNOWN, PINS, PROC_PINS, RELEASE_DEPTH, RELEASE_SCRATCH},
+    page::{head_pfn, page_to_pfn, struct_page_size, PfnMath},
     record::{current, fill_header, send},
 };
 
@@ -20,8 +20,27 @@ static PIPE_BUFFER_PAGE_OFF: u64 = 0;
 
 const MAX_PAGES: u64 = (PFNS_PER_RECORD * MAX_CHUNKS) as u64;
 
-/// Drop one reference of kind `release` from the pin state of `pfn`. Returns whether
-/// pinwatch knew of such a reference (only those are worth a record).
+/// Drop one reference of kind `release` from the pin state of `pfn`; returns `pfn` if
+/// pinwatch knew of such a reference (only those are worth a record), else u64::MAX.
+/// A global function: the verifier checks it once, not at every unrolled call site.
+#[no_mangle]
+#[inline(never)]
+pub extern "C" fn release_pfn(pfn: u64, release: u64) -> u64 {
+    if pfn != u64::MAX && track_release(pfn, release as u16) {
+        pfn
+    } else {
+        u64::MAX
+    }
+}
+
+/// Folio head pfn of the page pointer stored at `slot` (u64::MAX if unreadable).
+#[no_mangle]
+#[inline(never)]
+pub extern "C" fn slot_pfn(slot: u64) -> u64 {
+    let page = unsafe { bpf_probe_read_kernel(slot as *const u64) }.unwrap_or(0);
+    PfnMath::new().head_pfn(page)
+}
+
 #[inline(always)]
 fn track_release(pfn: u64, release: u16) -> bool {
     let Some(s) = PINS.get_ptr_mut(&pfn) else {
@@ -72,20 +91,20 @@ fn release_items(hook: u16, release: u16, dirty: u16, n: u64, pfn_of: impl Fn(u6
         if base >= n {
             break;
         }
-        let mut any = false;
-        let mut used = 0u16;
+        let used = (n - base).min(PFNS_PER_RECORD as u64) as u16;
+        // Whether any pfn was known, kept in map memory: a flag in a register would
+        // double the verifier's states at every item.
+        let Some(known) = KNOWN.get_ptr_mut(0) else { return };
+        unsafe { *known = 0 };
         for j in 0..PFNS_PER_RECORD {
-            let i = base + j as u64;
-            if i >= n {
+            if j as u16 >= used {
                 break;
             }
-            let pfn = pfn_of(i);
-            let known = pfn != u64::MAX && track_release(pfn, release);
-            r.pfns[j] = if known { pfn } else { u64::MAX };
-            any |= known;
-            used += 1;
+            let pfn = release_pfn(pfn_of(base + j as u64), release as u64);
+            r.pfns[j] = pfn;
+            unsafe { *known |= (pfn != u64::MAX) as u64 };
         }
-        if any {
+        if unsafe { *known } != 0 {
             r.chunk = chunk as u16;
             r.nr_pfns = used;
             send(r);
@@ -125,30 +144,24 @@ pub fn exit() {
     }
 }
 
-#[inline(always)]
-fn pfn_of_page(page: u64) -> u64 {
-    if page == 0 { u64::MAX } else { head_pfn(page) }
-}
 
 /// unpin_user_pages and friends: an array of page pointers.
 #[inline(always)]
 pub fn page_array(hook: u16, release: u16, pages: u64, npages: u64, dirty: u16) {
-    release_items(hook, release, dirty, npages.min(MAX_PAGES), |i| {
-        pfn_of_page(unsafe { bpf_probe_read_kernel((pages + i * 8) as *const u64) }.unwrap_or(0))
-    });
+    release_items(hook, release, dirty, npages.min(MAX_PAGES), |i| slot_pfn(pages + i * 8));
 }
 
 /// unpin_user_page_range_dirty_lock: npages consecutive struct pages from `page`.
 #[inline(always)]
 pub fn page_range(hook: u16, page: u64, npages: u64, dirty: u16) {
     let size = struct_page_size();
-    release_items(hook, release::UNPIN, dirty, npages.min(MAX_PAGES), |i| pfn_of_page(page + i * size));
+    release_items(hook, release::UNPIN, dirty, npages.min(MAX_PAGES), |i| head_pfn(page + i * size));
 }
 
 /// `refs` references on one folio (unpin_user_folio, unpin_folio, unpin_user_page).
 #[inline(always)]
 pub fn folio_refs(hook: u16, release: u16, page: u64, refs: u64) {
-    let pfn = pfn_of_page(page);
+    let pfn = head_pfn(page);
     release_items(hook, release, 0, refs.min(MAX_PAGES), |_| pfn);
 }
 
@@ -171,24 +184,27 @@ pub fn bio(hook: u16, bio: u64, dirty: u16) {
     if vec == 0 || vcnt == 0 {
         return;
     }
-    let size = struct_page_size();
     let n = (vcnt * PAGES_PER_BVEC).min(MAX_PAGES);
-    release_items(hook, release::PUT, dirty, n, |i| {
-        let bv = vec + (i / PAGES_PER_BVEC) * 16;
-        let p = i % PAGES_PER_BVEC;
-        let page = read_u64(bv);
-        let len_off = read_u64(bv + 8);
-        let (len, off) = (len_off & 0xffff_ffff, len_off >> 32);
-        if page == 0 || len == 0 {
-            return u64::MAX;
-        }
-        let first = off >> 12;
-        let last = (off + len - 1) >> 12;
-        if first + p > last {
-            return u64::MAX;
-        }
-        pfn_of_page(page + (first + p) * size)
-    });
+    release_items(hook, release::PUT, dirty, n, |i| bvec_page_pfn(vec + (i / PAGES_PER_BVEC) * 16, i % PAGES_PER_BVEC));
+}
+
+/// Folio head pfn of page `p` of the bio_vec at `bv` (u64::MAX past its end).
+#[no_mangle]
+#[inline(never)]
+pub extern "C" fn bvec_page_pfn(bv: u64, p: u64) -> u64 {
+    let read_u64 = |a: u64| unsafe { bpf_probe_read_kernel(a as *const u64) }.unwrap_or(0);
+    let page = read_u64(bv);
+    let len_off = read_u64(bv + 8);
+    let (len, off) = (len_off & 0xffff_ffff, len_off >> 32);
+    if page == 0 || len == 0 {
+        return u64::MAX;
+    }
+    let first = off >> 12;
+    let last = (off + len - 1) >> 12;
+    if first + p > last {
+        return u64::MAX;
+    }
+    PfnMath::new().head_pfn(page + (first + p) * struct_page_size())
 }
 
 /// page_cache_pipe_buf_release(pipe, buf): buf->page loses the pipe's reference.

@@ -26,6 +26,8 @@ enum Command {
     Record(output::record::RecordArgs),
     /// Say what pinwatch can see on this kernel.
     Doctor(output::doctor::DoctorArgs),
+    /// Replay a recorded trace through the engine and summarize its hazards.
+    Report(output::report::ReportArgs),
 }
 
 fn main() -> ExitCode {
@@ -35,6 +37,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Doctor(args) => output::doctor::run(args),
+        Command::Report(args) => output::report::run(args),
         Command::Record(args) => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

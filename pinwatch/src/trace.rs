@@ -233,6 +233,21 @@ impl Pinners {
     }
 }
 
+impl Hazard {
+    /// "pid comm" of the pinner(s), "?" where only the kernel's count knows of a pin.
+    pub fn pinner_summary(&self) -> String {
+        let one = |p: &Pinner| match (p.pid, &p.comm) {
+            (Some(pid), Some(c)) => format!("{pid} {c}"),
+            (Some(pid), None) => pid.to_string(),
+            _ => "? (kernel pin count)".to_string(),
+        };
+        match &self.pinner {
+            Pinners::One(p) => one(p),
+            Pinners::Many(v) => v.iter().map(one).collect::<Vec<_>>().join(", "),
+        }
+    }
+}
+
 /// The kernel treated a pinned page as an ordinary one (or refused a long-term pin).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct Hazard {
@@ -327,10 +342,8 @@ impl<W: Write> Writer<W> {
     }
 }
 
-/// Reads a trace (for replaying a recording through the engine; the report mode is
-/// the next user). A malformed line is an error naming its line number; a last line cut
+/// Reads a trace (for replaying a recording through the engine). A malformed line is an error naming its line number; a last line cut
 /// short (a crash mid-write) is reported as such, and everything before it is kept.
-#[allow(dead_code)]
 pub fn read_trace(input: impl BufRead) -> Result<(Vec<Event>, Option<String>)> {
     let mut events = Vec::new();
     let lines: Vec<String> = input.lines().collect::<std::io::Result<_>>().context("reading trace")?;
