@@ -38,9 +38,13 @@ impl Args for ProbeContext {
     }
 }
 impl Args for FEntryContext {
+    /// Read as raw memory, not through the BTF-typed context: the verifier refuses
+    /// loads of `struct page **` arguments and arithmetic on typed `folio *` ones,
+    /// while a scalar copy of the same slot is fine on every kernel from 5.10.
     #[inline(always)]
     fn a(&self, n: usize) -> u64 {
-        self.arg::<u64>(n)
+        let slot = unsafe { (aya_ebpf::EbpfContext::as_ptr(self) as *const u64).add(n) };
+        unsafe { aya_ebpf::helpers::bpf_probe_read_kernel(slot) }.unwrap_or(0)
     }
 }
 
