@@ -108,6 +108,8 @@ pub enum Hook {
     /// writeback:writeback_dirty_folio (5.17+) and writeback_dirty_page (before).
     WritebackDirtyFolio = 47,
     WritebackDirtyPage = 48,
+    /// pinwatch's own re-check of held references (sweep_pfn).
+    Sweep = 50,
 }
 
 impl Hook {
@@ -154,12 +156,13 @@ impl Hook {
             Hook::SetPageDirty => "set_page_dirty",
             Hook::WritebackDirtyFolio => "writeback_dirty_folio",
             Hook::WritebackDirtyPage => "writeback_dirty_page",
+            Hook::Sweep => "sweep",
         }
     }
 
     pub fn from_u16(v: u16) -> Option<Hook> {
         use Hook::*;
-        const ALL: [Hook; 29] = [
+        const ALL: [Hook; 30] = [
             GetUserPages,
             PinUserPages,
             GetUserPagesFast,
@@ -189,6 +192,7 @@ impl Hook {
             SetPageDirty,
             WritebackDirtyFolio,
             WritebackDirtyPage,
+            Sweep,
         ];
         ALL.iter().copied().find(|h| *h as u16 == v)
     }
@@ -410,6 +414,9 @@ pub mod globals {
     /// Where a large folio keeps its order (one byte) and its pin count (0: nowhere).
     pub const FOLIO_ORDER_OFF: &str = "FOLIO_ORDER_OFF";
     pub const FOLIO_PINCOUNT_OFF: &str = "FOLIO_PINCOUNT_OFF";
+    /// page->_mapcount (0: unknown) and PG_private's bit (64: unknown).
+    pub const PAGE_MAPCOUNT_OFF: &str = "PAGE_MAPCOUNT_OFF";
+    pub const PG_PRIVATE_BIT: &str = "PG_PRIVATE_BIT";
     /// Smallest order whose folios keep a separate pin count (2 on 5.10, 1 later).
     pub const PINCOUNT_MIN_ORDER: &str = "PINCOUNT_MIN_ORDER";
     pub const MAPPING_HOST_OFF: &str = "MAPPING_HOST_OFF";

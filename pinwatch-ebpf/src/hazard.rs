@@ -32,13 +32,7 @@ pub fn page_op<C: StackIdContext>(ctx: &C, hook: u16, op: u16, page: u64, kernel
     let l = live(head);
     let known = state.pin_refs != 0 || state.get_refs != 0;
     if known {
-        // FOLL_PIN refs show in the kernel's pin count; FOLL_GET refs at least in
-        // _refcount. Counts too low mean the release went unseen: the pin is gone.
-        let pins_gone = state.pin_refs != 0 && !l.maybe_dma_pinned;
-        let gets_gone = state.get_refs != 0 && (l.refcount as i64) < state.get_refs as i64;
-        if pins_gone || gets_gone {
-            let _ = PINS.remove(&pfn);
-            send_gone(hook, pfn);
+        if drop_if_gone(hook, pfn, &state, &l) {
             return;
         }
     } else if !l.maybe_dma_pinned {
@@ -75,6 +69,35 @@ pub fn page_op<C: StackIdContext>(ctx: &C, hook: u16, op: u16, page: u64, kernel
     r.gup_flags = state.gup_flags;
     r.first_ts_ns = state.first_ts_ns;
     send(r);
+}
+
+/// FOLL_PIN refs show in the kernel's pin count, FOLL_GET refs in _refcount beyond
+/// what mappings and the page cache hold. Counts too low mean the release went unseen:
+/// the entry is dropped and user space told, so that no hazard is ever reported
+/// against a pin already released (the page may have been freed and reused).
+#[inline(always)]
+fn drop_if_gone(hook: u16, pfn: u64, state: &PinState, l: &crate::page::Live) -> bool {
+    let pins_gone = state.pin_refs != 0 && !l.maybe_dma_pinned;
+    if pins_gone || l.gets_gone(state.get_refs) {
+        let _ = PINS.remove(&pfn);
+        send_gone(hook, pfn);
+        return true;
+    }
+    false
+}
+
+/// Re-checks one folio pinwatch believes pinned, on user space's request (run through
+/// BPF_PROG_TEST_RUN, attached nowhere): FOLL_GET references dropped by an inline
+/// put_page leave no other trace.
+#[inline(always)]
+pub fn sweep(pfn: u64) {
+    let Some(s) = PINS.get_ptr(&pfn) else { return };
+    let state = unsafe { *s };
+    let head = crate::page::PfnMath::new().page(pfn);
+    if head == 0 {
+        return;
+    }
+    drop_if_gone(pinwatch_common::Hook::Sweep as u16, pfn, &state, &live(head));
 }
 
 /// One release record saying every reference pinwatch knew on `pfn` is gone.

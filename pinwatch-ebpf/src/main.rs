@@ -187,24 +187,18 @@ pub fn mm_page_free(ctx: RawTracePointContext) -> i32 {
 }
 
 // ---- hazards: the kernel treating a pinned folio as an ordinary one.
-twins!(try_to_unmap_one, fentry_try_to_unmap_one, "try_to_unmap_one", |c| {
-    hazard::page_op(c, Hook::TryToUnmapOne as u16, page_op::UNMAP, c.a(0), false)
-});
-twins!(page_mkclean_one, fentry_page_mkclean_one, "page_mkclean_one", |c| {
-    hazard::page_op(c, Hook::PageMkcleanOne as u16, page_op::MKCLEAN, c.a(0), false)
-});
-twins!(ext4_bio_write_page, fentry_ext4_bio_write_page, "ext4_bio_write_page", |c| {
-    hazard::page_op(c, Hook::Ext4BioWritePage as u16, page_op::WRITEBACK, c.a(1), false)
-});
-twins!(ext4_bio_write_folio, fentry_ext4_bio_write_folio, "ext4_bio_write_folio", |c| {
-    hazard::page_op(c, Hook::Ext4BioWriteFolio as u16, page_op::WRITEBACK, c.a(1), false)
-});
-twins!(folio_mark_dirty, fentry_folio_mark_dirty, "folio_mark_dirty", |c| {
-    hazard::page_op(c, Hook::FolioMarkDirty as u16, page_op::DIRTY, c.a(0), false)
-});
-twins!(set_page_dirty, fentry_set_page_dirty, "set_page_dirty", |c| {
-    hazard::page_op(c, Hook::SetPageDirty as u16, page_op::DIRTY, c.a(0), false)
-});
+/// A hazard function hook: the folio (or page) is argument `$arg`.
+macro_rules! fn_hazard {
+    ($kprobe:ident, $fentry:ident, $sym:literal, $hook:expr, $op:expr, $arg:literal) => {
+        twins!($kprobe, $fentry, $sym, |c| hazard::page_op(c, $hook as u16, $op, c.a($arg), false));
+    };
+}
+fn_hazard!(try_to_unmap_one, fentry_try_to_unmap_one, "try_to_unmap_one", Hook::TryToUnmapOne, page_op::UNMAP, 0);
+fn_hazard!(page_mkclean_one, fentry_page_mkclean_one, "page_mkclean_one", Hook::PageMkcleanOne, page_op::MKCLEAN, 0);
+fn_hazard!(ext4_bio_write_page, fentry_ext4_bio_write_page, "ext4_bio_write_page", Hook::Ext4BioWritePage, page_op::WRITEBACK, 1);
+fn_hazard!(ext4_bio_write_folio, fentry_ext4_bio_write_folio, "ext4_bio_write_folio", Hook::Ext4BioWriteFolio, page_op::WRITEBACK, 1);
+fn_hazard!(folio_mark_dirty, fentry_folio_mark_dirty, "folio_mark_dirty", Hook::FolioMarkDirty, page_op::DIRTY, 0);
+fn_hazard!(set_page_dirty, fentry_set_page_dirty, "set_page_dirty", Hook::SetPageDirty, page_op::DIRTY, 0);
 
 /// Tracepoint hazard programs come in two kinds: `<tp>` reports folios in PINS only,
 /// `<tp>_kpins` also folios the kernel counts as DMA-pinned (tracepoint-only mode).
@@ -225,6 +219,14 @@ macro_rules! tp_hazard {
 tp_hazard!(mm_filemap_delete_from_page_cache, mm_filemap_delete_from_page_cache_kpins, "mm_filemap_delete_from_page_cache", Hook::MmFilemapDeleteFromPageCache, page_op::TRUNCATE);
 tp_hazard!(writeback_dirty_folio, writeback_dirty_folio_kpins, "writeback_dirty_folio", Hook::WritebackDirtyFolio, page_op::DIRTY);
 tp_hazard!(writeback_dirty_page, writeback_dirty_page_kpins, "writeback_dirty_page", Hook::WritebackDirtyPage, page_op::DIRTY);
+
+/// Run by user space through BPF_PROG_TEST_RUN with a pfn as argument 0; the
+/// tracepoint named is never attached.
+#[raw_tracepoint(tracepoint = "mm_page_free")]
+pub fn sweep_pfn(ctx: RawTracePointContext) -> i32 {
+    hazard::sweep(ctx.arg::<u64>(0));
+    0
+}
 
 // ---- vmemmap_base calibration (start-up only, kernels whose kallsyms hides it).
 #[raw_tracepoint(tracepoint = "mm_page_free")]

@@ -76,6 +76,12 @@ impl PfnMath {
         self.pfn(head)
     }
 
+    /// The struct page of a pfn (0 when vmemmap_base is unknown).
+    #[inline(always)]
+    pub fn page(&self, pfn: u64) -> u64 {
+        if self.base == 0 { 0 } else { self.base + pfn * self.size }
+    }
+
     /// pfn of a struct page pointer: (page - vmemmap_base) / sizeof(struct page).
     #[inline(always)]
     pub fn pfn(&self, page: u64) -> u64 {
@@ -99,6 +105,11 @@ static PAGE_MAPPING_OFF: u64 = 24;
 static PAGE_INDEX_OFF: u64 = 32;
 #[no_mangle]
 static FOLIO_ORDER_OFF: u64 = 0;
+/// page->_mapcount (0: unknown), and PG_private's bit (64: unknown).
+#[no_mangle]
+static PAGE_MAPCOUNT_OFF: u64 = 0;
+#[no_mangle]
+static PG_PRIVATE_BIT: u64 = 64;
 #[no_mangle]
 static FOLIO_PINCOUNT_OFF: u64 = 0;
 #[no_mangle]
@@ -126,6 +137,22 @@ pub struct Live {
     pub pincount: i32,
     pub order: u16,
     pub maybe_dma_pinned: bool,
+    /// References beyond those of its mappings, page cache and private data (small
+    /// folios whose _mapcount is known; -1 otherwise): FOLL_GET references, plus any
+    /// transient ones, plus GUP_PIN_COUNTING_BIAS per FOLL_PIN.
+    pub extra_refs: i64,
+}
+
+impl Live {
+    /// FOLL_GET references pinwatch believes held that the kernel's counts cannot
+    /// account for: their release went unseen. Only ever errs towards "still held".
+    #[inline(always)]
+    pub fn gets_gone(&self, get_refs: u32) -> bool {
+        if get_refs == 0 || self.extra_refs < 0 {
+            return get_refs != 0 && (self.refcount as i64) < get_refs as i64;
+        }
+        (self.extra_refs % pinwatch_common::GUP_PIN_COUNTING_BIAS as i64) < get_refs as i64
+    }
 }
 
 #[inline(always)]
@@ -138,12 +165,23 @@ pub fn live(head: u64) -> Live {
     let pincount_off = global(&FOLIO_PINCOUNT_OFF);
     if large && pincount_off != 0 && order as u64 >= global(&PINCOUNT_MIN_ORDER) {
         let pincount: i32 = read(head + pincount_off);
-        Live { refcount, pincount, order, maybe_dma_pinned: pincount > 0 }
-    } else {
-        // Small folios carry pins in _refcount, GUP_PIN_COUNTING_BIAS at a time (false
-        // positives possible, negatives never: the kernel's own rule).
-        Live { refcount, pincount: -1, order, maybe_dma_pinned: refcount >= pinwatch_common::GUP_PIN_COUNTING_BIAS }
+        return Live { refcount, pincount, order, maybe_dma_pinned: pincount > 0, extra_refs: -1 };
     }
+    let mapcount_off = global(&PAGE_MAPCOUNT_OFF);
+    let extra_refs = if large || mapcount_off == 0 {
+        -1
+    } else {
+        // _mapcount is -1 for an unmapped page; page cache holds one reference, and
+        // private data (buffer heads) one more.
+        let mapcount = read::<i32>(head + mapcount_off) as i64 + 1;
+        let cache = (backing(mapping(head)) == pinwatch_common::backing::FILE) as i64;
+        let pbit = global(&PG_PRIVATE_BIT);
+        let private = (pbit < 64 && flags & (1u64 << (pbit & 63)) != 0) as i64;
+        refcount as i64 - mapcount.max(0) - cache - private
+    };
+    // Small folios carry pins in _refcount, GUP_PIN_COUNTING_BIAS at a time (false
+    // positives possible, negatives never: the kernel's own rule).
+    Live { refcount, pincount: -1, order, maybe_dma_pinned: refcount >= pinwatch_common::GUP_PIN_COUNTING_BIAS, extra_refs }
 }
 
 /// folio->mapping: its low bits say anonymous (1) or movable/KSM (2, 3).

@@ -24,14 +24,7 @@ struct Cli {
 enum Scenario {
     /// O_DIRECT read from a slow block device into a MAP_SHARED mapping of a file:
     /// a write pin held while the device takes its time.
-    OdirectSlow {
-        #[arg(long)]
-        file: String,
-        #[arg(long)]
-        dev: String,
-        #[arg(long, default_value_t = 8)]
-        pages: usize,
-    },
+    OdirectSlow(Dio),
     /// vmsplice of an anonymous mapping into a pipe nobody drains: FOLL_GET references
     /// held by the pipe until it is closed.
     Vmsplice {
@@ -58,12 +51,8 @@ enum Scenario {
     /// the pinned pages; `--target other` on the other half only (a control), `--no-pin`
     /// skips the read (a control).
     OdirectHazard {
-        #[arg(long)]
-        file: String,
-        #[arg(long)]
-        dev: String,
-        #[arg(long, default_value_t = 8)]
-        pages: usize,
+        #[command(flatten)]
+        dio: Dio,
         #[arg(long, value_enum, default_value_t = Target::Pinned)]
         target: Target,
         #[arg(long)]
@@ -71,14 +60,7 @@ enum Scenario {
     },
     /// A pin taken and released, then the same pages cleaned, unmapped and truncated:
     /// must report no hazard.
-    Released {
-        #[arg(long)]
-        file: String,
-        #[arg(long)]
-        dev: String,
-        #[arg(long, default_value_t = 8)]
-        pages: usize,
-    },
+    Released(Dio),
     /// io_uring fixed buffers on a MAP_SHARED ext4 mapping: a FOLL_LONGTERM pin of page
     /// cache. Kernels before 6.5 take it (io_uring then refuses the buffer); 6.5+ refuse
     /// it in GUP with -EFAULT.
@@ -103,6 +85,17 @@ enum Scenario {
         #[arg(long, default_value_t = 8)]
         pages: usize,
     },
+}
+
+/// A slow O_DIRECT read from `dev` into `pages` pages of a MAP_SHARED mapping of `file`.
+#[derive(clap::Args)]
+struct Dio {
+    #[arg(long)]
+    file: String,
+    #[arg(long)]
+    dev: String,
+    #[arg(long, default_value_t = 8)]
+    pages: usize,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -151,27 +144,13 @@ fn open(path: &str, flags: i32) -> Result<i32> {
     Ok(fd)
 }
 
-fn odirect_slow(file: &str, dev: &str, pages: usize) -> Result<()> {
-    let len = pages * PAGE;
-    let fd = open(file, libc::O_RDWR | libc::O_CREAT)?;
-    check(unsafe { libc::ftruncate(fd, len as _) } as _, "ftruncate")?;
-    let map = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd, 0) };
-    if map == libc::MAP_FAILED {
-        bail!("mmap {file}: {}", std::io::Error::last_os_error());
-    }
-    // Fault every page into the page cache first, so the pins land on file pages.
-    for i in 0..pages {
-        unsafe { *(map as *mut u8).add(i * PAGE) = 0xab };
-    }
-    let dfd = open(dev, libc::O_RDONLY | libc::O_DIRECT)?;
-    report("odirect-slow", pages, "");
-    let n = check(unsafe { libc::pread(dfd, map, len, 0) } as _, "O_DIRECT pread")?;
-    if n as usize != len {
-        bail!("short O_DIRECT read: {n} of {len}");
-    }
+fn odirect_slow(Dio { file, dev, pages }: &Dio) -> Result<()> {
+    let (fd, map) = map_file(file, *pages)?;
+    report("odirect-slow", *pages, "");
+    // On this thread: joining a reader thread would add a futex's page reference.
+    read_direct(open(dev, libc::O_RDONLY | libc::O_DIRECT)?, map as usize, *pages)?;
     unsafe {
-        libc::munmap(map, len);
-        libc::close(dfd);
+        libc::munmap(map as *mut _, pages * PAGE);
         libc::close(fd);
     }
     Ok(())
@@ -211,17 +190,20 @@ fn clean_unmap_truncate(fd: i32, map: *mut u8, first: usize, pages: usize, keep:
 fn slow_read(dev: &str, map: *mut u8, pages: usize) -> Result<std::thread::JoinHandle<Result<()>>> {
     let dfd = open(dev, libc::O_RDONLY | libc::O_DIRECT)?;
     let addr = map as usize;
-    Ok(std::thread::spawn(move || {
-        let n = check(unsafe { libc::pread(dfd, addr as *mut _, pages * PAGE, 0) } as _, "O_DIRECT pread")?;
-        unsafe { libc::close(dfd) };
-        if n as usize != pages * PAGE {
-            bail!("short O_DIRECT read: {n} of {}", pages * PAGE);
-        }
-        Ok(())
-    }))
+    Ok(std::thread::spawn(move || read_direct(dfd, addr, pages)))
 }
 
-fn odirect_hazard(file: &str, dev: &str, pages: usize, target: Target, no_pin: bool) -> Result<()> {
+fn read_direct(dfd: i32, addr: usize, pages: usize) -> Result<()> {
+    let n = check(unsafe { libc::pread(dfd, addr as *mut _, pages * PAGE, 0) } as _, "O_DIRECT pread")?;
+    unsafe { libc::close(dfd) };
+    if n as usize != pages * PAGE {
+        bail!("short O_DIRECT read: {n} of {}", pages * PAGE);
+    }
+    Ok(())
+}
+
+fn odirect_hazard(Dio { file, dev, pages }: &Dio, target: Target, no_pin: bool) -> Result<()> {
+    let pages = *pages;
     let (fd, map) = map_file(file, 2 * pages)?;
     report("odirect-hazard", pages, &format!(",\"target\":\"{target:?}\",\"pin\":{}", !no_pin));
     let reader = if no_pin { None } else { Some(slow_read(dev, map, pages)?) };
@@ -241,7 +223,8 @@ fn odirect_hazard(file: &str, dev: &str, pages: usize, target: Target, no_pin: b
     Ok(())
 }
 
-fn released(file: &str, dev: &str, pages: usize) -> Result<()> {
+fn released(Dio { file, dev, pages }: &Dio) -> Result<()> {
+    let pages = *pages;
     let (fd, map) = map_file(file, pages)?;
     report("released", pages, "");
     slow_read(dev, map, pages)?.join().map_err(|_| anyhow::anyhow!("reader panicked"))??;
@@ -394,13 +377,13 @@ fn buffered(file: &str, pages: usize) -> Result<()> {
 
 fn main() -> Result<()> {
     match Cli::parse().scenario {
-        Scenario::OdirectSlow { file, dev, pages } => odirect_slow(&file, &dev, pages),
+        Scenario::OdirectSlow(dio) => odirect_slow(&dio),
         Scenario::Vmsplice { pages, hold_ms } => vmsplice(pages, hold_ms),
         Scenario::PvmWritev { pages } => pvm_writev(pages),
         Scenario::IouringFixed { pages, hold_ms } => iouring_fixed(pages, hold_ms),
         Scenario::Buffered { file, pages } => buffered(&file, pages),
-        Scenario::OdirectHazard { file, dev, pages, target, no_pin } => odirect_hazard(&file, &dev, pages, target, no_pin),
-        Scenario::Released { file, dev, pages } => released(&file, &dev, pages),
+        Scenario::OdirectHazard { dio, target, no_pin } => odirect_hazard(&dio, target, no_pin),
+        Scenario::Released(dio) => released(&dio),
         Scenario::LongtermFile { file, pages } => longterm_file(&file, pages),
         Scenario::MemfdTruncate { pages, no_pin } => memfd_truncate(pages, no_pin),
     }

@@ -26,8 +26,15 @@ enum Command {
     Record(output::record::RecordArgs),
     /// Say what pinwatch can see on this kernel.
     Doctor(output::doctor::DoctorArgs),
+    /// Pinned memory per process, live, beside the kernel's own figures.
+    Top(output::top::TopArgs),
     /// Replay a recorded trace through the engine and summarize its hazards.
     Report(output::report::ReportArgs),
+}
+
+/// Runs a live mode on a single-threaded runtime: one reader of one ring buffer.
+fn live(mode: impl std::future::Future<Output = anyhow::Result<i32>>) -> anyhow::Result<i32> {
+    tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(mode)
 }
 
 fn main() -> ExitCode {
@@ -38,11 +45,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Doctor(args) => output::doctor::run(args),
         Command::Report(args) => output::report::run(args),
-        Command::Record(args) => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(anyhow::Error::from)
-            .and_then(|rt| rt.block_on(output::record::run(args))),
+        Command::Record(args) => live(output::record::run(args)),
+        Command::Top(args) => live(output::top::run(args)),
     };
     match result {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),

@@ -176,6 +176,10 @@ pub enum HazardKind {
     DirtyAfterUnmap,
     LongtermFilePin,
     LongtermPinRefused,
+    /// A limit rule (RLIMIT_MEMLOCK, a cap in bytes) broken by long-term pins.
+    PinLimitExceeded,
+    /// A pin held longer than --max-pin-age.
+    LongHeldPin,
 }
 
 impl HazardKind {
@@ -188,6 +192,8 @@ impl HazardKind {
             HazardKind::DirtyAfterUnmap => "dirty_after_unmap",
             HazardKind::LongtermFilePin => "longterm_file_pin",
             HazardKind::LongtermPinRefused => "longterm_pin_refused",
+            HazardKind::PinLimitExceeded => "pin_limit_exceeded",
+            HazardKind::LongHeldPin => "long_held_pin",
         }
     }
 }
@@ -265,6 +271,24 @@ pub struct Hazard {
     pub kernel_pins: Option<KernelPins>,
     /// The kernel function that did it.
     pub func: String,
+    /// For pin_limit_exceeded and long_held_pin: the rule and the figures that broke it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<LimitBreach>,
+    /// Pages concerned, where a hazard covers several (long_held_pin: the call's pages).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pages: Option<u64>,
+}
+
+/// A limit rule broken: `value` went past `limit` for the process, cgroup or user `id`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct LimitBreach {
+    /// "rlimit_memlock", "max_longterm_bytes" or "max_pin_age_ns".
+    pub rule: String,
+    /// "process", "cgroup" or "user".
+    pub scope: String,
+    pub id: u64,
+    pub value: u64,
+    pub limit: u64,
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]

@@ -33,6 +33,7 @@ pub fn severity(kind: HazardKind, t: PinTraits) -> Option<Severity> {
         (WritebackWhilePinned, Some(false)) => return None,
         (UnmapWhilePinned | MkcleanWhilePinned, Some(false)) => Info,
         (TruncateWhilePinned, Some(false)) => Warning,
+        (PinLimitExceeded | LongHeldPin, _) => Warning,
         (_, None) => Warning,
     })
 }
@@ -138,6 +139,8 @@ impl Hazards {
             file: p.file.clone(),
             kernel_pins: Some(p.kernel_pins),
             func: p.func.clone(),
+            limit: None,
+            pages: None,
         })
     }
 
@@ -159,6 +162,8 @@ impl Hazards {
                 file: exp.file,
                 kernel_pins: None,
                 func: u.func.clone(),
+                limit: None,
+                pages: None,
             });
         }
         out
@@ -189,6 +194,8 @@ fn longterm(p: &Pin) -> Option<Hazard> {
         file: p.file.clone(),
         kernel_pins: None,
         func: p.func.clone(),
+        limit: None,
+        pages: None,
     })
 }
 

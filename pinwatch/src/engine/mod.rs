@@ -2,6 +2,7 @@
 //! (time comes from the events), so a live run and a recorded trace give the same
 //! answers.
 
+pub mod account;
 pub mod hazards;
 pub mod pins;
 

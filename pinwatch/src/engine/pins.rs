@@ -15,9 +15,15 @@ use crate::trace::{Event, Flag, Held, Pin, Release};
 pub struct HeldPin {
     pub pid: u32,
     pub comm: String,
+    pub uid: u32,
+    pub cgroup_id: u64,
     pub func: String,
     pub flags: Vec<Flag>,
     pub since_ns: u64,
+    /// The page belongs to a file's page cache (shmem included).
+    pub file: bool,
+    /// The user address the page was pinned at.
+    pub addr: u64,
 }
 
 impl HeldPin {
@@ -50,15 +56,25 @@ impl PinTable {
     }
 
     fn pin(&mut self, p: &Pin) {
-        for pfn in &p.pfns {
+        // file_pages is known per call, not per page: the first file_pages pages count.
+        for (i, pfn) in p.pfns.iter().enumerate() {
             self.by_pfn.entry(*pfn).or_default().push(HeldPin {
                 pid: p.pid,
                 comm: p.comm.clone(),
+                uid: p.uid,
+                cgroup_id: p.cgroup_id,
                 func: p.func.clone(),
                 flags: p.flags.clone(),
                 since_ns: p.ts_ns,
+                file: (i as u64) < p.file_pages,
+                addr: p.start + i as u64 * 4096,
             });
         }
+    }
+
+    /// Every page reference held, with its pfn.
+    pub fn iter(&self) -> impl Iterator<Item = (u64, &HeldPin)> {
+        self.by_pfn.iter().flat_map(|(pfn, v)| v.iter().map(move |h| (*pfn, h)))
     }
 
     fn release(&mut self, pfn: u64, kind: Release, releaser: u32) -> bool {
@@ -94,7 +110,7 @@ impl PinTable {
         self.by_pfn.get(&pfn).map(Vec::as_slice).unwrap_or(&[])
     }
 
-    #[allow(dead_code)]
+    #[cfg(test)]
     pub fn total_refs(&self) -> usize {
         self.by_pfn.values().map(Vec::len).sum()
     }

@@ -55,6 +55,10 @@ pub struct FolioLayout {
     pub pincount_off: u64,
     pub pincount_field: &'static str,
     pub pincount_min_order: u64,
+    /// page->_mapcount (0: not found) and PG_private's bit (64: not found): without
+    /// them FOLL_GET references are judged by _refcount alone.
+    pub mapcount_off: u64,
+    pub pg_private_bit: u64,
     pub mapping_host_off: u64,
     pub inode_ino_off: u64,
     pub inode_sb_off: u64,
@@ -163,6 +167,8 @@ fn folio_layout(btf: &Btf, page_size: u64) -> Result<FolioLayout> {
         pincount_off,
         pincount_field,
         pincount_min_order,
+        mapcount_off: first_member(btf, "page", &["_mapcount"]).map(|(o, _)| o).unwrap_or(0),
+        pg_private_bit: enum_value(btf, "PG_private").map(u64::from).unwrap_or(64),
         mapping_host_off: member_offset(btf, "address_space", "host")?,
         inode_ino_off: member_offset(btf, "inode", "i_ino")?,
         inode_sb_off: member_offset(btf, "inode", "i_sb")?,

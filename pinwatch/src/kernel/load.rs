@@ -97,6 +97,8 @@ impl Kernel {
             .override_global(globals::FOLIO_ORDER_OFF, &f.order_off, true)
             .override_global(globals::FOLIO_PINCOUNT_OFF, &f.pincount_off, true)
             .override_global(globals::PINCOUNT_MIN_ORDER, &f.pincount_min_order, true)
+            .override_global(globals::PAGE_MAPCOUNT_OFF, &f.mapcount_off, true)
+            .override_global(globals::PG_PRIVATE_BIT, &f.pg_private_bit, true)
             .override_global(globals::MAPPING_HOST_OFF, &f.mapping_host_off, true)
             .override_global(globals::INODE_INO_OFF, &f.inode_ino_off, true)
             .override_global(globals::INODE_SB_OFF, &f.inode_sb_off, true)
@@ -180,6 +182,34 @@ impl Kernel {
             Mode::TracepointOnly
         } else {
             Mode::Blind
+        }
+    }
+
+    /// Loads the sweep program (attached nowhere, run on request).
+    pub fn sweeper(&mut self) -> Result<Sweeper> {
+        let p: &mut RawTracePoint = self
+            .ebpf
+            .program_mut("sweep_pfn")
+            .ok_or_else(|| anyhow!("program sweep_pfn missing from the eBPF object"))?
+            .try_into()?;
+        p.load().map_err(|e| anyhow!("loading sweep_pfn: {}", error_chain(&e)))?;
+        Ok(Sweeper { ok: true })
+    }
+
+    /// Asks the kernel side to re-check `pfn` against the kernel's own counts; a release
+    /// it finds gone comes back as a `gone` record.
+    pub fn sweep(&mut self, sweeper: &mut Sweeper, pfn: u64) {
+        if !sweeper.ok {
+            return;
+        }
+        use aya::programs::TestRun as _;
+        let Some(Program::RawTracePoint(p)) = self.ebpf.program_mut("sweep_pfn") else { return };
+        let mut opts = aya::programs::RawTracePointRunOptions::new();
+        opts.args[0] = pfn;
+        if let Err(e) = p.test_run(opts) {
+            // Kernels without test runs of raw tracepoints: say so once, stop trying.
+            log::warn!("re-checking held references is not possible here: {}", error_chain(&e));
+            sweeper.ok = false;
         }
     }
 
@@ -376,4 +406,9 @@ fn kprobe_test(ebpf: &mut Ebpf, syms: &Symbols) -> Result<(), String> {
         p.unload().map_err(short)?;
         Ok(())
     }
+}
+
+/// The loaded sweep program; `ok` turns false when the kernel refuses test runs.
+pub struct Sweeper {
+    ok: bool,
 }

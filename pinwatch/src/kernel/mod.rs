@@ -7,6 +7,7 @@ pub mod calibrate;
 pub mod decode;
 pub mod load;
 pub mod plan;
+pub mod procs;
 pub mod stack;
 pub mod stream;
 pub mod symbols;

@@ -3,3 +3,5 @@
 pub mod doctor;
 pub mod record;
 pub mod report;
+pub mod session;
+pub mod top;

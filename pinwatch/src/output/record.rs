@@ -1,18 +1,14 @@
 //! `pinwatch record`: live events to a JSON-lines trace file.
 
-use std::{fs::File, io::BufWriter, path::PathBuf, time::Duration};
+use std::{collections::BTreeSet, fs::File, io::BufWriter, path::PathBuf, time::Duration};
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{Context as _, Result};
 use tokio::time::{sleep, Instant};
 
+use super::session::{LimitArgs, Session};
 use crate::{
-    engine::Engine,
-    kernel::{
-        plan::{blind_roles, AttachMode, Choice, Mode, Role},
-        stream::{monotonic_ns, LiveSource},
-        Kernel,
-    },
-    trace::{Event, Start, Stop, Writer},
+    kernel::{plan::AttachMode, stream::monotonic_ns},
+    trace::{Event, Stop, Writer},
 };
 
 #[derive(clap::Args, Debug)]
@@ -26,6 +22,8 @@ pub struct RecordArgs {
     /// Attach types to allow.
     #[arg(long, value_enum, default_value_t = AttachMode::Auto)]
     pub attach: AttachMode,
+    #[command(flatten)]
+    pub limits: LimitArgs,
     /// Run this command and record while it runs.
     #[arg(last = true)]
     pub command: Vec<String>,
@@ -36,40 +34,10 @@ pub struct RecordArgs {
 const GRACE: Duration = Duration::from_millis(500);
 
 pub async fn run(args: RecordArgs) -> Result<i32> {
-    let mut kernel = Kernel::open(args.attach)?;
-    let mode = kernel.attach()?;
-    match mode {
-        Mode::Full => {}
-        Mode::TracepointOnly => eprintln!("pinwatch: {}", mode.explain()),
-        Mode::Blind => {
-            let why: Vec<String> = kernel
-                .plan
-                .iter()
-                .filter(|h| h.role == Role::Acquire)
-                .filter_map(|h| match &h.choice {
-                    Choice::Unavailable { reason } => Some(reason.clone()),
-                    _ => None,
-                })
-                .take(1)
-                .collect();
-            bail!(
-                "pinwatch cannot see any GUP entry point on kernel {} ({}), and no tracepoint hazard hook attached either; nothing to record. `pinwatch doctor` shows what this kernel allows",
-                kernel.release,
-                why.first().map(String::as_str).unwrap_or("no hook")
-            );
-        }
-    }
+    let mut session = Session::open(args.attach, &args.limits)?;
     let file = File::create(&args.output).with_context(|| format!("creating {}", args.output.display()))?;
     let mut writer = Writer::new(BufWriter::new(file));
-    writer.write(&Event::Start(Start {
-        version: env!("CARGO_PKG_VERSION").into(),
-        kernel: kernel.release.clone(),
-        hooks: kernel.hooks_in_use(),
-        mode: mode.name().into(),
-        blind: blind_roles(&kernel.plan).iter().map(|r| r.name().to_string()).collect(),
-    }))?;
-    let mut source = LiveSource::new(&mut kernel)?;
-    let mut engine = Engine::default();
+    writer.write(&session.start_event())?;
 
     let mut child = match args.command.split_first() {
         Some((prog, rest)) => Some(
@@ -84,24 +52,21 @@ pub async fn run(args: RecordArgs) -> Result<i32> {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut batch = Vec::new();
     let mut exit_code = 0;
-    let mut lost_total = 0u64;
-    let mut write = |batch: &mut Vec<Event>, writer: &mut Writer<_>| -> Result<()> {
+    let write = |session: &mut Session, batch: &mut Vec<Event>, writer: &mut Writer<_>| -> Result<()> {
+        let mut out = Vec::new();
         for e in batch.drain(..) {
-            if let Event::Lost(l) = &e {
-                lost_total += l.count;
-            }
-            let hazards = engine.apply(&e);
-            writer.write(&e)?;
-            for h in hazards {
-                writer.write(&Event::Hazard(h))?;
-            }
+            session.apply(e, &mut out);
         }
-        Ok(())
+        out.iter().try_for_each(|e| writer.write(e))
     };
     loop {
         tokio::select! {
-            r = source.next_batch(&mut batch) => r?,
-            _ = tick.tick() => source.lost(&kernel, &mut batch)?,
+            r = session.next_batch(&mut batch) => r?,
+            _ = tick.tick() => {
+                for e in session.tick(&BTreeSet::new())?.events {
+                    writer.write(&e)?;
+                }
+            }
             _ = tokio::signal::ctrl_c() => break,
             status = async { child.as_mut().expect("guarded").wait().await }, if child.is_some() => {
                 let status = status?;
@@ -110,23 +75,25 @@ pub async fn run(args: RecordArgs) -> Result<i32> {
             }
             _ = async { sleep(deadline.expect("guarded") - Instant::now()).await }, if deadline.is_some() => break,
         }
-        write(&mut batch, &mut writer)?;
+        write(&mut session, &mut batch, &mut writer)?;
     }
     sleep(GRACE).await;
-    source.drain(&mut batch);
-    source.flush(&mut batch);
-    source.lost(&kernel, &mut batch)?;
-    write(&mut batch, &mut writer)?;
-    let held = engine.pins.held();
-    let hazards = engine.hazards.counts.iter().map(|(k, n)| (k.name().to_string(), *n)).collect();
-    writer.write(&Event::Stop(Stop { ts_ns: monotonic_ns(), lost_total, held: held.clone(), hazards }))?;
+    session.drain(&mut batch);
+    write(&mut session, &mut batch, &mut writer)?;
+    for e in session.tick(&BTreeSet::new())?.events {
+        writer.write(&e)?;
+    }
+    let held = session.engine.pins.held();
+    let counts = &session.engine.hazards.counts;
+    let hazards = counts.iter().map(|(k, n)| (k.name().to_string(), *n)).collect();
+    writer.write(&Event::Stop(Stop { ts_ns: monotonic_ns(), lost_total: session.lost_total, held: held.clone(), hazards }))?;
     writer.flush()?;
     let pages: u64 = held.iter().map(|h| h.pages).sum();
-    let nhaz: u64 = engine.hazards.counts.values().sum();
+    let nhaz: u64 = counts.values().sum();
     eprintln!(
         "pinwatch: trace written to {}; {} lost record(s); {} hazard(s); {} page reference(s) still held by {} process(es)",
         args.output.display(),
-        lost_total,
+        session.lost_total,
         nhaz,
         pages,
         held.len()

@@ -1,0 +1,83 @@
+//! What the kernel itself reports about pinned and locked memory, from /proc: VmPin and
+//! VmLck per process, RLIMIT_MEMLOCK, and the FOLL_PIN counters of /proc/vmstat. The
+//! engine compares them with what pinwatch saw; they can differ for good reasons
+//! (README: "pinwatch and the kernel disagree").
+
+use std::collections::{BTreeSet, HashMap};
+
+use procfs::process::{LimitValue, Process};
+
+use crate::engine::account::KernelProc;
+
+/// One process as /proc shows it.
+#[derive(Clone, Debug, Default)]
+pub struct ProcInfo {
+    pub comm: String,
+    pub uid: u32,
+    pub kernel: KernelProc,
+}
+
+pub fn proc_info(pid: u32) -> Option<ProcInfo> {
+    let p = Process::new(pid as i32).ok()?;
+    let st = p.status().ok()?;
+    let memlock = p.limits().ok().map(|l| match l.max_locked_memory.soft_limit {
+        LimitValue::Unlimited => None,
+        LimitValue::Value(v) => Some(v),
+    });
+    Some(ProcInfo {
+        comm: st.name,
+        uid: st.ruid,
+        kernel: KernelProc {
+            vmpin_bytes: st.vmpin.unwrap_or(0) * 1024,
+            vmlck_bytes: st.vmlck.unwrap_or(0) * 1024,
+            memlock_limit_bytes: memlock.flatten(),
+        },
+    })
+}
+
+/// `wanted` plus every process the kernel charges pinned or locked memory to: those are
+/// worth a row even when pinwatch saw none of their pins (taken before it started, or
+/// invisible on this kernel).
+pub fn snapshot(wanted: &BTreeSet<u32>) -> HashMap<u32, ProcInfo> {
+    let mut out: HashMap<u32, ProcInfo> = wanted.iter().filter_map(|pid| proc_info(*pid).map(|i| (*pid, i))).collect();
+    if let Ok(all) = procfs::process::all_processes() {
+        for p in all.flatten() {
+            let pid = p.pid as u32;
+            if out.contains_key(&pid) {
+                continue;
+            }
+            let Ok(st) = p.status() else { continue };
+            if st.vmpin.unwrap_or(0) > 0 || st.vmlck.unwrap_or(0) > 0 {
+                if let Some(info) = proc_info(pid) {
+                    out.insert(pid, info);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// nr_foll_pin_acquired and nr_foll_pin_released (base pages, since boot).
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct FollPinCounters {
+    pub nr_foll_pin_acquired: i64,
+    pub nr_foll_pin_released: i64,
+}
+
+pub fn foll_pin_counters() -> Option<FollPinCounters> {
+    let v = procfs::vmstat().ok()?;
+    Some(FollPinCounters { nr_foll_pin_acquired: *v.get("nr_foll_pin_acquired")?, nr_foll_pin_released: *v.get("nr_foll_pin_released")? })
+}
+
+/// A user's name from the password database, else the uid.
+pub fn user_name(uid: u32) -> String {
+    let mut buf = vec![0i8; 4096];
+    let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut result: *mut libc::passwd = std::ptr::null_mut();
+    let rc = unsafe { libc::getpwuid_r(uid, &mut pw, buf.as_mut_ptr(), buf.len(), &mut result) };
+    if rc == 0 && !result.is_null() {
+        unsafe { std::ffi::CStr::from_ptr(pw.pw_name) }.to_string_lossy().into_owned()
+    } else {
+        uid.to_string()
+    }
+}

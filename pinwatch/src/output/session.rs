@@ -1,0 +1,198 @@
+//! A live session, shared by the modes that watch the running kernel (record, top):
+//! the programs attached, the record stream, the engine, and the periodic work a live
+//! run needs besides events: drop counters, re-checking held FOLL_GET references
+//! against the kernel's counts, and the limit rules with /proc's figures.
+
+use std::{collections::{BTreeSet, HashMap}, time::Duration};
+
+use anyhow::{bail, Result};
+
+use crate::{
+    engine::{
+        account::{account, Accounts, KernelProc, LimitState, Limits},
+        Engine,
+    },
+    kernel::{
+        load::Sweeper,
+        plan::{blind_roles, AttachMode, Choice, Mode, Role},
+        procs::{self, ProcInfo},
+        stream::{monotonic_ns, LiveSource},
+        Kernel,
+    },
+    trace::{Event, Flag, Hazard, Start},
+};
+
+/// Limit rules, as options of every live mode.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct LimitArgs {
+    /// Flag pins held longer than this (long_held_pin), e.g. 30s, 5m.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub max_pin_age: Option<Duration>,
+    /// Cap on long-term pinned bytes per process (pin_limit_exceeded), e.g. 64MiB.
+    #[arg(long, value_parser = parse_bytes)]
+    pub max_longterm_process: Option<u64>,
+    /// Cap on long-term pinned bytes per cgroup.
+    #[arg(long, value_parser = parse_bytes)]
+    pub max_longterm_cgroup: Option<u64>,
+    /// Cap on long-term pinned bytes per user.
+    #[arg(long, value_parser = parse_bytes)]
+    pub max_longterm_user: Option<u64>,
+    /// Do not flag processes whose long-term pins exceed their RLIMIT_MEMLOCK.
+    #[arg(long)]
+    pub no_memlock_rule: bool,
+}
+
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    s.parse::<bytesize::ByteSize>().map(|b| b.as_u64()).map_err(|e| format!("{s:?} is not a size like 4096, 64KiB or 1GiB: {e}"))
+}
+
+impl LimitArgs {
+    pub fn limits(&self) -> Limits {
+        Limits {
+            max_pin_age_ns: self.max_pin_age.map(|d| d.as_nanos() as u64),
+            max_longterm_process: self.max_longterm_process,
+            max_longterm_cgroup: self.max_longterm_cgroup,
+            max_longterm_user: self.max_longterm_user,
+            ignore_memlock: self.no_memlock_rule,
+        }
+    }
+}
+
+/// FOLL_GET references older than this are re-checked against the kernel's counts.
+const SWEEP_AFTER_NS: u64 = 1_000_000_000;
+/// Folios re-checked per tick at most: each is one test run of a small program.
+const SWEEP_MAX: usize = 4096;
+
+pub struct Session {
+    pub kernel: Kernel,
+    source: LiveSource,
+    sweeper: Option<Sweeper>,
+    pub engine: Engine,
+    limits: Limits,
+    limit_state: LimitState,
+    pub mode: Mode,
+    pub lost_total: u64,
+    /// The kernel's own figures of the last tick, by pid.
+    pub procs: HashMap<u32, ProcInfo>,
+}
+
+/// What one tick found.
+pub struct Tick {
+    pub events: Vec<Event>,
+    pub accounts: Accounts,
+}
+
+impl Session {
+    /// Loads and attaches; refuses to run blind, explains tracepoint-only mode.
+    pub fn open(attach: AttachMode, limits: &LimitArgs) -> Result<Session> {
+        let mut kernel = Kernel::open(attach)?;
+        let mode = kernel.attach()?;
+        match mode {
+            Mode::Full => {}
+            Mode::TracepointOnly => eprintln!("pinwatch: {}", mode.explain()),
+            Mode::Blind => {
+                let why = kernel
+                    .plan
+                    .iter()
+                    .filter(|h| h.role == Role::Acquire)
+                    .find_map(|h| match &h.choice {
+                        Choice::Unavailable { reason } => Some(reason.clone()),
+                        _ => None,
+                    })
+                    .unwrap_or_else(|| "no hook".into());
+                bail!(
+                    "pinwatch cannot see any GUP entry point on kernel {} ({why}), and no tracepoint hazard hook attached either; nothing to watch. `pinwatch doctor` shows what this kernel allows",
+                    kernel.release
+                );
+            }
+        }
+        let source = LiveSource::new(&mut kernel)?;
+        let sweeper = match kernel.sweeper() {
+            Ok(s) => Some(s),
+            Err(e) => {
+                log::warn!("{e:#}: FOLL_GET references dropped unseen stay counted until their page is freed");
+                None
+            }
+        };
+        Ok(Session {
+            kernel,
+            source,
+            sweeper,
+            engine: Engine::default(),
+            limits: limits.limits(),
+            limit_state: LimitState::default(),
+            mode,
+            lost_total: 0,
+            procs: HashMap::new(),
+        })
+    }
+
+    pub fn start_event(&self) -> Event {
+        Event::Start(Start {
+            version: env!("CARGO_PKG_VERSION").into(),
+            kernel: self.kernel.release.clone(),
+            hooks: self.kernel.hooks_in_use(),
+            mode: self.mode.name().into(),
+            blind: blind_roles(&self.kernel.plan).iter().map(|r| r.name().to_string()).collect(),
+        })
+    }
+
+    /// Waits for records, then takes all of them.
+    pub async fn next_batch(&mut self, out: &mut Vec<Event>) -> Result<()> {
+        self.source.next_batch(out).await
+    }
+
+    /// Whatever is in the ring now, and calls whose chunks never came.
+    pub fn drain(&mut self, out: &mut Vec<Event>) {
+        self.source.drain(out);
+        self.source.flush(out);
+    }
+
+    /// Feeds an event to the engine; returns it and the hazards it revealed, in the
+    /// order a trace holds them.
+    pub fn apply(&mut self, e: Event, out: &mut Vec<Event>) {
+        if let Event::Lost(l) = &e {
+            self.lost_total += l.count;
+        }
+        let hazards = self.engine.apply(&e);
+        out.push(e);
+        out.extend(hazards.into_iter().map(Event::Hazard));
+    }
+
+    /// The periodic work: new drops, a re-check of old FOLL_GET references (their
+    /// `gone` records arrive with the next batch), the kernel's own figures, and the
+    /// limit rules.
+    pub fn tick(&mut self, extra_pids: &BTreeSet<u32>) -> Result<Tick> {
+        let mut events = Vec::new();
+        let mut lost = Vec::new();
+        self.source.lost(&self.kernel, &mut lost)?;
+        for e in lost {
+            self.apply(e, &mut events);
+        }
+        let now = monotonic_ns();
+        if let Some(sw) = self.sweeper.as_mut() {
+            let old: BTreeSet<u64> = self
+                .engine
+                .pins
+                .iter()
+                .filter(|(_, h)| h.flags.contains(&Flag::Get) && now.saturating_sub(h.since_ns) > SWEEP_AFTER_NS)
+                .map(|(pfn, _)| pfn)
+                .take(SWEEP_MAX)
+                .collect();
+            for pfn in old {
+                self.kernel.sweep(sw, pfn);
+            }
+        }
+        let accounts = account(&self.engine.pins);
+        let mut pids: BTreeSet<u32> = accounts.processes.keys().copied().collect();
+        pids.extend(extra_pids);
+        self.procs = procs::snapshot(&pids);
+        let kernel: HashMap<u32, KernelProc> = self.procs.iter().map(|(p, i)| (*p, i.kernel)).collect();
+        let breaches: Vec<Hazard> = self.limit_state.check(&self.limits, &self.engine.pins, &accounts, &kernel, now);
+        for h in breaches {
+            *self.engine.hazards.counts.entry(h.kind).or_default() += 1;
+            events.push(Event::Hazard(h));
+        }
+        Ok(Tick { events, accounts })
+    }
+}
