@@ -44,6 +44,10 @@ enum Scenario {
         pages: usize,
         #[arg(long, default_value_t = 500)]
         hold_ms: u64,
+        /// Set RLIMIT_MEMLOCK to this many bytes first (root keeps CAP_IPC_LOCK, so the
+        /// kernel does not enforce it: pinwatch's rule must).
+        #[arg(long)]
+        memlock: Option<u64>,
     },
     /// The 2018 sequence on demand: a slow O_DIRECT read pins the first `pages` pages of
     /// a MAP_SHARED ext4 mapping of 2 * `pages`, and while the pin is held msync,
@@ -348,7 +352,11 @@ fn pvm_writev(pages: usize) -> Result<()> {
 #[repr(C)]
 struct IoUringParams([u8; 120]);
 
-fn iouring_fixed(pages: usize, hold_ms: u64) -> Result<()> {
+fn iouring_fixed(pages: usize, hold_ms: u64, memlock: Option<u64>) -> Result<()> {
+    if let Some(bytes) = memlock {
+        let lim = libc::rlimit { rlim_cur: bytes, rlim_max: bytes };
+        check(unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim) } as _, "setrlimit(RLIMIT_MEMLOCK)")?;
+    }
     let buf = map_anon(pages)?;
     let ring = uring()?;
     report("iouring-fixed", pages, "");
@@ -380,7 +388,7 @@ fn main() -> Result<()> {
         Scenario::OdirectSlow(dio) => odirect_slow(&dio),
         Scenario::Vmsplice { pages, hold_ms } => vmsplice(pages, hold_ms),
         Scenario::PvmWritev { pages } => pvm_writev(pages),
-        Scenario::IouringFixed { pages, hold_ms } => iouring_fixed(pages, hold_ms),
+        Scenario::IouringFixed { pages, hold_ms, memlock } => iouring_fixed(pages, hold_ms, memlock),
         Scenario::Buffered { file, pages } => buffered(&file, pages),
         Scenario::OdirectHazard { dio, target, no_pin } => odirect_hazard(&dio, target, no_pin),
         Scenario::Released(dio) => released(&dio),

@@ -156,8 +156,48 @@ pub fn check_hazards(scenario: &str, r: &Recorded, v: (u32, u32)) -> Result<Stri
             }
             Ok(format!("truncate_while_pinned on all {} pinned memfd pages, pinner {pid}", got.len()))
         }
+        "memlock" | "memlock_ctl" | "aged" | "aged_vmsplice" | "aged_ctl" => {
+            let kind = if scenario.starts_with("memlock") { "pin_limit_exceeded" } else { "long_held_pin" };
+            let hs: Vec<&Value> = hazards(r, kind).filter(|h| h["limit"]["id"].as_u64() == Some(pid)).collect();
+            if scenario.ends_with("_ctl") {
+                ensure!(hs.is_empty(), "control flagged {kind}: {}", hs[0]);
+                ensure!(!scenario_pins(r, pid, since).is_empty(), "the control took no pins: it proves nothing");
+                return Ok(format!("no {kind}"));
+            }
+            let h = hs.first().with_context(|| format!("no {kind} for pid {pid}; hazards: {all:?}"))?;
+            let l = &h["limit"];
+            if kind == "pin_limit_exceeded" {
+                ensure!(l["rule"] == "rlimit_memlock", "rule {}", l["rule"]);
+                ensure!(l["value"].as_u64() == Some(pages * 4096) && l["limit"] == 65536, "figures {l}, expected {} over 65536", pages * 4096);
+            } else {
+                ensure!(l["value"].as_u64().unwrap_or(0) > 1_000_000_000, "age {} is not past the 1 s rule", l["value"]);
+                ensure!(pinner_pids(h) == vec![Some(pid)], "pinner {:?}", pinner_pids(h));
+            }
+            Ok(format!("{kind}: {l}"))
+        }
         _ => bail!("no check for scenario {scenario}"),
     }
+}
+
+/// `pinwatch top -b --output json` while io_uring fixed buffers pin `pages`: the
+/// process shows them long-term pinned, VmPin beside it, and nothing once released.
+pub fn check_top(r: &Recorded, v: (u32, u32)) -> Result<String> {
+    let (pid, pages, _) = basics(r)?;
+    let bytes = pages * 4096;
+    let row = |doc: &Value| doc["processes"].as_array().and_then(|ps| ps.iter().find(|p| p["pid"].as_u64() == Some(pid)).cloned());
+    let during = r.trace.iter().filter_map(row).find(|p| p["longterm_bytes"].as_u64() == Some(bytes));
+    let p = during.with_context(|| format!("no refresh shows pid {pid} with {bytes} bytes long-term pinned: {:?}", r.trace.iter().filter_map(row).collect::<Vec<_>>()))?;
+    ensure!(p["pinned_bytes"].as_u64() == Some(bytes), "pinned_bytes {} with longterm {bytes}", p["pinned_bytes"]);
+    // io_uring charges mm->pinned_vm; 7.x skips it for callers with CAP_IPC_LOCK (root).
+    let vmpin = if v >= (7, 0) { 0 } else { bytes };
+    ensure!(p["vmpin_bytes"].as_u64() == Some(vmpin), "VmPin {} beside {bytes} pinned, expected {vmpin} on this kernel", p["vmpin_bytes"]);
+    let last = r.trace.last().context("no refresh")?;
+    let after = row(last).map(|p| p["pinned_bytes"].as_u64().unwrap_or(0)).unwrap_or(0);
+    ensure!(after == 0, "pid {pid} still shows {after} bytes pinned after unregistering");
+    for k in ["processes", "totals", "lost_events"] {
+        ensure!(last.get(k).is_some(), "refresh without {k}");
+    }
+    Ok(format!("pid {pid}: {bytes} bytes long-term pinned, VmPin {vmpin}, then 0"))
 }
 
 /// This machine's kernel: tracepoint-only mode must catch the truncate of pages the
@@ -187,6 +227,9 @@ pub fn check_host_memfd(scenario: &str, r: &Recorded) -> Result<String> {
 
 /// Checks one scenario's trace; returns a one-line summary of what was seen.
 pub fn check(scenario: &str, r: &Recorded, v: (u32, u32)) -> Result<String> {
+    if scenario == "top" {
+        return check_top(r, v);
+    }
     if !matches!(scenario, "odirect" | "vmsplice" | "pvm" | "iouring" | "buffered") {
         return check_hazards(scenario, r, v);
     }

@@ -12,7 +12,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{bail, ensure, Context as _, Result};
 use clap::{Parser, Subcommand};
 
 use kernels::Fetched;
@@ -58,7 +58,29 @@ const SCENARIOS: &[(&str, &str, &str)] = &[
     ("longterm", "", "pinwatch-scenario longterm-file --file /mnt/longterm --pages 8"),
     ("memfd", "", "pinwatch-scenario memfd-truncate --pages 8"),
     ("memfd_nopin", "", "pinwatch-scenario memfd-truncate --pages 8 --no-pin"),
+    // Limits: root keeps CAP_IPC_LOCK, so the kernel lets it pin past RLIMIT_MEMLOCK.
+    ("memlock", "", "pinwatch-scenario iouring-fixed --pages 256 --hold-ms 2500 --memlock 65536"),
+    ("memlock_ctl", "", "pinwatch-scenario iouring-fixed --pages 8 --hold-ms 2500 --memlock 65536"),
+    ("aged", "--max-pin-age 1s", "pinwatch-scenario odirect-slow --file /mnt/aged --dev /dev/nullb0 --pages 8"),
+    ("aged_vmsplice", "--max-pin-age 1s", "pinwatch-scenario vmsplice --pages 8 --hold-ms 2500"),
+    ("aged_ctl", "--max-pin-age 1s", "pinwatch-scenario pvm-writev --pages 8"),
 ];
+
+/// `pinwatch top` in batch JSON while io_uring fixed buffers pin 1 MiB for a while: it
+/// must show them, beside the kernel's VmPin, and show them gone after.
+const TOP_PLAN: &str = r#"
+say BEGIN top
+pinwatch top -b -n 8 -d 1 --output json > /tmp/top.json 2> /tmp/top.err &
+TOP=$!
+i=0; while [ ! -s /tmp/top.json ] && [ $i -lt 900 ]; do sleep 0.1; i=$((i+1)); done
+pinwatch-scenario iouring-fixed --pages 256 --hold-ms 2500 > /tmp/top.out
+wait $TOP
+say RC top $?
+sed "s/^/PINWATCH-LAB OUT top /" /tmp/top.out > $R
+sed "s/^/PINWATCH-LAB ERR top /" /tmp/top.err > $R
+sed "s/^/PINWATCH-LAB TRACE top /" /tmp/top.json > $R
+say END top
+"#;
 
 fn plan() -> String {
     let mut s = String::from(
@@ -67,6 +89,7 @@ fn plan() -> String {
     for (name, opts, cmd) in SCENARIOS {
         s.push_str(&format!("record {name} {opts} -- {cmd}\n"));
     }
+    s.push_str(TOP_PLAN);
     s
 }
 
@@ -154,9 +177,9 @@ fn lab(names: &[String], bins: &lab::Binaries, tally: &mut Tally) -> Result<()> 
             }
             other => tally.fail(&format!("{} doctor", k.release), &format!("{:?}", other.map(|d| (&d.rc, &d.out)))),
         }
-        for (name, _, _) in SCENARIOS {
+        for name in SCENARIOS.iter().map(|s| s.0).chain(["top"]) {
             let what = format!("{} {name}", k.release);
-            match results.get(*name) {
+            match results.get(name) {
                 None => tally.fail(&what, "no result from the guest"),
                 Some(r) => match checks::check(name, r, v) {
                     Ok(detail) => tally.pass(&what, &detail),
@@ -215,6 +238,80 @@ fn host(bins: &lab::Binaries, tally: &mut Tally) -> Result<()> {
                 Ok(d) => tally.pass(&what, &d),
                 Err(e) => tally.fail(&what, &format!("{e:#}")),
             }
+        }
+    }
+    Ok(())
+}
+
+/// `pinwatch top` used as a person would: in tmux, sorted from the keyboard, left with q
+/// and with Ctrl-C, the terminal checked afterwards (echo and canonical mode back).
+fn host_top(bins: &lab::Binaries, tally: &mut Tally) -> Result<()> {
+    // A process the kernel charges 1 MiB of long-term pins (VmPin): visible to top on
+    // any kernel, through /proc, even where GUP calls are not.
+    let mut holder = Command::new(&bins.scenario)
+        .args(["iouring-fixed", "--pages", "256", "--hold-ms", "60000"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("starting the io_uring scenario")?;
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(holder.stdout.take().context("stdout")?), &mut line)?;
+    let pid: u32 = line.split("\"pid\":").nth(1).and_then(|s| s.split(',').next()).and_then(|s| s.parse().ok()).context("scenario pid")?;
+    let result = (|| -> Result<Vec<(String, Result<String>)>> {
+        let mut out = Vec::new();
+        let cmd = format!("{} top -d 1; echo TOP-EXITED $?; stty -a | tr ' ' '\\n' | grep -x -e echo -e icanon; sleep 120", bins.pinwatch.display());
+        let tmux = |args: &[&str]| Command::new("tmux").args(args).output();
+        let screen = |s: &str| tmux(&["capture-pane", "-p", "-t", s]).map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+        let wait_for = |s: &str, what: &str| -> Result<String> {
+            for _ in 0..150 {
+                let text = screen(s);
+                if text.contains(what) {
+                    return Ok(text);
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            bail!("{what:?} never appeared; screen:\n{}", screen(s))
+        };
+        // The first data row's pid, below the header line.
+        let first_pid = |text: &str| -> Option<u32> {
+            text.lines().skip_while(|l| !l.contains("PINNED")).nth(1).and_then(|l| l.split_whitespace().next()).and_then(|p| p.parse().ok())
+        };
+        for (s, quit) in [("pinwatch-top-q", "q"), ("pinwatch-top-c", "C-c")] {
+            let _ = tmux(&["kill-session", "-t", s]);
+            tmux(&["new-session", "-d", "-s", s, "-x", "200", "-y", "50", &cmd])?;
+            let r = (|| -> Result<String> {
+                let text = wait_for(s, "PINNED*")?;
+                ensure!(text.contains(&pid.to_string()), "holder pid {pid} not on screen:\n{text}");
+                if quit == "q" {
+                    tmux(&["send-keys", "-t", s, "v"])?;
+                    let text = wait_for(s, "VmPin*")?;
+                    ensure!(first_pid(&text) == Some(pid), "sorted by VmPin, the 1 MiB holder {pid} is not first:\n{text}");
+                    tmux(&["send-keys", "-t", s, "n"])?;
+                    let text = wait_for(s, "PID*")?;
+                    let pids: Vec<u32> = text.lines().skip_while(|l| !l.contains("PINNED")).skip(1).filter_map(|l| l.split_whitespace().next()?.parse().ok()).collect();
+                    ensure!(pids.len() >= 2 && pids.windows(2).all(|w| w[0] <= w[1]), "sorted by PID, rows are {pids:?}");
+                    tmux(&["send-keys", "-t", s, "r"])?;
+                    let text = wait_for(s, "(reversed)")?;
+                    let rev: Vec<u32> = text.lines().skip_while(|l| !l.contains("PINNED")).skip(1).filter_map(|l| l.split_whitespace().next()?.parse().ok()).collect();
+                    ensure!(rev.windows(2).all(|w| w[0] >= w[1]), "reversed, rows are {rev:?}");
+                }
+                tmux(&["send-keys", "-t", s, quit])?;
+                let text = wait_for(s, "TOP-EXITED")?;
+                ensure!(text.contains("TOP-EXITED 0"), "top did not exit 0 on {quit}:\n{text}");
+                ensure!(text.lines().any(|l| l.trim() == "echo") && text.lines().any(|l| l.trim() == "icanon"), "terminal not restored after {quit} (stty):\n{text}");
+                ensure!(!text.contains("PINNED*"), "the table is still on screen after {quit}:\n{text}");
+                Ok(format!("sorted from the keyboard, left with {quit}, terminal restored"))
+            })();
+            let _ = tmux(&["kill-session", "-t", s]);
+            out.push((format!("host top interactive ({quit})"), r));
+        }
+        Ok(out)
+    })();
+    let _ = holder.kill();
+    let _ = holder.wait();
+    for (what, r) in result? {
+        match r {
+            Ok(d) => tally.pass(&what, &d),
+            Err(e) => tally.fail(&what, &format!("{e:#}")),
         }
     }
     Ok(())
@@ -293,6 +390,7 @@ fn main() -> ExitCode {
                 let mut t = Tally::default();
                 let bins = lab::build_binaries()?;
                 host(&bins, &mut t)?;
+                host_top(&bins, &mut t)?;
                 lab(&[], &bins, &mut t)?;
                 summary(&t);
                 Ok(t.failed == 0)
