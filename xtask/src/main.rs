@@ -42,6 +42,10 @@ enum Cmd {
     },
 }
 
+/// Time one boot of the lab may take: about 20 recordings, each loading the programs
+/// under TCG, take 5 to 7 minutes; a hang shows as running past this.
+const BOOT_LIMIT: Duration = Duration::from_secs(900);
+
 /// (name, `pinwatch record` options, scenario command). The default attach mode is
 /// auto, which takes fentry where the kernel allows it (every lab kernel does).
 const SCENARIOS: &[(&str, &str, &str)] = &[
@@ -141,7 +145,7 @@ fn lab(names: &[String], bins: &lab::Binaries, tally: &mut Tally) -> Result<()> 
         let work = util::cache_dir().join("runs").join(&k.release);
         std::fs::create_dir_all(&work)?;
         let boot = lab::build_initramfs(&k, bins, &plan(), &work)
-            .and_then(|img| lab::boot(&k, &img, &work, Duration::from_secs(300)));
+            .and_then(|img| lab::boot(&k, &img, &work, BOOT_LIMIT));
         let boot = match boot {
             Ok(b) => b,
             Err(e) => {
@@ -271,9 +275,13 @@ fn host_top(bins: &lab::Binaries, tally: &mut Tally) -> Result<()> {
             }
             bail!("{what:?} never appeared; screen:\n{}", screen(s))
         };
-        // The first data row's pid, below the header line.
-        let first_pid = |text: &str| -> Option<u32> {
-            text.lines().skip_while(|l| !l.contains("PINNED")).nth(1).and_then(|l| l.split_whitespace().next()).and_then(|p| p.parse().ok())
+        // The pids of the rows, in screen order, below the table's header line.
+        let row_pids = |text: &str| -> Vec<u32> {
+            text.lines()
+                .skip_while(|l| !l.trim_start().starts_with("PID"))
+                .skip(1)
+                .map_while(|l| l.split_whitespace().next()?.parse().ok())
+                .collect()
         };
         for (s, quit) in [("pinwatch-top-q", "q"), ("pinwatch-top-c", "C-c")] {
             let _ = tmux(&["kill-session", "-t", s]);
@@ -284,14 +292,14 @@ fn host_top(bins: &lab::Binaries, tally: &mut Tally) -> Result<()> {
                 if quit == "q" {
                     tmux(&["send-keys", "-t", s, "v"])?;
                     let text = wait_for(s, "VmPin*")?;
-                    ensure!(first_pid(&text) == Some(pid), "sorted by VmPin, the 1 MiB holder {pid} is not first:\n{text}");
+                    ensure!(row_pids(&text).first() == Some(&pid), "sorted by VmPin, the 1 MiB holder {pid} is not first:\n{text}");
                     tmux(&["send-keys", "-t", s, "n"])?;
                     let text = wait_for(s, "PID*")?;
-                    let pids: Vec<u32> = text.lines().skip_while(|l| !l.contains("PINNED")).skip(1).filter_map(|l| l.split_whitespace().next()?.parse().ok()).collect();
+                    let pids = row_pids(&text);
                     ensure!(pids.len() >= 2 && pids.windows(2).all(|w| w[0] <= w[1]), "sorted by PID, rows are {pids:?}");
                     tmux(&["send-keys", "-t", s, "r"])?;
                     let text = wait_for(s, "(reversed)")?;
-                    let rev: Vec<u32> = text.lines().skip_while(|l| !l.contains("PINNED")).skip(1).filter_map(|l| l.split_whitespace().next()?.parse().ok()).collect();
+                    let rev = row_pids(&text);
                     ensure!(rev.windows(2).all(|w| w[0] >= w[1]), "reversed, rows are {rev:?}");
                 }
                 tmux(&["send-keys", "-t", s, quit])?;
@@ -330,7 +338,7 @@ fn demo(kernel: &str) -> Result<()> {
     std::fs::create_dir_all(&work)?;
     println!("demo: booting Debian {} under QEMU and running pinwatch there", k.release);
     let img = lab::build_initramfs(&k, &bins, &plan(), &work)?;
-    let boot = lab::boot(&k, &img, &work, Duration::from_secs(300))?;
+    let boot = lab::boot(&k, &img, &work, BOOT_LIMIT)?;
     let results = lab::parse(&boot.results);
     if let Some(d) = results.get("doctor") {
         println!("\n$ pinwatch doctor --format json   (verdict)");

@@ -561,7 +561,7 @@ fn screen_text(s: &Session, rows: &[Row], acc: &Accounts, sort: Column, reverse:
     out += &render(rows, sort, width);
     out += "\n";
     for r in rows.iter().filter(|r| r.disagreement.is_some()).take(3) {
-        out += &format!("  {} {}: {}\n", r.pid, r.comm, r.disagreement.as_deref().unwrap_or(""));
+        out += &format!("note: pid {} ({}): {}\n", r.pid, r.comm, r.disagreement.as_deref().unwrap_or(""));
     }
     if let Some(pid) = pid {
         out += &mappings(s, pid);
