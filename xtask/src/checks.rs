@@ -341,6 +341,28 @@ mod tests {
     }
 
     #[test]
+    fn top_and_limit_checks_fail_on_each_defect() {
+        let doc = |pid: u64, lt: u64, vmpin: u64| serde_json::json!({"processes":[{"pid":pid,"pinned_bytes":lt,"longterm_bytes":lt,"vmpin_bytes":vmpin}],"totals":{},"lost_events":0});
+        let empty = serde_json::json!({"processes":[],"totals":{},"lost_events":0});
+        let b = 2 * 4096;
+        let good = vec![empty.clone(), doc(5, b, b), empty.clone()];
+        assert!(check("top", &rec(&good, 5), (6, 12)).is_ok());
+        // 7.x: root's io_uring pins are not charged to VmPin
+        assert!(check("top", &rec(&good, 5), (7, 2)).is_err());
+        assert!(check("top", &rec(&[empty.clone(), doc(5, b, 0), empty.clone()], 5), (7, 2)).is_ok());
+        // still pinned at the end, or never seen
+        assert!(check("top", &rec(&[doc(5, b, b), doc(5, b, b)], 5), (6, 1)).is_err());
+        assert!(check("top", &rec(&[empty.clone(), empty], 5), (6, 1)).is_err());
+        let breach = |kind: &str, id: u64, value: u64| serde_json::json!({"event":"hazard","kind":kind,"pinner":{"pid":id},"limit":{"rule":"rlimit_memlock","scope":"process","id":id,"value":value,"limit":65536}});
+        let mut t = vec![start("fentry"), pin(5, 20, &[1, 2]), breach("pin_limit_exceeded", 5, b)];
+        assert!(check("memlock", &rec(&t, 5), (6, 1)).is_ok());
+        assert!(check("memlock_ctl", &rec(&t, 5), (6, 1)).is_err());
+        t.pop();
+        assert!(check("memlock", &rec(&t, 5), (6, 1)).is_err());
+        assert!(check("memlock_ctl", &rec(&t, 5), (6, 1)).is_ok());
+    }
+
+    #[test]
     fn hazard_checks_fail_on_each_defect() {
         let v = (6, 12);
         let mut good = vec![start("fentry"), pin(5, 20, &[1, 2])];
