@@ -65,51 +65,69 @@ pub const RECORD_TRUNCATED: u16 = 1 << 0;
 /// The GUP call returned an error (`ret` < 0); no pages were taken.
 pub const RECORD_FAILED: u16 = 1 << 1;
 
-/// Kernel functions pinwatch hooks. The id travels in records; user space maps it back
-/// to the kernel's name with [`Hook::name`].
-#[repr(u16)]
-#[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Hook {
-    GetUserPages = 1,
-    PinUserPages = 2,
-    GetUserPagesFast = 3,
-    PinUserPagesFast = 4,
-    GetUserPagesFastOnly = 5,
-    GetUserPagesRemote = 6,
-    PinUserPagesRemote = 7,
-    GetUserPagesUnlocked = 8,
-    PinUserPagesUnlocked = 9,
+/// Defines [`Hook`] with each kernel function's id and name once: the enum, its names and
+/// the list of all of them cannot drift apart.
+macro_rules! hooks {
+    ($($(#[$doc:meta])* $variant:ident = $id:literal => $name:literal,)*) => {
+        /// Kernel functions (and tracepoints) pinwatch hooks. The id travels in records;
+        /// user space maps it back to the kernel's name with [`Hook::name`].
+        #[repr(u16)]
+        #[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+        pub enum Hook {
+            $($(#[$doc])* $variant = $id,)*
+        }
 
-    UnpinUserPage = 20,
-    UnpinUserPages = 21,
-    UnpinUserPagesDirtyLock = 22,
-    UnpinUserPageRangeDirtyLock = 23,
-    UnpinFolio = 24,
-    UnpinFolios = 25,
-    UnpinUserFolio = 26,
+        impl Hook {
+            pub const ALL: &'static [Hook] = &[$(Hook::$variant,)*];
+
+            pub const fn name(self) -> &'static str {
+                match self {
+                    $(Hook::$variant => $name,)*
+                }
+            }
+        }
+    };
+}
+
+hooks! {
+    GetUserPages = 1 => "get_user_pages",
+    PinUserPages = 2 => "pin_user_pages",
+    GetUserPagesFast = 3 => "get_user_pages_fast",
+    PinUserPagesFast = 4 => "pin_user_pages_fast",
+    GetUserPagesFastOnly = 5 => "get_user_pages_fast_only",
+    GetUserPagesRemote = 6 => "get_user_pages_remote",
+    PinUserPagesRemote = 7 => "pin_user_pages_remote",
+    GetUserPagesUnlocked = 8 => "get_user_pages_unlocked",
+    PinUserPagesUnlocked = 9 => "pin_user_pages_unlocked",
+    UnpinUserPage = 20 => "unpin_user_page",
+    UnpinUserPages = 21 => "unpin_user_pages",
+    UnpinUserPagesDirtyLock = 22 => "unpin_user_pages_dirty_lock",
+    UnpinUserPageRangeDirtyLock = 23 => "unpin_user_page_range_dirty_lock",
+    UnpinFolio = 24 => "unpin_folio",
+    UnpinFolios = 25 => "unpin_folios",
+    UnpinUserFolio = 26 => "unpin_user_folio",
     /// Drops the FOLL_GET references that direct I/O took (5.x to 6.4).
-    BioReleasePages = 27,
+    BioReleasePages = 27 => "bio_release_pages",
     /// `__bio_release_pages`, the out-of-line half of bio_release_pages (5.15+).
-    UnderscoreBioReleasePages = 28,
+    UnderscoreBioReleasePages = 28 => "__bio_release_pages",
     /// Drops the reference a vmsplice'd page held in a pipe buffer.
-    PageCachePipeBufRelease = 29,
+    PageCachePipeBufRelease = 29 => "page_cache_pipe_buf_release",
     /// kmem:mm_page_free: the page is free, so no reference of any kind is left.
-    MmPageFree = 30,
-
-    TryToUnmapOne = 40,
-    PageMkcleanOne = 41,
+    MmPageFree = 30 => "mm_page_free",
+    TryToUnmapOne = 40 => "try_to_unmap_one",
+    PageMkcleanOne = 41 => "page_mkclean_one",
     /// ext4's per-page writeback: ext4_bio_write_page (up to 6.3), ext4_bio_write_folio (6.4+).
-    Ext4BioWritePage = 42,
-    Ext4BioWriteFolio = 43,
+    Ext4BioWritePage = 42 => "ext4_bio_write_page",
+    Ext4BioWriteFolio = 43 => "ext4_bio_write_folio",
     /// filemap:mm_filemap_delete_from_page_cache.
-    MmFilemapDeleteFromPageCache = 44,
-    FolioMarkDirty = 45,
-    SetPageDirty = 46,
+    MmFilemapDeleteFromPageCache = 44 => "mm_filemap_delete_from_page_cache",
+    FolioMarkDirty = 45 => "folio_mark_dirty",
+    SetPageDirty = 46 => "set_page_dirty",
     /// writeback:writeback_dirty_folio (5.17+) and writeback_dirty_page (before).
-    WritebackDirtyFolio = 47,
-    WritebackDirtyPage = 48,
+    WritebackDirtyFolio = 47 => "writeback_dirty_folio",
+    WritebackDirtyPage = 48 => "writeback_dirty_page",
     /// pinwatch's own re-check of held references (sweep_pfn).
-    Sweep = 50,
+    Sweep = 50 => "sweep",
 }
 
 impl Hook {
@@ -125,76 +143,8 @@ impl Hook {
         Hook::PinUserPagesUnlocked,
     ];
 
-    pub const fn name(self) -> &'static str {
-        match self {
-            Hook::GetUserPages => "get_user_pages",
-            Hook::PinUserPages => "pin_user_pages",
-            Hook::GetUserPagesFast => "get_user_pages_fast",
-            Hook::PinUserPagesFast => "pin_user_pages_fast",
-            Hook::GetUserPagesFastOnly => "get_user_pages_fast_only",
-            Hook::GetUserPagesRemote => "get_user_pages_remote",
-            Hook::PinUserPagesRemote => "pin_user_pages_remote",
-            Hook::GetUserPagesUnlocked => "get_user_pages_unlocked",
-            Hook::PinUserPagesUnlocked => "pin_user_pages_unlocked",
-            Hook::UnpinUserPage => "unpin_user_page",
-            Hook::UnpinUserPages => "unpin_user_pages",
-            Hook::UnpinUserPagesDirtyLock => "unpin_user_pages_dirty_lock",
-            Hook::UnpinUserPageRangeDirtyLock => "unpin_user_page_range_dirty_lock",
-            Hook::UnpinFolio => "unpin_folio",
-            Hook::UnpinFolios => "unpin_folios",
-            Hook::UnpinUserFolio => "unpin_user_folio",
-            Hook::BioReleasePages => "bio_release_pages",
-            Hook::UnderscoreBioReleasePages => "__bio_release_pages",
-            Hook::PageCachePipeBufRelease => "page_cache_pipe_buf_release",
-            Hook::MmPageFree => "mm_page_free",
-            Hook::TryToUnmapOne => "try_to_unmap_one",
-            Hook::PageMkcleanOne => "page_mkclean_one",
-            Hook::Ext4BioWritePage => "ext4_bio_write_page",
-            Hook::Ext4BioWriteFolio => "ext4_bio_write_folio",
-            Hook::MmFilemapDeleteFromPageCache => "mm_filemap_delete_from_page_cache",
-            Hook::FolioMarkDirty => "folio_mark_dirty",
-            Hook::SetPageDirty => "set_page_dirty",
-            Hook::WritebackDirtyFolio => "writeback_dirty_folio",
-            Hook::WritebackDirtyPage => "writeback_dirty_page",
-            Hook::Sweep => "sweep",
-        }
-    }
-
     pub fn from_u16(v: u16) -> Option<Hook> {
-        use Hook::*;
-        const ALL: [Hook; 30] = [
-            GetUserPages,
-            PinUserPages,
-            GetUserPagesFast,
-            PinUserPagesFast,
-            GetUserPagesFastOnly,
-            GetUserPagesRemote,
-            PinUserPagesRemote,
-            GetUserPagesUnlocked,
-            PinUserPagesUnlocked,
-            UnpinUserPage,
-            UnpinUserPages,
-            UnpinUserPagesDirtyLock,
-            UnpinUserPageRangeDirtyLock,
-            UnpinFolio,
-            UnpinFolios,
-            UnpinUserFolio,
-            BioReleasePages,
-            UnderscoreBioReleasePages,
-            PageCachePipeBufRelease,
-            MmPageFree,
-            TryToUnmapOne,
-            PageMkcleanOne,
-            Ext4BioWritePage,
-            Ext4BioWriteFolio,
-            MmFilemapDeleteFromPageCache,
-            FolioMarkDirty,
-            SetPageDirty,
-            WritebackDirtyFolio,
-            WritebackDirtyPage,
-            Sweep,
-        ];
-        ALL.iter().copied().find(|h| *h as u16 == v)
+        Hook::ALL.iter().copied().find(|h| *h as u16 == v)
     }
 
     /// pin_* calls take FOLL_PIN references, get_* calls plain FOLL_GET references.
