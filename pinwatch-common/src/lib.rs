@@ -11,12 +11,15 @@ pub const RECORD_VERSION: u16 = 2;
 /// Folio head pfns carried by one record. A GUP call that takes more pages is sent as
 /// several records (chunks) of the same call.
 pub const PFNS_PER_RECORD: usize = 64;
-/// Chunks one GUP call or release may produce; pages past
-/// `PFNS_PER_RECORD * MAX_CHUNKS` are counted (`nr_pages`) but their pfns are not sent,
-/// and the record says so with [`RECORD_TRUNCATED`]. Every chunk is a loop of
-/// PFNS_PER_RECORD iterations the verifier walks one by one: with 8 chunks the 6.12
-/// and 7.x verifiers passed their 1M-instruction limit.
-pub const MAX_CHUNKS: usize = 2;
+/// Chunks one GUP call may produce; pages past `PFNS_PER_RECORD * MAX_CHUNKS` (1 MiB of
+/// base pages) are counted (`nr_pages`) but their pfns are not sent, and the record says
+/// so with [`RECORD_TRUNCATED`]. The per-page work is a global BPF function the verifier
+/// checks once, yet each chunk still costs it about 15k instructions, paid for every
+/// GUP return program at start (8 chunks: 121k each, slow under emulation).
+pub const MAX_CHUNKS: usize = 4;
+/// Chunks one release may produce: releases come per bio or per unpin call, and pages
+/// past this are left to the page-free safety net and the sweep.
+pub const RELEASE_MAX_CHUNKS: usize = 2;
 
 pub const TASK_COMM_LEN: usize = 16;
 

@@ -257,3 +257,4 @@ pub fn probe_fentry(_ctx: FEntryContext) -> u32 {
     0
 }
 
+

@@ -3,7 +3,7 @@
 //! page free, after which no reference of any kind can be left.
 
 use aya_ebpf::helpers::bpf_probe_read_kernel;
-use pinwatch_common::{kind, release, MAX_CHUNKS, PFNS_PER_RECORD};
+use pinwatch_common::{kind, release, PFNS_PER_RECORD, RELEASE_MAX_CHUNKS};
 
 use crate::{
     maps::{GUP_CALLS, KNOWN, PINS, PROC_PINS, RELEASE_DEPTH, RELEASE_SCRATCH},
@@ -18,7 +18,7 @@ static BIO_VCNT_OFF: u64 = 0;
 #[no_mangle]
 static PIPE_BUFFER_PAGE_OFF: u64 = 0;
 
-const MAX_PAGES: u64 = (PFNS_PER_RECORD * MAX_CHUNKS) as u64;
+const MAX_PAGES: u64 = (PFNS_PER_RECORD * RELEASE_MAX_CHUNKS) as u64;
 
 /// Drop one reference of kind `release` from the pin state of `pfn`; returns `pfn` if
 /// pinwatch knew of such a reference (only those are worth a record), else u64::MAX.
@@ -86,7 +86,7 @@ fn release_items(hook: u16, release: u16, dirty: u16, n: u64, pfn_of: impl Fn(u6
     r.release = release;
     r.dirty = dirty;
     r.call_id = (r.header.ts_ns << 16) ^ r.header.tid as u64;
-    for chunk in 0..MAX_CHUNKS {
+    for chunk in 0..RELEASE_MAX_CHUNKS {
         let base = (chunk * PFNS_PER_RECORD) as u64;
         if base >= n {
             break;
