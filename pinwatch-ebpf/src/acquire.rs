@@ -133,7 +133,7 @@ fn record(call: &GupCall, ret: i64, tgid: u32, tid: u32) {
                 break;
             }
             let i = base + j as u64;
-            rec.pfns[j] = pin_page(call.pages + i * 8, pin as u64, tgid as u64, call.gup_flags as u64, ts);
+            rec.pfns[j & (PFNS_PER_RECORD - 1)] = pin_page(call.pages + i * 8, pin as u64, tgid as u64, call.gup_flags as u64, ts);
         }
         rec.chunk = chunk as u16;
         rec.nr_pfns = k;
