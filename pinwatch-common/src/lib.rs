@@ -214,6 +214,8 @@ pub struct PinRecord {
     pub file_pages: u16,
     pub _pad: [u16; 3],
     pub file: FileRef,
+    /// bpf_get_stackid of the GUP call's kernel stack (the caller), or a negative errno.
+    pub stack_id: i64,
     pub pfns: [u64; PFNS_PER_RECORD],
 }
 
@@ -411,7 +413,7 @@ mod tests {
     fn record_sizes_are_stable() {
         // The layouts are a wire format: a size change must come with a version bump.
         assert_eq!(core::mem::size_of::<RecordHeader>(), 56);
-        assert_eq!(core::mem::size_of::<PinRecord>(), 56 + 40 + 8 + 24 + 8 * PFNS_PER_RECORD);
+        assert_eq!(core::mem::size_of::<PinRecord>(), 56 + 40 + 8 + 24 + 8 + 8 * PFNS_PER_RECORD);
         assert_eq!(core::mem::size_of::<PageRecord>(), 56 + 8 + 16 + 24 + 8 + 8 + 24);
         assert_eq!(core::mem::size_of::<ReleaseRecord>(), 56 + 16 + 8 * PFNS_PER_RECORD);
     }

@@ -2,14 +2,14 @@
 //! Only the outermost GUP call of a thread is recorded (pin_user_pages_unlocked and the
 //! GUP-fast slow path call get_user_pages_unlocked before 6.2).
 
-use aya_ebpf::helpers::bpf_probe_read_kernel;
+use aya_ebpf::{helpers::bpf_probe_read_kernel, programs::tracing::StackIdContext};
 use pinwatch_common::{
     backing as bk, counter, kind, GupCall, PinState, ProcPins, Hook, MAX_CHUNKS, PFNS_PER_RECORD,
     RECORD_FAILED, RECORD_TRUNCATED,
 };
 
 use crate::{
-    maps::{count, GUP_CALLS, PINS, PIN_SCRATCH, PROC_PINS},
+    maps::{count, GUP_CALLS, PINS, PIN_SCRATCH, PROC_PINS, STACKS},
     page::{backing, file_of, folio_head, mapping, PfnMath},
     record::{current, fill_header, is_self, send},
 };
@@ -74,7 +74,7 @@ fn is_pin(hook: u16) -> bool {
 
 /// Called on return with the raw return register.
 #[inline(always)]
-pub fn exit(raw_ret: u64) {
+pub fn exit<C: StackIdContext>(ctx: &C, raw_ret: u64) {
     let (tgid, tid) = current();
     let Some(slot) = GUP_CALLS.get_ptr_mut(&tid) else {
         return;
@@ -86,11 +86,20 @@ pub fn exit(raw_ret: u64) {
     }
     let _ = GUP_CALLS.remove(&tid);
     let ret = if returns_int(call.hook) { raw_ret as i32 as i64 } else { raw_ret as i64 };
-    record(&call, ret, tgid, tid);
+    // The stack says who called GUP (io_uring, direct I/O, a driver): one lookup per
+    // call, not per page. A full STACKS map is counted, and the call kept without it.
+    let stack_id = match ctx.get_stackid(&STACKS, 0) {
+        Ok(id) => id,
+        Err(e) => {
+            count(counter::STACK_LOST, 1);
+            e as i64
+        }
+    };
+    record(&call, ret, tgid, tid, stack_id);
 }
 
 #[inline(always)]
-fn record(call: &GupCall, ret: i64, tgid: u32, tid: u32) {
+fn record(call: &GupCall, ret: i64, tgid: u32, tid: u32, stack_id: i64) {
     let Some(rec) = PIN_SCRATCH.get_ptr_mut(0) else {
         return;
     };
@@ -102,6 +111,7 @@ fn record(call: &GupCall, ret: i64, tgid: u32, tid: u32) {
     rec.start = call.start;
     rec.nr_requested = call.nr_requested;
     rec.call_id = (ts << 16) ^ tid as u64;
+    rec.stack_id = stack_id;
     rec.chunk = 0;
     rec.nr_pfns = 0;
     rec.file_pages = 0;

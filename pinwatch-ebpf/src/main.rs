@@ -86,7 +86,7 @@ twins!(pin_user_pages_unlocked, fentry_pin_user_pages_unlocked, "pin_user_pages_
 
 #[kretprobe]
 pub fn gup_return(ctx: RetProbeContext) -> u32 {
-    acquire::exit(ctx.ret::<u64>());
+    acquire::exit(&ctx, ctx.ret::<u64>());
     0
 }
 
@@ -95,7 +95,7 @@ macro_rules! gup_fexit {
     ($name:ident, $sym:literal, $n:literal) => {
         #[fexit(function = $sym)]
         pub fn $name(ctx: FExitContext) -> u32 {
-            acquire::exit(ctx.arg::<u64>($n));
+            acquire::exit(&ctx, ctx.arg::<u64>($n));
             0
         }
     };

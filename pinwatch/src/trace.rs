@@ -99,6 +99,12 @@ pub struct Pin {
     pub file_pages: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub file: Option<FileRef>,
+    /// Who called GUP: the first function of the kernel stack outside GUP itself
+    /// (io_sqe_buffer_register, iomap_dio_bio_iter, iter_to_pipe, ib_umem_get...).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub caller: String,
+    #[serde(skip)]
+    pub stack_id: i64,
 }
 
 /// What a hazard hook was doing to a page.

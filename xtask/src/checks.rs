@@ -192,13 +192,16 @@ pub fn check_top(r: &Recorded, v: (u32, u32)) -> Result<String> {
     // io_uring charges mm->pinned_vm; 7.x skips it for callers with CAP_IPC_LOCK (root).
     let vmpin = if v >= (7, 0) { 0 } else { bytes };
     ensure!(p["vmpin_bytes"].as_u64() == Some(vmpin), "VmPin {} beside {bytes} pinned, expected {vmpin} on this kernel", p["vmpin_bytes"]);
+    // Who took them: io_uring's buffer registration, from the GUP call's stack.
+    let by_io_uring = p["by_caller"].as_object().into_iter().flatten().find(|(c, _)| c.starts_with("io_"));
+    ensure!(by_io_uring.is_some_and(|(_, b)| b.as_u64() == Some(bytes)), "by_caller {} does not name io_uring for the {bytes} bytes", p["by_caller"]);
     let last = r.trace.last().context("no refresh")?;
     let after = row(last).map(|p| p["pinned_bytes"].as_u64().unwrap_or(0)).unwrap_or(0);
     ensure!(after == 0, "pid {pid} still shows {after} bytes pinned after unregistering");
     for k in ["processes", "totals", "lost_events"] {
         ensure!(last.get(k).is_some(), "refresh without {k}");
     }
-    Ok(format!("pid {pid}: {bytes} bytes long-term pinned, VmPin {vmpin}, then 0"))
+    Ok(format!("pid {pid}: {bytes} bytes long-term pinned by {}, VmPin {vmpin}, then 0", by_io_uring.map(|(c, _)| c.as_str()).unwrap_or("")))
 }
 
 /// This machine's kernel: tracepoint-only mode must catch the truncate of pages the
@@ -343,7 +346,7 @@ mod tests {
 
     #[test]
     fn top_and_limit_checks_fail_on_each_defect() {
-        let doc = |pid: u64, lt: u64, vmpin: u64| serde_json::json!({"processes":[{"pid":pid,"pinned_bytes":lt,"longterm_bytes":lt,"vmpin_bytes":vmpin}],"totals":{},"lost_events":0});
+        let doc = |pid: u64, lt: u64, vmpin: u64| serde_json::json!({"processes":[{"pid":pid,"pinned_bytes":lt,"longterm_bytes":lt,"vmpin_bytes":vmpin,"by_caller":{"io_pin_pages":lt}}],"totals":{},"lost_events":0});
         let empty = serde_json::json!({"processes":[],"totals":{},"lost_events":0});
         let b = 2 * 4096;
         let good = vec![empty.clone(), doc(5, b, b), empty.clone()];

@@ -23,8 +23,11 @@ pub struct Usage {
     pub write_bytes: u64,
     /// When the oldest reference still held was taken (CLOCK_MONOTONIC).
     pub oldest_since_ns: Option<u64>,
-    /// Bytes by GUP entry point: the call path that took them.
+    /// Bytes by GUP entry point.
     pub by_func: BTreeMap<String, u64>,
+    /// Bytes by caller of GUP (the first function below it on the stack): the driver
+    /// or subsystem that took them.
+    pub by_caller: BTreeMap<String, u64>,
 }
 
 impl Usage {
@@ -37,6 +40,8 @@ impl Usage {
         self.file_bytes += PAGE_SIZE * h.file as u64;
         self.oldest_since_ns = Some(self.oldest_since_ns.map_or(h.since_ns, |o| o.min(h.since_ns)));
         *self.by_func.entry(h.func.clone()).or_default() += PAGE_SIZE;
+        let caller = if h.caller.is_empty() { "unknown" } else { h.caller.as_str() };
+        *self.by_caller.entry(caller.to_string()).or_default() += PAGE_SIZE;
     }
 
     pub fn oldest_age_ns(&self, now_ns: u64) -> Option<u64> {

@@ -122,6 +122,8 @@ impl Decoder {
                     incomplete: false,
                     file_pages: 0,
                     file: None,
+                    caller: String::new(),
+                    stack_id: r.stack_id,
                 },
                 0,
             )
@@ -259,6 +261,7 @@ mod tests {
             file_pages: 0,
             _pad: [0; 3],
             file: Default::default(),
+            stack_id: -1,
             pfns,
         }
     }

@@ -43,6 +43,24 @@ impl Stacks {
     }
 }
 
+/// Functions of GUP itself and of the helpers every caller goes through: the caller is
+/// the first frame that is none of these.
+fn is_gup_frame(f: &str) -> bool {
+    let name = f.split('+').next().unwrap_or(f);
+    let name = name.trim_start_matches('_');
+    ["get_user_pages", "pin_user_pages", "gup_", "internal_get_user_pages", "follow_page", "faultin_page", "is_valid_gup", "lockless_pages", "get_user_page"]
+        .iter()
+        .any(|p| name.starts_with(p))
+        || name.contains("_gup")
+}
+
+impl Stacks {
+    /// The first function below GUP on the stack of `id`, or "" when unknown.
+    pub fn caller(&mut self, id: i64) -> String {
+        self.resolve(id).into_iter().find(|f| !is_gup_frame(f)).map(|f| f.split('+').next().unwrap_or("").to_string()).unwrap_or_default()
+    }
+}
+
 /// Frames of pinwatch's own program and the tracing machinery that called it: the
 /// stack worth reading starts below them.
 fn is_probe_frame(f: &str) -> bool {
@@ -66,6 +84,16 @@ mod tests {
         assert_eq!(symbolize(&k, 0x1010), "a+0x10");
         assert_eq!(symbolize(&k, 0x2000), "b+0x0");
         assert_eq!(symbolize(&k, 0x10), "0x10");
+    }
+
+    #[test]
+    fn gup_frames_are_not_callers() {
+        for f in ["pin_user_pages_fast+0x30", "__gup_longterm_locked+0x1", "internal_get_user_pages_fast+0x9", "gup_fast_fallback+0x1", "__get_user_pages+0x2"] {
+            assert!(is_gup_frame(f), "{f}");
+        }
+        for f in ["io_sqe_buffer_register+0x55", "iov_iter_extract_pages+0x1", "ib_umem_get+0x10"] {
+            assert!(!is_gup_frame(f), "{f}");
+        }
     }
 
     #[test]

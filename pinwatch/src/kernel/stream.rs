@@ -54,6 +54,10 @@ impl LiveSource {
                     p.actor.stack = stacks.resolve(p.stack_id);
                     out.push(Event::Page(p));
                 }
+                Ok(Some(Event::Pin(mut p))) => {
+                    p.caller = stacks.caller(p.stack_id);
+                    out.push(Event::Pin(p));
+                }
                 Ok(Some(e)) => out.push(e),
                 Ok(None) => {}
                 Err(e) => {

@@ -155,8 +155,9 @@ pub struct Row {
     /// Long-term pinned bytes as a share of RLIMIT_MEMLOCK.
     pub limit_pct: Option<f64>,
     pub hazards: u64,
-    /// Bytes by GUP entry point (the call path).
+    /// Bytes by GUP entry point, and by its caller (the driver or subsystem).
     pub by_func: BTreeMap<String, u64>,
+    pub by_caller: BTreeMap<String, u64>,
     /// Where pinwatch and the kernel disagree, said plainly; None when they agree.
     pub disagreement: Option<String>,
 }
@@ -224,6 +225,7 @@ pub fn rows(acc: &Accounts, procs: &HashMap<u32, ProcInfo>, hazards: &HashMap<u3
                 limit_pct: memlock.filter(|m| *m > 0).map(|m| 100.0 * u.longterm_bytes as f64 / m as f64),
                 hazards: hazards.get(&pid).copied().unwrap_or(0),
                 disagreement: disagreement(&u, k),
+                by_caller: u.by_caller,
                 by_func: u.by_func,
             }
         })
@@ -564,6 +566,10 @@ fn screen_text(s: &Session, rows: &[Row], acc: &Accounts, sort: Column, reverse:
         out += &format!("note: pid {} ({}): {}\n", r.pid, r.comm, r.disagreement.as_deref().unwrap_or(""));
     }
     if let Some(pid) = pid {
+        if let Some(r) = rows.iter().find(|r| r.pid == pid) {
+            let callers: Vec<String> = r.by_caller.iter().map(|(c, b)| format!("{c} {}", human(*b))).collect();
+            out += &format!("pins of pid {pid} by caller: {}\n", if callers.is_empty() { "-".into() } else { callers.join(", ") });
+        }
         out += &mappings(s, pid);
     }
     if !log.recent.is_empty() {
