@@ -86,11 +86,17 @@ sed "s/^/PINWATCH-LAB TRACE top /" /tmp/top.json > $R
 say END top
 "#;
 
-fn plan() -> String {
+/// What the demo shows: pins, the 2018 sequence, a long-term pin of a file, the
+/// truncate of a long-term pinned memfd, a limit breach, and top.
+const DEMO: &[&str] = &["odirect", "iouring", "hazard", "longterm", "memfd", "memlock"];
+
+/// The guest's script: doctor, then `pinwatch record` around each scenario of
+/// `only` (all when None), then top.
+fn plan(only: Option<&[&str]>) -> String {
     let mut s = String::from(
         "pinwatch doctor --format json > /tmp/doctor.json 2>&1; say RC doctor $?\nsed \"s/^/PINWATCH-LAB OUT doctor /\" /tmp/doctor.json > $R\nsay END doctor\n",
     );
-    for (name, opts, cmd) in SCENARIOS {
+    for (name, opts, cmd) in SCENARIOS.iter().filter(|(n, _, _)| only.is_none_or(|o| o.contains(n))) {
         s.push_str(&format!("record {name} {opts} -- {cmd}\n"));
     }
     s.push_str(TOP_PLAN);
@@ -144,7 +150,7 @@ fn lab(names: &[String], bins: &lab::Binaries, tally: &mut Tally) -> Result<()> 
         };
         let work = util::cache_dir().join("runs").join(&k.release);
         std::fs::create_dir_all(&work)?;
-        let boot = lab::build_initramfs(&k, bins, &plan(), &work)
+        let boot = lab::build_initramfs(&k, bins, &plan(None), &work)
             .and_then(|img| lab::boot(&k, &img, &work, BOOT_LIMIT));
         let boot = match boot {
             Ok(b) => b,
@@ -337,7 +343,7 @@ fn demo(kernel: &str) -> Result<()> {
     let work: PathBuf = util::cache_dir().join("demo");
     std::fs::create_dir_all(&work)?;
     println!("demo: booting Debian {} under QEMU and running pinwatch there", k.release);
-    let img = lab::build_initramfs(&k, &bins, &plan(), &work)?;
+    let img = lab::build_initramfs(&k, &bins, &plan(Some(DEMO)), &work)?;
     let boot = lab::boot(&k, &img, &work, BOOT_LIMIT)?;
     let results = lab::parse(&boot.results);
     if let Some(d) = results.get("doctor") {
@@ -370,6 +376,17 @@ fn demo(kernel: &str) -> Result<()> {
         }
         for l in &r.err {
             println!("{l}");
+        }
+    }
+    if let Some(top) = results.get("top") {
+        println!("\n$ pinwatch top -b -n 8 -d 1 --output json   (while io_uring pins 1 MiB; the busiest refresh, trimmed)");
+        let busiest = top.trace.iter().max_by_key(|d| d["totals"]["pinned_bytes"].as_u64().unwrap_or(0));
+        if let Some(d) = busiest {
+            for p in d["processes"].as_array().into_iter().flatten() {
+                let keep = ["pid", "comm", "pinned_bytes", "longterm_bytes", "vmpin_bytes", "memlock_limit_bytes", "by_caller", "disagreement"];
+                let row: serde_json::Map<String, serde_json::Value> = keep.iter().filter_map(|k| p.get(*k).map(|v| (k.to_string(), v.clone()))).collect();
+                println!("{}", serde_json::Value::Object(row));
+            }
         }
     }
     println!("\ndemo: traces and the guest console are in {}", work.display());
