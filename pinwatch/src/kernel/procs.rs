@@ -35,11 +35,15 @@ pub fn proc_info(pid: u32) -> Option<ProcInfo> {
     })
 }
 
-/// `wanted` plus every process the kernel charges pinned or locked memory to: those are
-/// worth a row even when pinwatch saw none of their pins (taken before it started, or
-/// invisible on this kernel).
-pub fn snapshot(wanted: &BTreeSet<u32>) -> HashMap<u32, ProcInfo> {
+/// `wanted`, and with `discover` every process the kernel charges pinned or locked
+/// memory to: those are worth a row even when pinwatch saw none of their pins (taken
+/// before it started, or invisible on this kernel). Discovery reads every process's
+/// status, so only the view that shows them asks for it.
+pub fn snapshot(wanted: &BTreeSet<u32>, discover: bool) -> HashMap<u32, ProcInfo> {
     let mut out: HashMap<u32, ProcInfo> = wanted.iter().filter_map(|pid| proc_info(*pid).map(|i| (*pid, i))).collect();
+    if !discover {
+        return out;
+    }
     if let Ok(all) = procfs::process::all_processes() {
         for p in all.flatten() {
             let pid = p.pid as u32;

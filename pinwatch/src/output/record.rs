@@ -63,7 +63,7 @@ pub async fn run(args: RecordArgs) -> Result<i32> {
         tokio::select! {
             r = session.next_batch(&mut batch) => r?,
             _ = tick.tick() => {
-                for e in session.tick(&BTreeSet::new())?.events {
+                for e in session.tick(&BTreeSet::new(), false)?.events {
                     writer.write(&e)?;
                 }
             }
@@ -80,7 +80,7 @@ pub async fn run(args: RecordArgs) -> Result<i32> {
     sleep(GRACE).await;
     session.drain(&mut batch);
     write(&mut session, &mut batch, &mut writer)?;
-    for e in session.tick(&BTreeSet::new())?.events {
+    for e in session.tick(&BTreeSet::new(), false)?.events {
         writer.write(&e)?;
     }
     let held = session.engine.pins.held();

@@ -161,8 +161,8 @@ impl Session {
 
     /// The periodic work: new drops, a re-check of old FOLL_GET references (their
     /// `gone` records arrive with the next batch), the kernel's own figures, and the
-    /// limit rules.
-    pub fn tick(&mut self, extra_pids: &BTreeSet<u32>) -> Result<Tick> {
+    /// limit rules. `discover` also reads every process charged VmPin or VmLck.
+    pub fn tick(&mut self, extra_pids: &BTreeSet<u32>, discover: bool) -> Result<Tick> {
         let mut events = Vec::new();
         let mut lost = Vec::new();
         self.source.lost(&self.kernel, &mut lost)?;
@@ -193,7 +193,7 @@ impl Session {
         let accounts = account(&self.engine.pins);
         let mut pids: BTreeSet<u32> = accounts.processes.keys().copied().collect();
         pids.extend(extra_pids);
-        self.procs = procs::snapshot(&pids);
+        self.procs = procs::snapshot(&pids, discover);
         let kernel: HashMap<u32, KernelProc> = self.procs.iter().map(|(p, i)| (*p, i.kernel)).collect();
         let breaches: Vec<Hazard> = self.limit_state.check(&self.limits, &self.engine.pins, &accounts, &kernel, now);
         for h in breaches {

@@ -447,7 +447,7 @@ pub async fn run(args: TopArgs) -> Result<i32> {
         tokio::select! {
             r = session.next_batch(&mut batch) => r?,
             _ = refresh.tick() => {
-                let tick = session.tick(&filter.pid.into_iter().collect())?;
+                let tick = session.tick(&filter.pid.into_iter().collect(), true)?;
                 for e in &tick.events {
                     if let Event::Hazard(h) = e { log.add(h); }
                 }
