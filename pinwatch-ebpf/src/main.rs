@@ -10,6 +10,9 @@
 //! (`fexit_<function>_<nargs>`), chosen by user space from the kernel's BTF.
 #![no_std]
 #![no_main]
+// Program names follow the kernel's function names, __bio_release_pages among them, and
+// aya's program macros do not carry a per-function allow over.
+#![allow(non_snake_case)]
 
 mod acquire;
 mod calibrate;
@@ -52,14 +55,12 @@ impl Args for FEntryContext {
 macro_rules! twins {
     ($kprobe:ident, $fentry:ident, $sym:literal, |$c:ident| $body:expr) => {
         #[kprobe]
-        #[allow(non_snake_case)]
         pub fn $kprobe(ctx: ProbeContext) -> u32 {
             let $c = &ctx;
             $body;
             0
         }
         #[fentry(function = $sym)]
-        #[allow(non_snake_case)]
         pub fn $fentry(ctx: FEntryContext) -> u32 {
             let $c = &ctx;
             $body;
