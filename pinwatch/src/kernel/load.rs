@@ -114,14 +114,16 @@ impl Kernel {
             .override_global(globals::SELF_TGID, &self_tgid, true)
             .load(OBJECT)
             .map_err(|e| anyhow!("loading the eBPF object failed: {}", error_chain(&e)))?;
-        let caps = test_capabilities(&mut ebpf, &syms)?;
+        // Parsed once: the fentry test and every fentry/fexit load need it.
+        let btf = Btf::from_sys_fs().map_err(|e| error_chain(&e));
+        let caps = test_capabilities(&mut ebpf, &syms, btf.as_ref())?;
         let plan = plan::plan(&syms, &caps, mode);
         let nargs = plan::HOOKS
             .iter()
             .filter(|h| h.family == Family::Function)
             .filter_map(|h| btf::func_nargs(&vmlinux, h.symbol).map(|n| (h.symbol, n)))
             .collect();
-        let btf = Btf::from_sys_fs().ok();
+        let btf = btf.ok();
         Ok(Kernel { release, vmemmap, layouts, caps, plan, ebpf, nargs, btf })
     }
 
@@ -362,10 +364,10 @@ fn attach_program(
 
 /// Loads and attaches real programs, then lets them go: what the kernel accepts is
 /// learned, not guessed from its version.
-fn test_capabilities(ebpf: &mut Ebpf, syms: &Symbols) -> Result<Capabilities> {
+fn test_capabilities(ebpf: &mut Ebpf, syms: &Symbols, btf: Result<&Btf, &String>) -> Result<Capabilities> {
     let btf_ok = std::path::Path::new(btf::VMLINUX_BTF).exists();
     let fentry = (|| -> Result<(), String> {
-        let btf = aya::Btf::from_sys_fs().map_err(short)?;
+        let btf = btf.map_err(String::clone)?;
         let p: &mut FEntry = ebpf.program_mut("probe_fentry").ok_or("probe_fentry missing")?.try_into().map_err(short)?;
         p.load("get_user_pages_fast", &btf).map_err(|e| match error_chain(&e) {
             s if s.contains("Operation not permitted") => "the kernel refuses tracing programs (BPF_PROG_LOAD of an fentry program: EPERM)".to_string(),
