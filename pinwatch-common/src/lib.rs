@@ -6,7 +6,7 @@
 #![no_std]
 
 /// Bumped whenever a record layout below changes.
-pub const RECORD_VERSION: u16 = 2;
+pub const RECORD_VERSION: u16 = 3;
 
 /// Folio head pfns carried by one record. A GUP call that takes more pages is sent as
 /// several records (chunks) of the same call.
@@ -214,9 +214,34 @@ pub struct PinRecord {
     pub file_pages: u16,
     pub _pad: [u16; 3],
     pub file: FileRef,
-    /// bpf_get_stackid of the GUP call's kernel stack (the caller), or a negative errno.
-    pub stack_id: i64,
+    /// The GUP call's kernel stack: who called GUP (io_uring, direct I/O, a driver).
+    pub stack: KernelStack,
     pub pfns: [u64; PFNS_PER_RECORD],
+}
+
+/// Return addresses kept per stack: the hook, the few tracing frames above it (fentry
+/// trampolines) and the frames worth reading below.
+pub const STACK_FRAMES: usize = 32;
+
+/// A kernel stack carried in the record itself (bpf_get_stack), not an id into a stack
+/// map: a stack map refuses a stack whose hash bucket another stack holds, and those
+/// refusals grow with every distinct stack a long-running daemon meets.
+#[repr(C)]
+#[derive(Copy, Clone, Debug)]
+pub struct KernelStack {
+    /// Frames filled in `ips`, or a negative errno when the kernel could not walk it.
+    pub nr: i32,
+    pub _pad: u32,
+    /// Innermost first.
+    pub ips: [u64; STACK_FRAMES],
+}
+
+impl KernelStack {
+    /// The frames bpf_get_stack filled, or None when it failed.
+    pub fn frames(&self) -> Option<&[u64]> {
+        let n = usize::try_from(self.nr).ok()?;
+        Some(&self.ips[..n.min(STACK_FRAMES)])
+    }
 }
 
 /// The file a page-cache folio belongs to.
@@ -253,8 +278,8 @@ pub struct PageRecord {
     /// count (-1 when the folio is a single page or the kernel has no such field).
     pub refcount: i32,
     pub pincount: i32,
-    /// bpf_get_stackid of the kernel stack, or a negative errno.
-    pub stack_id: i64,
+    /// The actor's kernel stack: how it came to unmap, clean, write or drop the page.
+    pub stack: KernelStack,
     /// PINS as the kernel side knew it (all zero when seen is KERNEL_PIN_COUNT).
     pub pin_refs: u32,
     pub get_refs: u32,
@@ -303,18 +328,6 @@ pub struct PinState {
     pub first_ts_ns: u64,
 }
 
-/// Per-process pin counters kept in the kernel (map PROC_PINS, keyed by tgid): pages
-/// taken and pages released as seen by the hooks. User space reads them to cross-check
-/// the event stream and to show what it would otherwise have lost.
-#[repr(C)]
-#[derive(Copy, Clone, Debug, Default)]
-pub struct ProcPins {
-    pub pin_pages: u64,
-    pub get_pages: u64,
-    pub released_pages: u64,
-    pub calls: u64,
-}
-
 /// Indexes of the CALIB array (vmemmap_base calibration).
 pub mod calib {
     pub const BASE: u32 = 0;
@@ -336,7 +349,8 @@ pub mod counter {
     pub const CALL_MAP_FULL: u32 = 3;
     /// A page pointer could not be read.
     pub const READ_FAILED: u32 = 4;
-    /// A hazard's kernel stack could not be stored (STACKS full or collision).
+    /// A kernel stack could not be walked (bpf_get_stack failed): the record went
+    /// out without it.
     pub const STACK_LOST: u32 = 5;
     pub const NR: u32 = 6;
 }
@@ -389,7 +403,6 @@ mod user {
     use super::*;
     unsafe impl aya::Pod for GupCall {}
     unsafe impl aya::Pod for PinState {}
-    unsafe impl aya::Pod for ProcPins {}
     unsafe impl aya::Pod for FileRef {}
 }
 
@@ -412,9 +425,11 @@ mod tests {
     #[test]
     fn record_sizes_are_stable() {
         // The layouts are a wire format: a size change must come with a version bump.
+        const STACK: usize = 8 + 8 * STACK_FRAMES;
+        assert_eq!(core::mem::size_of::<KernelStack>(), STACK);
         assert_eq!(core::mem::size_of::<RecordHeader>(), 56);
-        assert_eq!(core::mem::size_of::<PinRecord>(), 56 + 40 + 8 + 24 + 8 + 8 * PFNS_PER_RECORD);
-        assert_eq!(core::mem::size_of::<PageRecord>(), 56 + 8 + 16 + 24 + 8 + 8 + 24);
+        assert_eq!(core::mem::size_of::<PinRecord>(), 56 + 40 + 8 + 24 + STACK + 8 * PFNS_PER_RECORD);
+        assert_eq!(core::mem::size_of::<PageRecord>(), 56 + 8 + 16 + 24 + 8 + STACK + 24);
         assert_eq!(core::mem::size_of::<ReleaseRecord>(), 56 + 16 + 8 * PFNS_PER_RECORD);
     }
 }

@@ -2,16 +2,16 @@
 //! Only the outermost GUP call of a thread is recorded (pin_user_pages_unlocked and the
 //! GUP-fast slow path call get_user_pages_unlocked before 6.2).
 
-use aya_ebpf::{helpers::bpf_probe_read_kernel, programs::tracing::StackIdContext};
+use aya_ebpf::{helpers::bpf_probe_read_kernel, EbpfContext};
 use pinwatch_common::{
-    backing as bk, counter, kind, GupCall, PinState, ProcPins, Hook, MAX_CHUNKS, PFNS_PER_RECORD,
+    backing as bk, counter, kind, GupCall, PinState, Hook, MAX_CHUNKS, PFNS_PER_RECORD,
     RECORD_FAILED, RECORD_TRUNCATED,
 };
 
 use crate::{
-    maps::{count, GUP_CALLS, PINS, PIN_SCRATCH, PROC_PINS, STACKS},
+    maps::{count, GUP_CALLS, PINS, PIN_SCRATCH},
     page::{backing, file_of, folio_head, mapping, PfnMath},
-    record::{current, fill_header, is_self, send},
+    record::{current, fill_header, fill_stack, is_self, send},
 };
 
 /// Where a hook keeps its arguments (0-based). These positions are the same on every
@@ -74,7 +74,7 @@ fn is_pin(hook: u16) -> bool {
 
 /// Called on return with the raw return register.
 #[inline(always)]
-pub fn exit<C: StackIdContext>(ctx: &C, raw_ret: u64) {
+pub fn exit<C: EbpfContext>(ctx: &C, raw_ret: u64) {
     let (tgid, tid) = current();
     let Some(slot) = GUP_CALLS.get_ptr_mut(&tid) else {
         return;
@@ -86,32 +86,25 @@ pub fn exit<C: StackIdContext>(ctx: &C, raw_ret: u64) {
     }
     let _ = GUP_CALLS.remove(&tid);
     let ret = if returns_int(call.hook) { raw_ret as i32 as i64 } else { raw_ret as i64 };
-    // The stack says who called GUP (io_uring, direct I/O, a driver): one lookup per
-    // call, not per page. A full STACKS map is counted, and the call kept without it.
-    let stack_id = match ctx.get_stackid(&STACKS, 0) {
-        Ok(id) => id,
-        Err(e) => {
-            count(counter::STACK_LOST, 1);
-            e as i64
-        }
-    };
-    record(&call, ret, tgid, tid, stack_id);
+    record(ctx, &call, ret, tgid, tid);
 }
 
 #[inline(always)]
-fn record(call: &GupCall, ret: i64, tgid: u32, tid: u32, stack_id: i64) {
+fn record<C: EbpfContext>(ctx: &C, call: &GupCall, ret: i64, tgid: u32, tid: u32) {
     let Some(rec) = PIN_SCRATCH.get_ptr_mut(0) else {
         return;
     };
     let rec = unsafe { &mut *rec };
     fill_header(&mut rec.header, kind::PIN, call.hook);
+    // The stack says who called GUP (io_uring, direct I/O, a driver): one walk per
+    // call, not per page; every chunk of the call carries it.
+    fill_stack(ctx, &mut rec.stack);
     let ts = rec.header.ts_ns;
     rec.gup_flags = call.gup_flags;
     rec.ret = ret;
     rec.start = call.start;
     rec.nr_requested = call.nr_requested;
     rec.call_id = (ts << 16) ^ tid as u64;
-    rec.stack_id = stack_id;
     rec.chunk = 0;
     rec.nr_pfns = 0;
     rec.file_pages = 0;
@@ -160,26 +153,6 @@ fn record(call: &GupCall, ret: i64, tgid: u32, tid: u32, stack_id: i64) {
             rec.file = Default::default();
         }
         send(rec);
-    }
-    let taken = if n > max { max } else { n };
-    match PROC_PINS.get_ptr_mut(&tgid) {
-        Some(p) => unsafe {
-            if pin {
-                (*p).pin_pages += taken;
-            } else {
-                (*p).get_pages += taken;
-            }
-            (*p).calls += 1;
-        },
-        None => {
-            let p = ProcPins {
-                pin_pages: if pin { taken } else { 0 },
-                get_pages: if pin { 0 } else { taken },
-                released_pages: 0,
-                calls: 1,
-            };
-            let _ = PROC_PINS.insert(&tgid, &p, 0);
-        }
     }
 }
 

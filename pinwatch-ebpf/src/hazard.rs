@@ -5,20 +5,20 @@
 //! not see leaves a stale entry, dropped here) and sent with what the kernel knows of
 //! it; the engine in user space decides whether and how bad it is.
 
-use aya_ebpf::programs::tracing::StackIdContext;
-use pinwatch_common::{backing, counter, kind, release, seen, PinState};
+use aya_ebpf::EbpfContext;
+use pinwatch_common::{backing, kind, release, seen, PinState};
 
 use crate::{
-    maps::{count, PAGE_SCRATCH, PINS, RELEASE_SCRATCH, STACKS},
+    maps::{PAGE_SCRATCH, PINS, RELEASE_SCRATCH},
     page::{backing as backing_of, file_of, folio_head, live, mapping, page_index, page_to_pfn},
-    record::{fill_header, send},
+    record::{fill_header, fill_stack, send},
 };
 
 /// `page` is any page of the folio. With `kernel_pins`, folios missing from PINS are
 /// still reported when the kernel counts them as DMA-pinned: the tracepoint-only mode,
 /// where GUP calls cannot be seen at all.
 #[inline(always)]
-pub fn page_op<C: StackIdContext>(ctx: &C, hook: u16, op: u16, page: u64, kernel_pins: bool) {
+pub fn page_op<C: EbpfContext>(ctx: &C, hook: u16, op: u16, page: u64, kernel_pins: bool) {
     if page == 0 {
         return;
     }
@@ -56,13 +56,7 @@ pub fn page_op<C: StackIdContext>(ctx: &C, hook: u16, op: u16, page: u64, kernel
     }
     r.refcount = l.refcount;
     r.pincount = l.pincount;
-    r.stack_id = match ctx.get_stackid(&STACKS, 0) {
-        Ok(id) => id,
-        Err(e) => {
-            count(counter::STACK_LOST, 1);
-            e as i64
-        }
-    };
+    fill_stack(ctx, &mut r.stack);
     r.pin_refs = state.pin_refs;
     r.get_refs = state.get_refs;
     r.pinner_tgid = state.tgid;

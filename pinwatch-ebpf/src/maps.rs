@@ -2,11 +2,11 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, PerCpuArray, RingBuf, StackTrace},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
-use pinwatch_common::{calib, counter, GupCall, PageRecord, PinRecord, PinState, ProcPins, ReleaseRecord};
+use pinwatch_common::{calib, counter, GupCall, PageRecord, PinRecord, PinState, ReleaseRecord};
 
-/// Records to user space. 8 MiB holds about 13,000 full records (~600 bytes each):
+/// Records to user space. 8 MiB holds about 9,000 full pin records (~900 bytes each):
 /// several seconds of a heavy direct-I/O load even if user space stalls.
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(8 << 20, 0);
@@ -30,10 +30,6 @@ pub static RELEASE_DEPTH: HashMap<u32, u32> = HashMap::with_max_entries(16384, 0
 #[map]
 pub static PINS: HashMap<u64, PinState> = HashMap::with_max_entries(262144, 0);
 
-/// Per-process counters by tgid.
-#[map]
-pub static PROC_PINS: HashMap<u32, ProcPins> = HashMap::with_max_entries(32768, 0);
-
 /// Scratch space for one record: records are larger than the 512-byte BPF stack.
 #[map]
 pub static PIN_SCRATCH: PerCpuArray<PinRecord> = PerCpuArray::with_max_entries(1, 0);
@@ -44,11 +40,6 @@ pub static PAGE_SCRATCH: PerCpuArray<PageRecord> = PerCpuArray::with_max_entries
 pub static KNOWN: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 pub static RELEASE_SCRATCH: PerCpuArray<ReleaseRecord> = PerCpuArray::with_max_entries(1, 0);
-
-/// Kernel stacks of hazards, by id. Stacks repeat (reclaim, writeback, truncate take
-/// few paths), so 2048 distinct ones last long; a full map is counted (STACK_LOST).
-#[map]
-pub static STACKS: StackTrace = StackTrace::with_max_entries(2048, 0);
 
 /// vmemmap_base calibration: the page pointer the raw mm_page_free probe saw last on
 /// this CPU, and the result (see pinwatch_common::calib). Used only at start-up on

@@ -6,7 +6,7 @@ use aya_ebpf::helpers::bpf_probe_read_kernel;
 use pinwatch_common::{kind, release, PFNS_PER_RECORD, RELEASE_MAX_CHUNKS};
 
 use crate::{
-    maps::{GUP_CALLS, KNOWN, PINS, PROC_PINS, RELEASE_DEPTH, RELEASE_SCRATCH},
+    maps::{GUP_CALLS, KNOWN, PINS, RELEASE_DEPTH, RELEASE_SCRATCH},
     page::{head_pfn, page_to_pfn, struct_page_size, PfnMath},
     record::{current, fill_header, send},
 };
@@ -62,12 +62,8 @@ fn track_release(pfn: u64, release: u16) -> bool {
         }
         s.get_refs -= 1;
     }
-    let owner = s.tgid;
     if s.pin_refs == 0 && s.get_refs == 0 {
         let _ = PINS.remove(&pfn);
-    }
-    if let Some(p) = PROC_PINS.get_ptr_mut(&owner) {
-        unsafe { (*p).released_pages += 1 };
     }
     true
 }

@@ -103,8 +103,9 @@ pub struct Pin {
     /// (io_sqe_buffer_register, iomap_dio_bio_iter, iter_to_pipe, ib_umem_get...).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub caller: String,
+    /// Return addresses from the record, symbolized by the live source.
     #[serde(skip)]
-    pub stack_id: i64,
+    pub kstack: Vec<u64>,
 }
 
 /// What a hazard hook was doing to a page.
@@ -168,8 +169,9 @@ pub struct Page {
     pub pin_refs: u32,
     #[serde(default)]
     pub get_refs: u32,
+    /// Return addresses from the record, symbolized by the live source.
     #[serde(skip)]
-    pub stack_id: i64,
+    pub kstack: Vec<u64>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -56,9 +56,25 @@ fn basics(r: &Recorded) -> Result<(u64, u64, u64)> {
     }
     let s = scenario_line(r)?;
     ensure!(!r.trace.is_empty(), "empty trace");
-    let lost: u64 = r.trace.iter().filter(|e| e["event"] == "lost").map(|e| u(e, "count")).sum();
-    ensure!(lost == 0, "{lost} records lost");
+    let lost: Vec<String> =
+        r.trace.iter().filter(|e| e["event"] == "lost").map(|e| format!("{} {}", u(e, "count"), e["reason"].as_str().unwrap_or("?"))).collect();
+    ensure!(lost.is_empty(), "lost: {}", lost.join(", "));
     Ok((u(&s, "pid"), u(&s, "pages"), u(&s, "ts_ns")))
+}
+
+/// The actor's kernel stack came with the hazard and leads back to the scenario's
+/// system call (the release that dirties the page may run elsewhere: any stack will do).
+fn actor_stack_shows(h: &Value, kind: &str) -> Result<()> {
+    let stack: Vec<&str> = h["actor"]["stack"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+    ensure!(!stack.is_empty(), "{kind} at pfn {} came without the actor's kernel stack", h["pfn"]);
+    let syscall = match kind {
+        "mkclean_while_pinned" | "writeback_while_pinned" => "msync",
+        "unmap_while_pinned" => "madvise",
+        "truncate_while_pinned" => "truncate",
+        _ => return Ok(()),
+    };
+    ensure!(stack.iter().any(|f| f.contains(syscall)), "{kind}: the actor's stack does not reach {syscall}: {stack:?}");
+    Ok(())
 }
 
 /// Pins the scenario took after it started (exec takes its own references first).
@@ -115,6 +131,7 @@ pub fn check_hazards(scenario: &str, r: &Recorded, v: (u32, u32)) -> Result<Stri
                 ensure!(got == pinned, "{kind}: pfns {got:?}, expected exactly the pinned {pinned:?}");
                 for h in &hs {
                     ensure!(pinner_pids(h).contains(&Some(pid)), "{kind} names pinners {:?}, not the scenario's pid {pid}", pinner_pids(h));
+                    actor_stack_shows(h, kind)?;
                 }
                 seen.push(format!("{kind} x{}", hs.len()));
             }
@@ -336,7 +353,8 @@ mod tests {
     }
 
     fn hazard(kind: &str, pfn: u64, pid: u64) -> Value {
-        serde_json::json!({"event":"hazard","kind":kind,"severity":"critical","pfn":pfn,"pinner":{"pid":pid}})
+        let stack = ["page_mkclean_one+0x5", "__do_sys_msync+0x1d6", "do_madvise+0xd55", "do_sys_ftruncate+0x41"];
+        serde_json::json!({"event":"hazard","kind":kind,"severity":"critical","pfn":pfn,"pinner":{"pid":pid},"actor":{"pid":pid,"stack":stack}})
     }
 
     fn start(via: &str) -> Value {
@@ -389,6 +407,13 @@ mod tests {
         // a hazard on a page that was not pinned
         let mut t = good.clone();
         t.push(hazard("unmap_while_pinned", 3, 5));
+        assert!(check("hazard", &rec(&t, 5), v).is_err());
+        // a hazard without the actor's stack, or one that does not reach the syscall
+        let mut t = good.clone();
+        t[2]["actor"]["stack"] = serde_json::json!([]);
+        assert!(check("hazard", &rec(&t, 5), v).is_err());
+        let mut t = good.clone();
+        t[2]["actor"]["stack"] = serde_json::json!(["page_mkclean_one+0x5", "do_madvise+0xd55"]);
         assert!(check("hazard", &rec(&t, 5), v).is_err());
         // controls: silent passes, any hazard fails, no pin at all makes the
         // other-pages control vacuous

@@ -123,7 +123,7 @@ impl Decoder {
                     file_pages: 0,
                     file: None,
                     caller: String::new(),
-                    stack_id: r.stack_id,
+                    kstack: r.stack.frames().unwrap_or_default().to_vec(),
                 },
                 0,
             )
@@ -213,14 +213,14 @@ fn page_event(r: &PageRecord, foll: &FollFlags) -> Event {
         },
         pin_refs: r.pin_refs,
         get_refs: r.get_refs,
-        stack_id: r.stack_id,
+        kstack: r.stack.frames().unwrap_or_default().to_vec(),
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use pinwatch_common::TASK_COMM_LEN;
+    use pinwatch_common::{KernelStack, STACK_FRAMES, TASK_COMM_LEN};
 
     fn header(kind: u16, hook: Hook) -> RecordHeader {
         let mut comm = [0u8; TASK_COMM_LEN];
@@ -238,6 +238,12 @@ mod tests {
             cgroup_id: 1,
             comm,
         }
+    }
+
+    fn stack(ips: &[u64]) -> KernelStack {
+        let mut s = KernelStack { nr: ips.len() as i32, _pad: 0, ips: [0; STACK_FRAMES] };
+        s.ips[..ips.len()].copy_from_slice(ips);
+        s
     }
 
     fn bytes<T>(v: &T) -> Vec<u8> {
@@ -261,7 +267,7 @@ mod tests {
             file_pages: 0,
             _pad: [0; 3],
             file: Default::default(),
-            stack_id: -1,
+            stack: KernelStack { nr: -14, _pad: 0, ips: [0; STACK_FRAMES] },
             pfns,
         }
     }
@@ -279,7 +285,7 @@ mod tests {
             file: pinwatch_common::FileRef { dev: (254 << 20) | 1, _pad: 0, ino: 12, fs_magic: 0xEF53 },
             refcount: 1027,
             pincount: -1,
-            stack_id: 7,
+            stack: stack(&[0xffff_1000, 0xffff_2000]),
             pin_refs: 1,
             get_refs: 0,
             pinner_tgid: 100,
@@ -294,7 +300,7 @@ mod tests {
         assert!(p.kernel_pins.maybe_dma_pinned);
         assert_eq!(p.kernel_pins.pincount, None);
         assert_eq!(p.seen, "pins");
-        assert_eq!(p.stack_id, 7);
+        assert_eq!(p.kstack, [0xffff_1000, 0xffff_2000]);
     }
 
     #[test]

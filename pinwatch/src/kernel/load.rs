@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use aya::{
-    maps::{MapData, PerCpuArray, RingBuf, StackTraceMap},
+    maps::{MapData, PerCpuArray, RingBuf},
     programs::{FEntry, KProbe, Program, RawTracePoint},
     Btf, Ebpf, EbpfLoader,
 };
@@ -213,11 +213,6 @@ impl Kernel {
             log::warn!("re-checking held references is not possible here: {}", error_chain(&e));
             sweeper.ok = false;
         }
-    }
-
-    pub fn take_stacks(&mut self) -> Result<StackTraceMap<MapData>> {
-        let map = self.ebpf.take_map("STACKS").ok_or_else(|| anyhow!("map STACKS missing from the eBPF object"))?;
-        Ok(StackTraceMap::try_from(map)?)
     }
 
     pub fn take_ring(&mut self) -> Result<RingBuf<MapData>> {

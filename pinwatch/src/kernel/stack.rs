@@ -1,45 +1,34 @@
-//! Kernel stacks of hazards: ids from bpf_get_stackid, frames from the STACKS map,
-//! names from /proc/kallsyms. A stack id keeps its frames until the map is cleared
-//! (stacks are stored without BPF_F_REUSE_STACKID), so each id is resolved once.
+//! Kernel stacks: return addresses carried in the records (bpf_get_stack), names from
+//! /proc/kallsyms.
 
-use std::collections::{BTreeMap, HashMap};
-
-use aya::maps::{MapData, StackTraceMap};
+use std::collections::BTreeMap;
 
 /// Frames kept per stack: the hook and the path that led there.
-const FRAMES: usize = 16;
+const FRAMES: usize = 24;
 
-pub struct Stacks {
-    map: StackTraceMap<MapData>,
+pub struct Symbols {
     ksyms: BTreeMap<u64, String>,
-    resolved: HashMap<u32, Vec<String>>,
 }
 
-impl Stacks {
-    pub fn new(map: StackTraceMap<MapData>) -> Stacks {
+impl Symbols {
+    pub fn load() -> Symbols {
         // Without kallsyms the frames stay addresses: still worth keeping.
-        let ksyms = aya::util::kernel_symbols().unwrap_or_default();
-        Stacks { map, ksyms, resolved: HashMap::new() }
+        Symbols { ksyms: aya::util::kernel_symbols().unwrap_or_default() }
     }
 
-    /// "function+0xoff" per frame, innermost first; empty when the id is an error.
-    pub fn resolve(&mut self, id: i64) -> Vec<String> {
-        let Ok(id) = u32::try_from(id) else { return Vec::new() };
-        if let Some(s) = self.resolved.get(&id) {
-            return s.clone();
-        }
-        let frames: Vec<String> = match self.map.get(&id, 0) {
-            Ok(st) => st
-                .frames()
-                .iter()
-                .map(|f| symbolize(&self.ksyms, f.ip))
-                .skip_while(|f| is_probe_frame(f))
-                .take(FRAMES)
-                .collect(),
-            Err(_) => Vec::new(),
-        };
-        self.resolved.insert(id, frames.clone());
-        frames
+    /// "function+0xoff" per frame, innermost first, below pinwatch's own frames.
+    pub fn frames(&self, ips: &[u64]) -> Vec<String> {
+        ips.iter().map(|ip| symbolize(&self.ksyms, *ip)).skip_while(|f| is_probe_frame(f)).take(FRAMES).collect()
+    }
+
+    /// The first function below GUP on the stack, or "" when unknown.
+    pub fn caller(&self, ips: &[u64]) -> String {
+        ips.iter()
+            .map(|ip| symbolize(&self.ksyms, *ip))
+            .skip_while(|f| is_probe_frame(f))
+            .find(|f| !is_gup_frame(f))
+            .map(|f| f.split('+').next().unwrap_or("").to_string())
+            .unwrap_or_default()
     }
 }
 
@@ -52,13 +41,6 @@ fn is_gup_frame(f: &str) -> bool {
         .iter()
         .any(|p| name.starts_with(p))
         || name.contains("_gup")
-}
-
-impl Stacks {
-    /// The first function below GUP on the stack of `id`, or "" when unknown.
-    pub fn caller(&mut self, id: i64) -> String {
-        self.resolve(id).into_iter().find(|f| !is_gup_frame(f)).map(|f| f.split('+').next().unwrap_or("").to_string()).unwrap_or_default()
-    }
 }
 
 /// Frames of pinwatch's own program and the tracing machinery that called it: the
@@ -94,6 +76,22 @@ mod tests {
         for f in ["io_sqe_buffer_register+0x55", "iov_iter_extract_pages+0x1", "ib_umem_get+0x10"] {
             assert!(!is_gup_frame(f), "{f}");
         }
+    }
+
+    #[test]
+    fn caller_is_below_gup_and_the_probe() {
+        let k: BTreeMap<u64, String> = [
+            (0x1000, "bpf_prog_1_fexit\t[bpf]".to_string()),
+            (0x2000, "pin_user_pages_fast".to_string()),
+            (0x3000, "io_pin_pages".to_string()),
+            (0x4000, "io_sqe_buffer_register".to_string()),
+        ]
+        .into();
+        let s = Symbols { ksyms: k };
+        assert_eq!(s.caller(&[0x1010, 0x2020, 0x3030, 0x4040]), "io_pin_pages");
+        assert_eq!(s.frames(&[0x1010, 0x2020, 0x3030]), ["pin_user_pages_fast+0x20", "io_pin_pages+0x30"]);
+        assert_eq!(s.caller(&[0x2020]), "");
+        assert_eq!(s.caller(&[]), "");
     }
 
     #[test]

@@ -5,7 +5,7 @@ use anyhow::Result;
 use aya::maps::{MapData, RingBuf};
 use tokio::io::unix::AsyncFd;
 
-use super::{decode::Decoder, load::Counters, stack::Stacks, Kernel};
+use super::{decode::Decoder, load::Counters, stack::Symbols, Kernel};
 use crate::trace::{Event, Lost};
 
 /// CLOCK_MONOTONIC in ns: the clock bpf_ktime_get_ns() reads, so user-side events sort
@@ -19,7 +19,7 @@ pub fn monotonic_ns() -> u64 {
 pub struct LiveSource {
     ring: AsyncFd<RingBuf<MapData>>,
     decoder: Decoder,
-    stacks: Stacks,
+    symbols: Symbols,
     last: Counters,
     /// Records that could not be decoded (a bug, or mismatched builds): counted.
     pub undecodable: u64,
@@ -30,32 +30,31 @@ impl LiveSource {
         // SAFETY: the ring owns its fd and lives inside the AsyncFd until both are dropped.
         let ring = unsafe { AsyncFd::register(kernel.take_ring()?) }
             .map_err(|e| anyhow::anyhow!("registering the ring buffer with tokio: {e}"))?;
-        let stacks = Stacks::new(kernel.take_stacks()?);
-        Ok(LiveSource { ring, decoder: Decoder::new(kernel.layouts.foll), stacks, last: Counters::default(), undecodable: 0 })
+        Ok(LiveSource { ring, decoder: Decoder::new(kernel.layouts.foll), symbols: Symbols::load(), last: Counters::default(), undecodable: 0 })
     }
 
     /// Waits until records are ready, then takes all of them.
     pub async fn next_batch(&mut self, out: &mut Vec<Event>) -> Result<()> {
         let mut guard = self.ring.readable_mut().await?;
-        Self::take_all(guard.get_inner_mut(), &mut self.decoder, &mut self.stacks, &mut self.undecodable, out);
+        Self::take_all(guard.get_inner_mut(), &mut self.decoder, &self.symbols, &mut self.undecodable, out);
         guard.clear_ready();
         Ok(())
     }
 
     /// Takes whatever is in the ring now, without waiting.
     pub fn drain(&mut self, out: &mut Vec<Event>) {
-        Self::take_all(self.ring.get_mut(), &mut self.decoder, &mut self.stacks, &mut self.undecodable, out);
+        Self::take_all(self.ring.get_mut(), &mut self.decoder, &self.symbols, &mut self.undecodable, out);
     }
 
-    fn take_all(ring: &mut RingBuf<MapData>, decoder: &mut Decoder, stacks: &mut Stacks, bad: &mut u64, out: &mut Vec<Event>) {
+    fn take_all(ring: &mut RingBuf<MapData>, decoder: &mut Decoder, symbols: &Symbols, bad: &mut u64, out: &mut Vec<Event>) {
         while let Some(item) = ring.next() {
             match decoder.push(&item) {
                 Ok(Some(Event::Page(mut p))) => {
-                    p.actor.stack = stacks.resolve(p.stack_id);
+                    p.actor.stack = symbols.frames(&p.kstack);
                     out.push(Event::Page(p));
                 }
                 Ok(Some(Event::Pin(mut p))) => {
-                    p.caller = stacks.caller(p.stack_id);
+                    p.caller = symbols.caller(&p.kstack);
                     out.push(Event::Pin(p));
                 }
                 Ok(Some(e)) => out.push(e),
