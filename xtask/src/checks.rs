@@ -137,7 +137,7 @@ pub fn check_hazards(scenario: &str, r: &Recorded, v: (u32, u32)) -> Result<Stri
             }
             let stray: Vec<&&Value> = all.iter().filter(|h| h["pfn"].as_u64().is_some_and(|p| !pinned.contains(&p))).collect();
             ensure!(stray.is_empty(), "hazards on pages that were not pinned: {:?}", stray.first());
-            Ok(format!("{} pinned pfns via {via}: {}", pinned.len(), seen.join(", ")))
+            Ok(format!("{} pinned pfns via {via}: {}; every actor stack reaches its syscall", pinned.len(), seen.join(", ")))
         }
         "hazard_other" | "hazard_nopin" | "released" => {
             if scenario != "hazard_nopin" {
