@@ -23,14 +23,19 @@ pub fn struct_page_size() -> u64 {
 }
 
 /// The folio head of a (sub)page: compound_head has bit 0 set on tail pages and then
-/// points one byte past the head.
+/// points one byte past the head. An unreadable field leaves the page as its own head.
 #[inline(always)]
 pub fn folio_head(page: u64) -> u64 {
-    let field = (page + global(&PAGE_COMPOUND_HEAD_OFF)) as *const u64;
-    match unsafe { bpf_probe_read_kernel(field) } {
-        Ok(v) if v & 1 == 1 => v - 1,
-        _ => page,
-    }
+    head_at(page, global(&PAGE_COMPOUND_HEAD_OFF))
+}
+
+/// folio_head with the offset at hand. Written without branches on the data: it runs in
+/// loops the verifier walks page by page, where each branch would double the paths.
+#[inline(always)]
+fn head_at(page: u64, head_off: u64) -> u64 {
+    let ch: u64 = unsafe { bpf_probe_read_kernel((page + head_off) as *const u64) }.unwrap_or(0);
+    let tail = 0u64.wrapping_sub(ch & 1);
+    (page & !tail) | (ch.wrapping_sub(1) & tail)
 }
 
 /// pfn of a struct page pointer: (page - vmemmap_base) / sizeof(struct page).
@@ -63,13 +68,10 @@ impl PfnMath {
         PfnMath { base, size: struct_page_size().max(1), head_off: global(&PAGE_COMPOUND_HEAD_OFF) }
     }
 
-    /// Folio head pfn of a page pointer, u64::MAX when it cannot be known. Written
-    /// without branches on the data: this runs in loops the verifier walks page by page.
+    /// Folio head pfn of a page pointer, u64::MAX when it cannot be known.
     #[inline(always)]
     pub fn head_pfn(&self, page: u64) -> u64 {
-        let ch: u64 = unsafe { bpf_probe_read_kernel((page + self.head_off) as *const u64) }.unwrap_or(0);
-        let tail = 0u64.wrapping_sub(ch & 1);
-        let head = (page & !tail) | (ch.wrapping_sub(1) & tail);
+        let head = head_at(page, self.head_off);
         if page == 0 {
             return u64::MAX;
         }
