@@ -103,6 +103,10 @@ pub struct Pin {
     /// (io_sqe_buffer_register, iomap_dio_bio_iter, iter_to_pipe, ib_umem_get...).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub caller: String,
+    /// The subsystem the whole stack points to: "direct I/O", "io_uring", "vmsplice",
+    /// "RDMA", "VFIO", "GPU", "KVM", "futex", "exec", "process_vm", ... or "other".
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub path: String,
     /// Return addresses from the record, symbolized by the live source.
     #[serde(skip)]
     pub kstack: Vec<u64>,

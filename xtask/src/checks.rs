@@ -20,20 +20,22 @@ pub struct Expect {
     /// How the scenario's references must come back: "unpin" for FOLL_PIN, "put" for
     /// FOLL_GET references dropped where pinwatch can see it.
     pub release: &'static str,
+    /// The subsystem pinwatch must name from the GUP call's stack.
+    pub path: &'static str,
 }
 
 /// None: the scenario must pin nothing.
 pub fn expect(scenario: &str, v: (u32, u32)) -> Option<Expect> {
     let dio_pins = v >= (6, 5); // direct I/O moved from FOLL_GET to FOLL_PIN in 6.5
     match scenario {
-        "odirect" if dio_pins => Some(Expect { func: "pin_user_pages_fast", flags: &["PIN", "WRITE"], release: "unpin" }),
-        "odirect" => Some(Expect { func: "get_user_pages_fast", flags: &["GET", "WRITE"], release: "put" }),
-        "vmsplice" => Some(Expect { func: "get_user_pages_fast", flags: &["GET"], release: "put" }),
-        "pvm" => Some(Expect { func: "pin_user_pages_remote", flags: &["PIN", "WRITE"], release: "unpin" }),
+        "odirect" if dio_pins => Some(Expect { func: "pin_user_pages_fast", flags: &["PIN", "WRITE"], release: "unpin", path: "direct I/O" }),
+        "odirect" => Some(Expect { func: "get_user_pages_fast", flags: &["GET", "WRITE"], release: "put", path: "direct I/O" }),
+        "vmsplice" => Some(Expect { func: "get_user_pages_fast", flags: &["GET"], release: "put", path: "vmsplice" }),
+        "pvm" => Some(Expect { func: "pin_user_pages_remote", flags: &["PIN", "WRITE"], release: "unpin", path: "process_vm" }),
         // Measured: 5.10 and 6.1 register buffers through pin_user_pages, 6.12 and 7.2
         // through pin_user_pages_fast; kernels in between are not in the lab.
-        "iouring" if v >= (6, 4) => Some(Expect { func: "pin_user_pages_fast", flags: &["PIN", "LONGTERM", "WRITE"], release: "unpin" }),
-        "iouring" => Some(Expect { func: "pin_user_pages", flags: &["PIN", "LONGTERM", "WRITE"], release: "unpin" }),
+        "iouring" if v >= (6, 4) => Some(Expect { func: "pin_user_pages_fast", flags: &["PIN", "LONGTERM", "WRITE"], release: "unpin", path: "io_uring" }),
+        "iouring" => Some(Expect { func: "pin_user_pages", flags: &["PIN", "LONGTERM", "WRITE"], release: "unpin", path: "io_uring" }),
         _ => None,
     }
 }
@@ -212,6 +214,7 @@ pub fn check_top(r: &Recorded, v: (u32, u32)) -> Result<String> {
     // Who took them: io_uring's buffer registration, from the GUP call's stack.
     let by_io_uring = p["by_caller"].as_object().into_iter().flatten().find(|(c, _)| c.starts_with("io_"));
     ensure!(by_io_uring.is_some_and(|(_, b)| b.as_u64() == Some(bytes)), "by_caller {} does not name io_uring for the {bytes} bytes", p["by_caller"]);
+    ensure!(p["by_path"]["io_uring"].as_u64() == Some(bytes), "by_path {} does not give io_uring the {bytes} bytes", p["by_path"]);
     let last = r.trace.last().context("no refresh")?;
     let after = row(last).map(|p| p["pinned_bytes"].as_u64().unwrap_or(0)).unwrap_or(0);
     ensure!(after == 0, "pid {pid} still shows {after} bytes pinned after unregistering");
@@ -267,6 +270,7 @@ pub fn check(scenario: &str, r: &Recorded, v: (u32, u32)) -> Result<String> {
         ensure!(p["func"] == want.func, "pid {pid} pinned through {} (expected {})", p["func"], want.func);
         let flags: Vec<&str> = p["flags"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
         ensure!(flags == want.flags, "flags {flags:?}, expected {:?}", want.flags);
+        ensure!(p["path"] == want.path, "path {} (caller {}), expected {:?}", p["path"], p["caller"], want.path);
         total += u(p, "nr_pages");
         for pfn in p["pfns"].as_array().into_iter().flatten() {
             let pfn = pfn.as_u64().context("pfn")?;
@@ -299,7 +303,7 @@ pub fn check(scenario: &str, r: &Recorded, v: (u32, u32)) -> Result<String> {
         "released as {kinds:?}, expected all through {:?}",
         want.release
     );
-    Ok(format!("pid {pid}: {total} pages via {} {:?}, all released by {}", want.func, want.flags, want.release))
+    Ok(format!("pid {pid}: {total} pages via {} {:?} for {}, all released by {}", want.func, want.flags, want.path, want.release))
 }
 
 #[cfg(test)]
@@ -324,7 +328,7 @@ mod tests {
     }
 
     fn pin(pid: u64, ts: u64, pfns: &[u64]) -> Value {
-        serde_json::json!({"event":"pin","pid":pid,"ts_ns":ts,"func":"pin_user_pages_remote","flags":["PIN","WRITE"],"nr_pages":pfns.len(),"pfns":pfns,"file":{"dev":"1:0","ino":12,"fs":"ext4"}})
+        serde_json::json!({"event":"pin","pid":pid,"ts_ns":ts,"func":"pin_user_pages_remote","flags":["PIN","WRITE"],"path":"process_vm","nr_pages":pfns.len(),"pfns":pfns,"file":{"dev":"1:0","ino":12,"fs":"ext4"}})
     }
 
     fn unpin(ts: u64, kind: &str, pfns: &[u64]) -> Value {
@@ -338,6 +342,10 @@ mod tests {
         assert!(check("pvm", &rec(&good, 5), v).is_ok());
         // unreleased page
         assert!(check("pvm", &rec(&[pin(5, 20, &[1, 2]), unpin(30, "unpin", &[1])], 5), v).is_err());
+        // taken by another subsystem than the scenario's
+        let mut other = good.clone();
+        other[0]["path"] = serde_json::json!("other");
+        assert!(check("pvm", &rec(&other, 5), v).is_err());
         // wrong release kind
         assert!(check("pvm", &rec(&[pin(5, 20, &[1, 2]), unpin(30, "freed", &[1, 2])], 5), v).is_err());
         // wrong page count
@@ -364,7 +372,7 @@ mod tests {
 
     #[test]
     fn top_and_limit_checks_fail_on_each_defect() {
-        let doc = |pid: u64, lt: u64, vmpin: u64| serde_json::json!({"processes":[{"pid":pid,"pinned_bytes":lt,"longterm_bytes":lt,"vmpin_bytes":vmpin,"by_caller":{"io_pin_pages":lt}}],"totals":{},"lost_events":0});
+        let doc = |pid: u64, lt: u64, vmpin: u64| serde_json::json!({"processes":[{"pid":pid,"pinned_bytes":lt,"longterm_bytes":lt,"vmpin_bytes":vmpin,"by_caller":{"io_pin_pages":lt},"by_path":{"io_uring":lt}}],"totals":{},"lost_events":0});
         let empty = serde_json::json!({"processes":[],"totals":{},"lost_events":0});
         let b = 2 * 4096;
         let good = vec![empty.clone(), doc(5, b, b), empty.clone()];

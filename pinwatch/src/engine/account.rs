@@ -28,6 +28,8 @@ pub struct Usage {
     /// Bytes by caller of GUP (the first function below it on the stack): the driver
     /// or subsystem that took them.
     pub by_caller: BTreeMap<String, u64>,
+    /// Bytes by subsystem (direct I/O, io_uring, RDMA, VFIO, GPU...).
+    pub by_path: BTreeMap<String, u64>,
 }
 
 impl Usage {
@@ -42,6 +44,8 @@ impl Usage {
         *self.by_func.entry(h.func.clone()).or_default() += PAGE_SIZE;
         let caller = if h.caller.is_empty() { "unknown" } else { h.caller.as_str() };
         *self.by_caller.entry(caller.to_string()).or_default() += PAGE_SIZE;
+        let path = if h.path.is_empty() { "unknown" } else { h.path.as_str() };
+        *self.by_path.entry(path.to_string()).or_default() += PAGE_SIZE;
     }
 
     pub fn oldest_age_ns(&self, now_ns: u64) -> Option<u64> {

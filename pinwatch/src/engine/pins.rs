@@ -18,8 +18,9 @@ pub struct HeldPin {
     pub uid: u32,
     pub cgroup_id: u64,
     pub func: String,
-    /// Who called GUP (from the stack); empty when unknown.
+    /// Who called GUP (from the stack), and the subsystem; empty when unknown.
     pub caller: String,
+    pub path: String,
     pub flags: Vec<Flag>,
     pub since_ns: u64,
     /// The page belongs to a file's page cache (shmem included).
@@ -67,6 +68,7 @@ impl PinTable {
                 cgroup_id: p.cgroup_id,
                 func: p.func.clone(),
                 caller: p.caller.clone(),
+                path: p.path.clone(),
                 flags: p.flags.clone(),
                 since_ns: p.ts_ns,
                 file: (i as u64) < p.file_pages,

@@ -123,6 +123,7 @@ impl Decoder {
                     file_pages: 0,
                     file: None,
                     caller: String::new(),
+                    path: String::new(),
                     kstack: r.stack.frames().unwrap_or_default().to_vec(),
                 },
                 0,

@@ -1,34 +1,52 @@
 //! Kernel stacks: return addresses carried in the records (bpf_get_stack), names from
 //! /proc/kallsyms.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 /// Frames kept per stack: the hook and the path that led there.
 const FRAMES: usize = 24;
 
+/// GUP stacks repeat (one per call site and syscall): this many distinct ones are kept
+/// resolved, then the cache starts over.
+const ORIGINS_CACHED: usize = 4096;
+
 pub struct Symbols {
     ksyms: BTreeMap<u64, String>,
+    origins: HashMap<Vec<u64>, Origin>,
+}
+
+/// Who took a GUP call's pages: the first function below GUP, and the subsystem the
+/// whole stack points to.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Origin {
+    pub caller: String,
+    pub path: &'static str,
 }
 
 impl Symbols {
     pub fn load() -> Symbols {
         // Without kallsyms the frames stay addresses: still worth keeping.
-        Symbols { ksyms: aya::util::kernel_symbols().unwrap_or_default() }
+        Symbols { ksyms: aya::util::kernel_symbols().unwrap_or_default(), origins: HashMap::new() }
+    }
+
+    /// The origin of a GUP call's stack, resolved once per distinct stack.
+    pub fn origin(&mut self, ips: &[u64]) -> Origin {
+        if let Some(o) = self.origins.get(ips) {
+            return o.clone();
+        }
+        let frames: Vec<String> = ips.iter().map(|ip| symbolize(&self.ksyms, *ip)).skip_while(|f| is_probe_frame(f)).collect();
+        let caller = frames.iter().find(|f| !is_gup_frame(f)).map(|f| function(f).to_string()).unwrap_or_default();
+        let o = Origin { caller, path: if frames.is_empty() { "" } else { call_path(&frames) } };
+        if self.origins.len() >= ORIGINS_CACHED {
+            self.origins.clear();
+        }
+        self.origins.insert(ips.to_vec(), o.clone());
+        o
     }
 
     /// "function+0xoff" per frame, innermost first, below pinwatch's own frames.
     pub fn frames(&self, ips: &[u64]) -> Vec<String> {
         ips.iter().map(|ip| symbolize(&self.ksyms, *ip)).skip_while(|f| is_probe_frame(f)).take(FRAMES).collect()
-    }
-
-    /// The first function below GUP on the stack, or "" when unknown.
-    pub fn caller(&self, ips: &[u64]) -> String {
-        ips.iter()
-            .map(|ip| symbolize(&self.ksyms, *ip))
-            .skip_while(|f| is_probe_frame(f))
-            .find(|f| !is_gup_frame(f))
-            .map(|f| f.split('+').next().unwrap_or("").to_string())
-            .unwrap_or_default()
     }
 }
 
@@ -41,6 +59,40 @@ fn is_gup_frame(f: &str) -> bool {
         .iter()
         .any(|p| name.starts_with(p))
         || name.contains("_gup")
+}
+
+fn function(frame: &str) -> &str {
+    frame.split('+').next().unwrap_or(frame)
+}
+
+/// Subsystems that take pins, by functions of theirs that show on the stack of a GUP call
+/// (on 5.10 to 7.x). The innermost frame that matches decides: a direct-I/O read issued
+/// through io_uring is direct I/O, io_uring's own buffer registration is io_uring.
+const PATHS: &[(&str, &[&str])] = &[
+    ("direct I/O", &["bio_iov_iter_get_pages", "__bio_iov_iter_get_pages", "iomap_dio", "__iomap_dio", "blkdev_direct_IO", "__blkdev_direct_IO", "do_blockdev_direct_IO", "nfs_direct", "fuse_get_user_pages", "bio_map_user_iov"]),
+    ("io_uring", &["io_pin_pages", "io_sqe_buffer", "io_import", "io_register", "io_uring", "io_buffer", "io_pbuf", "io_zcrx"]),
+    ("vmsplice", &["iter_to_pipe", "vmsplice"]),
+    ("RDMA", &["ib_umem", "ib_reg_user_mr", "rxe_", "siw_", "mlx4_ib", "mlx5_ib", "hns_roce", "efa_"]),
+    ("VFIO", &["vfio_", "vaddr_get_pfn", "iommufd", "iopt_"]),
+    ("GPU", &["amdgpu_", "radeon_", "nouveau_", "i915_", "xe_", "drm_", "os_lock_user_pages", "nv_"]),
+    ("KVM", &["hva_to_pfn", "kvm_"]),
+    ("futex", &["get_futex_key", "futex"]),
+    ("exec", &["get_arg_page", "copy_strings"]),
+    ("process_vm", &["process_vm_rw"]),
+    ("ptrace/proc mem", &["access_remote_vm", "__access_remote_vm", "mem_rw", "ptrace_access_vm", "environ_read"]),
+    ("uprobes", &["uprobe_write_opcode", "__uprobe_register"]),
+    ("zero-copy net", &["zerocopy_sg_from_iter", "__zerocopy_sg_from_iter", "skb_zerocopy_iter", "tcp_zerocopy"]),
+];
+
+/// The subsystem a GUP call's stack (innermost first) points to, or "other".
+pub fn call_path(frames: &[String]) -> &'static str {
+    for f in frames {
+        let name = function(f);
+        if let Some((path, _)) = PATHS.iter().find(|(_, marks)| marks.iter().any(|m| name.starts_with(m))) {
+            return path;
+        }
+    }
+    "other"
 }
 
 /// Frames of pinwatch's own program and the tracing machinery that called it: the
@@ -87,11 +139,37 @@ mod tests {
             (0x4000, "io_sqe_buffer_register".to_string()),
         ]
         .into();
-        let s = Symbols { ksyms: k };
-        assert_eq!(s.caller(&[0x1010, 0x2020, 0x3030, 0x4040]), "io_pin_pages");
+        let mut s = Symbols { ksyms: k, origins: HashMap::new() };
+        assert_eq!(s.origin(&[0x1010, 0x2020, 0x3030, 0x4040]), Origin { caller: "io_pin_pages".into(), path: "io_uring" });
+        // cached: the same answer the second time
+        assert_eq!(s.origin(&[0x1010, 0x2020, 0x3030, 0x4040]).caller, "io_pin_pages");
         assert_eq!(s.frames(&[0x1010, 0x2020, 0x3030]), ["pin_user_pages_fast+0x20", "io_pin_pages+0x30"]);
-        assert_eq!(s.caller(&[0x2020]), "");
-        assert_eq!(s.caller(&[]), "");
+        assert_eq!(s.origin(&[0x2020]), Origin { caller: "".into(), path: "other" });
+        assert_eq!(s.origin(&[]), Origin { caller: "".into(), path: "" });
+    }
+
+    #[test]
+    fn paths_from_stacks_the_lab_kernels_show() {
+        let f = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let cases: &[(&[&str], &str)] = &[
+            (&["pin_user_pages_fast+0x1", "iov_iter_extract_pages+0x2", "bio_iov_iter_get_pages+0x3", "__blkdev_direct_IO_simple+0x4", "blkdev_read_iter+0x5"], "direct I/O"),
+            (&["get_user_pages_fast+0x1", "iov_iter_get_pages+0x2", "iomap_dio_bio_actor+0x3", "iomap_apply+0x4"], "direct I/O"),
+            (&["pin_user_pages+0x1", "io_sqe_buffer_register+0x2", "__io_uring_register+0x3"], "io_uring"),
+            (&["pin_user_pages_fast+0x1", "io_pin_pages+0x2", "io_sqe_buffer_register+0x3"], "io_uring"),
+            // direct I/O issued through io_uring is direct I/O
+            (&["pin_user_pages_fast+0x1", "iov_iter_extract_pages+0x2", "bio_iov_iter_get_pages+0x3", "__blkdev_direct_IO_async+0x4", "io_read+0x5", "io_issue_sqe+0x6"], "direct I/O"),
+            (&["get_user_pages_fast+0x1", "iov_iter_get_pages2+0x2", "iter_to_pipe+0x3", "vmsplice_to_pipe+0x4"], "vmsplice"),
+            (&["pin_user_pages_remote+0x1", "process_vm_rw_single_vec+0x2", "process_vm_rw_core+0x3"], "process_vm"),
+            (&["get_user_pages_remote+0x1", "get_arg_page+0x2", "copy_string_kernel+0x3"], "exec"),
+            (&["get_user_pages_fast+0x1", "get_futex_key+0x2", "futex_wait_setup+0x3"], "futex"),
+            (&["pin_user_pages_fast+0x1", "ib_umem_get+0x2", "mlx5_ib_reg_user_mr+0x3"], "RDMA"),
+            (&["pin_user_pages_remote+0x1", "vaddr_get_pfns+0x2", "vfio_pin_pages_remote+0x3"], "VFIO"),
+            (&["get_user_pages_unlocked+0x1", "hva_to_pfn_slow+0x2", "hva_to_pfn+0x3"], "KVM"),
+            (&["pin_user_pages_fast+0x1", "some_driver_ioctl+0x2"], "other"),
+        ];
+        for (stack, want) in cases {
+            assert_eq!(call_path(&f(stack)), *want, "{stack:?}");
+        }
     }
 
     #[test]

@@ -36,17 +36,17 @@ impl LiveSource {
     /// Waits until records are ready, then takes all of them.
     pub async fn next_batch(&mut self, out: &mut Vec<Event>) -> Result<()> {
         let mut guard = self.ring.readable_mut().await?;
-        Self::take_all(guard.get_inner_mut(), &mut self.decoder, &self.symbols, &mut self.undecodable, out);
+        Self::take_all(guard.get_inner_mut(), &mut self.decoder, &mut self.symbols, &mut self.undecodable, out);
         guard.clear_ready();
         Ok(())
     }
 
     /// Takes whatever is in the ring now, without waiting.
     pub fn drain(&mut self, out: &mut Vec<Event>) {
-        Self::take_all(self.ring.get_mut(), &mut self.decoder, &self.symbols, &mut self.undecodable, out);
+        Self::take_all(self.ring.get_mut(), &mut self.decoder, &mut self.symbols, &mut self.undecodable, out);
     }
 
-    fn take_all(ring: &mut RingBuf<MapData>, decoder: &mut Decoder, symbols: &Symbols, bad: &mut u64, out: &mut Vec<Event>) {
+    fn take_all(ring: &mut RingBuf<MapData>, decoder: &mut Decoder, symbols: &mut Symbols, bad: &mut u64, out: &mut Vec<Event>) {
         while let Some(item) = ring.next() {
             match decoder.push(&item) {
                 Ok(Some(Event::Page(mut p))) => {
@@ -54,7 +54,9 @@ impl LiveSource {
                     out.push(Event::Page(p));
                 }
                 Ok(Some(Event::Pin(mut p))) => {
-                    p.caller = symbols.caller(&p.kstack);
+                    let o = symbols.origin(&p.kstack);
+                    p.caller = o.caller;
+                    p.path = o.path.to_string();
                     out.push(Event::Pin(p));
                 }
                 Ok(Some(e)) => out.push(e),

@@ -155,9 +155,10 @@ pub struct Row {
     /// Long-term pinned bytes as a share of RLIMIT_MEMLOCK.
     pub limit_pct: Option<f64>,
     pub hazards: u64,
-    /// Bytes by GUP entry point, and by its caller (the driver or subsystem).
+    /// Bytes by GUP entry point, by its caller, and by subsystem (io_uring, RDMA...).
     pub by_func: BTreeMap<String, u64>,
     pub by_caller: BTreeMap<String, u64>,
+    pub by_path: BTreeMap<String, u64>,
     /// Where pinwatch and the kernel disagree, said plainly; None when they agree.
     pub disagreement: Option<String>,
 }
@@ -227,6 +228,7 @@ pub fn rows(acc: &Accounts, procs: &HashMap<u32, ProcInfo>, hazards: &HashMap<u3
                 disagreement: disagreement(&u, k),
                 by_caller: u.by_caller,
                 by_func: u.by_func,
+                by_path: u.by_path,
             }
         })
         .collect()
@@ -567,8 +569,11 @@ fn screen_text(s: &Session, rows: &[Row], acc: &Accounts, sort: Column, reverse:
     }
     if let Some(pid) = pid {
         if let Some(r) = rows.iter().find(|r| r.pid == pid) {
-            let callers: Vec<String> = r.by_caller.iter().map(|(c, b)| format!("{c} {}", human(*b))).collect();
-            out += &format!("pins of pid {pid} by caller: {}\n", if callers.is_empty() { "-".into() } else { callers.join(", ") });
+            let list = |m: &BTreeMap<String, u64>| {
+                let v: Vec<String> = m.iter().map(|(c, b)| format!("{c} {}", human(*b))).collect();
+                if v.is_empty() { "-".to_string() } else { v.join(", ") }
+            };
+            out += &format!("pins of pid {pid} by path: {}; by caller: {}\n", list(&r.by_path), list(&r.by_caller));
         }
         out += &mappings(s, pid);
     }
