@@ -227,6 +227,9 @@ pub struct Pinner {
     pub func: Option<String>,
     pub flags: Vec<Flag>,
     pub age_ns: Option<u64>,
+    /// The subsystem that took the pin (see Pin::path); null when unknown.
+    #[serde(default)]
+    pub path: Option<String>,
 }
 
 /// One pinner, or several when several pins collide.
@@ -255,7 +258,10 @@ impl Hazard {
     /// "pid comm" of the pinner(s), "?" where only the kernel's count knows of a pin.
     pub fn pinner_summary(&self) -> String {
         let one = |p: &Pinner| match (p.pid, &p.comm) {
-            (Some(pid), Some(c)) => format!("{pid} {c}"),
+            (Some(pid), Some(c)) => match p.path.as_deref() {
+                Some(path) => format!("{pid} {c} ({path})"),
+                None => format!("{pid} {c}"),
+            },
             (Some(pid), None) => pid.to_string(),
             _ => "? (kernel pin count)".to_string(),
         };

@@ -95,11 +95,15 @@ fn hazards<'a>(r: &'a Recorded, kind: &'a str) -> impl Iterator<Item = &'a Value
     r.trace.iter().filter(move |e| e["event"] == "hazard" && (kind.is_empty() || e["kind"] == kind))
 }
 
-fn pinner_pids(h: &Value) -> Vec<Option<u64>> {
+fn pinners(h: &Value) -> Vec<&Value> {
     match &h["pinner"] {
-        Value::Array(a) => a.iter().map(|p| p["pid"].as_u64()).collect(),
-        p => vec![p["pid"].as_u64()],
+        Value::Array(a) => a.iter().collect(),
+        p => vec![p],
     }
+}
+
+fn pinner_pids(h: &Value) -> Vec<Option<u64>> {
+    pinners(h).iter().map(|p| p["pid"].as_u64()).collect()
 }
 
 /// The kinds the slow O_DIRECT read with msync, MADV_PAGEOUT and ftruncate provokes.
@@ -133,13 +137,15 @@ pub fn check_hazards(scenario: &str, r: &Recorded, v: (u32, u32)) -> Result<Stri
                 ensure!(got == pinned, "{kind}: pfns {got:?}, expected exactly the pinned {pinned:?}");
                 for h in &hs {
                     ensure!(pinner_pids(h).contains(&Some(pid)), "{kind} names pinners {:?}, not the scenario's pid {pid}", pinner_pids(h));
+                    let paths: Vec<&Value> = pinners(h).iter().filter(|p| p["pid"].as_u64() == Some(pid)).map(|p| &p["path"]).collect();
+                    ensure!(paths.iter().all(|p| *p == "direct I/O"), "{kind}: the scenario's pin is not named direct I/O: {paths:?}");
                     actor_stack_shows(h, kind)?;
                 }
                 seen.push(format!("{kind} x{}", hs.len()));
             }
             let stray: Vec<&&Value> = all.iter().filter(|h| h["pfn"].as_u64().is_some_and(|p| !pinned.contains(&p))).collect();
             ensure!(stray.is_empty(), "hazards on pages that were not pinned: {:?}", stray.first());
-            Ok(format!("{} pinned pfns via {via}: {}; every actor stack reaches its syscall", pinned.len(), seen.join(", ")))
+            Ok(format!("{} pinned pfns via {via}: {}; pinner named direct I/O, every actor stack reaches its syscall", pinned.len(), seen.join(", ")))
         }
         "hazard_other" | "hazard_nopin" | "released" => {
             if scenario != "hazard_nopin" {
@@ -362,7 +368,7 @@ mod tests {
 
     fn hazard(kind: &str, pfn: u64, pid: u64) -> Value {
         let stack = ["page_mkclean_one+0x5", "__do_sys_msync+0x1d6", "do_madvise+0xd55", "do_sys_ftruncate+0x41"];
-        serde_json::json!({"event":"hazard","kind":kind,"severity":"critical","pfn":pfn,"pinner":{"pid":pid},"actor":{"pid":pid,"stack":stack}})
+        serde_json::json!({"event":"hazard","kind":kind,"severity":"critical","pfn":pfn,"pinner":{"pid":pid,"path":"direct I/O"},"actor":{"pid":pid,"stack":stack}})
     }
 
     fn start(via: &str) -> Value {
@@ -415,6 +421,10 @@ mod tests {
         // a hazard on a page that was not pinned
         let mut t = good.clone();
         t.push(hazard("unmap_while_pinned", 3, 5));
+        assert!(check("hazard", &rec(&t, 5), v).is_err());
+        // the pin named as another subsystem's
+        let mut t = good.clone();
+        t[2]["pinner"]["path"] = serde_json::json!("io_uring");
         assert!(check("hazard", &rec(&t, 5), v).is_err());
         // a hazard without the actor's stack, or one that does not reach the syscall
         let mut t = good.clone();

@@ -160,7 +160,14 @@ impl LimitState {
                         None,
                         now_ns,
                     );
-                    hz.pinner = Pinners::One(Pinner { pid: Some(h.pid), comm: Some(h.comm.clone()), func: Some(h.func.clone()), flags: h.flags.clone(), age_ns: Some(age) });
+                    hz.pinner = Pinners::One(Pinner {
+                        pid: Some(h.pid),
+                        comm: Some(h.comm.clone()),
+                        func: Some(h.func.clone()),
+                        flags: h.flags.clone(),
+                        age_ns: Some(age),
+                        path: (!h.path.is_empty()).then(|| h.path.clone()),
+                    });
                     hz.actor = Actor { pid: h.pid, tid: h.pid, comm: h.comm.clone(), stack: Vec::new() };
                     hz.pages = Some(pages);
                     out.push(hz);
@@ -175,7 +182,7 @@ impl LimitState {
 fn limit_hazard(kind: HazardKind, breach: LimitBreach, who: Option<&ProcUsage>, now_ns: u64) -> Hazard {
     let (pinner, actor) = match who {
         Some(p) => (
-            Pinner { pid: Some(p.pid), comm: Some(p.comm.clone()), func: None, flags: Vec::new(), age_ns: p.usage.oldest_age_ns(now_ns) },
+            Pinner { pid: Some(p.pid), comm: Some(p.comm.clone()), func: None, flags: Vec::new(), age_ns: p.usage.oldest_age_ns(now_ns), path: None },
             Actor { pid: p.pid, tid: p.pid, comm: p.comm.clone(), stack: Vec::new() },
         ),
         None => (Pinner::default(), Actor::default()),

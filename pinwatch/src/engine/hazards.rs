@@ -54,6 +54,7 @@ fn pinner(h: &HeldPin, now: u64) -> Pinner {
         func: Some(h.func.clone()),
         flags: h.flags.clone(),
         age_ns: Some(now.saturating_sub(h.since_ns)),
+        path: (!h.path.is_empty()).then(|| h.path.clone()),
     }
 }
 
@@ -181,7 +182,14 @@ fn longterm(p: &Pin) -> Option<Hazard> {
         None if p.file_pages > 0 => HazardKind::LongtermFilePin,
         _ => return None,
     };
-    let me = Pinner { pid: Some(p.pid), comm: Some(p.comm.clone()), func: Some(p.func.clone()), flags: p.flags.clone(), age_ns: Some(0) };
+    let me = Pinner {
+        pid: Some(p.pid),
+        comm: Some(p.comm.clone()),
+        func: Some(p.func.clone()),
+        flags: p.flags.clone(),
+        age_ns: Some(0),
+        path: (!p.path.is_empty()).then(|| p.path.clone()),
+    };
     let severity = severity(kind, traits(std::slice::from_ref(&me), p.file.as_ref()))?;
     Some(Hazard {
         ts_ns: p.ts_ns,
