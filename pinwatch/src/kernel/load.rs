@@ -364,7 +364,7 @@ fn test_capabilities(ebpf: &mut Ebpf, syms: &Symbols, btf: Result<&Btf, &String>
     let fentry = (|| -> Result<(), String> {
         let btf = btf.map_err(String::clone)?;
         let p: &mut FEntry = ebpf.program_mut("probe_fentry").ok_or("probe_fentry missing")?.try_into().map_err(short)?;
-        p.load("get_user_pages_fast", &btf).map_err(|e| match error_chain(&e) {
+        p.load("get_user_pages_fast", btf).map_err(|e| match error_chain(&e) {
             s if s.contains("Operation not permitted") => "the kernel refuses tracing programs (BPF_PROG_LOAD of an fentry program: EPERM)".to_string(),
             s => s,
         })?;

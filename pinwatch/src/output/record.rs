@@ -91,7 +91,7 @@ pub async fn run(args: RecordArgs) -> Result<i32> {
     let pages: u64 = held.iter().map(|h| h.pages).sum();
     let nhaz: u64 = counts.values().sum();
     eprintln!(
-        "pinwatch: trace written to {}; {} lost record(s); {} hazard(s); {} page reference(s) still held by {} process(es)",
+        "pinwatch: trace written to {}; {} lost (records, pages or stacks: the trace's lost events say which); {} hazard(s); {} page reference(s) still held by {} process(es)",
         args.output.display(),
         session.lost_total,
         nhaz,

@@ -68,12 +68,17 @@ fn print_summary(events: &[Event], hazards: &[Hazard]) {
             println!("this trace cannot show: {}", s.blind.join(", "));
         }
     }
-    let lost: u64 = events.iter().filter_map(|e| if let Event::Lost(l) = e { Some(l.count) } else { None }).sum();
-    if lost > 0 {
-        println!("WARNING: {lost} record(s) were lost while recording: hazards may be missing");
+    // A lost stack leaves its record whole; every other reason loses what a record held.
+    let lost = |stacks: bool| -> u64 { events.iter().filter_map(|e| if let Event::Lost(l) = e { Some(l) } else { None }).filter(|l| (l.reason == "stack_lost") == stacks).map(|l| l.count).sum() };
+    if lost(false) > 0 {
+        println!("WARNING: {} record(s) or page(s) were lost while recording: hazards may be missing", lost(false));
+    }
+    if lost(true) > 0 {
+        println!("note: {} kernel stack(s) could not be walked: some pins or hazards come without one", lost(true));
     }
     // (kind, severity, pinner pid, pinner comm, actor comm) -> (count, pfns)
-    let mut rows: BTreeMap<(String, String, String, String), (u64, std::collections::BTreeSet<u64>)> = BTreeMap::new();
+    type Key = (String, String, String, String);
+    let mut rows: BTreeMap<Key, (u64, std::collections::BTreeSet<u64>)> = BTreeMap::new();
     for h in hazards {
         let pinner = h.pinner_summary();
         let key = (h.kind.name().to_string(), format!("{:?}", h.severity).to_lowercase(), pinner, h.actor.comm.clone());
