@@ -69,7 +69,8 @@ fn function(frame: &str) -> &str {
 /// (on 5.10 to 7.x). The innermost frame that matches decides: a direct-I/O read issued
 /// through io_uring is direct I/O, io_uring's own buffer registration is io_uring.
 const PATHS: &[(&str, &[&str])] = &[
-    ("direct I/O", &["bio_iov_iter_get_pages", "__bio_iov_iter_get_pages", "iomap_dio", "__iomap_dio", "blkdev_direct_IO", "__blkdev_direct_IO", "do_blockdev_direct_IO", "nfs_direct", "fuse_get_user_pages", "bio_map_user_iov"]),
+    ("direct I/O", &["bio_iov_iter_get_pages", "__bio_iov_iter_get_pages", "iomap_dio", "__iomap_dio", "blkdev_direct_IO", "__blkdev_direct_IO", "do_blockdev_direct_IO", "nfs_direct", "fuse_get_user_pages"]),
+    ("passthrough", &["bio_map_user_iov", "blk_rq_map_user"]),
     ("io_uring", &["io_pin_pages", "io_sqe_buffer", "io_import", "io_register", "io_uring", "io_buffer", "io_pbuf", "io_zcrx"]),
     ("vmsplice", &["iter_to_pipe", "vmsplice"]),
     ("RDMA", &["ib_umem", "ib_reg_user_mr", "rxe_", "siw_", "mlx4_ib", "mlx5_ib", "hns_roce", "efa_"]),
@@ -165,6 +166,7 @@ mod tests {
             (&["pin_user_pages_fast+0x1", "ib_umem_get+0x2", "mlx5_ib_reg_user_mr+0x3"], "RDMA"),
             (&["pin_user_pages_remote+0x1", "vaddr_get_pfns+0x2", "vfio_pin_pages_remote+0x3"], "VFIO"),
             (&["get_user_pages_unlocked+0x1", "hva_to_pfn_slow+0x2", "hva_to_pfn+0x3"], "KVM"),
+            (&["pin_user_pages_fast+0x1", "iov_iter_extract_pages+0x2", "bio_map_user_iov+0x3", "blk_rq_map_user_iov+0x4", "sg_io+0x5"], "passthrough"),
             (&["pin_user_pages_fast+0x1", "some_driver_ioctl+0x2"], "other"),
         ];
         for (stack, want) in cases {
