@@ -33,6 +33,8 @@ enum Cmd {
         #[arg(long = "kernel")]
         kernels: Vec<String>,
     },
+    /// Check pinwatch on this machine's kernel only (doctor, record, top in tmux).
+    Host,
     /// Everything: unit tests, this machine's kernel, and the lab on all kernels.
     Test,
     /// Show pinwatch at work: boot a lab kernel and record the pinning scenarios there.
@@ -299,6 +301,17 @@ fn host_top(bins: &lab::Binaries, tally: &mut Tally) -> Result<()> {
                     tmux(&["send-keys", "-t", s, "v"])?;
                     let text = wait_for(s, "VmPin*")?;
                     ensure!(row_pids(&text).first() == Some(&pid), "sorted by VmPin, the 1 MiB holder {pid} is not first:\n{text}");
+                    // DIFF is VmPin minus what pinwatch saw long-term pinned: all of the
+                    // 1 MiB where GUP calls cannot be seen, nothing where they can.
+                    tmux(&["send-keys", "-t", s, "d"])?;
+                    let text = wait_for(s, "DIFF*")?;
+                    let row = text.lines().find(|l| l.split_whitespace().next() == Some(&pid.to_string())).unwrap_or("");
+                    if !text.contains("tracepoint-only mode") {
+                        ensure!(row.split_whitespace().any(|c| c == "="), "the holder's DIFF is not \"=\": {row}");
+                    } else {
+                        ensure!(row_pids(&text).first() == Some(&pid), "sorted by DIFF, the holder {pid} is not first:\n{text}");
+                        ensure!(row.split_whitespace().any(|c| c == "+1.0M"), "the holder's DIFF is not +1.0M: {row}");
+                    }
                     tmux(&["send-keys", "-t", s, "n"])?;
                     let text = wait_for(s, "PID*")?;
                     let pids = row_pids(&text);
@@ -313,7 +326,7 @@ fn host_top(bins: &lab::Binaries, tally: &mut Tally) -> Result<()> {
                 ensure!(text.contains("TOP-EXITED 0"), "top did not exit 0 on {quit}:\n{text}");
                 ensure!(text.lines().any(|l| l.trim() == "echo") && text.lines().any(|l| l.trim() == "icanon"), "terminal not restored after {quit} (stty):\n{text}");
                 ensure!(!text.contains("PINNED*"), "the table is still on screen after {quit}:\n{text}");
-                Ok(format!("sorted from the keyboard, left with {quit}, terminal restored"))
+                Ok(format!("sorted from the keyboard{}, left with {quit}, terminal restored", if quit == "q" { " (VmPin, DIFF, PID, reversed)" } else { "" }))
             })();
             let _ = tmux(&["kill-session", "-t", s]);
             out.push((format!("host top interactive ({quit})"), r));
@@ -406,6 +419,15 @@ fn main() -> ExitCode {
                 setup::setup()?;
                 let mut t = Tally::default();
                 lab(&kernels, &lab::build_binaries()?, &mut t)?;
+                summary(&t);
+                Ok(t.failed == 0)
+            }
+            Cmd::Host => {
+                setup::setup()?;
+                let mut t = Tally::default();
+                let bins = lab::build_binaries()?;
+                host(&bins, &mut t)?;
+                host_top(&bins, &mut t)?;
                 summary(&t);
                 Ok(t.failed == 0)
             }

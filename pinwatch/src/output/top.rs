@@ -44,13 +44,15 @@ pub enum Column {
     Write,
     Oldest,
     Vmpin,
+    /// VmPin minus LONGTERM: where the kernel and pinwatch disagree.
+    Diff,
     Memlock,
     Limit,
     Hazards,
 }
 
 impl Column {
-    const ALL: [Column; 12] = [
+    const ALL: [Column; 13] = [
         Column::Pid,
         Column::User,
         Column::Comm,
@@ -60,6 +62,7 @@ impl Column {
         Column::Write,
         Column::Oldest,
         Column::Vmpin,
+        Column::Diff,
         Column::Memlock,
         Column::Limit,
         Column::Hazards,
@@ -76,6 +79,7 @@ impl Column {
             Column::Write => "WRITE",
             Column::Oldest => "OLDEST",
             Column::Vmpin => "VmPin",
+            Column::Diff => "DIFF",
             Column::Memlock => "MEMLOCK",
             Column::Limit => "%LIMIT",
             Column::Hazards => "HAZARDS",
@@ -94,6 +98,7 @@ impl Column {
             Column::Write => 'w',
             Column::Oldest => 'o',
             Column::Vmpin => 'v',
+            Column::Diff => 'd',
             Column::Memlock => 'm',
             Column::Limit => '%',
             Column::Hazards => 'h',
@@ -249,6 +254,7 @@ pub fn sort(rows: &mut [Row], by: Column, reverse: bool) {
             Column::Write => b.write_bytes.cmp(&a.write_bytes),
             Column::Oldest => b.oldest_pin_age_ns.cmp(&a.oldest_pin_age_ns),
             Column::Vmpin => b.vmpin_bytes.cmp(&a.vmpin_bytes),
+            Column::Diff => b.vmpin_diff().unsigned_abs().cmp(&a.vmpin_diff().unsigned_abs()),
             Column::Memlock => b.memlock_limit_bytes.unwrap_or(u64::MAX).cmp(&a.memlock_limit_bytes.unwrap_or(u64::MAX)),
             Column::Limit => f(b.limit_pct.unwrap_or(0.0)).partial_cmp(&f(a.limit_pct.unwrap_or(0.0))).unwrap_or(Ordering::Equal),
             Column::Hazards => b.hazards.cmp(&a.hazards),
@@ -256,6 +262,23 @@ pub fn sort(rows: &mut [Row], by: Column, reverse: bool) {
         let o = o.then(a.pid.cmp(&b.pid));
         if reverse { o.reverse() } else { o }
     });
+}
+
+impl Row {
+    /// VmPin minus the long-term bytes pinwatch saw: positive when the kernel charges
+    /// more (pins older than pinwatch, or unseen), negative when it charges less.
+    pub fn vmpin_diff(&self) -> i64 {
+        self.vmpin_bytes as i64 - self.longterm_bytes as i64
+    }
+}
+
+/// "=" when they agree, else the signed difference.
+fn diff(d: i64) -> String {
+    match d {
+        0 => "=".into(),
+        d if d > 0 => format!("+{}", human(d as u64)),
+        d => format!("-{}", human(d.unsigned_abs())),
+    }
 }
 
 pub fn human(bytes: u64) -> String {
@@ -304,13 +327,14 @@ pub fn render(rows: &[Row], by: Column, width: Option<u16>) -> String {
             human(r.write_bytes),
             age(r.oldest_pin_age_ns),
             human(r.vmpin_bytes),
+            diff(r.vmpin_diff()),
             r.memlock_limit_bytes.map(human).unwrap_or_else(|| "unlim".into()),
             r.limit_pct.map(|p| format!("{p:.0}%")).unwrap_or_else(|| "-".into()),
             r.hazards.to_string(),
         ];
         t.add_row(cells.into_iter().enumerate().map(|(i, c)| {
             let cell = Cell::new(c);
-            if (3..12).contains(&i) { cell.set_alignment(CellAlignment::Right) } else { cell }
+            if (3..13).contains(&i) { cell.set_alignment(CellAlignment::Right) } else { cell }
         }));
     }
     t.to_string()
@@ -652,6 +676,12 @@ mod tests {
         assert_eq!(r[0].limit_pct, Some(1600.0));
         assert_eq!(r[0].hazards, 4);
         assert!(r[2].disagreement.as_deref().unwrap().contains("more than seen"));
+        // The DIFF column: VmPin minus LONGTERM, "=" where they agree.
+        assert_eq!([r[0].vmpin_diff(), r[1].vmpin_diff(), r[2].vmpin_diff()], [0, 0, 8192]);
+        assert_eq!([diff(0), diff(8192), diff(-(1 << 20))], ["=", "+8K", "-1.0M"].map(String::from));
+        let mut by_diff = r.clone();
+        sort(&mut by_diff, Column::Diff, false);
+        assert_eq!(by_diff[0].pid, 3);
         // Direct I/O charges nothing to VmPin and takes no long-term pins: no disagreement.
         assert_eq!(r[1].disagreement, None);
     }
