@@ -2,14 +2,17 @@
 //! Only the outermost GUP call of a thread is recorded (pin_user_pages_unlocked and the
 //! GUP-fast slow path call get_user_pages_unlocked before 6.2).
 
-use aya_ebpf::{helpers::bpf_probe_read_kernel, EbpfContext};
+use aya_ebpf::{
+    helpers::{bpf_probe_read_kernel, generated::bpf_probe_read_kernel as bpf_probe_read_kernel_raw},
+    EbpfContext,
+};
 use pinwatch_common::{
-    backing as bk, counter, kind, GupCall, PinState, Hook, MAX_CHUNKS, PFNS_PER_RECORD,
+    backing as bk, counter, kind, GupCall, KernelStack, PinState, Hook, MAX_CHUNKS, PFNS_PER_RECORD,
     RECORD_FAILED, RECORD_TRUNCATED,
 };
 
 use crate::{
-    maps::{count, GUP_CALLS, PINS, PIN_SCRATCH},
+    maps::{count, GUP_CALLS, GUP_STACKS, PINS, PIN_SCRATCH, STACK_SCRATCH},
     page::{backing, file_of, folio_head, mapping, PfnMath},
     record::{current, fill_header, fill_stack, is_self, send},
 };
@@ -30,7 +33,7 @@ pub const LAYOUT_UNLOCKED: Layout = Layout { start: 0, nr_pages: 1, gup_flags: 3
 
 /// Called on entry with the arguments already read at `Layout` positions.
 #[inline(always)]
-pub fn enter(hook: Hook, start: u64, nr_pages: u64, gup_flags: u64, pages: u64) {
+pub fn enter<C: EbpfContext>(ctx: &C, hook: Hook, start: u64, nr_pages: u64, gup_flags: u64, pages: u64) {
     let (tgid, tid) = current();
     if is_self(tgid) {
         return;
@@ -53,6 +56,14 @@ pub fn enter(hook: Hook, start: u64, nr_pages: u64, gup_flags: u64, pages: u64) 
     };
     if GUP_CALLS.insert(&tid, &call, 0).is_err() {
         count(counter::CALL_MAP_FULL, 1);
+        return;
+    }
+    // The caller's stack is taken here, on entry: on return a kretprobe has replaced
+    // GUP's return address with its trampoline, and before 5.15 the unwinder stops there.
+    let Some(scratch) = STACK_SCRATCH.get_ptr_mut(0) else { return };
+    fill_stack(ctx, unsafe { &mut *scratch });
+    if GUP_STACKS.insert(&tid, unsafe { &*scratch }, 0).is_err() {
+        count(counter::STACK_LOST, 1);
     }
 }
 
@@ -74,7 +85,7 @@ fn is_pin(hook: u16) -> bool {
 
 /// Called on return with the raw return register.
 #[inline(always)]
-pub fn exit<C: EbpfContext>(ctx: &C, raw_ret: u64) {
+pub fn exit(raw_ret: u64) {
     let (tgid, tid) = current();
     let Some(slot) = GUP_CALLS.get_ptr_mut(&tid) else {
         return;
@@ -86,19 +97,29 @@ pub fn exit<C: EbpfContext>(ctx: &C, raw_ret: u64) {
     }
     let _ = GUP_CALLS.remove(&tid);
     let ret = if returns_int(call.hook) { raw_ret as i32 as i64 } else { raw_ret as i64 };
-    record(ctx, &call, ret, tgid, tid);
+    record(&call, ret, tgid, tid);
 }
 
 #[inline(always)]
-fn record<C: EbpfContext>(ctx: &C, call: &GupCall, ret: i64, tgid: u32, tid: u32) {
+fn record(call: &GupCall, ret: i64, tgid: u32, tid: u32) {
     let Some(rec) = PIN_SCRATCH.get_ptr_mut(0) else {
         return;
     };
     let rec = unsafe { &mut *rec };
     fill_header(&mut rec.header, kind::PIN, call.hook);
-    // The stack says who called GUP (io_uring, direct I/O, a driver): one walk per
-    // call, not per page; every chunk of the call carries it.
-    fill_stack(ctx, &mut rec.stack);
+    // The stack says who called GUP (io_uring, direct I/O, a driver): taken once per
+    // call on entry, carried by every chunk of the call.
+    match GUP_STACKS.get_ptr(&tid) {
+        Some(st) => {
+            let bytes = core::mem::size_of::<KernelStack>() as u32;
+            let dst = &mut rec.stack as *mut KernelStack as *mut core::ffi::c_void;
+            if unsafe { bpf_probe_read_kernel_raw(dst, bytes, st as *const core::ffi::c_void) } < 0 {
+                rec.stack.nr = -14;
+            }
+            let _ = GUP_STACKS.remove(&tid);
+        }
+        None => rec.stack.nr = -2,
+    }
     let ts = rec.header.ts_ns;
     rec.gup_flags = call.gup_flags;
     rec.ret = ret;

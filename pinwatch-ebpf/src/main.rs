@@ -70,8 +70,8 @@ macro_rules! twins {
 }
 
 #[inline(always)]
-fn gup_enter(c: &impl Args, hook: Hook, l: Layout) {
-    acquire::enter(hook, c.a(l.start), c.a(l.nr_pages), c.a(l.gup_flags), c.a(l.pages));
+fn gup_enter<C: Args + aya_ebpf::EbpfContext>(c: &C, hook: Hook, l: Layout) {
+    acquire::enter(c, hook, c.a(l.start), c.a(l.nr_pages), c.a(l.gup_flags), c.a(l.pages));
 }
 
 // ---- acquire: one entry program per hook (the hook id is its identity).
@@ -87,7 +87,7 @@ twins!(pin_user_pages_unlocked, fentry_pin_user_pages_unlocked, "pin_user_pages_
 
 #[kretprobe]
 pub fn gup_return(ctx: RetProbeContext) -> u32 {
-    acquire::exit(&ctx, ctx.ret::<u64>());
+    acquire::exit(ctx.ret::<u64>());
     0
 }
 
@@ -96,7 +96,7 @@ macro_rules! gup_fexit {
     ($name:ident, $sym:literal, $n:literal) => {
         #[fexit(function = $sym)]
         pub fn $name(ctx: FExitContext) -> u32 {
-            acquire::exit(&ctx, ctx.arg::<u64>($n));
+            acquire::exit(ctx.arg::<u64>($n));
             0
         }
     };

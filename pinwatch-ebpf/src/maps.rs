@@ -4,7 +4,7 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
-use pinwatch_common::{calib, counter, GupCall, PageRecord, PinRecord, PinState, ReleaseRecord};
+use pinwatch_common::{calib, counter, GupCall, KernelStack, PageRecord, PinRecord, PinState, ReleaseRecord};
 
 /// Records to user space. 8 MiB holds about 9,000 full pin records (~900 bytes each):
 /// several seconds of a heavy direct-I/O load even if user space stalls.
@@ -19,6 +19,13 @@ pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::N
 /// call, so this bounds the threads inside GUP at once.
 #[map]
 pub static GUP_CALLS: HashMap<u32, GupCall> = HashMap::with_max_entries(16384, 0);
+
+/// The kernel stack of each GUP call in flight, taken on entry (see acquire::enter).
+/// 8192 threads inside GUP at once; past that a call goes without its stack, counted.
+#[map]
+pub static GUP_STACKS: HashMap<u32, KernelStack> = HashMap::with_max_entries(8192, 0);
+#[map]
+pub static STACK_SCRATCH: PerCpuArray<KernelStack> = PerCpuArray::with_max_entries(1, 0);
 
 /// Nesting depth of release calls per thread (unpin_user_pages_dirty_lock calls
 /// unpin_user_pages, for one): only the outermost one is recorded.

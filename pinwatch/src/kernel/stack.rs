@@ -55,7 +55,7 @@ impl Symbols {
 fn is_gup_frame(f: &str) -> bool {
     let name = f.split('+').next().unwrap_or(f);
     let name = name.trim_start_matches('_');
-    ["get_user_pages", "pin_user_pages", "gup_", "internal_get_user_pages", "follow_page", "faultin_page", "is_valid_gup", "lockless_pages", "get_user_page"]
+    ["get_user_pages", "pin_user_pages", "gup_", "internal_get_user_pages", "follow_page", "faultin_page", "is_valid_gup", "lockless_pages", "get_user_page", "iov_iter_"]
         .iter()
         .any(|p| name.starts_with(p))
         || name.contains("_gup")
@@ -79,16 +79,19 @@ const PATHS: &[(&str, &[&str])] = &[
     ("KVM", &["hva_to_pfn", "kvm_"]),
     ("futex", &["get_futex_key", "futex"]),
     ("exec", &["get_arg_page", "copy_strings"]),
-    ("process_vm", &["process_vm_rw"]),
+    ("process_vm", &["process_vm"]),
     ("ptrace/proc mem", &["access_remote_vm", "__access_remote_vm", "mem_rw", "ptrace_access_vm", "environ_read"]),
     ("uprobes", &["uprobe_write_opcode", "__uprobe_register"]),
     ("zero-copy net", &["zerocopy_sg_from_iter", "__zerocopy_sg_from_iter", "skb_zerocopy_iter", "tcp_zerocopy"]),
 ];
 
-/// The subsystem a GUP call's stack (innermost first) points to, or "other".
+/// The subsystem a GUP call's stack (innermost first) points to, or "other". Syscall
+/// entry points count by their syscall's name (`__do_sys_vmsplice` is vmsplice): the
+/// functions between them and GUP are often inlined.
 pub fn call_path(frames: &[String]) -> &'static str {
     for f in frames {
-        let name = function(f);
+        let name = function(f).trim_start_matches('_');
+        let name = ["x64_sys_", "ia32_sys_", "do_sys_", "se_sys_", "sys_"].iter().find_map(|p| name.strip_prefix(p)).unwrap_or(name);
         if let Some((path, _)) = PATHS.iter().find(|(_, marks)| marks.iter().any(|m| name.starts_with(m))) {
             return path;
         }
@@ -99,7 +102,7 @@ pub fn call_path(frames: &[String]) -> &'static str {
 /// Frames of pinwatch's own program and the tracing machinery that called it: the
 /// stack worth reading starts below them.
 fn is_probe_frame(f: &str) -> bool {
-    f.contains("[bpf]") || ["bpf_", "__bpf_", "kprobe", "__kprobe", "ftrace", "arch_ftrace", "fentry"].iter().any(|p| f.starts_with(p))
+    f.contains("[bpf]") || ["bpf_", "__bpf_", "kprobe", "__kprobe", "kretprobe", "__kretprobe", "trampoline_handler", "ftrace", "arch_ftrace", "fentry"].iter().any(|p| f.starts_with(p))
 }
 
 pub fn symbolize(ksyms: &BTreeMap<u64, String>, ip: u64) -> String {
@@ -126,7 +129,9 @@ mod tests {
         for f in ["pin_user_pages_fast+0x30", "__gup_longterm_locked+0x1", "internal_get_user_pages_fast+0x9", "gup_fast_fallback+0x1", "__get_user_pages+0x2"] {
             assert!(is_gup_frame(f), "{f}");
         }
-        for f in ["io_sqe_buffer_register+0x55", "iov_iter_extract_pages+0x1", "ib_umem_get+0x10"] {
+        // iov_iter helpers only pass the pages on: the caller is below them.
+        assert!(is_gup_frame("iov_iter_extract_pages+0x1"));
+        for f in ["io_sqe_buffer_register+0x55", "bio_iov_iter_get_pages+0x1", "ib_umem_get+0x10"] {
             assert!(!is_gup_frame(f), "{f}");
         }
     }
@@ -160,6 +165,9 @@ mod tests {
             // direct I/O issued through io_uring is direct I/O
             (&["pin_user_pages_fast+0x1", "iov_iter_extract_pages+0x2", "bio_iov_iter_get_pages+0x3", "__blkdev_direct_IO_async+0x4", "io_read+0x5", "io_issue_sqe+0x6"], "direct I/O"),
             (&["get_user_pages_fast+0x1", "iov_iter_get_pages2+0x2", "iter_to_pipe+0x3", "vmsplice_to_pipe+0x4"], "vmsplice"),
+            // 5.10: iter_to_pipe and vmsplice_to_pipe inlined into the syscall
+            (&["get_user_pages_fast+0x1", "iov_iter_get_pages+0x2", "__do_sys_vmsplice+0x3", "do_syscall_64+0x4"], "vmsplice"),
+            (&["pin_user_pages_remote+0x1", "__x64_sys_process_vm_writev+0x2"], "process_vm"),
             (&["pin_user_pages_remote+0x1", "process_vm_rw_single_vec+0x2", "process_vm_rw_core+0x3"], "process_vm"),
             (&["get_user_pages_remote+0x1", "get_arg_page+0x2", "copy_string_kernel+0x3"], "exec"),
             (&["get_user_pages_fast+0x1", "get_futex_key+0x2", "futex_wait_setup+0x3"], "futex"),
@@ -178,6 +186,7 @@ mod tests {
     fn probe_frames_are_skipped() {
         assert!(is_probe_frame("bpf_prog_e1aa0129f2afa457_mm_filemap\t[bpf]+0x889"));
         assert!(is_probe_frame("bpf_trace_run1+0xfe"));
+        assert!(is_probe_frame("kretprobe_trampoline+0x0"));
         assert!(!is_probe_frame("__filemap_remove_folio+0x1ad"));
     }
 }
