@@ -66,10 +66,10 @@ fn function(frame: &str) -> &str {
 }
 
 /// Subsystems that take pins, by functions of theirs that show on the stack of a GUP call
-/// (on 5.10 to 7.x). The innermost frame that matches decides: a direct-I/O read issued
+/// (on 5.10 to 7.x), matched as prefixes of the name without its leading underscores. The innermost frame that matches decides: a direct-I/O read issued
 /// through io_uring is direct I/O, io_uring's own buffer registration is io_uring.
 const PATHS: &[(&str, &[&str])] = &[
-    ("direct I/O", &["bio_iov_iter_get_pages", "__bio_iov_iter_get_pages", "iomap_dio", "__iomap_dio", "blkdev_direct_IO", "__blkdev_direct_IO", "do_blockdev_direct_IO", "nfs_direct", "fuse_get_user_pages"]),
+    ("direct I/O", &["bio_iov_iter_get_pages", "iomap_dio", "blkdev_direct_IO", "do_blockdev_direct_IO", "nfs_direct", "fuse_get_user_pages"]),
     ("passthrough", &["bio_map_user_iov", "blk_rq_map_user"]),
     ("io_uring", &["io_pin_pages", "io_sqe_buffer", "io_import", "io_register", "io_uring", "io_buffer", "io_pbuf", "io_zcrx"]),
     ("vmsplice", &["iter_to_pipe", "vmsplice"]),
@@ -80,9 +80,9 @@ const PATHS: &[(&str, &[&str])] = &[
     ("futex", &["get_futex_key", "futex"]),
     ("exec", &["get_arg_page", "copy_strings"]),
     ("process_vm", &["process_vm"]),
-    ("ptrace/proc mem", &["access_remote_vm", "__access_remote_vm", "mem_rw", "ptrace_access_vm", "environ_read"]),
-    ("uprobes", &["uprobe_write_opcode", "__uprobe_register"]),
-    ("zero-copy net", &["zerocopy_sg_from_iter", "__zerocopy_sg_from_iter", "skb_zerocopy_iter", "tcp_zerocopy"]),
+    ("ptrace/proc mem", &["access_remote_vm", "mem_rw", "ptrace_access_vm", "environ_read"]),
+    ("uprobes", &["uprobe_write_opcode", "uprobe_register"]),
+    ("zero-copy net", &["zerocopy_sg_from_iter", "skb_zerocopy_iter", "tcp_zerocopy"]),
 ];
 
 /// The subsystem a GUP call's stack (innermost first) points to, or "other". Syscall
