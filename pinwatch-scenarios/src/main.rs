@@ -12,6 +12,8 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 
+mod bench;
+
 const PAGE: usize = 4096;
 
 #[derive(Parser)]
@@ -88,6 +90,31 @@ enum Scenario {
         file: String,
         #[arg(long, default_value_t = 8)]
         pages: usize,
+    },
+    /// Bench: `ops` one-page O_DIRECT reads of an ext4 file (the pin hot path).
+    BenchDio {
+        #[arg(long)]
+        file: String,
+        #[arg(long, default_value_t = 2000)]
+        ops: usize,
+    },
+    /// Bench: dirty and msync every page of a shared mapping, `rounds` times (the
+    /// hazard hooks on unpinned pages).
+    BenchWriteback {
+        #[arg(long)]
+        file: String,
+        #[arg(long, default_value_t = 256)]
+        pages: usize,
+        #[arg(long, default_value_t = 8)]
+        rounds: usize,
+    },
+    /// Bench: pinwatch's memory while it tracks `pages` pinned pages (run under
+    /// `pinwatch record --`).
+    BenchFootprint {
+        #[arg(long, default_value_t = 16384)]
+        pages: usize,
+        #[arg(long, default_value_t = 2000)]
+        hold_ms: u64,
     },
 }
 
@@ -394,6 +421,9 @@ fn main() -> Result<()> {
         Scenario::Released(dio) => released(&dio),
         Scenario::LongtermFile { file, pages } => longterm_file(&file, pages),
         Scenario::MemfdTruncate { pages, no_pin } => memfd_truncate(pages, no_pin),
+        Scenario::BenchDio { file, ops } => bench::dio(&file, ops),
+        Scenario::BenchWriteback { file, pages, rounds } => bench::writeback(&file, pages, rounds),
+        Scenario::BenchFootprint { pages, hold_ms } => bench::footprint(pages, hold_ms),
     }
     .context("scenario failed")
 }

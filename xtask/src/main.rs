@@ -1,5 +1,6 @@
 //! Developer tasks: set-up, the VM lab on real kernels, tests, the demo.
 
+mod bench;
 mod checks;
 mod kernels;
 mod lab;
@@ -37,6 +38,15 @@ enum Cmd {
     Host,
     /// Everything: unit tests, this machine's kernel, and the lab on all kernels.
     Test,
+    /// What pinwatch costs: workloads with and without it in one boot of a lab kernel,
+    /// reported as ratios, and its memory while it tracks many pins.
+    Bench {
+        #[arg(long = "kernel", default_values_t = ["6.12".to_string()])]
+        kernels: Vec<String>,
+        /// Interleaved rounds per mode (medians are reported).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
     /// Show pinwatch at work: boot a lab kernel and record the pinning scenarios there.
     Demo {
         #[arg(long, default_value = "6.12")]
@@ -421,6 +431,10 @@ fn main() -> ExitCode {
                 lab(&kernels, &lab::build_binaries()?, &mut t)?;
                 summary(&t);
                 Ok(t.failed == 0)
+            }
+            Cmd::Bench { kernels, rounds } => {
+                setup::setup()?;
+                bench::run(&kernels, rounds, &lab::build_binaries()?)
             }
             Cmd::Host => {
                 setup::setup()?;

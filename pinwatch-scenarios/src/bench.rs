@@ -1,0 +1,116 @@
+//! Workloads for `cargo xtask bench`. Each prints one line `PINWATCH-BENCH {json}` with
+//! what it did and how long it took; the bench runs each without pinwatch (the
+//! baseline) and under it, in the same boot, and reports the ratio.
+
+use std::{
+    io::Write,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+
+use crate::{check, dirty, map_anon, map_file, open, uring, IORING_REGISTER_BUFFERS, IORING_UNREGISTER_BUFFERS, PAGE};
+
+fn say(json: &str) {
+    println!("PINWATCH-BENCH {json}");
+    let _ = std::io::stdout().flush();
+}
+
+/// The pin hot path: `ops` O_DIRECT reads of one page from an ext4 file, each a GUP
+/// call, a bio, and a release.
+pub fn dio(file: &str, ops: usize) -> Result<()> {
+    const FILE_PAGES: usize = 256;
+    let fd = open(file, libc::O_RDWR | libc::O_CREAT | libc::O_TRUNC)?;
+    let data = vec![0x3cu8; FILE_PAGES * PAGE];
+    check(unsafe { libc::write(fd, data.as_ptr() as *const _, data.len()) } as _, "write")?;
+    check(unsafe { libc::fsync(fd) } as _, "fsync")?;
+    unsafe { libc::close(fd) };
+    let dfd = open(file, libc::O_RDONLY | libc::O_DIRECT)?;
+    let buf = map_anon(1)?;
+    let start = Instant::now();
+    for i in 0..ops {
+        let n = unsafe { libc::pread(dfd, buf as *mut _, PAGE, ((i % FILE_PAGES) * PAGE) as _) };
+        if n != PAGE as isize {
+            bail!("O_DIRECT pread {i}: {n} ({})", std::io::Error::last_os_error());
+        }
+    }
+    let ns = start.elapsed().as_nanos();
+    unsafe { libc::close(dfd) };
+    say(&format!("{{\"bench\":\"dio\",\"ops\":{ops},\"ns\":{ns}}}"));
+    Ok(())
+}
+
+/// The hazard hooks on pages nobody pins: each round dirties every page of a shared
+/// mapping and msyncs it (page_mkclean_one, the dirtying hook and ext4 writeback, once
+/// per page). What pinwatch adds here is its one map lookup per page.
+pub fn writeback(file: &str, pages: usize, rounds: usize) -> Result<()> {
+    let (fd, map) = map_file(file, pages)?;
+    let len = pages * PAGE;
+    check(unsafe { libc::msync(map as *mut _, len, libc::MS_SYNC) } as _, "msync")?;
+    let start = Instant::now();
+    for r in 0..rounds {
+        dirty(map, pages, r as u8);
+        check(unsafe { libc::msync(map as *mut _, len, libc::MS_SYNC) } as _, "msync")?;
+    }
+    let ns = start.elapsed().as_nanos();
+    unsafe {
+        libc::munmap(map as *mut _, len);
+        libc::close(fd);
+    }
+    say(&format!("{{\"bench\":\"writeback\",\"ops\":{},\"ns\":{ns}}}", pages * rounds));
+    Ok(())
+}
+
+/// pinwatch's memory while it tracks `pages` long-term pinned pages: io_uring buffers of
+/// 1 MiB each (one GUP call per buffer, within what one call's records carry). Run as
+/// the command of `pinwatch record`, whose memory it reads: the parent's VmRSS before
+/// and while the pages are held, and the memory its BPF maps charge (fdinfo memlock).
+pub fn footprint(pages: usize, hold_ms: u64) -> Result<()> {
+    const PER_BUFFER: usize = 256;
+    let parent = unsafe { libc::getppid() };
+    let comm = std::fs::read_to_string(format!("/proc/{parent}/comm")).unwrap_or_default();
+    if comm.trim() != "pinwatch" {
+        bail!("the footprint runs under `pinwatch record --`, not under {:?}", comm.trim());
+    }
+    let buffers = pages.div_ceil(PER_BUFFER);
+    let buf = map_anon(buffers * PER_BUFFER)?;
+    // Let pinwatch settle (its first tick, the sweep) before the idle reading.
+    std::thread::sleep(Duration::from_millis(hold_ms));
+    let idle = vm_rss_kb(parent)?;
+    let maps = maps_memlock(parent);
+    let ring = uring()?;
+    let iov: Vec<libc::iovec> = (0..buffers)
+        .map(|i| libc::iovec { iov_base: unsafe { buf.add(i * PER_BUFFER * PAGE) } as *mut _, iov_len: PER_BUFFER * PAGE })
+        .collect();
+    check(
+        unsafe { libc::syscall(libc::SYS_io_uring_register, ring, IORING_REGISTER_BUFFERS, iov.as_ptr(), buffers as u32) },
+        "IORING_REGISTER_BUFFERS",
+    )?;
+    std::thread::sleep(Duration::from_millis(hold_ms));
+    let held = vm_rss_kb(parent)?;
+    check(unsafe { libc::syscall(libc::SYS_io_uring_register, ring, IORING_UNREGISTER_BUFFERS, std::ptr::null::<u8>(), 0u32) }, "IORING_UNREGISTER_BUFFERS")?;
+    unsafe { libc::close(ring as i32) };
+    say(&format!(
+        "{{\"bench\":\"footprint\",\"pages\":{},\"rss_idle_kb\":{idle},\"rss_held_kb\":{held},\"maps_memlock_bytes\":{maps}}}",
+        buffers * PER_BUFFER
+    ));
+    Ok(())
+}
+
+fn vm_rss_kb(pid: i32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("VmRSS missing from /proc/PID/status")
+}
+
+/// Sum of `memlock:` over the process's BPF map fds (what the kernel charges for them).
+fn maps_memlock(pid: i32) -> u64 {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else { return 0 };
+    dir.filter_map(|e| std::fs::read_to_string(e.ok()?.path()).ok())
+        .filter(|info| info.contains("map_type:"))
+        .filter_map(|info| info.lines().find_map(|l| l.strip_prefix("memlock:")).and_then(|v| v.trim().parse::<u64>().ok()))
+        .sum()
+}
