@@ -7,12 +7,18 @@
 //! one folio the release goes to the unpinning process if it holds one, else to the
 //! oldest pin.
 
-use std::collections::{BTreeMap, HashMap};
+use std::{
+    collections::{BTreeMap, HashMap},
+    ops::Deref,
+    sync::Arc,
+};
 
 use crate::trace::{Event, Flag, Held, Pin, Release};
 
-#[derive(Clone, Debug, PartialEq)]
-pub struct HeldPin {
+/// What every page of one GUP call shares: kept once per call, not once per page (a
+/// 1 GiB registration is 262144 pages).
+#[derive(Debug, PartialEq)]
+pub struct PinCall {
     pub pid: u32,
     pub comm: String,
     pub uid: u32,
@@ -23,15 +29,28 @@ pub struct HeldPin {
     pub path: String,
     pub flags: Vec<Flag>,
     pub since_ns: u64,
+}
+
+impl PinCall {
+    pub fn is_pin(&self) -> bool {
+        self.flags.contains(&Flag::Pin)
+    }
+}
+
+/// One page reference: its call, and what differs page by page.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HeldPin {
+    pub call: Arc<PinCall>,
     /// The page belongs to a file's page cache (shmem included).
     pub file: bool,
     /// The user address the page was pinned at.
     pub addr: u64,
 }
 
-impl HeldPin {
-    pub fn is_pin(&self) -> bool {
-        self.flags.contains(&Flag::Pin)
+impl Deref for HeldPin {
+    type Target = PinCall;
+    fn deref(&self) -> &PinCall {
+        &self.call
     }
 }
 
@@ -59,18 +78,24 @@ impl PinTable {
     }
 
     fn pin(&mut self, p: &Pin) {
+        if p.pfns.is_empty() {
+            return;
+        }
+        let call = Arc::new(PinCall {
+            pid: p.pid,
+            comm: p.comm.clone(),
+            uid: p.uid,
+            cgroup_id: p.cgroup_id,
+            func: p.func.clone(),
+            caller: p.caller.clone(),
+            path: p.path.clone(),
+            flags: p.flags.clone(),
+            since_ns: p.ts_ns,
+        });
         // file_pages is known per call, not per page: the first file_pages pages count.
         for (i, pfn) in p.pfns.iter().enumerate() {
             self.by_pfn.entry(*pfn).or_default().push(HeldPin {
-                pid: p.pid,
-                comm: p.comm.clone(),
-                uid: p.uid,
-                cgroup_id: p.cgroup_id,
-                func: p.func.clone(),
-                caller: p.caller.clone(),
-                path: p.path.clone(),
-                flags: p.flags.clone(),
-                since_ns: p.ts_ns,
+                call: call.clone(),
                 file: (i as u64) < p.file_pages,
                 addr: p.start + i as u64 * 4096,
             });
