@@ -173,6 +173,8 @@ impl Kernel {
                 self.plan[i].choice = Choice::Unavailable { reason: format!("attach failed: {}", failures.join("; ")) };
             }
         }
+        // Everything is attached: the parsed kernel BTF (tens of MiB) is not needed again.
+        self.btf = None;
         Ok(self.mode())
     }
 

@@ -114,6 +114,12 @@ impl Session {
                 None
             }
         };
+        // Start-up parsed BTF and kallsyms and read verifier logs; give what was freed
+        // back, so that the daemon's resident memory is what it holds.
+        #[cfg(target_env = "gnu")]
+        unsafe {
+            libc::malloc_trim(0);
+        }
         Ok(Session {
             kernel,
             source,
