@@ -13,6 +13,22 @@ pub fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// Runs a command with its output kept back, shown only when it fails: set-up is quiet
+/// unless something goes wrong.
+pub fn quiet(cmd: &mut Command) -> Result<()> {
+    let desc = format!("{cmd:?}");
+    let out = cmd.output().with_context(|| format!("starting {desc}"))?;
+    if !out.status.success() {
+        bail!(
+            "{desc} failed with {}:\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
 pub fn output(cmd: &mut Command) -> Result<String> {
     let desc = format!("{cmd:?}");
     let out = cmd.output().with_context(|| format!("starting {desc}"))?;
