@@ -1,11 +1,15 @@
 //! pinwatch: who holds DMA pins on which pages, and when the kernel treats a pinned
 //! page as an ordinary one.
 //!
-//! Three rooms, data flowing one way: `kernel` (everything that touches the running
-//! kernel) -> `engine` (pure state and rules) -> `output` (the modes).
+//! Data flows one way: `kernel` (everything that touches the running kernel) -> `live`
+//! (the loop record and top share) -> `engine` (pure state and rules) -> `output` (the
+//! modes and what they write). `trace` is the JSON-lines contract; `args` the values
+//! people type.
 
+mod args;
 mod engine;
 mod kernel;
+mod live;
 mod output;
 mod trace;
 

@@ -363,6 +363,72 @@ pub struct Held {
     pub pages: u64,
 }
 
+/// A trace file made for writing: owner-only (0600), never through a symbolic link,
+/// never over an existing file unless `force`; checked for free space before anything
+/// is attached, so that a bad path fails at once and names itself.
+pub struct NewFile {
+    file: std::fs::File,
+    path: std::path::PathBuf,
+}
+
+/// Less free space than this on the trace's filesystem is refused at start.
+const MIN_FREE_BYTES: u64 = 1 << 20;
+
+pub fn create(path: &std::path::Path, force: bool) -> Result<NewFile> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let shown = path.display();
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => std::path::Path::new("."),
+    };
+    if !dir.is_dir() {
+        anyhow::bail!("cannot write {shown}: the directory {} does not exist", dir.display());
+    }
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if meta.file_type().is_symlink() {
+            anyhow::bail!("{shown} is a symbolic link: pinwatch does not write traces through links");
+        }
+        if !force {
+            anyhow::bail!("{shown} exists: pass --force to replace it, or choose another name");
+        }
+        if !meta.is_file() {
+            anyhow::bail!("{shown} exists and is not a regular file");
+        }
+    }
+    let mut open = std::fs::OpenOptions::new();
+    open.write(true).mode(0o600).custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC);
+    if force {
+        open.create(true).truncate(true);
+    } else {
+        open.create_new(true);
+    }
+    let file = open.open(path).with_context(|| format!("creating {shown}"))?;
+    let new = NewFile { file, path: path.to_path_buf() };
+    // A replaced file keeps its old mode: make it the owner's alone.
+    new.file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600)).with_context(|| format!("making {shown} owner-only"))?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: fstatvfs fills `st` for an open fd.
+    if unsafe { libc::fstatvfs(std::os::fd::AsRawFd::as_raw_fd(&new.file), &mut st) } == 0 {
+        let free = st.f_bavail as u64 * st.f_frsize as u64;
+        if free < MIN_FREE_BYTES {
+            new.discard();
+            anyhow::bail!("no space to write {shown}: {free} bytes free on its filesystem");
+        }
+    }
+    Ok(new)
+}
+
+impl NewFile {
+    pub fn writer(self) -> std::io::BufWriter<std::fs::File> {
+        std::io::BufWriter::new(self.file)
+    }
+
+    /// Removes the file: the run that was to fill it never started.
+    pub fn discard(self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
 pub struct Writer<W: Write> {
     out: W,
 }
@@ -428,6 +494,34 @@ mod tests {
         for k in ["ts_ns", "tid", "comm", "func"] {
             assert!(v.get(k).is_some(), "{k}");
         }
+    }
+
+    #[test]
+    fn trace_files_are_private_and_never_clobbered() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = std::env::temp_dir().join(format!("pinwatch-create-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("t.jsonl");
+        create(&path, false).unwrap().writer();
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        let err = create(&path, false).err().expect("an existing file is refused").to_string();
+        assert!(err.contains("--force"), "{err}");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        create(&path, true).unwrap().writer();
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600, "a replaced file is made owner-only");
+        let link = dir.join("link.jsonl");
+        std::os::unix::fs::symlink(&path, &link).unwrap();
+        for force in [false, true] {
+            let err = create(&link, force).err().expect("a link is refused").to_string();
+            assert!(err.contains("symbolic link"), "{err}");
+        }
+        let err = create(&dir.join("missing/t.jsonl"), false).err().expect("a missing directory is refused").to_string();
+        assert!(err.contains("missing") && err.contains("does not exist"), "{err}");
+        let new = create(&dir.join("gone.jsonl"), false).unwrap();
+        new.discard();
+        assert!(!dir.join("gone.jsonl").exists());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -3,5 +3,4 @@
 pub mod doctor;
 pub mod record;
 pub mod report;
-pub mod session;
 pub mod top;

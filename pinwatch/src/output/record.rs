@@ -1,24 +1,33 @@
 //! `pinwatch record`: live events to a JSON-lines trace file.
 
-use std::{collections::BTreeSet, fs::File, io::BufWriter, path::PathBuf, time::Duration};
+use std::{collections::BTreeSet, path::PathBuf, time::Duration};
 
-use anyhow::{Context as _, Result};
-use tokio::time::{sleep, Instant};
+use anyhow::Result;
+use tokio::time::sleep;
 
-use super::session::{LimitArgs, Session};
 use crate::{
+    args,
     kernel::{plan::AttachMode, stream::monotonic_ns},
-    trace::{Event, Stop, Writer},
+    live::{
+        session::{LimitArgs, Session},
+        Live, StopReason, Wake,
+    },
+    trace::{self, Event, Stop, Writer},
 };
 
 #[derive(clap::Args, Debug)]
+#[command(after_help = "Exit status: the recorded command's status when one is given (128 + signal if a signal \
+ended it); otherwise 0 when the recording ends (--duration, SIGINT, SIGTERM, SIGHUP); 2 on an error.")]
 pub struct RecordArgs {
-    /// Trace file to write (JSON lines).
+    /// Trace file to write (JSON lines), created readable by its owner only.
     #[arg(short, long)]
     pub output: PathBuf,
-    /// Stop after this many seconds.
-    #[arg(short, long)]
-    pub duration: Option<f64>,
+    /// Replace the trace file if it exists.
+    #[arg(long)]
+    pub force: bool,
+    /// Stop after this long: 30s, 5m, 1h, or a number of seconds.
+    #[arg(short, long, value_parser = args::duration)]
+    pub duration: Option<Duration>,
     /// Attach types to allow.
     #[arg(long, value_enum, default_value_t = AttachMode::Auto)]
     pub attach: AttachMode,
@@ -34,24 +43,22 @@ pub struct RecordArgs {
 const GRACE: Duration = Duration::from_millis(500);
 
 pub async fn run(args: RecordArgs) -> Result<i32> {
-    let mut session = Session::open(args.attach, &args.limits)?;
-    let file = File::create(&args.output).with_context(|| format!("creating {}", args.output.display()))?;
-    let mut writer = Writer::new(BufWriter::new(file));
-    writer.write(&session.start_event())?;
-
-    let mut child = match args.command.split_first() {
-        Some((prog, rest)) => Some(
-            tokio::process::Command::new(prog)
-                .args(rest)
-                .spawn()
-                .with_context(|| format!("starting {prog}"))?,
-        ),
-        None => None,
+    let signals = Live::signals()?;
+    // The file is made before anything is attached: a bad path fails in a moment.
+    let file = trace::create(&args.output, args.force)?;
+    let session = match Session::open(args.attach, &args.limits) {
+        Ok(s) => s,
+        Err(e) => {
+            file.discard();
+            return Err(e);
+        }
     };
-    let deadline = args.duration.map(|s| Instant::now() + Duration::from_secs_f64(s));
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut writer = Writer::new(file.writer());
+    writer.write(&session.start_event())?;
+    let mut live = Live::new(session, signals, Duration::from_secs(1), args.duration);
+    live.spawn(&args.command)?;
+
     let mut batch = Vec::new();
-    let mut exit_code = 0;
     let write = |session: &mut Session, batch: &mut Vec<Event>, writer: &mut Writer<_>| -> Result<()> {
         let mut out = Vec::new();
         for e in batch.drain(..) {
@@ -59,27 +66,26 @@ pub async fn run(args: RecordArgs) -> Result<i32> {
         }
         out.iter().try_for_each(|e| writer.write(e))
     };
-    loop {
-        tokio::select! {
-            r = session.next_batch(&mut batch) => r?,
-            _ = tick.tick() => {
-                for e in session.tick(&BTreeSet::new(), false)?.events {
+    let why = loop {
+        match live.next(&mut batch).await? {
+            Wake::Records => {}
+            Wake::Tick => {
+                for e in live.session.tick(&BTreeSet::new(), false)?.events {
                     writer.write(&e)?;
                 }
             }
-            _ = tokio::signal::ctrl_c() => break,
-            status = async { child.as_mut().expect("guarded").wait().await }, if child.is_some() => {
-                let status = status?;
-                exit_code = status.code().unwrap_or(128 + std::os::unix::process::ExitStatusExt::signal(&status).unwrap_or(0));
-                break;
-            }
-            _ = async { sleep(deadline.expect("guarded") - Instant::now()).await }, if deadline.is_some() => break,
+            Wake::Stop(why) => break why,
         }
-        write(&mut session, &mut batch, &mut writer)?;
+        write(&mut live.session, &mut batch, &mut writer)?;
+    };
+    if let StopReason::Signal(s) = why {
+        eprintln!("pinwatch: signal {s} received: ending the recording");
     }
+    let child = live.finish_child(why).await;
     sleep(GRACE).await;
+    let session = &mut live.session;
     session.drain(&mut batch);
-    write(&mut session, &mut batch, &mut writer)?;
+    write(session, &mut batch, &mut writer)?;
     for e in session.tick(&BTreeSet::new(), false)?.events {
         writer.write(&e)?;
     }
@@ -98,5 +104,5 @@ pub async fn run(args: RecordArgs) -> Result<i32> {
         pages,
         held.len()
     );
-    Ok(exit_code)
+    Ok(child.unwrap_or(0))
 }

@@ -12,8 +12,12 @@ use anyhow::Result;
 use comfy_table::{presets::NOTHING, Cell, CellAlignment, Table};
 use serde::Serialize;
 
-use super::session::{LimitArgs, Session};
 use crate::{
+    args,
+    live::{
+        session::{LimitArgs, Session},
+        Live, Wake,
+    },
     engine::account::{Accounts, Usage},
     kernel::{
         plan::AttachMode,
@@ -26,6 +30,7 @@ use crate::{
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum TopOutput {
     #[default]
+    #[value(alias = "text")]
     Table,
     Json,
 }
@@ -107,24 +112,27 @@ impl Column {
 }
 
 #[derive(clap::Args, Debug)]
+#[command(after_help = "Exit status: 0 when top ends (q, Esc, Ctrl-C, SIGTERM, SIGHUP or after -n refreshes); 2 on an error.")]
 pub struct TopArgs {
     /// Batch mode: plain output for scripts and pipes, no keyboard.
     #[arg(short = 'b', long)]
     pub batch: bool,
-    /// Refreshes to show before exiting (default: until q or Ctrl-C).
-    #[arg(short = 'n', long)]
+    /// Refreshes to show before exiting, at least 1 (default: until q or Ctrl-C).
+    #[arg(short = 'n', long, value_parser = args::count)]
     pub iterations: Option<u64>,
-    /// Seconds between refreshes.
-    #[arg(short = 'd', long, default_value_t = 2.0)]
-    pub delay: f64,
-    #[arg(long, value_enum, default_value_t = TopOutput::Table)]
+    /// Time between refreshes: 2, 0.5, 500ms, 1m (bare numbers are seconds).
+    #[arg(short = 'd', long, value_parser = args::duration, default_value = "2")]
+    pub delay: Duration,
+    /// Output format: table (text) or json (one document per refresh). `--output` is
+    /// the older spelling.
+    #[arg(long = "format", visible_alias = "output", value_enum, default_value_t = TopOutput::Table)]
     pub output: TopOutput,
     /// Sort by this column (largest first; names sort A-Z).
     #[arg(short = 's', long, value_enum, default_value_t = Column::Pinned)]
     pub sort: Column,
-    /// Show this process only, with its pins by mapping.
-    #[arg(short = 'p', long)]
-    pub pid: Option<u32>,
+    /// Show these processes only (a list: -p 1,2 or -p 1 -p 2), with their pins by mapping.
+    #[arg(short = 'p', long = "pid", value_delimiter = ',', value_parser = args::pid)]
+    pub pids: Vec<u32>,
     /// Show processes whose name contains this.
     #[arg(long)]
     pub comm: Option<String>,
@@ -171,7 +179,8 @@ pub struct Row {
 /// What the user asked to see.
 #[derive(Clone, Debug, Default)]
 pub struct Filter {
-    pub pid: Option<u32>,
+    /// Empty: every process.
+    pub pids: Vec<u32>,
     pub comm: Option<String>,
     pub cgroup: Option<u64>,
     pub user: Option<String>,
@@ -179,7 +188,7 @@ pub struct Filter {
 
 impl Filter {
     fn keeps(&self, r: &Row) -> bool {
-        self.pid.is_none_or(|p| p == r.pid)
+        (self.pids.is_empty() || self.pids.contains(&r.pid))
             && self.comm.as_ref().is_none_or(|c| r.comm.contains(c.as_str()))
             && self.cgroup.is_none_or(|c| c == r.cgroup_id)
             && self.user.as_ref().is_none_or(|u| *u == r.user || *u == r.uid.to_string())
@@ -438,9 +447,11 @@ fn key(ev: crossterm::event::KeyEvent) -> Key {
 }
 
 pub async fn run(args: TopArgs) -> Result<i32> {
-    let mut session = Session::open(args.attach, &args.limits)?;
+    let signals = Live::signals()?;
+    let session = Session::open(args.attach, &args.limits)?;
+    let mut live = Live::new(session, signals, args.delay, None);
     let interactive = !args.batch && args.output == TopOutput::Table && std::io::stdout().is_terminal();
-    let filter = Filter { pid: args.pid, comm: args.comm.clone(), cgroup: args.cgroup, user: args.user.clone() };
+    let filter = Filter { pids: args.pids.clone(), comm: args.comm.clone(), cgroup: args.cgroup, user: args.user.clone() };
     let mut names: HashMap<u32, String> = HashMap::new();
     let mut user_name = move |uid: u32| names.entry(uid).or_insert_with(|| procs::user_name(uid)).clone();
     let (keys_tx, mut keys) = tokio::sync::mpsc::unbounded_channel();
@@ -465,22 +476,24 @@ pub async fn run(args: TopArgs) -> Result<i32> {
     let mut log = HazardLog::default();
     let mut shown = 0u64;
     let mut batch = Vec::new();
-    let mut refresh = tokio::time::interval(Duration::from_secs_f64(args.delay.max(0.1)));
     let mut redraw = false;
     let mut last: Option<(Vec<Row>, Accounts)> = None;
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let wanted: BTreeSet<u32> = filter.pids.iter().copied().collect();
     loop {
         tokio::select! {
-            r = session.next_batch(&mut batch) => r?,
-            _ = refresh.tick() => {
-                let tick = session.tick(&filter.pid.into_iter().collect(), true)?;
-                for e in &tick.events {
-                    if let Event::Hazard(h) = e { log.add(h); }
+            wake = live.next(&mut batch) => match wake? {
+                Wake::Records => {}
+                Wake::Tick => {
+                    let tick = live.session.tick(&wanted, true)?;
+                    for e in &tick.events {
+                        if let Event::Hazard(h) = e { log.add(h); }
+                    }
+                    let rows = rows(&tick.accounts, &live.session.procs, &log.by_pid, monotonic_ns(), &mut user_name);
+                    last = Some((rows, tick.accounts));
+                    redraw = true;
                 }
-                let rows = rows(&tick.accounts, &session.procs, &log.by_pid, monotonic_ns(), &mut user_name);
-                last = Some((rows, tick.accounts));
-                redraw = true;
-            }
+                Wake::Stop(_) => break,
+            },
             k = keys.recv(), if interactive => {
                 match k.map(key) {
                     None | Some(Key::Quit) => break,
@@ -492,9 +505,8 @@ pub async fn run(args: TopArgs) -> Result<i32> {
                 }
                 redraw = true;
             }
-            _ = tokio::signal::ctrl_c() => break,
-            _ = term.recv() => break,
         }
+        let session = &mut live.session;
         let mut out = Vec::new();
         for e in batch.drain(..) {
             session.apply(e, &mut out);
@@ -512,8 +524,8 @@ pub async fn run(args: TopArgs) -> Result<i32> {
         let mut view: Vec<Row> = all.iter().filter(|r| filter.keeps(r)).cloned().collect();
         sort(&mut view, sort_by, reverse);
         let text = match args.output {
-            TopOutput::Json => serde_json::to_string(&doc(&session, &view, acc, sort_by, &log, &mut user_name))?,
-            TopOutput::Table => screen_text(&session, &view, acc, sort_by, reverse, &log, filter.pid, interactive),
+            TopOutput::Json => serde_json::to_string(&doc(session, &view, acc, sort_by, &log, &mut user_name))?,
+            TopOutput::Table => screen_text(session, &view, acc, sort_by, reverse, &log, &filter.pids, interactive),
         };
         let mut stdout = std::io::stdout().lock();
         if interactive {
@@ -558,7 +570,7 @@ fn doc<'a>(s: &'a Session, rows: &'a [Row], acc: &Accounts, sort: Column, log: &
 }
 
 #[allow(clippy::too_many_arguments)]
-fn screen_text(s: &Session, rows: &[Row], acc: &Accounts, sort: Column, reverse: bool, log: &HazardLog, pid: Option<u32>, interactive: bool) -> String {
+fn screen_text(s: &Session, rows: &[Row], acc: &Accounts, sort: Column, reverse: bool, log: &HazardLog, pids: &[u32], interactive: bool) -> String {
     let t = &acc.totals;
     let mut out = format!(
         "pinwatch top - {} - mode {} - hooks {} - lost events {}\n",
@@ -591,7 +603,7 @@ fn screen_text(s: &Session, rows: &[Row], acc: &Accounts, sort: Column, reverse:
     for r in rows.iter().filter(|r| r.disagreement.is_some()).take(3) {
         out += &format!("note: pid {} ({}): {}\n", r.pid, r.comm, r.disagreement.as_deref().unwrap_or(""));
     }
-    if let Some(pid) = pid {
+    for &pid in pids {
         if let Some(r) = rows.iter().find(|r| r.pid == pid) {
             let list = |m: &BTreeMap<String, u64>| {
                 let v: Vec<String> = m.iter().map(|(c, b)| format!("{c} {}", human(*b))).collect();
@@ -624,8 +636,10 @@ fn screen_text(s: &Session, rows: &[Row], acc: &Accounts, sort: Column, reverse:
 
 /// `-p PID`: that process's pins by mapping, with the file from /proc/PID/maps.
 fn mappings(s: &Session, pid: u32) -> String {
-    let Ok(maps) = procfs::process::Process::new(pid as i32).and_then(|p| p.maps()) else {
-        return format!("(pid {pid}: /proc/{pid}/maps unreadable)\n");
+    let maps = match procfs::process::Process::new(pid as i32).and_then(|p| p.maps()) {
+        Ok(m) => m,
+        Err(procfs::ProcError::NotFound(_)) => return format!("pid {pid}: no such process\n"),
+        Err(e) => return format!("pid {pid}: /proc/{pid}/maps unreadable: {e}\n"),
     };
     let mut by_map: BTreeMap<(u64, u64), (String, u64)> = BTreeMap::new();
     for (_, h) in s.engine.pins.iter().filter(|(_, h)| h.pid == pid) {
@@ -698,7 +712,37 @@ mod tests {
         assert_eq!(r.iter().map(|r| r.pid).collect::<Vec<_>>(), vec![1, 2, 3]);
         let f = Filter { comm: Some("p3".into()), ..Default::default() };
         assert_eq!(r.iter().filter(|x| f.keeps(x)).count(), 1);
+        let f = Filter { pids: vec![1, 3], ..Default::default() };
+        assert_eq!(r.iter().filter(|x| f.keeps(x)).map(|x| x.pid).collect::<Vec<_>>(), vec![1, 3]);
         let text = render(&r, Column::Comm, None);
         assert!(text.contains("COMM*") && text.contains("LONGTERM") && text.contains("%LIMIT"), "{text}");
+    }
+
+    #[derive(clap::Parser, Debug)]
+    struct Cli {
+        #[command(flatten)]
+        top: TopArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<TopArgs, String> {
+        use clap::Parser as _;
+        Cli::try_parse_from(std::iter::once("top").chain(args.iter().copied())).map(|c| c.top).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn options_are_checked_before_anything_attaches() {
+        let t = parse(&["-p", "1,2", "-p", "3", "-d", "500ms", "-n", "2"]).unwrap();
+        assert_eq!(t.pids, vec![1, 2, 3]);
+        assert_eq!(t.delay, Duration::from_millis(500));
+        assert_eq!(t.iterations, Some(2));
+        assert_eq!(parse(&[]).unwrap().delay, Duration::from_secs(2));
+        assert_eq!(parse(&["-d", "0.5"]).unwrap().delay, Duration::from_millis(500));
+        for bad in [&["-n", "0"][..], &["-d", "inf"], &["-d=-1"], &["-d", "nan"], &["-d", "0"], &["-p", "0"], &["-p", "x"]] {
+            assert!(parse(bad).is_err(), "{bad:?} accepted");
+        }
+        // One spelling for machine output across commands; the old one still works.
+        assert_eq!(parse(&["--format", "json"]).unwrap().output, TopOutput::Json);
+        assert_eq!(parse(&["--output", "json"]).unwrap().output, TopOutput::Json);
+        assert_eq!(parse(&["--format", "text"]).unwrap().output, TopOutput::Table);
     }
 }

@@ -26,24 +26,20 @@ use crate::{
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct LimitArgs {
     /// Flag pins held longer than this (long_held_pin), e.g. 30s, 5m.
-    #[arg(long, value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = crate::args::duration)]
     pub max_pin_age: Option<Duration>,
     /// Cap on long-term pinned bytes per process (pin_limit_exceeded), e.g. 64MiB.
-    #[arg(long, value_parser = parse_bytes)]
+    #[arg(long, value_parser = crate::args::bytes)]
     pub max_longterm_process: Option<u64>,
     /// Cap on long-term pinned bytes per cgroup.
-    #[arg(long, value_parser = parse_bytes)]
+    #[arg(long, value_parser = crate::args::bytes)]
     pub max_longterm_cgroup: Option<u64>,
     /// Cap on long-term pinned bytes per user.
-    #[arg(long, value_parser = parse_bytes)]
+    #[arg(long, value_parser = crate::args::bytes)]
     pub max_longterm_user: Option<u64>,
     /// Do not flag processes whose long-term pins exceed their RLIMIT_MEMLOCK.
     #[arg(long)]
     pub no_memlock_rule: bool,
-}
-
-fn parse_bytes(s: &str) -> Result<u64, String> {
-    s.parse::<bytesize::ByteSize>().map(|b| b.as_u64()).map_err(|e| format!("{s:?} is not a size like 4096, 64KiB or 1GiB: {e}"))
 }
 
 impl LimitArgs {
