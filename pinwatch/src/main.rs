@@ -18,7 +18,14 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "pinwatch", version, about = "Who holds DMA pins on which pages of memory")]
+#[command(
+    name = "pinwatch",
+    version,
+    about = "Who holds DMA pins on which pages of memory",
+    after_help = "Exit status: 0 on success; 1 where a command found something to report (doctor: reduced \
+visibility; report: a trace whose hazards do not replay); record with a command exits with the command's \
+status; 2 on an error, such as a bad option, a missing privilege or an unreadable file."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -42,7 +42,7 @@ fn plan(rounds: usize) -> String {
 bench_record() {
   name=$1; shift
   say BEGIN $name
-  pinwatch record --output /tmp/$name.jsonl "$@" > /tmp/$name.out 2> /tmp/$name.err
+  pinwatch record --force --output /tmp/$name.jsonl "$@" > /tmp/$name.out 2> /tmp/$name.err
   say RC $name $?
   sed "s/^/PINWATCH-LAB OUT $name /" /tmp/$name.out > $R
   sed "s/^/PINWATCH-LAB ERR $name /" /tmp/$name.err > $R

@@ -10,7 +10,7 @@ use btf_rs::{Btf, Type};
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 
 /// The FOLL_* bits that decide how a pin is reported. Their values changed in 6.3.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, Default)]
 pub struct FollFlags {
     pub write: u32,
     pub longterm: u32,
@@ -22,7 +22,7 @@ impl FollFlags {
     pub const BEFORE_6_3: FollFlags = FollFlags { write: 0x01, longterm: 0x10000, pin: 0x40000 };
 }
 
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, Default)]
 pub struct Layouts {
     pub struct_page_size: u64,
     /// compound_head, or compound_info on 7.1+.

@@ -61,9 +61,7 @@ impl Kernel {
     /// Reads layouts and symbols, loads the object and tests attach types. Does not
     /// attach the plan yet (doctor stops here).
     pub fn open(mode: AttachMode) -> Result<Kernel> {
-        if !super::is_root() {
-            bail!("pinwatch needs root (CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN) to load eBPF programs: run it with sudo");
-        }
+        super::check_privileges()?;
         let release = super::release();
         let vmlinux = btf::load_vmlinux()?;
         let layouts = btf::read_layouts(&vmlinux).context("reading struct layouts from BTF")?;

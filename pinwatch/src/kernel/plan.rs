@@ -46,6 +46,19 @@ impl Role {
         }
     }
 
+    /// In a few words, for the doctor's verdict.
+    pub fn plain(self) -> &'static str {
+        match self {
+            Role::Acquire => "who pins which pages (GUP calls)",
+            Role::Release => "when pins are released",
+            Role::Unmap => "pinned pages being unmapped",
+            Role::Mkclean => "pinned pages being cleaned for writeback",
+            Role::Writeback => "pinned pages being written back",
+            Role::Truncate => "pinned pages leaving the page cache (truncate)",
+            Role::Dirty => "pinned pages dirtied after that",
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Role::Acquire => "acquire",
@@ -237,6 +250,20 @@ pub enum AttachMode {
     Kprobe,
 }
 
+/// An attach type asked for by name (`--attach fentry|kprobe`) that this kernel refuses
+/// is an error: recording in another mode than the one asked for would mislead.
+pub fn check_mode(caps: &Capabilities, mode: AttachMode) -> Result<(), String> {
+    let (name, cap) = match mode {
+        AttachMode::Auto => return Ok(()),
+        AttachMode::Fentry => ("fentry", &caps.fentry),
+        AttachMode::Kprobe => ("kprobe", &caps.kprobe),
+    };
+    cap.as_ref().map_err(|why| {
+        format!("--attach {name}: this kernel does not allow {name} programs ({why}); `--attach auto` takes what it allows, and `pinwatch doctor` shows what that is")
+    })?;
+    Ok(())
+}
+
 /// Chooses the attach ladder of every hook. Pure: the caller supplies what exists
 /// (symbols) and what works (capabilities).
 pub fn plan(syms: &Symbols, caps: &Capabilities, mode: AttachMode) -> Vec<PlannedHook> {
@@ -276,7 +303,7 @@ fn choose_function(spec: &HookSpec, syms: &Symbols, caps: &Capabilities, mode: A
             AttachMode::Fentry => "fentry does not work here (--attach fentry)",
             AttachMode::Kprobe => "kprobes do not work here (--attach kprobe)",
         };
-        return Choice::Unavailable { reason: format!("{allowed}: see attach types") };
+        return Choice::Unavailable { reason: allowed.to_string() };
     }
     Choice::Try { ladder }
 }
@@ -368,6 +395,15 @@ mod tests {
             // Tracepoints need neither.
             assert_eq!(ladder(&p, "mm_filemap_delete_from_page_cache"), Some(vec![RawTracepoint]));
         }
+    }
+
+    #[test]
+    fn an_explicit_attach_type_the_kernel_refuses_is_an_error() {
+        assert!(check_mode(&caps(false, false), AttachMode::Auto).is_ok());
+        assert!(check_mode(&caps(true, true), AttachMode::Kprobe).is_ok());
+        let err = check_mode(&caps(true, false), AttachMode::Kprobe).unwrap_err();
+        assert!(err.contains("--attach kprobe") && err.contains("refused"), "{err}");
+        assert!(check_mode(&caps(false, true), AttachMode::Fentry).is_err());
     }
 
     #[test]

@@ -34,7 +34,8 @@ impl Symbols {
         let set: HashSet<&str> = wanted.iter().copied().collect();
         let addrs = parse_kallsyms(&text, &|n| set.contains(n));
         if !addrs.is_empty() && addrs.values().all(|a| *a == 0) {
-            bail!("/proc/kallsyms shows only zero addresses: run pinwatch as root (kernel.kptr_restrict hides them otherwise)");
+            let hint = super::effective_capabilities().ok().and_then(super::kallsyms_hint);
+            bail!("/proc/kallsyms shows only zero addresses: {}", hint.unwrap_or_else(|| "kernel.kptr_restrict hides them".into()));
         }
         let traceable = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"].iter().find_map(|d| {
             std::fs::read_to_string(format!("{d}/available_filter_functions")).ok().map(|t| {

@@ -82,6 +82,7 @@ impl Session {
     /// Loads and attaches; refuses to run blind, explains tracepoint-only mode.
     pub fn open(attach: AttachMode, limits: &LimitArgs) -> Result<Session> {
         let mut kernel = Kernel::open(attach)?;
+        crate::kernel::plan::check_mode(&kernel.caps, attach).map_err(anyhow::Error::msg)?;
         let mode = kernel.attach()?;
         match mode {
             Mode::Full => {}

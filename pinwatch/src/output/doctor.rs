@@ -1,18 +1,20 @@
 //! `pinwatch doctor`: what this kernel lets pinwatch see, tested by loading and
-//! attaching, not guessed from the version.
+//! attaching, not guessed from the version; said in words for people who do not know
+//! eBPF (within 100 columns), and as structured JSON for machines.
 
 use anyhow::Result;
-use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
+use comfy_table::{presets::UTF8_FULL_CONDENSED, ContentArrangement, Table};
 use serde::Serialize;
 
 use crate::kernel::{
     btf::Layouts,
-    plan::{covered_roles, AttachMode, Choice, Mode, PlannedHook, Role},
     load::Vmemmap,
+    plan::{covered_roles, AttachMode, Capabilities, Choice, Mode, PlannedHook, Role},
     Kernel,
 };
 
-#[derive(clap::ValueEnum, Clone, Copy, Debug, Default)]
+/// Output format, the same flag on every command that prints for machines.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Format {
     #[default]
     Text,
@@ -20,6 +22,8 @@ pub enum Format {
 }
 
 #[derive(clap::Args, Debug)]
+#[command(after_help = "Exit status: 0 when pinwatch sees GUP calls here (full mode); 1 when it runs with less \
+(tracepoint-only) or cannot run at all; 2 on an error.")]
 pub struct DoctorArgs {
     #[arg(long, value_enum, default_value_t = Format::Text)]
     pub format: Format,
@@ -27,10 +31,13 @@ pub struct DoctorArgs {
     pub attach: AttachMode,
 }
 
+/// Text is wrapped to this width.
+const WIDTH: usize = 100;
+
 #[derive(Serialize)]
 struct AttachTypeReport {
     name: &'static str,
-    ok: bool,
+    works: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<String>,
 }
@@ -43,104 +50,209 @@ struct RoleReport {
 }
 
 #[derive(Serialize)]
+struct Pfns {
+    /// Whether struct page pointers can become page frame numbers.
+    available: bool,
+    /// Where vmemmap_base came from: kallsyms, calibrated, or none. Its value is a
+    /// randomized kernel address and is not shown.
+    vmemmap_base_from: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+#[derive(Serialize)]
 struct Report {
     kernel: String,
     btf: bool,
+    mode: Mode,
+    can_track_pins: bool,
+    /// Roles watched here, and roles no hook serves.
+    sees: Vec<&'static str>,
+    blind: Vec<&'static str>,
     attach_types: Vec<AttachTypeReport>,
+    pfns: Pfns,
     layouts: Layouts,
     hooks: Vec<PlannedHook>,
     roles: Vec<RoleReport>,
-    pfns: String,
-    mode: Mode,
-    mode_explained: &'static str,
-    can_track_pins: bool,
-    verdict: String,
+    /// The verdict in sentences, as the text output prints it.
+    verdict: Vec<String>,
 }
 
 pub fn run(args: DoctorArgs) -> Result<i32> {
     let mut kernel = Kernel::open(args.attach)?;
     let mode = kernel.attach()?;
     let covered = covered_roles(&kernel.plan);
-    let can_track = covered.contains(&Role::Acquire);
-    let attach_types = [("fentry", &kernel.caps.fentry), ("kprobe", &kernel.caps.kprobe), ("raw_tracepoint", &kernel.caps.raw_tracepoint)]
-        .into_iter()
-        .map(|(name, r)| AttachTypeReport { name, ok: r.is_ok(), error: r.clone().err() })
-        .collect();
-    let verdict = if can_track {
-        "pinwatch can track pins on this kernel".to_string()
-    } else {
-        let k = kernel.caps.kprobe.clone().err().unwrap_or_default();
-        let f = kernel.caps.fentry.clone().err().unwrap_or_default();
-        format!(
-            "pinwatch cannot track pins on this kernel: no GUP entry point can be hooked (kprobe: {k}; fentry: {f}). \
-             GUP has no tracepoint, so without kprobes or fentry pins cannot be attributed to processes"
-        )
-    };
     let report = Report {
         kernel: kernel.release.clone(),
         btf: kernel.caps.btf,
-        attach_types,
-        layouts: kernel.layouts.clone(),
-        roles: Role::ALL
-            .into_iter()
-            .map(|r| RoleReport { role: r.name(), visible: covered.contains(&r), what: r.what() })
-            .collect(),
         mode,
-        mode_explained: mode.explain(),
-        hooks: kernel.plan.clone(),
+        can_track_pins: covered.contains(&Role::Acquire),
+        sees: Role::ALL.into_iter().filter(|r| covered.contains(r)).map(Role::name).collect(),
+        blind: Role::ALL.into_iter().filter(|r| !covered.contains(r)).map(Role::name).collect(),
+        attach_types: [("fentry", &kernel.caps.fentry), ("kprobe", &kernel.caps.kprobe), ("raw_tracepoint", &kernel.caps.raw_tracepoint)]
+            .into_iter()
+            .map(|(name, r)| AttachTypeReport { name, works: r.is_ok(), error: r.clone().err() })
+            .collect(),
         pfns: match &kernel.vmemmap {
-            Vmemmap::Symbol(a) => format!("yes (vmemmap_base at {a:#x}, from kallsyms)"),
-            Vmemmap::Calibrated(b) => format!("yes (vmemmap_base = {b:#x}, calibrated from mm_page_free: kallsyms lists no data symbols here)"),
-            Vmemmap::Unknown(why) => format!("NO: vmemmap_base is not in /proc/kallsyms and calibration failed ({why}), so page pointers cannot become pfns"),
+            Vmemmap::Symbol(_) => Pfns { available: true, vmemmap_base_from: "kallsyms", error: None },
+            Vmemmap::Calibrated(_) => Pfns { available: true, vmemmap_base_from: "calibrated", error: None },
+            Vmemmap::Unknown(why) => Pfns { available: false, vmemmap_base_from: "none", error: Some(why.clone()) },
         },
-        can_track_pins: can_track,
-        verdict,
+        layouts: kernel.layouts.clone(),
+        hooks: kernel.plan.clone(),
+        roles: Role::ALL.into_iter().map(|r| RoleReport { role: r.name(), visible: covered.contains(&r), what: r.what() }).collect(),
+        verdict: verdict(mode, &covered, &kernel.caps),
     };
     match args.format {
         Format::Json => println!("{}", serde_json::to_string_pretty(&report)?),
-        Format::Text => print_text(&report),
+        Format::Text => print!("{}", text(&report)),
     }
-    Ok(if can_track { 0 } else { 1 })
+    Ok(if mode == Mode::Full { 0 } else { 1 })
 }
 
-fn print_text(r: &Report) {
-    println!("kernel        {}", r.kernel);
-    println!("BTF           {}", if r.btf { "present (/sys/kernel/btf/vmlinux)" } else { "MISSING" });
-    println!(
-        "layouts       struct page {} bytes, {} at +{}; FOLL_WRITE={:#x} FOLL_LONGTERM={:#x} FOLL_PIN={:#x} ({})",
-        r.layouts.struct_page_size,
-        r.layouts.compound_head_field,
-        r.layouts.compound_head_off,
-        r.layouts.foll.write,
-        r.layouts.foll.longterm,
-        r.layouts.foll.pin,
-        r.layouts.foll_source
-    );
-    println!("pfns          {}", r.pfns);
-    println!("\nattach types (tested by loading and attaching a program):");
-    for a in &r.attach_types {
-        match &a.error {
-            None => println!("  {:<15} yes", a.name),
-            Some(e) => println!("  {:<15} no: {e}", a.name),
+/// What works and what does not, in sentences for someone who does not know eBPF.
+fn verdict(mode: Mode, covered: &[Role], caps: &Capabilities) -> Vec<String> {
+    let list = |keep: bool| -> String {
+        let v: Vec<&str> = Role::ALL.into_iter().filter(|r| covered.contains(r) == keep).map(Role::plain).collect();
+        if v.is_empty() { "nothing".into() } else { v.join("; ") }
+    };
+    let why = || -> String {
+        let mut v = Vec::new();
+        if let Err(e) = &caps.kprobe {
+            v.push(format!("kprobes: {e}"));
         }
+        if let Err(e) = &caps.fentry {
+            v.push(format!("fentry: {e}"));
+        }
+        v.join("; ")
+    };
+    match mode {
+        Mode::Full => vec![
+            "pinwatch works fully here: it sees who pins which pages, and when the kernel treats a pinned page as an ordinary one."
+                .into(),
+            format!("It sees: {}.", list(true)),
+            if covered.len() == Role::ALL.len() { "Nothing is hidden from it.".into() } else { format!("It cannot see: {}.", list(false)) },
+        ],
+        Mode::TracepointOnly => vec![
+            "pinwatch runs here with less: `record` and `top` work, but cannot say who pinned a page.".into(),
+            format!("It sees: {}, for pages the kernel itself counts as DMA-pinned (FOLL_PIN).", list(true)),
+            format!("It cannot see: {}.", list(false)),
+            format!(
+                "Why: watching who pins needs kprobes or fentry on the kernel's pinning functions, and the kernel has \
+                 no tracepoint for them. Here {}.",
+                why()
+            ),
+            "top still shows each process's pinned memory as the kernel counts it (VmPin).".into(),
+        ],
+        Mode::Blind => vec![
+            "pinwatch cannot watch anything on this kernel: no way of hooking it worked.".into(),
+            format!("Why: {}; raw tracepoints: {}.", why(), caps.raw_tracepoint.clone().err().unwrap_or_else(|| "no hook attached".into())),
+        ],
+    }
+}
+
+fn wrap(out: &mut String, text: &str, indent: &str) {
+    let opts = textwrap::Options::new(WIDTH).initial_indent(indent).subsequent_indent(indent);
+    for line in textwrap::wrap(text, opts) {
+        out.push_str(&line);
+        out.push('\n');
+    }
+}
+
+fn text(r: &Report) -> String {
+    let mut out = format!("pinwatch doctor: Linux {}\n\n", r.kernel);
+    for sentence in &r.verdict {
+        wrap(&mut out, sentence, "");
+    }
+    out += "\nWhat pinwatch can see here:\n";
+    for role in &r.roles {
+        let mark = if role.visible { "yes" } else { "NO " };
+        wrap(&mut out, &format!("{mark}  {:<10} {}", role.role, role.what), "");
+    }
+    out += "\nWays of hooking the kernel (each tested by loading and attaching a program):\n";
+    for a in &r.attach_types {
+        let line = match &a.error {
+            None => format!("{:<15} yes", a.name),
+            Some(e) => format!("{:<15} no: {e}", a.name),
+        };
+        let opts = textwrap::Options::new(WIDTH).initial_indent("  ").subsequent_indent("                     ");
+        textwrap::wrap(&line, opts).iter().for_each(|l| {
+            out.push_str(l);
+            out.push('\n');
+        });
     }
     let mut t = Table::new();
-    t.load_preset(UTF8_FULL_CONDENSED).set_header(["ROLE", "SYMBOL", "ATTACH", "KERNELS"]);
+    t.load_preset(UTF8_FULL_CONDENSED)
+        .set_content_arrangement(ContentArrangement::Dynamic)
+        .set_width(WIDTH as u16)
+        .set_header(["ROLE", "KERNEL FUNCTION", "HOW IT IS WATCHED HERE"]);
     for h in &r.hooks {
         let how = match &h.choice {
             Choice::Use { attach, note: None } => attach.name().to_string(),
             Choice::Use { attach, note: Some(n) } => format!("{} (after {n})", attach.name()),
             Choice::Standby { instead } => format!("standby: {instead} serves"),
             Choice::Try { .. } => "not attached".to_string(),
-            Choice::Unavailable { reason } => format!("- {reason}"),
+            Choice::Unavailable { reason } => format!("not watched: {reason}"),
         };
-        t.add_row([h.role.name().to_string(), h.symbol.to_string(), how, h.kernels.to_string()]);
+        t.add_row([h.role.name().to_string(), h.symbol.to_string(), how]);
     }
-    println!("\nhooks:\n{t}");
-    println!("\nwhat pinwatch can see here:");
-    for role in &r.roles {
-        println!("  {:<10} {:<3} {}", role.role, if role.visible { "yes" } else { "NO" }, role.what);
+    out += &format!("\nHooks:\n{t}\n");
+    out += "\nKernel facts:\n";
+    wrap(&mut out, &format!("BTF: {}", if r.btf { "present (/sys/kernel/btf/vmlinux)" } else { "MISSING" }), "  ");
+    let l = &r.layouts;
+    wrap(
+        &mut out,
+        &format!(
+            "struct page: {} bytes, {} at +{}; FOLL_WRITE={:#x} FOLL_LONGTERM={:#x} FOLL_PIN={:#x} (from {})",
+            l.struct_page_size, l.compound_head_field, l.compound_head_off, l.foll.write, l.foll.longterm, l.foll.pin, l.foll_source
+        ),
+        "  ",
+    );
+    let pfns = match (r.pfns.available, r.pfns.vmemmap_base_from, &r.pfns.error) {
+        (true, "kallsyms", _) => "page frame numbers: yes (vmemmap_base from kallsyms)".to_string(),
+        (true, _, _) => "page frame numbers: yes (vmemmap_base calibrated from page frees: kallsyms lists no data symbols here)".to_string(),
+        (false, _, e) => format!(
+            "page frame numbers: NO: vmemmap_base is not in /proc/kallsyms and calibration failed ({}), so pages cannot be named",
+            e.as_deref().unwrap_or("")
+        ),
+    };
+    wrap(&mut out, &pfns, "  ");
+    wrap(&mut out, &format!("mode: {}", r.mode.name()), "  ");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_fits_in_100_columns_and_says_what_works() {
+        let long = "the kernel refuses tracing programs (BPF_PROG_LOAD of an fentry program: EPERM) ".repeat(8);
+        let caps = Capabilities { btf: true, fentry: Err(long.clone()), kprobe: Err("this kernel has no kprobe support".into()), raw_tracepoint: Ok(()) };
+        let covered = vec![Role::Truncate, Role::Dirty];
+        let syms = crate::kernel::symbols::Symbols::from_names(&["pin_user_pages_fast"]);
+        let r = Report {
+            kernel: "6.18.0".into(),
+            btf: true,
+            mode: Mode::TracepointOnly,
+            can_track_pins: false,
+            sees: vec!["truncate", "dirty"],
+            blind: vec![],
+            attach_types: vec![AttachTypeReport { name: "fentry", works: false, error: Some(long) }],
+            pfns: Pfns { available: false, vmemmap_base_from: "none", error: Some("x".repeat(300)) },
+            layouts: Layouts::default(),
+            hooks: crate::kernel::plan::plan(&syms, &caps, AttachMode::Auto),
+            roles: Role::ALL.into_iter().map(|r| RoleReport { role: r.name(), visible: covered.contains(&r), what: r.what() }).collect(),
+            verdict: verdict(Mode::TracepointOnly, &covered, &caps),
+        };
+        let t = text(&r);
+        for line in t.lines() {
+            assert!(line.chars().count() <= WIDTH, "{} columns: {line}", line.chars().count());
+        }
+        assert!(t.contains("`record` and `top` work"), "{t}");
+        assert!(t.contains("It cannot see: who pins which pages"), "{t}");
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["pfns"]["available"], false);
+        assert_eq!(json["sees"], serde_json::json!(["truncate", "dirty"]));
     }
-    println!("\nmode          {}: {}", r.mode.name(), r.mode_explained);
-    println!("\n{}", r.verdict);
 }

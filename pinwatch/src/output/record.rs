@@ -55,6 +55,9 @@ pub async fn run(args: RecordArgs) -> Result<i32> {
     };
     let mut writer = Writer::new(file.writer());
     writer.write(&session.start_event())?;
+    // On disk at once, then every tick and after every hazard: a kill -9 or a crash
+    // loses at most the last second, never a hazard already seen.
+    writer.flush()?;
     let mut live = Live::new(session, signals, Duration::from_secs(1), args.duration);
     live.spawn(&args.command)?;
 
@@ -64,7 +67,11 @@ pub async fn run(args: RecordArgs) -> Result<i32> {
         for e in batch.drain(..) {
             session.apply(e, &mut out);
         }
-        out.iter().try_for_each(|e| writer.write(e))
+        out.iter().try_for_each(|e| writer.write(e))?;
+        if out.iter().any(|e| matches!(e, Event::Hazard(_))) {
+            writer.flush()?;
+        }
+        Ok(())
     };
     let why = loop {
         match live.next(&mut batch).await? {
@@ -73,6 +80,7 @@ pub async fn run(args: RecordArgs) -> Result<i32> {
                 for e in live.session.tick(&BTreeSet::new(), false)?.events {
                     writer.write(&e)?;
                 }
+                writer.flush()?;
             }
             Wake::Stop(why) => break why,
         }

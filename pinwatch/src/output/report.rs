@@ -3,22 +3,33 @@
 //! raw pin, unpin and page events, and compared with those the recording wrote: a
 //! difference means the trace was edited or written by another pinwatch.
 
-use std::{collections::BTreeMap, fs::File, io::BufReader, path::PathBuf};
+use std::{
+    collections::BTreeMap,
+    fs::File,
+    io::{BufRead, BufReader},
+    path::PathBuf,
+};
 
 use anyhow::{Context as _, Result};
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
 
+use super::doctor::Format;
 use crate::{
     engine::Engine,
     trace::{read_trace, Event, Hazard},
 };
 
 #[derive(clap::Args, Debug)]
+#[command(after_help = "Exit status: 0 when the replay derives exactly the hazards the trace records; 1 when they \
+differ (an edited or cut trace, or one written by another version); 2 on an error (a missing or malformed trace).")]
 pub struct ReportArgs {
-    /// A trace written by `pinwatch record`.
+    /// A trace written by `pinwatch record`; `-` reads standard input.
     pub trace: PathBuf,
-    /// Print every hazard as a JSON line instead of the summary.
-    #[arg(long)]
+    /// text: a summary table; json: every hazard as a JSON line.
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
+    /// The older spelling of `--format json`.
+    #[arg(long, hide = true)]
     pub json: bool,
 }
 
@@ -37,13 +48,17 @@ pub fn replay(events: &[Event]) -> (Vec<Hazard>, Vec<Hazard>) {
 }
 
 pub fn run(args: ReportArgs) -> Result<i32> {
-    let file = File::open(&args.trace).with_context(|| format!("opening {}", args.trace.display()))?;
-    let (events, warning) = read_trace(BufReader::new(file)).with_context(|| format!("reading {}", args.trace.display()))?;
+    let input: Box<dyn BufRead> = if args.trace.as_os_str() == "-" {
+        Box::new(std::io::stdin().lock())
+    } else {
+        Box::new(BufReader::new(File::open(&args.trace).with_context(|| format!("opening {}", args.trace.display()))?))
+    };
+    let (events, warning) = read_trace(input).with_context(|| format!("reading {}", args.trace.display()))?;
     if let Some(w) = &warning {
         eprintln!("pinwatch: {}: {w}; the events before it are reported", args.trace.display());
     }
     let (derived, recorded) = replay(&events);
-    if args.json {
+    if args.json || args.format == Format::Json {
         for h in &derived {
             println!("{}", serde_json::to_string(&Event::Hazard(h.clone()))?);
         }
