@@ -314,6 +314,30 @@ pub fn check(scenario: &str, r: &Recorded, v: (u32, u32)) -> Result<String> {
     Ok(format!("pid {pid}: {total} pages via {} {:?} for {}, all released by {}", want.func, want.flags, want.path, want.release))
 }
 
+/// The story `pinwatch report --story --file /mnt/hazard` tells of the hazard scenario:
+/// the file named by its path; the pin first, then mkclean, unmap and truncate in the
+/// order the scenario did them (msync, MADV_PAGEOUT, ftruncate), the release last.
+pub fn story_order(story: &str) -> Result<()> {
+    ensure!(story.lines().any(|l| l.starts_with("== file /mnt/hazard")), "no story titled with the file's path /mnt/hazard");
+    let file_story: String = story
+        .split("\n== ")
+        .find(|s| s.trim_start_matches("== ").starts_with("file /mnt/hazard"))
+        .unwrap_or_default()
+        .to_string();
+    let steps: Vec<&str> = file_story
+        .lines()
+        .filter(|l| l.trim_start().starts_with('+'))
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .collect();
+    let first = |w: &str| steps.iter().position(|s| *s == w);
+    let (Some(pin), Some(mkclean), Some(unmap), Some(truncate)) = (first("pin"), first("mkclean"), first("unmap"), first("truncate")) else {
+        bail!("the story lacks a pin, mkclean, unmap or truncate step: {steps:?}");
+    };
+    ensure!(pin == 0 && pin < mkclean && mkclean < unmap && unmap < truncate, "steps out of order: {steps:?}");
+    ensure!(matches!(steps.last(), Some(&"release") | Some(&"dirty")), "the story does not end with the release or the dirtying: {steps:?}");
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -443,5 +467,22 @@ mod tests {
         loud.push(hazard("unmap_while_pinned", 1, 5));
         assert!(check("hazard_other", &rec(&loud, 5), v).is_err());
         assert!(check("hazard_other", &rec(&[start("fentry")], 5), v).is_err());
+    }
+
+    #[test]
+    fn the_story_check_fails_on_a_story_out_of_order() {
+        let story = |steps: &[&str]| {
+            let mut s = String::from("== pinner pid 5: 3 hazard(s) ==\n  +0.1s  pin  x\n\n== file /mnt/hazard on ext4: 9 hazard(s) ==\n");
+            for (i, w) in steps.iter().enumerate() {
+                s += &format!("  +{i}.000000s  {w:<9} something\n                by pid 5 x\n");
+            }
+            s
+        };
+        assert!(story_order(&story(&["pin", "mkclean", "writeback", "unmap", "truncate", "release"])).is_ok());
+        assert!(story_order(&story(&["pin", "unmap", "mkclean", "truncate", "release"])).is_err());
+        assert!(story_order(&story(&["mkclean", "pin", "unmap", "truncate", "release"])).is_err());
+        assert!(story_order(&story(&["pin", "mkclean", "unmap", "truncate"])).is_err());
+        assert!(story_order(&story(&["pin", "mkclean", "truncate", "release"])).is_err());
+        assert!(story_order(&story(&["pin", "mkclean", "unmap", "truncate", "release"]).replace("/mnt/hazard", "254:0 ino 12")).is_err());
     }
 }

@@ -208,15 +208,49 @@ fn lab(names: &[String], bins: &lab::Binaries, tally: &mut Tally) -> Result<()> 
                     Ok(detail) => tally.pass(&what, &detail),
                     Err(e) => {
                         tally.fail(&what, &format!("{e:#}"));
-                        let dump = work.join(format!("{name}.trace.jsonl"));
-                        let _ = std::fs::write(&dump, r.trace.iter().map(|t| t.to_string() + "\n").collect::<String>());
-                        println!("       trace kept in {}", dump.display());
+                        println!("       trace kept in {}", work.join(format!("{name}.trace.jsonl")).display());
                     }
                 },
             }
         }
+        let what = format!("{} report round trip", k.release);
+        match round_trip(bins, &work, &results) {
+            Ok(d) => tally.pass(&what, &d),
+            Err(e) => tally.fail(&what, &format!("{e:#}")),
+        }
     }
     Ok(())
+}
+
+/// Every trace the lab recorded, replayed by `pinwatch report` on this machine: it exits
+/// 0 and gives back every hazard and limit breach the recording wrote; the hazard
+/// scenario's story reads in the order things happened, naming the file by its path.
+fn round_trip(bins: &lab::Binaries, work: &std::path::Path, results: &std::collections::BTreeMap<String, lab::Recorded>) -> Result<String> {
+    let (mut traces, mut hazards, mut limits) = (0, 0, 0);
+    for (name, _, _) in SCENARIOS {
+        let Some(r) = results.get(*name) else { continue };
+        let dump = work.join(format!("{name}.trace.jsonl"));
+        std::fs::write(&dump, r.trace.iter().map(|t| t.to_string() + "\n").collect::<String>())?;
+        let out = Command::new(&bins.pinwatch).args(["report", "--format", "json"]).arg(&dump).output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        ensure!(out.status.success(), "report {name} exits {:?}: {}", out.status.code(), String::from_utf8_lossy(&out.stderr));
+        let kinds = |it: &mut dyn Iterator<Item = serde_json::Value>| -> Vec<String> {
+            it.filter(|e| e["event"] == "hazard").map(|e| e["kind"].as_str().unwrap_or("").to_string()).collect()
+        };
+        let replayed = kinds(&mut text.lines().filter_map(|l| serde_json::from_str(l).ok()));
+        let recorded = kinds(&mut r.trace.iter().cloned());
+        ensure!(replayed == recorded, "{name}: the trace holds {recorded:?}, report gives back {replayed:?}");
+        traces += 1;
+        hazards += recorded.len();
+        limits += recorded.iter().filter(|k| *k == "pin_limit_exceeded" || *k == "long_held_pin").count();
+    }
+    ensure!(limits > 0, "no lab trace recorded a limit breach: the memlock and aged scenarios did not run");
+    let dump = work.join("hazard.trace.jsonl");
+    let out = Command::new(&bins.pinwatch).args(["report", "--story", "--file", "/mnt/hazard"]).arg(&dump).output()?;
+    let story = String::from_utf8_lossy(&out.stdout);
+    ensure!(out.status.success(), "report --story exits {:?}: {}", out.status.code(), String::from_utf8_lossy(&out.stderr));
+    checks::story_order(&story).with_context(|| format!("the hazard scenario's story:\n{story}"))?;
+    Ok(format!("{traces} traces, {hazards} hazards ({limits} limit breaches) derived again; the story of /mnt/hazard reads in order"))
 }
 
 /// On this machine's own kernel: pinwatch must explain what it cannot do, not crash.

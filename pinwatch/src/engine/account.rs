@@ -106,6 +106,18 @@ pub struct Limits {
     pub ignore_memlock: bool,
 }
 
+impl From<&crate::trace::LimitRules> for Limits {
+    fn from(r: &crate::trace::LimitRules) -> Limits {
+        Limits {
+            max_pin_age_ns: r.max_pin_age_ns,
+            max_longterm_process: r.max_longterm_process,
+            max_longterm_cgroup: r.max_longterm_cgroup,
+            max_longterm_user: r.max_longterm_user,
+            ignore_memlock: !r.memlock,
+        }
+    }
+}
+
 /// Rules broken, each reported once until it holds again.
 #[derive(Default, Debug)]
 pub struct LimitState {

@@ -334,7 +334,7 @@ mod tests {
 
     #[test]
     fn longterm_pins_of_files() {
-        let file = FileRef { dev: "254:0".into(), ino: 5, index: None, fs: "ext4".into() };
+        let file = FileRef { dev: "254:0".into(), ino: 5, index: None, fs: "ext4".into(), path: None };
         let taken = Event::Pin(Pin { flags: vec![Flag::Pin, Flag::Longterm, Flag::Write], pfns: vec![9], file_pages: 1, file: Some(file.clone()), ..Default::default() });
         let refused = Event::Pin(Pin { flags: vec![Flag::Pin, Flag::Longterm, Flag::Write], errno: Some(14), ..Default::default() });
         let anon = Event::Pin(Pin { flags: vec![Flag::Pin, Flag::Longterm, Flag::Write], pfns: vec![9], ..Default::default() });

@@ -29,6 +29,8 @@ pub struct PinCall {
     pub path: String,
     pub flags: Vec<Flag>,
     pub since_ns: u64,
+    /// Pages the call took.
+    pub nr_pages: u64,
 }
 
 impl PinCall {
@@ -91,6 +93,7 @@ impl PinTable {
             path: p.path.clone(),
             flags: p.flags.clone(),
             since_ns: p.ts_ns,
+            nr_pages: p.pfns.len() as u64,
         });
         // file_pages is known per call, not per page: the first file_pages pages count.
         for (i, pfn) in p.pfns.iter().enumerate() {
@@ -143,6 +146,10 @@ impl PinTable {
     #[cfg(test)]
     pub fn total_refs(&self) -> usize {
         self.by_pfn.values().map(Vec::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_pfn.is_empty()
     }
 
     /// References still held, per process, sorted by pid.

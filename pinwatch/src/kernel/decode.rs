@@ -64,7 +64,7 @@ fn file_ref(f: &pinwatch_common::FileRef, index: Option<u64>) -> Option<FileRef>
     if f.ino == 0 && f.dev == 0 {
         return None;
     }
-    Some(FileRef { dev: format!("{}:{}", f.dev >> 20, f.dev & 0xfffff), ino: f.ino, index, fs: fs_name(f.fs_magic) })
+    Some(FileRef { dev: format!("{}:{}", f.dev >> 20, f.dev & 0xfffff), ino: f.ino, index, fs: fs_name(f.fs_magic), path: None })
 }
 
 /// Puts chunked records back together into events.
@@ -297,7 +297,7 @@ mod tests {
         let Some(Event::Page(p)) = d.push(&bytes(&r)).unwrap() else { panic!() };
         assert_eq!(p.op, Some(PageOp::Unmap));
         assert_eq!(p.func, "try_to_unmap_one");
-        assert_eq!(p.file, Some(FileRef { dev: "254:1".into(), ino: 12, index: Some(3), fs: "ext4".into() }));
+        assert_eq!(p.file, Some(FileRef { dev: "254:1".into(), ino: 12, index: Some(3), fs: "ext4".into(), path: None }));
         assert!(p.kernel_pins.maybe_dma_pinned);
         assert_eq!(p.kernel_pins.pincount, None);
         assert_eq!(p.seen, "pins");

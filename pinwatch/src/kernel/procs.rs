@@ -61,6 +61,17 @@ pub fn snapshot(wanted: &BTreeSet<u32>, discover: bool) -> HashMap<u32, ProcInfo
     out
 }
 
+/// The file mapped at `addr` in `pid`, from /proc/PID/maps; None for anonymous memory
+/// or a process already gone.
+pub fn mapped_path(pid: u32, addr: u64) -> Option<String> {
+    let maps = Process::new(pid as i32).ok()?.maps().ok()?;
+    let m = maps.iter().find(|m| m.address.0 <= addr && addr < m.address.1)?;
+    match &m.pathname {
+        procfs::process::MMapPath::Path(p) => Some(p.display().to_string()),
+        _ => None,
+    }
+}
+
 /// nr_foll_pin_acquired and nr_foll_pin_released (base pages, since boot).
 #[derive(Clone, Copy, Debug, Default, serde::Serialize)]
 pub struct FollPinCounters {

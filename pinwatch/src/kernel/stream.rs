@@ -57,6 +57,11 @@ impl LiveSource {
                     let o = symbols.origin(&p.kstack);
                     p.caller = o.caller;
                     p.path = o.path.to_string();
+                    // The file's name, while the pinner still maps it: a report after
+                    // the incident can then be asked about a path.
+                    if let Some(f) = p.file.as_mut() {
+                        f.path = super::procs::mapped_path(p.pid, p.start);
+                    }
                     out.push(Event::Pin(p));
                 }
                 Ok(Some(e)) => out.push(e),

@@ -9,7 +9,7 @@ use anyhow::{bail, Result};
 
 use crate::{
     engine::{
-        account::{account, Accounts, KernelProc, LimitState, Limits},
+        account::{account, Accounts},
         Engine,
     },
     kernel::{
@@ -19,7 +19,7 @@ use crate::{
         stream::{monotonic_ns, LiveSource},
         Kernel,
     },
-    trace::{Event, Flag, Hazard, Start},
+    trace::{self, Event, Flag, LimitRules, ProcFigures, Procs, Start},
 };
 
 /// Limit rules, as options of every live mode.
@@ -43,13 +43,13 @@ pub struct LimitArgs {
 }
 
 impl LimitArgs {
-    pub fn limits(&self) -> Limits {
-        Limits {
-            max_pin_age_ns: self.max_pin_age.map(|d| d.as_nanos() as u64),
+    pub fn rules(&self) -> LimitRules {
+        LimitRules {
+            max_pin_age_ns: self.max_pin_age.map(|d| d.as_nanos().min(u64::MAX as u128) as u64),
             max_longterm_process: self.max_longterm_process,
             max_longterm_cgroup: self.max_longterm_cgroup,
             max_longterm_user: self.max_longterm_user,
-            ignore_memlock: self.no_memlock_rule,
+            memlock: !self.no_memlock_rule,
         }
     }
 }
@@ -64,8 +64,7 @@ pub struct Session {
     source: LiveSource,
     sweeper: Option<Sweeper>,
     pub engine: Engine,
-    limits: Limits,
-    limit_state: LimitState,
+    start: Event,
     pub mode: Mode,
     pub lost_total: u64,
     /// The kernel's own figures of the last tick, by pid.
@@ -117,27 +116,24 @@ impl Session {
         unsafe {
             libc::malloc_trim(0);
         }
-        Ok(Session {
-            kernel,
-            source,
-            sweeper,
-            engine: Engine::default(),
-            limits: limits.limits(),
-            limit_state: LimitState::default(),
-            mode,
-            lost_total: 0,
-            procs: HashMap::new(),
-        })
+        let start = Event::Start(Start {
+            version: env!("CARGO_PKG_VERSION").into(),
+            kernel: kernel.release.clone(),
+            hooks: kernel.hooks_in_use(),
+            mode: mode.name().into(),
+            blind: blind_roles(&kernel.plan).iter().map(|r| r.name().to_string()).collect(),
+            format: trace::FORMAT.into(),
+            limits: Some(limits.rules()),
+        });
+        // The engine takes its limit rules from the start event, as a replay does.
+        let mut engine = Engine::default();
+        engine.apply(&start);
+        Ok(Session { kernel, source, sweeper, engine, start, mode, lost_total: 0, procs: HashMap::new() })
     }
 
+    /// The trace's first event: what was attached, what cannot be seen, the rules.
     pub fn start_event(&self) -> Event {
-        Event::Start(Start {
-            version: env!("CARGO_PKG_VERSION").into(),
-            kernel: self.kernel.release.clone(),
-            hooks: self.kernel.hooks_in_use(),
-            mode: self.mode.name().into(),
-            blind: blind_roles(&self.kernel.plan).iter().map(|r| r.name().to_string()).collect(),
-        })
+        self.start.clone()
     }
 
     /// Waits for records, then takes all of them.
@@ -197,11 +193,22 @@ impl Session {
         let mut pids: BTreeSet<u32> = accounts.processes.keys().copied().collect();
         pids.extend(extra_pids);
         self.procs = procs::snapshot(&pids, discover);
-        let kernel: HashMap<u32, KernelProc> = self.procs.iter().map(|(p, i)| (*p, i.kernel)).collect();
-        let breaches: Vec<Hazard> = self.limit_state.check(&self.limits, &self.engine.pins, &accounts, &kernel, now);
-        for h in breaches {
-            *self.engine.hazards.counts.entry(h.kind).or_default() += 1;
-            events.push(Event::Hazard(h));
+        // The figures the limit rules read become an event: the engine decides on it,
+        // and a trace keeps it for the replay. Nothing held and nobody charged: nothing
+        // to decide, nothing written.
+        if !self.engine.pins.is_empty() || !self.procs.is_empty() {
+            let mut figures: Vec<ProcFigures> = self
+                .procs
+                .iter()
+                .map(|(pid, i)| ProcFigures {
+                    pid: *pid,
+                    vmpin_bytes: i.kernel.vmpin_bytes,
+                    vmlck_bytes: i.kernel.vmlck_bytes,
+                    memlock_limit_bytes: i.kernel.memlock_limit_bytes,
+                })
+                .collect();
+            figures.sort_by_key(|f| f.pid);
+            self.apply(Event::Procs(Procs { ts_ns: monotonic_ns(), procs: figures }), &mut events);
         }
         Ok(Tick { events, accounts })
     }

@@ -3,4 +3,5 @@
 pub mod doctor;
 pub mod record;
 pub mod report;
+pub mod story;
 pub mod top;

@@ -19,7 +19,8 @@ use crate::{
 #[command(after_help = "Exit status: the recorded command's status when one is given (128 + signal if a signal \
 ended it); otherwise 0 when the recording ends (--duration, SIGINT, SIGTERM, SIGHUP); 2 on an error.")]
 pub struct RecordArgs {
-    /// Trace file to write (JSON lines), created readable by its owner only.
+    /// Trace file to write (JSON lines; zstd-compressed when the name ends in .zst),
+    /// created readable by its owner only.
     #[arg(short, long)]
     pub output: PathBuf,
     /// Replace the trace file if it exists.
@@ -53,7 +54,7 @@ pub async fn run(args: RecordArgs) -> Result<i32> {
             return Err(e);
         }
     };
-    let mut writer = Writer::new(file.writer());
+    let mut writer = file.writer()?;
     writer.write(&session.start_event())?;
     // On disk at once, then every tick and after every hazard: a kill -9 or a crash
     // loses at most the last second, never a hazard already seen.
@@ -62,7 +63,7 @@ pub async fn run(args: RecordArgs) -> Result<i32> {
     live.spawn(&args.command)?;
 
     let mut batch = Vec::new();
-    let write = |session: &mut Session, batch: &mut Vec<Event>, writer: &mut Writer<_>| -> Result<()> {
+    let write = |session: &mut Session, batch: &mut Vec<Event>, writer: &mut Writer| -> Result<()> {
         let mut out = Vec::new();
         for e in batch.drain(..) {
             session.apply(e, &mut out);
@@ -101,7 +102,7 @@ pub async fn run(args: RecordArgs) -> Result<i32> {
     let counts = &session.engine.hazards.counts;
     let hazards = counts.iter().map(|(k, n)| (k.name().to_string(), *n)).collect();
     writer.write(&Event::Stop(Stop { ts_ns: monotonic_ns(), lost_total: session.lost_total, held: held.clone(), hazards }))?;
-    writer.flush()?;
+    writer.finish()?;
     let pages: u64 = held.iter().map(|h| h.pages).sum();
     let nhaz: u64 = counts.values().sum();
     eprintln!(

@@ -619,7 +619,7 @@ fn screen_text(s: &Session, rows: &[Row], acc: &Accounts, sort: Column, reverse:
             out += &format!(
                 "  {:<22} {:<8} pfn {} pinner {} actor {} {}\n",
                 h.kind.name(),
-                format!("{:?}", h.severity).to_lowercase(),
+                h.severity.name(),
                 h.pfn.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
                 h.pinner_summary(),
                 h.actor.pid,

@@ -1,10 +1,15 @@
 //! The trace format: one JSON object per line, tagged by "event". The same types are
 //! what the engine consumes, whether they come from the kernel or from a file, so a
-//! recorded trace replays exactly like a live run. Field names are a contract.
+//! recorded trace replays exactly like a live run. Field names are a contract; `read`
+//! and `write` are its streaming reader and writer.
 
-use std::io::{BufRead, Write};
+mod read;
+mod write;
 
-use anyhow::{Context as _, Result};
+pub use read::open;
+pub use write::{create, Writer};
+
+use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -30,7 +35,63 @@ pub enum Event {
     Page(Page),
     Hazard(Hazard),
     Lost(Lost),
+    /// The kernel's own figures the limit rules read, at each tick.
+    Procs(Procs),
     Stop(Stop),
+}
+
+impl Event {
+    /// When it happened (CLOCK_MONOTONIC), for the events that say.
+    pub fn ts_ns(&self) -> Option<u64> {
+        match self {
+            Event::Start(_) => None,
+            Event::Pin(e) => Some(e.ts_ns),
+            Event::Unpin(e) => Some(e.ts_ns),
+            Event::Page(e) => Some(e.ts_ns),
+            Event::Hazard(e) => Some(e.ts_ns),
+            Event::Lost(e) => Some(e.ts_ns),
+            Event::Procs(e) => Some(e.ts_ns),
+            Event::Stop(e) => Some(e.ts_ns),
+        }
+    }
+}
+
+/// The trace format this pinwatch writes, "major.minor". A reader refuses a newer major
+/// (fields it cannot understand); a newer minor only adds fields it may ignore. Traces
+/// without one are 1.0 (pinwatch before limits were recorded).
+pub const FORMAT: &str = "2.0";
+pub const FORMAT_MAJOR: u32 = 2;
+
+/// The limit rules a recording ran with: in the `start` event, so that a replay applies
+/// the same rules to the same figures.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+pub struct LimitRules {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_pin_age_ns: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_longterm_process: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_longterm_cgroup: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_longterm_user: Option<u64>,
+    /// Long-term pins compared with each process's RLIMIT_MEMLOCK.
+    pub memlock: bool,
+}
+
+/// What /proc said of the processes the limit rules look at, at `ts_ns`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+pub struct Procs {
+    pub ts_ns: u64,
+    pub procs: Vec<ProcFigures>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+pub struct ProcFigures {
+    pub pid: u32,
+    pub vmpin_bytes: u64,
+    pub vmlck_bytes: u64,
+    /// RLIMIT_MEMLOCK's soft limit; null: unlimited.
+    pub memlock_limit_bytes: Option<u64>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
@@ -45,6 +106,27 @@ pub struct Start {
     /// Hazard roles no hook serves on this kernel: what this trace cannot show.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub blind: Vec<String>,
+    /// The trace format ("2.0"); absent in 1.0 traces.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub format: String,
+    /// The limit rules in force; absent in 1.0 traces, whose limits cannot be replayed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<LimitRules>,
+}
+
+impl Start {
+    /// Refuses a trace whose major format is newer than this pinwatch reads.
+    pub fn check_format(&self) -> Result<()> {
+        let major: u32 = self.format.split('.').next().and_then(|m| m.parse().ok()).unwrap_or(1);
+        if major > FORMAT_MAJOR {
+            anyhow::bail!(
+                "this trace is format {} (written by pinwatch {}), newer than the format {FORMAT} this pinwatch reads: use a newer pinwatch",
+                self.format,
+                self.version
+            );
+        }
+        Ok(())
+    }
 }
 
 /// The file a page-cache page belongs to.
@@ -58,6 +140,9 @@ pub struct FileRef {
     pub index: Option<u64>,
     /// The filesystem type, from its magic number where pinwatch knows it.
     pub fs: String,
+    /// The file's path, from the pinner's mappings while it was alive (pins only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
 }
 
 impl FileRef {
@@ -195,6 +280,18 @@ pub enum HazardKind {
 }
 
 impl HazardKind {
+    pub const ALL: [HazardKind; 9] = [
+        HazardKind::UnmapWhilePinned,
+        HazardKind::MkcleanWhilePinned,
+        HazardKind::WritebackWhilePinned,
+        HazardKind::TruncateWhilePinned,
+        HazardKind::DirtyAfterUnmap,
+        HazardKind::LongtermFilePin,
+        HazardKind::LongtermPinRefused,
+        HazardKind::PinLimitExceeded,
+        HazardKind::LongHeldPin,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             HazardKind::UnmapWhilePinned => "unmap_while_pinned",
@@ -216,6 +313,16 @@ pub enum Severity {
     Info,
     Warning,
     Critical,
+}
+
+impl Severity {
+    pub fn name(self) -> &'static str {
+        match self {
+            Severity::Info => "info",
+            Severity::Warning => "warning",
+            Severity::Critical => "critical",
+        }
+    }
 }
 
 /// Who holds the pin a hazard collides with. Fields are null when only the kernel's
@@ -245,7 +352,6 @@ impl Pinners {
         if v.len() == 1 { Pinners::One(v.remove(0)) } else { Pinners::Many(v) }
     }
 
-    #[cfg(test)]
     pub fn list(&self) -> Vec<&Pinner> {
         match self {
             Pinners::One(p) => vec![p],
@@ -255,6 +361,10 @@ impl Pinners {
 }
 
 impl Hazard {
+    pub fn pinner_list(&self) -> Vec<&Pinner> {
+        self.pinner.list()
+    }
+
     /// "pid comm" of the pinner(s), "?" where only the kernel's count knows of a pin.
     pub fn pinner_summary(&self) -> String {
         let one = |p: &Pinner| match (p.pid, &p.comm) {
@@ -363,114 +473,6 @@ pub struct Held {
     pub pages: u64,
 }
 
-/// A trace file made for writing: owner-only (0600), never through a symbolic link,
-/// never over an existing file unless `force`; checked for free space before anything
-/// is attached, so that a bad path fails at once and names itself.
-pub struct NewFile {
-    file: std::fs::File,
-    path: std::path::PathBuf,
-}
-
-/// Less free space than this on the trace's filesystem is refused at start.
-const MIN_FREE_BYTES: u64 = 1 << 20;
-
-pub fn create(path: &std::path::Path, force: bool) -> Result<NewFile> {
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let shown = path.display();
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => std::path::Path::new("."),
-    };
-    if !dir.is_dir() {
-        anyhow::bail!("cannot write {shown}: the directory {} does not exist", dir.display());
-    }
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        if meta.file_type().is_symlink() {
-            anyhow::bail!("{shown} is a symbolic link: pinwatch does not write traces through links");
-        }
-        if !force {
-            anyhow::bail!("{shown} exists: pass --force to replace it, or choose another name");
-        }
-        if !meta.is_file() {
-            anyhow::bail!("{shown} exists and is not a regular file");
-        }
-    }
-    let mut open = std::fs::OpenOptions::new();
-    open.write(true).mode(0o600).custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC);
-    if force {
-        open.create(true).truncate(true);
-    } else {
-        open.create_new(true);
-    }
-    let file = open.open(path).with_context(|| format!("creating {shown}"))?;
-    let new = NewFile { file, path: path.to_path_buf() };
-    // A replaced file keeps its old mode: make it the owner's alone.
-    new.file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600)).with_context(|| format!("making {shown} owner-only"))?;
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: fstatvfs fills `st` for an open fd.
-    if unsafe { libc::fstatvfs(std::os::fd::AsRawFd::as_raw_fd(&new.file), &mut st) } == 0 {
-        let free = st.f_bavail as u64 * st.f_frsize as u64;
-        if free < MIN_FREE_BYTES {
-            new.discard();
-            anyhow::bail!("no space to write {shown}: {free} bytes free on its filesystem");
-        }
-    }
-    Ok(new)
-}
-
-impl NewFile {
-    pub fn writer(self) -> std::io::BufWriter<std::fs::File> {
-        std::io::BufWriter::new(self.file)
-    }
-
-    /// Removes the file: the run that was to fill it never started.
-    pub fn discard(self) {
-        let _ = std::fs::remove_file(&self.path);
-    }
-}
-
-pub struct Writer<W: Write> {
-    out: W,
-}
-
-impl<W: Write> Writer<W> {
-    pub fn new(out: W) -> Self {
-        Writer { out }
-    }
-
-    pub fn write(&mut self, event: &Event) -> Result<()> {
-        serde_json::to_writer(&mut self.out, event)?;
-        self.out.write_all(b"\n")?;
-        Ok(())
-    }
-
-    pub fn flush(&mut self) -> Result<()> {
-        self.out.flush()?;
-        Ok(())
-    }
-}
-
-/// Reads a trace (for replaying a recording through the engine). A malformed line is an error naming its line number; a last line cut
-/// short (a crash mid-write) is reported as such, and everything before it is kept.
-pub fn read_trace(input: impl BufRead) -> Result<(Vec<Event>, Option<String>)> {
-    let mut events = Vec::new();
-    let lines: Vec<String> = input.lines().collect::<std::io::Result<_>>().context("reading trace")?;
-    let last = lines.len();
-    for (i, line) in lines.iter().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        match serde_json::from_str::<Event>(line) {
-            Ok(e) => events.push(e),
-            Err(err) if i + 1 == last && err.is_eof() => {
-                return Ok((events, Some(format!("line {} is truncated: {err}", i + 1))));
-            }
-            Err(err) => anyhow::bail!("line {} is not a pinwatch trace event: {err}", i + 1),
-        }
-    }
-    Ok((events, None))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -496,48 +498,4 @@ mod tests {
         }
     }
 
-    #[test]
-    fn trace_files_are_private_and_never_clobbered() {
-        use std::os::unix::fs::PermissionsExt as _;
-        let dir = std::env::temp_dir().join(format!("pinwatch-create-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("t.jsonl");
-        create(&path, false).unwrap().writer();
-        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
-        let err = create(&path, false).err().expect("an existing file is refused").to_string();
-        assert!(err.contains("--force"), "{err}");
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
-        create(&path, true).unwrap().writer();
-        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600, "a replaced file is made owner-only");
-        let link = dir.join("link.jsonl");
-        std::os::unix::fs::symlink(&path, &link).unwrap();
-        for force in [false, true] {
-            let err = create(&link, force).err().expect("a link is refused").to_string();
-            assert!(err.contains("symbolic link"), "{err}");
-        }
-        let err = create(&dir.join("missing/t.jsonl"), false).err().expect("a missing directory is refused").to_string();
-        assert!(err.contains("missing") && err.contains("does not exist"), "{err}");
-        let new = create(&dir.join("gone.jsonl"), false).unwrap();
-        new.discard();
-        assert!(!dir.join("gone.jsonl").exists());
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn truncated_last_line_keeps_the_rest() {
-        let good = serde_json::to_string(&Event::Lost(Lost { ts_ns: 1, count: 3, reason: "x".into() })).unwrap();
-        let text = format!("{good}\n{}", &good[..good.len() / 2]);
-        let (events, warn) = read_trace(text.as_bytes()).unwrap();
-        assert_eq!(events.len(), 1);
-        assert!(warn.unwrap().contains("line 2"));
-    }
-
-    #[test]
-    fn malformed_middle_line_is_an_error_with_its_number() {
-        let good = serde_json::to_string(&Event::Lost(Lost { ts_ns: 1, count: 3, reason: "x".into() })).unwrap();
-        let text = format!("{good}\n{{\"event\":\"nope\"}}\n{good}\n");
-        let err = read_trace(text.as_bytes()).unwrap_err().to_string();
-        assert!(err.contains("line 2"), "{err}");
-    }
 }
