@@ -39,8 +39,10 @@ enum Command {
     Doctor(output::doctor::DoctorArgs),
     /// Pinned memory per process, live, beside the kernel's own figures.
     Top(output::top::TopArgs),
-    /// Replay a recorded trace through the engine and summarize its hazards.
+    /// Replay a recorded trace through the engine: its hazards, and their story.
     Report(output::report::ReportArgs),
+    /// Turn a trace into a timeline people open: Perfetto's JSON, or an HTML page.
+    Export(output::export::ExportArgs),
 }
 
 /// Runs a live mode on a single-threaded runtime: one reader of one ring buffer.
@@ -56,6 +58,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Doctor(args) => output::doctor::run(args),
         Command::Report(args) => output::report::run(args),
+        Command::Export(args) => output::export::run(args),
         Command::Record(args) => live(output::record::run(args)),
         Command::Top(args) => live(output::top::run(args)),
     };

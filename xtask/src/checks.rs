@@ -314,6 +314,23 @@ pub fn check(scenario: &str, r: &Recorded, v: (u32, u32)) -> Result<String> {
     Ok(format!("pid {pid}: {total} pages via {} {:?} for {}, all released by {}", want.func, want.flags, want.path, want.release))
 }
 
+/// `record` killed by SIGKILL after the hazard sequence: the trace on disk has every
+/// kind of hazard the uninterrupted run of the same scenario had, ends with a whole
+/// line, and has no stop line (nothing ran after the kill).
+pub fn check_kill9(killed: &Recorded, whole: &Recorded) -> Result<String> {
+    ensure!(killed.ended, "the guest never finished the kill -9 run");
+    ensure!(killed.rc == Some(137), "record exited {:?}, not killed by SIGKILL (137): {}", killed.rc, killed.err.join(" | "));
+    scenario_line(killed)?;
+    ensure!(killed.trace.first().is_some_and(|e| e["event"] == "start"), "the trace on disk does not begin with its start line");
+    ensure!(!killed.trace.iter().any(|e| e["event"] == "stop"), "a stop line after SIGKILL");
+    let kinds = |r: &Recorded| -> BTreeSet<String> { hazards(r, "").map(|h| h["kind"].as_str().unwrap_or("").to_string()).collect() };
+    let (got, want) = (kinds(killed), kinds(whole));
+    ensure!(!want.is_empty(), "the uninterrupted hazard run has no hazards to compare with");
+    ensure!(got == want, "on disk after kill -9: {got:?}; the uninterrupted run had {want:?}");
+    let n = hazards(killed, "").count();
+    Ok(format!("{n} hazards of every kind the whole run had ({}) were on disk before the kill", want.into_iter().collect::<Vec<_>>().join(", ")))
+}
+
 /// The story `pinwatch report --story --file /mnt/hazard` tells of the hazard scenario:
 /// the file named by its path; the pin first, then mkclean, unmap and truncate in the
 /// order the scenario did them (msync, MADV_PAGEOUT, ftruncate), the release last.

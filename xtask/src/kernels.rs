@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::{anyhow, bail, Context as _, Result};
 
-use crate::util::{cache_dir, output, run, version_key};
+use crate::util::{cache_dir, output, quiet, run, version_key};
 
 #[derive(Clone, Copy, Debug)]
 pub struct Series {
@@ -107,9 +107,8 @@ pub fn update() -> Result<PathBuf> {
     let stamp = apt_dir().join("updated");
     let fresh = fs::metadata(&stamp).and_then(|m| m.modified()).map(|t| t.elapsed().map(|e| e.as_secs() < 3600).unwrap_or(false)).unwrap_or(false);
     if !fresh {
-        println!("lab: updating the kernel package lists");
-        run(apt(&conf, "apt-get").args(["update", "-q", "-o", "APT::Update::Error-Mode=any"]).stdout(std::process::Stdio::null()))
-            .or_else(|_| run(apt(&conf, "apt-get").args(["update", "-q"]).stdout(std::process::Stdio::null())))?;
+        quiet(apt(&conf, "apt-get").args(["update", "-q", "-o", "APT::Update::Error-Mode=any"]))
+            .or_else(|_| quiet(apt(&conf, "apt-get").args(["update", "-q"])))?;
         fs::write(&stamp, b"")?;
     }
     Ok(conf)
@@ -143,8 +142,7 @@ pub fn fetch(conf: &Path, s: &Series) -> Result<Fetched> {
     if !done.exists() {
         let debs = cache_dir().join("debs");
         fs::create_dir_all(&debs)?;
-        println!("lab: downloading {}", pkgs.join(" "));
-        run(apt(conf, "apt-get").arg("download").args(&pkgs).current_dir(&debs))?;
+        quiet(apt(conf, "apt-get").arg("download").args(&pkgs).current_dir(&debs))?;
         let _ = fs::remove_dir_all(&root);
         fs::create_dir_all(&root)?;
         for p in &pkgs {
@@ -153,7 +151,7 @@ pub fn fetch(conf: &Path, s: &Series) -> Result<Fetched> {
                 .map(|e| e.path())
                 .find(|f| f.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&format!("{p}_")) && n.ends_with(".deb")))
                 .ok_or_else(|| anyhow!("downloaded {p} but its .deb is not in {}", debs.display()))?;
-            run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root))?;
+            quiet(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root))?;
         }
         fs::write(&done, b"")?;
     }

@@ -13,7 +13,7 @@ use std::{
 
 use anyhow::{anyhow, bail, Context as _, Result};
 
-use crate::{kernels::Kernel, util::{output, run, workspace_root}};
+use crate::{kernels::Kernel, util::{output, quiet, run, workspace_root}};
 
 /// Modules the plan needs, with their parameters. Dependencies come from modules.dep.
 const MODULES: &[(&str, &str)] = &[
@@ -76,7 +76,7 @@ pub struct Binaries {
 
 pub fn build_binaries() -> Result<Binaries> {
     let root = workspace_root();
-    run(Command::new("cargo").args(["build", "--release", "-p", "pinwatch", "-p", "pinwatch-scenarios"]).current_dir(&root))?;
+    quiet(Command::new("cargo").args(["build", "--release", "-p", "pinwatch", "-p", "pinwatch-scenarios"]).current_dir(&root))?;
     let dir = root.join("target/release");
     Ok(Binaries { pinwatch: dir.join("pinwatch"), scenario: dir.join("pinwatch-scenario") })
 }

@@ -4,11 +4,14 @@ mod bench;
 mod checks;
 mod kernels;
 mod lab;
+mod postmortem;
+mod browser;
 mod resilience;
 mod setup;
 mod util;
 
 use std::{
+    collections::BTreeMap,
     path::PathBuf,
     process::{Command, ExitCode},
     time::Duration,
@@ -61,7 +64,7 @@ const BOOT_LIMIT: Duration = Duration::from_secs(900);
 
 /// (name, `pinwatch record` options, scenario command). The default attach mode is
 /// auto, which takes fentry where the kernel allows it (every lab kernel does).
-const SCENARIOS: &[(&str, &str, &str)] = &[
+pub const SCENARIOS: &[(&str, &str, &str)] = &[
     ("odirect", "", "pinwatch-scenario odirect-slow --file /mnt/odirect --dev /dev/nullb0 --pages 8"),
     ("vmsplice", "", "pinwatch-scenario vmsplice --pages 8"),
     ("pvm", "", "pinwatch-scenario pvm-writev --pages 8"),
@@ -99,6 +102,42 @@ sed "s/^/PINWATCH-LAB TRACE top /" /tmp/top.json > $R
 say END top
 "#;
 
+/// `pinwatch record` killed with SIGKILL a second after the hazard sequence: the
+/// hazards must already be on disk (record flushes at each tick and after each hazard).
+const KILL9_PLAN: &str = r#"
+say BEGIN kill9
+pinwatch record --output /tmp/kill9.jsonl > /dev/null 2> /tmp/kill9.err &
+PW=$!
+i=0; while ! grep -q '"event":"start"' /tmp/kill9.jsonl 2> /dev/null && [ $i -lt 1200 ]; do sleep 0.1; i=$((i+1)); done
+pinwatch-scenario odirect-hazard --file /mnt/kill9 --dev /dev/nullb0 --pages 8 > /tmp/kill9.out
+sleep 1.5
+kill -9 $PW
+wait $PW
+say RC kill9 $?
+sed "s/^/PINWATCH-LAB OUT kill9 /" /tmp/kill9.out > $R
+sed "s/^/PINWATCH-LAB ERR kill9 /" /tmp/kill9.err > $R
+sed "s/^/PINWATCH-LAB TRACE kill9 /" /tmp/kill9.jsonl > $R
+say END kill9
+"#;
+
+/// The demo also shows what people read: doctor's text and top's table.
+const DEMO_PLAN: &str = r#"
+say BEGIN doctor_text
+pinwatch doctor > /tmp/doctor.txt 2>&1
+say RC doctor_text $?
+sed "s/^/PINWATCH-LAB OUT doctor_text /" /tmp/doctor.txt > $R
+say END doctor_text
+say BEGIN top_table
+pinwatch top -b -n 4 -d 1 > /tmp/toptab.txt 2> /tmp/toptab.err &
+TOP=$!
+i=0; while [ ! -s /tmp/toptab.txt ] && [ $i -lt 900 ]; do sleep 0.1; i=$((i+1)); done
+pinwatch-scenario iouring-fixed --pages 256 --hold-ms 2500 > /dev/null
+wait $TOP
+say RC top_table $?
+sed "s/^/PINWATCH-LAB OUT top_table /" /tmp/toptab.txt > $R
+say END top_table
+"#;
+
 /// What the demo shows: pins, the 2018 sequence, a long-term pin of a file, the
 /// truncate of a long-term pinned memfd, a limit breach, and top.
 const DEMO: &[&str] = &["odirect", "iouring", "hazard", "longterm", "memfd", "memlock"];
@@ -113,6 +152,9 @@ fn plan(only: Option<&[&str]>) -> String {
         s.push_str(&format!("record {name} {opts} -- {cmd}\n"));
     }
     s.push_str(TOP_PLAN);
+    if only.is_none() {
+        s.push_str(KILL9_PLAN);
+    }
     s
 }
 
@@ -213,44 +255,21 @@ fn lab(names: &[String], bins: &lab::Binaries, tally: &mut Tally) -> Result<()> 
                 },
             }
         }
+        let what = format!("{} kill -9 of record", k.release);
+        match (results.get("kill9"), results.get("hazard")) {
+            (Some(killed), Some(whole)) => match checks::check_kill9(killed, whole) {
+                Ok(d) => tally.pass(&what, &d),
+                Err(e) => tally.fail(&what, &format!("{e:#}")),
+            },
+            _ => tally.fail(&what, "no result from the guest"),
+        }
         let what = format!("{} report round trip", k.release);
-        match round_trip(bins, &work, &results) {
+        match postmortem::round_trip(bins, &work, &results) {
             Ok(d) => tally.pass(&what, &d),
             Err(e) => tally.fail(&what, &format!("{e:#}")),
         }
     }
     Ok(())
-}
-
-/// Every trace the lab recorded, replayed by `pinwatch report` on this machine: it exits
-/// 0 and gives back every hazard and limit breach the recording wrote; the hazard
-/// scenario's story reads in the order things happened, naming the file by its path.
-fn round_trip(bins: &lab::Binaries, work: &std::path::Path, results: &std::collections::BTreeMap<String, lab::Recorded>) -> Result<String> {
-    let (mut traces, mut hazards, mut limits) = (0, 0, 0);
-    for (name, _, _) in SCENARIOS {
-        let Some(r) = results.get(*name) else { continue };
-        let dump = work.join(format!("{name}.trace.jsonl"));
-        std::fs::write(&dump, r.trace.iter().map(|t| t.to_string() + "\n").collect::<String>())?;
-        let out = Command::new(&bins.pinwatch).args(["report", "--format", "json"]).arg(&dump).output()?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        ensure!(out.status.success(), "report {name} exits {:?}: {}", out.status.code(), String::from_utf8_lossy(&out.stderr));
-        let kinds = |it: &mut dyn Iterator<Item = serde_json::Value>| -> Vec<String> {
-            it.filter(|e| e["event"] == "hazard").map(|e| e["kind"].as_str().unwrap_or("").to_string()).collect()
-        };
-        let replayed = kinds(&mut text.lines().filter_map(|l| serde_json::from_str(l).ok()));
-        let recorded = kinds(&mut r.trace.iter().cloned());
-        ensure!(replayed == recorded, "{name}: the trace holds {recorded:?}, report gives back {replayed:?}");
-        traces += 1;
-        hazards += recorded.len();
-        limits += recorded.iter().filter(|k| *k == "pin_limit_exceeded" || *k == "long_held_pin").count();
-    }
-    ensure!(limits > 0, "no lab trace recorded a limit breach: the memlock and aged scenarios did not run");
-    let dump = work.join("hazard.trace.jsonl");
-    let out = Command::new(&bins.pinwatch).args(["report", "--story", "--file", "/mnt/hazard"]).arg(&dump).output()?;
-    let story = String::from_utf8_lossy(&out.stdout);
-    ensure!(out.status.success(), "report --story exits {:?}: {}", out.status.code(), String::from_utf8_lossy(&out.stderr));
-    checks::story_order(&story).with_context(|| format!("the hazard scenario's story:\n{story}"))?;
-    Ok(format!("{traces} traces, {hazards} hazards ({limits} limit breaches) derived again; the story of /mnt/hazard reads in order"))
 }
 
 /// On this machine's own kernel: pinwatch must explain what it cannot do, not crash.
@@ -407,56 +426,57 @@ fn demo(kernel: &str) -> Result<()> {
     let Fetched::Ready(k) = kernels::fetch(&conf, &s)? else { bail!("kernel {kernel} is not available") };
     let work: PathBuf = util::cache_dir().join("demo");
     std::fs::create_dir_all(&work)?;
-    println!("demo: booting Debian {} under QEMU and running pinwatch there", k.release);
-    let img = lab::build_initramfs(&k, &bins, &plan(Some(DEMO)), &work)?;
+    println!("demo: booting Debian {} under QEMU (emulated, no KVM: a few minutes) and running pinwatch there", k.release);
+    let img = lab::build_initramfs(&k, &bins, &(plan(Some(DEMO)) + DEMO_PLAN), &work)?;
     let boot = lab::boot(&k, &img, &work, BOOT_LIMIT)?;
     let results = lab::parse(&boot.results);
-    if let Some(d) = results.get("doctor") {
-        println!("\n$ pinwatch doctor   (its verdict)");
-        let j: serde_json::Value = serde_json::from_str(&d.out.join("\n")).unwrap_or_default();
-        for line in j["verdict"].as_array().into_iter().flatten() {
-            println!("{}", line.as_str().unwrap_or_default());
-        }
+    if let Some(d) = results.get("doctor_text") {
+        println!("\n$ pinwatch doctor");
+        d.out.iter().for_each(|l| println!("{l}"));
     }
+    println!("\n$ pinwatch record --output NAME.jsonl -- SCENARIO   (the traces are in {})", work.display());
     for (name, opts, cmd) in SCENARIOS {
         let Some(r) = results.get(*name) else { continue };
-        println!("\n$ pinwatch record --output {name}.jsonl {opts} -- {cmd}");
-        // Hazards first: they are what the demo is about.
-        let shown = r.trace.iter().filter(|e| e["event"] == "hazard").take(6).chain(
-            r.trace.iter().filter(|e| e["event"] != "hazard" && e["event"] != "page" && (e["event"] != "unpin" || r.trace.len() < 12)).take(6),
+        let trace = work.join(format!("{name}.trace.jsonl"));
+        std::fs::write(&trace, r.trace.iter().map(|t| t.to_string() + "\n").collect::<String>())?;
+        let count = |ev: &str| r.trace.iter().filter(|e| e["event"] == ev).count();
+        let mut kinds: BTreeMap<String, usize> = BTreeMap::new();
+        for h in r.trace.iter().filter(|e| e["event"] == "hazard") {
+            *kinds.entry(h["kind"].as_str().unwrap_or("?").to_string()).or_default() += 1;
+        }
+        let kinds: Vec<String> = kinds.iter().map(|(k, n)| format!("{n} {k}")).collect();
+        println!(
+            "  {name:<10} {:<4} pins, {:<3} hazards {}   ({}{})",
+            count("pin"),
+            count("hazard"),
+            if kinds.is_empty() { String::new() } else { format!("({})", kinds.join(", ")) },
+            cmd.trim_start_matches("pinwatch-scenario "),
+            if opts.is_empty() { String::new() } else { format!(", {opts}") }
         );
-        for l in shown {
-            let mut l = l.clone();
-            for key in ["pfns", "stack"] {
-                let arr = l.get_mut(key).and_then(|p| p.as_array_mut());
-                if let Some(p) = arr {
-                    if p.len() > 4 {
-                        p.truncate(4);
-                        p.push("...".into());
-                    }
-                }
-            }
-            if let Some(st) = l.pointer_mut("/actor/stack").and_then(|p| p.as_array_mut()) {
-                st.truncate(4);
-            }
-            println!("{l}");
-        }
-        for l in &r.err {
-            println!("{l}");
-        }
     }
-    if let Some(top) = results.get("top") {
-        println!("\n$ pinwatch top -b -n 8 -d 1 --output json   (while io_uring pins 1 MiB; the busiest refresh, trimmed)");
-        let busiest = top.trace.iter().max_by_key(|d| d["totals"]["pinned_bytes"].as_u64().unwrap_or(0));
-        if let Some(d) = busiest {
-            for p in d["processes"].as_array().into_iter().flatten() {
-                let keep = ["pid", "comm", "pinned_bytes", "longterm_bytes", "vmpin_bytes", "memlock_limit_bytes", "by_caller", "disagreement"];
-                let row: serde_json::Map<String, serde_json::Value> = keep.iter().filter_map(|k| p.get(*k).map(|v| (k.to_string(), v.clone()))).collect();
-                println!("{}", serde_json::Value::Object(row));
-            }
+    let hazard = work.join("hazard.trace.jsonl");
+    if hazard.exists() {
+        println!("\n$ pinwatch report --story --file /mnt/hazard hazard.trace.jsonl   (the 2018 sequence, told)");
+        let out = Command::new(&bins.pinwatch).args(["report", "--story", "--file", "/mnt/hazard"]).arg(&hazard).output()?;
+        print!("{}", String::from_utf8_lossy(&out.stdout));
+        for (format, file) in [("html", "hazard.html"), ("perfetto", "hazard.perfetto.json")] {
+            let out = Command::new(&bins.pinwatch).args(["export", "--force", "--format", format, "-o"]).arg(work.join(file)).arg(&hazard).output()?;
+            ensure!(out.status.success(), "export: {}", String::from_utf8_lossy(&out.stderr));
         }
+        println!(
+            "\nThe timeline: {} (open it in a browser) and {} (open it in ui.perfetto.dev)",
+            work.join("hazard.html").display(),
+            work.join("hazard.perfetto.json").display()
+        );
     }
-    println!("\ndemo: traces and the guest console are in {}", work.display());
+    if let Some(top) = results.get("top_table") {
+        println!("\n$ pinwatch top -b -n 4 -d 1   (while io_uring pins 1 MiB; the refresh that shows it)");
+        let text = top.out.join("\n");
+        let refreshes: Vec<&str> = text.split("\n\n").collect();
+        let shown = refreshes.iter().find(|r| r.contains("pinwatch-scen") && r.contains("1.0M")).or(refreshes.last());
+        println!("{}", shown.unwrap_or(&""));
+    }
+    println!("\ndemo: traces, exports and the guest console are in {}", work.display());
     Ok(())
 }
 

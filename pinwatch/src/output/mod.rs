@@ -1,6 +1,7 @@
 //! The modes: each wires a source to the engine to a sink.
 
 pub mod doctor;
+pub mod export;
 pub mod record;
 pub mod report;
 pub mod story;

@@ -6,7 +6,7 @@
 //! and pinner, in order.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, VecDeque},
+    collections::{BTreeMap, BTreeSet, HashSet, VecDeque},
     path::PathBuf,
     time::Duration,
 };
@@ -87,14 +87,15 @@ pub struct Filter {
     args: FilterArgs,
     /// The file asked for, as (dev, ino): parsed, stat()ed here, or learnt from pins.
     files: BTreeSet<(String, u64)>,
-    path: Option<String>,
+    /// Pages pinned from the file asked for: a hazard on one that has left the file
+    /// (truncated, then dirtied) is still about the file.
+    pfns: HashSet<u64>,
     first_ts: Option<u64>,
 }
 
 impl Filter {
     pub fn new(args: &FilterArgs) -> Filter {
         let mut files = BTreeSet::new();
-        let mut path = None;
         if let Some(f) = &args.file {
             match f.rsplit_once(':').and_then(|(dev, ino)| Some((dev, ino.parse::<u64>().ok()?))) {
                 Some((dev, ino)) if dev.contains(':') => {
@@ -107,11 +108,10 @@ impl Filter {
                         let dev = m.dev();
                         files.insert((format!("{}:{}", libc::major(dev), libc::minor(dev)), m.ino()));
                     }
-                    path = Some(f.clone());
                 }
             }
         }
-        Filter { args: args.clone(), files, path, first_ts: None }
+        Filter { args: args.clone(), files, pfns: HashSet::new(), first_ts: None }
     }
 
     /// Sees every event: the trace's start time, and paths that pins give to files.
@@ -119,11 +119,13 @@ impl Filter {
         if let Some(ts) = e.ts_ns() {
             self.first_ts.get_or_insert(ts);
         }
-        if let (Some(want), Event::Pin(p)) = (&self.path, e) {
-            if let Some(f) = &p.file {
-                if f.path.as_deref() == Some(want.as_str()) {
-                    self.files.insert((f.dev.clone(), f.ino));
-                }
+        if let (Some(f), Event::Pin(p)) = (&self.args.file, e) {
+            let Some(pf) = &p.file else { return };
+            if Some(f) == pf.path.as_ref() {
+                self.files.insert((pf.dev.clone(), pf.ino));
+            }
+            if self.files.contains(&(pf.dev.clone(), pf.ino)) {
+                self.pfns.extend(p.pfns.iter().take(p.file_pages as usize));
             }
         }
     }
@@ -155,12 +157,16 @@ impl Filter {
         self.args.comm.as_ref().is_none_or(|c| comm.contains(c.as_str()))
     }
 
+    fn hazard_file_matches(&self, h: &Hazard) -> bool {
+        self.file_matches(h.file.as_ref()) || (h.file.is_none() && h.pfn.is_some_and(|p| self.pfns.contains(&p)))
+    }
+
     pub fn keeps(&self, h: &Hazard) -> bool {
         let pinners = h.pinner_list();
         let who = |p: &dyn Fn(u32, &str) -> bool| p(h.actor.pid, &h.actor.comm) || pinners.iter().any(|x| p(x.pid.unwrap_or(0), x.comm.as_deref().unwrap_or("")));
         (self.args.kinds.is_empty() || self.args.kinds.contains(&h.kind))
             && self.in_time(h.ts_ns)
-            && self.file_matches(h.file.as_ref())
+            && self.hazard_file_matches(h)
             && (self.args.pids.is_empty() || who(&|pid, _| self.pid_matches(pid)))
             && (self.args.comm.is_none() || who(&|_, c| self.comm_matches(c)))
     }
@@ -215,10 +221,13 @@ impl Replay {
     }
 }
 
-/// The summary table's rows: (kind, severity, pinner, actor) -> (count, pfns).
+/// (kind, severity, pinner, actor)
+type RowKey = (String, String, String, String);
+
+/// The summary table's rows: their key -> (count, pfns).
 #[derive(Default)]
 struct Summary {
-    rows: BTreeMap<(String, String, String, String), (u64, BTreeSet<u64>)>,
+    rows: BTreeMap<RowKey, (u64, BTreeSet<u64>)>,
     shown: u64,
 }
 

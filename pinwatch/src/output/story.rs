@@ -35,6 +35,9 @@ pub struct Step {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub stack: Vec<String>,
     pub pages: u64,
+    /// Page indexes in the file, for page steps of file pages.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub file_pages: Vec<u64>,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub hazards: BTreeMap<String, u64>,
     #[serde(skip)]
@@ -95,14 +98,16 @@ impl Stories {
     fn add(&mut self, s: &Subject, step: Step, hazards: &[Hazard]) {
         let story = self.story(s);
         story.hazards += hazards.len() as u64;
-        if let Some(last) = story.steps.last_mut() {
-            if last.merge_key == step.merge_key && step.ts_ns.saturating_sub(last.ts_ns) < MERGE_NS {
-                last.pages += step.pages;
-                for (k, n) in step.hazards {
-                    *last.hazards.entry(k).or_default() += n;
-                }
-                return;
+        // Writeback walks a file page by page (mkclean, dirty, writeback, next page):
+        // the same thing done to the next page joins its step.
+        let alike = story.steps.iter_mut().rev().take_while(|l| step.ts_ns.saturating_sub(l.ts_ns) < MERGE_NS).find(|l| l.merge_key == step.merge_key);
+        if let Some(last) = alike {
+            last.pages += step.pages;
+            last.file_pages.extend(step.file_pages);
+            for (k, n) in step.hazards {
+                *last.hazards.entry(k).or_default() += n;
             }
+            return;
         }
         if story.steps.len() >= MAX_STEPS {
             story.more += 1;
@@ -144,6 +149,7 @@ impl Stories {
                     task: format!("pid {} {}", p.pid, p.comm),
                     stack: Vec::new(),
                     pages: p.nr_pages,
+                    file_pages: Vec::new(),
                     hazards: counts(found),
                     merge_key: format!("pin {} {}", p.pid, p.ts_ns),
                 };
@@ -166,6 +172,9 @@ impl Stories {
                 if let Some(f) = &pg.file {
                     subjects.push(Subject::File { dev: f.dev.clone(), ino: f.ino });
                 }
+                // A page truncated out of its file is still that file's story when the
+                // device's write finally dirties it.
+                subjects.extend(self.exposed.get(&pg.pfn).into_iter().flatten().cloned());
                 subjects.sort();
                 subjects.dedup();
                 if subjects.is_empty() {
@@ -192,6 +201,7 @@ impl Stories {
                             task: format!("pid {} {}", h.pid, h.comm),
                             stack: Vec::new(),
                             pages: h.nr_pages,
+                            file_pages: Vec::new(),
                             hazards: BTreeMap::new(),
                             merge_key: format!("pin {} {}", h.pid, h.since_ns),
                         };
@@ -208,6 +218,7 @@ impl Stories {
                                 task: "unknown".into(),
                                 stack: Vec::new(),
                                 pages: 0,
+                                file_pages: Vec::new(),
                                 hazards: BTreeMap::new(),
                                 merge_key: "pin unknown".into(),
                             });
@@ -215,11 +226,11 @@ impl Stories {
                     }
                 }
                 let (what, words) = op_words(op);
-                let index = pg.file.as_ref().and_then(|f| f.index).map(|i| format!(" (file page {i})")).unwrap_or_default();
                 let step = Step {
                     ts_ns: pg.ts_ns,
                     what: what.into(),
-                    text: format!("{}: pinned page {words}{index}", pg.func),
+                    text: format!("{}: pinned page {words}", pg.func),
+                    file_pages: pg.file.as_ref().and_then(|f| f.index).into_iter().collect(),
                     task: format!("pid {} {}", pg.actor.pid, pg.actor.comm),
                     stack: pg.actor.stack.clone(),
                     pages: 1,
@@ -261,6 +272,7 @@ impl Stories {
                         task: format!("pid {} {}", u.pid, u.comm),
                         stack: Vec::new(),
                         pages,
+                        file_pages: Vec::new(),
                         hazards: counts(found),
                         merge_key: format!("release {} {} {}", u.func, u.pid, u.dirty),
                     };
@@ -282,6 +294,7 @@ impl Stories {
                         task: format!("pid {pid} {}", h.actor.comm),
                         stack: Vec::new(),
                         pages: h.pages.unwrap_or(0),
+                        file_pages: Vec::new(),
                         hazards: counts(std::slice::from_ref(h)),
                         merge_key: format!("limit {} {}", h.kind.name(), h.ts_ns),
                     };
@@ -318,6 +331,24 @@ impl Stories {
     }
 }
 
+/// 0-3,5,7-9
+fn ranges(v: &[u64]) -> String {
+    let mut v = v.to_vec();
+    v.sort_unstable();
+    v.dedup();
+    let mut out: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < v.len() {
+        let mut j = i;
+        while j + 1 < v.len() && v[j + 1] == v[j] + 1 {
+            j += 1;
+        }
+        out.push(if i == j { v[i].to_string() } else { format!("{}-{}", v[i], v[j]) });
+        i = j + 1;
+    }
+    out.join(",")
+}
+
 fn path_note(path: &str) -> String {
     if path.is_empty() { String::new() } else { format!(", for {path}") }
 }
@@ -336,15 +367,25 @@ impl Story {
         };
         let mut out = format!("== {}{fs}: {} hazard(s) ==\n", self.title, self.hazards);
         for s in self.sorted().into_iter().filter(|s| f.in_time(s.ts_ns)) {
-            let pages = if s.pages > 1 && s.what != "pin" { format!(" x{} pages", s.pages) } else { String::new() };
+            let pages = match (s.pages, s.file_pages.len()) {
+                (_, 1) => format!(" (file page {})", s.file_pages[0]),
+                (_, n) if n > 1 => format!(" x{} pages (file pages {})", s.pages, ranges(&s.file_pages)),
+                (n, _) if n > 1 && s.what != "pin" => format!(" x{n} pages"),
+                _ => String::new(),
+            };
             out += &format!("  {:>12}  {:<9} {}{pages}\n", format!("+{:.6}s", f.rel_s(s.ts_ns)), s.what, s.text);
             out += &format!("  {:>12}  {:<9} by {}\n", "", "", s.task);
             for (k, n) in &s.hazards {
                 out += &format!("  {:>12}  {:<9} -> {k}{}\n", "", "", if *n > 1 { format!(" x{n}") } else { String::new() });
             }
             if !s.stack.is_empty() {
-                let shown: Vec<&str> = s.stack.iter().take(8).map(String::as_str).collect();
-                out += &format!("  {:>12}  {:<9} stack: {}\n", "", "", shown.join(" < "));
+                // Function names only (the JSON keeps the offsets), innermost first.
+                let shown: Vec<&str> = s.stack.iter().take(8).map(|f| f.split('+').next().unwrap_or(f)).collect();
+                let opts = textwrap::Options::new(100).initial_indent("                          stack: ").subsequent_indent("                                 ");
+                for line in textwrap::wrap(&shown.join(" < "), opts) {
+                    out += &line;
+                    out.push('\n');
+                }
             }
         }
         if self.more > 0 {
@@ -393,7 +434,7 @@ mod tests {
                 pfn,
                 seen: "pins".into(),
                 actor: Actor { pid: 7, tid: 7, comm: who.into(), stack: vec!["page_mkclean_one".into(), "__x64_sys_msync".into()] },
-                file: Some(FileRef { path: None, ..file.clone() }),
+                file: Some(FileRef { path: None, index: Some(pfn - 100), ..file.clone() }),
                 kernel_pins: KernelPins::default(),
                 ..Default::default()
             })
@@ -420,10 +461,11 @@ mod tests {
         let order: Vec<&str> = file_story.lines().filter_map(|l| l.split_whitespace().nth(1)).filter(|w| ["pin", "mkclean", "truncate", "release"].contains(w)).collect();
         assert_eq!(order, vec!["pin", "mkclean", "truncate", "release"], "{file_story}");
         assert!(file_story.contains("/mnt/hazard"), "{file_story}");
-        assert!(file_story.contains("x2 pages"), "the two mkcleans are one step: {file_story}");
+        assert!(file_story.contains("x2 pages (file pages 0-1)"), "the two mkcleans are one step: {file_story}");
         assert!(file_story.contains("mkclean_while_pinned (critical) x2"), "{file_story}");
         assert!(file_story.contains("dirty_after_unmap"), "{file_story}");
         assert!(text.contains("stack: page_mkclean_one < __x64_sys_msync"), "{text}");
+        assert_eq!(ranges(&[7, 0, 1, 2, 5, 9, 8]), "0-2,5,7-9");
         // The pid filter keeps the pinner's story; another pid keeps none.
         let f = Filter::new(&FilterArgs { pids: vec![8], ..Default::default() });
         assert!(stories.select(&f).iter().all(|s| !matches!(s.subject, Some(Subject::Pinner { .. }))));

@@ -78,6 +78,11 @@ impl NewFile {
         Ok(Writer { out: Some(out), path: self.path })
     }
 
+    /// The file itself, for output other than a trace (an export).
+    pub fn into_file(self) -> File {
+        self.file
+    }
+
     /// Removes the file: the run that was to fill it never started.
     pub fn discard(self) {
         let _ = std::fs::remove_file(&self.path);
