@@ -43,21 +43,16 @@ bench_record() {
   name=$1; shift
   say BEGIN $name
   pinwatch record --force --output /tmp/$name.jsonl "$@" > /tmp/$name.out 2> /tmp/$name.err
-  say RC $name $?
-  sed "s/^/PINWATCH-LAB OUT $name /" /tmp/$name.out > $R
-  sed "s/^/PINWATCH-LAB ERR $name /" /tmp/$name.err > $R
-  tail -n 1 /tmp/$name.jsonl | sed "s/^/PINWATCH-LAB TRACE $name /" > $R
+  rc=$?
+  tail -n 1 /tmp/$name.jsonl > /tmp/$name.last
   rm -f /tmp/$name.jsonl
-  say END $name
+  send_back $name $rc /tmp/$name.out /tmp/$name.err /tmp/$name.last
 }
 bench_base() {
   name=$1; shift
   say BEGIN $name
   "$@" > /tmp/$name.out 2> /tmp/$name.err
-  say RC $name $?
-  sed "s/^/PINWATCH-LAB OUT $name /" /tmp/$name.out > $R
-  sed "s/^/PINWATCH-LAB ERR $name /" /tmp/$name.err > $R
-  say END $name
+  send_back $name $? /tmp/$name.out /tmp/$name.err
 }
 # Warm-up: the first run of anything pays for page faults and caches.
 pinwatch-scenario bench-dio --file /mnt/bench-dio --ops 200 > /dev/null

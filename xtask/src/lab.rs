@@ -55,17 +55,22 @@ sync
 poweroff -f
 "#;
 
-/// Runs one command under `pinwatch record` and sends everything back marked.
+/// `send_back NAME RC OUT ERR TRACE`: a finished run's exit status and files (those
+/// that exist), each line marked, then its end. `record` runs one command under
+/// `pinwatch record` and sends everything back.
 const PLAN_HELPERS: &str = r#"
+send_back() {
+  say RC $1 $2
+  [ -f "$3" ] && sed "s/^/PINWATCH-LAB OUT $1 /" "$3" > $R
+  [ -f "$4" ] && sed "s/^/PINWATCH-LAB ERR $1 /" "$4" > $R
+  [ -f "$5" ] && sed "s/^/PINWATCH-LAB TRACE $1 /" "$5" > $R
+  say END $1
+}
 record() {
   name=$1; shift
   say BEGIN $name
   pinwatch record --output /tmp/$name.jsonl "$@" > /tmp/$name.out 2> /tmp/$name.err
-  say RC $name $?
-  sed "s/^/PINWATCH-LAB OUT $name /" /tmp/$name.out > $R
-  sed "s/^/PINWATCH-LAB ERR $name /" /tmp/$name.err > $R
-  [ -f /tmp/$name.jsonl ] && sed "s/^/PINWATCH-LAB TRACE $name /" /tmp/$name.jsonl > $R
-  say END $name
+  send_back $name $? /tmp/$name.out /tmp/$name.err /tmp/$name.jsonl
 }
 "#;
 

@@ -95,11 +95,7 @@ TOP=$!
 i=0; while [ ! -s /tmp/top.json ] && [ $i -lt 900 ]; do sleep 0.1; i=$((i+1)); done
 pinwatch-scenario iouring-fixed --pages 256 --hold-ms 2500 > /tmp/top.out
 wait $TOP
-say RC top $?
-sed "s/^/PINWATCH-LAB OUT top /" /tmp/top.out > $R
-sed "s/^/PINWATCH-LAB ERR top /" /tmp/top.err > $R
-sed "s/^/PINWATCH-LAB TRACE top /" /tmp/top.json > $R
-say END top
+send_back top $? /tmp/top.out /tmp/top.err /tmp/top.json
 "#;
 
 /// `pinwatch record` killed with SIGKILL a second after the hazard sequence: the
@@ -113,29 +109,21 @@ pinwatch-scenario odirect-hazard --file /mnt/kill9 --dev /dev/nullb0 --pages 8 >
 sleep 1.5
 kill -9 $PW
 wait $PW
-say RC kill9 $?
-sed "s/^/PINWATCH-LAB OUT kill9 /" /tmp/kill9.out > $R
-sed "s/^/PINWATCH-LAB ERR kill9 /" /tmp/kill9.err > $R
-sed "s/^/PINWATCH-LAB TRACE kill9 /" /tmp/kill9.jsonl > $R
-say END kill9
+send_back kill9 $? /tmp/kill9.out /tmp/kill9.err /tmp/kill9.jsonl
 "#;
 
 /// The demo also shows what people read: doctor's text and top's table.
 const DEMO_PLAN: &str = r#"
 say BEGIN doctor_text
 pinwatch doctor > /tmp/doctor.txt 2>&1
-say RC doctor_text $?
-sed "s/^/PINWATCH-LAB OUT doctor_text /" /tmp/doctor.txt > $R
-say END doctor_text
+send_back doctor_text $? /tmp/doctor.txt
 say BEGIN top_table
 pinwatch top -b -n 4 -d 1 > /tmp/toptab.txt 2> /tmp/toptab.err &
 TOP=$!
 i=0; while [ ! -s /tmp/toptab.txt ] && [ $i -lt 900 ]; do sleep 0.1; i=$((i+1)); done
 pinwatch-scenario iouring-fixed --pages 256 --hold-ms 2500 > /dev/null
 wait $TOP
-say RC top_table $?
-sed "s/^/PINWATCH-LAB OUT top_table /" /tmp/toptab.txt > $R
-say END top_table
+send_back top_table $? /tmp/toptab.txt /tmp/toptab.err
 "#;
 
 /// What the demo shows: pins, the 2018 sequence, a long-term pin of a file, the
