@@ -3,6 +3,24 @@
 
 use std::time::Duration;
 
+use crate::kernel::plan::AttachMode;
+
+/// How to load into the kernel: options of every command that does (doctor, record, top).
+#[derive(clap::Args, Debug, Clone, Copy)]
+pub struct KernelArgs {
+    /// Attach types to allow: auto takes the fastest the kernel allows (fentry, then
+    /// kprobe); naming one makes any other an error.
+    #[arg(long, value_enum, default_value_t = AttachMode::Auto)]
+    pub attach: AttachMode,
+    /// Folios the kernel-side pin map holds (each pinned folio is one entry, about 100
+    /// bytes of kernel memory). Pins past it are counted (pin_map_full), not watched.
+    #[arg(long, default_value_t = PIN_MAP_CAPACITY, value_parser = clap::value_parser!(u32).range(1..=(1 << 26)))]
+    pub pin_map_capacity: u32,
+}
+
+/// 262144 folios: 1 GiB of base pages pinned at once, far more with huge folios.
+pub const PIN_MAP_CAPACITY: u32 = 262_144;
+
 /// The longest duration any option takes: past this, clocks and timers overflow.
 const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 

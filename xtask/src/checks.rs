@@ -262,6 +262,9 @@ pub fn check(scenario: &str, r: &Recorded, v: (u32, u32)) -> Result<String> {
     if scenario == "top" {
         return check_top(r, v);
     }
+    if scenario == "pinmap" {
+        return check_pinmap(r);
+    }
     if !matches!(scenario, "odirect" | "vmsplice" | "pvm" | "iouring" | "buffered") {
         return check_hazards(scenario, r, v);
     }
@@ -312,6 +315,23 @@ pub fn check(scenario: &str, r: &Recorded, v: (u32, u32)) -> Result<String> {
         want.release
     );
     Ok(format!("pid {pid}: {total} pages via {} {:?} for {}, all released by {}", want.func, want.flags, want.path, want.release))
+}
+
+/// A pin map too small for 64 pinned pages: the pages it could not hold are counted as
+/// pin_map_full (never hidden), the start event says the capacity, and once those pins
+/// are released the map holds new ones: the 2018 sequence that follows is caught.
+pub fn check_pinmap(r: &Recorded) -> Result<String> {
+    ensure!(r.ended, "the guest never finished this scenario");
+    ensure!(r.rc == Some(0), "pinwatch record exited with {:?}: {}", r.rc, r.err.join(" | "));
+    let start = r.trace.iter().find(|e| e["event"] == "start").context("no start event")?;
+    ensure!(start["pin_map_capacity"] == 24, "the start event says capacity {}", start["pin_map_capacity"]);
+    let full: u64 = r.trace.iter().filter(|e| e["event"] == "lost" && e["reason"] == "pin_map_full").map(|e| u(e, "count")).sum();
+    ensure!(full >= 40, "{full} pages counted as pin_map_full; 64 pages into 24 folios must leave at least 40 out");
+    let kinds: BTreeSet<&str> = hazards(r, "").filter(|h| pinners(h).iter().any(|p| p["path"] == "direct I/O")).filter_map(|h| h["kind"].as_str()).collect();
+    for want in ["mkclean_while_pinned", "unmap_while_pinned", "truncate_while_pinned"] {
+        ensure!(kinds.contains(want), "after the map emptied, no {want} for the direct I/O pin: {kinds:?}");
+    }
+    Ok(format!("{full} pages counted as pin_map_full while 64 were pinned into 24 folios; after release the 2018 sequence was caught ({})", kinds.into_iter().collect::<Vec<_>>().join(", ")))
 }
 
 /// `record` killed by SIGKILL after the hazard sequence: the trace on disk has every
@@ -501,5 +521,20 @@ mod tests {
         assert!(story_order(&story(&["pin", "mkclean", "unmap", "truncate"])).is_err());
         assert!(story_order(&story(&["pin", "mkclean", "truncate", "release"])).is_err());
         assert!(story_order(&story(&["pin", "mkclean", "unmap", "truncate", "release"]).replace("/mnt/hazard", "254:0 ino 12")).is_err());
+    }
+
+    #[test]
+    fn the_pin_map_check_fails_without_loss_counted_or_without_recovery() {
+        let start = serde_json::json!({"event":"start","pin_map_capacity":24});
+        let lost = serde_json::json!({"event":"lost","reason":"pin_map_full","count":44});
+        let caught = ["mkclean_while_pinned", "unmap_while_pinned", "truncate_while_pinned"].map(|k| hazard(k, 1, 5));
+        let good: Vec<Value> = [start.clone(), lost.clone()].into_iter().chain(caught.iter().cloned()).collect();
+        assert!(check_pinmap(&rec(&good, 5)).is_ok());
+        let silent: Vec<Value> = [start.clone()].into_iter().chain(caught.iter().cloned()).collect();
+        assert!(check_pinmap(&rec(&silent, 5)).is_err(), "a full map that is not counted");
+        let blind: Vec<Value> = vec![start.clone(), lost.clone(), caught[0].clone()];
+        assert!(check_pinmap(&rec(&blind, 5)).is_err(), "no recovery after release");
+        let other: Vec<Value> = [serde_json::json!({"event":"start"}), lost].into_iter().chain(caught.iter().cloned()).collect();
+        assert!(check_pinmap(&rec(&other, 5)).is_err(), "the capacity is not in the trace");
     }
 }

@@ -34,6 +34,10 @@ pub fn checks(bins: &Binaries) -> Vec<Check> {
     for (sig, name) in [(libc::SIGTERM, "SIGTERM"), (libc::SIGINT, "SIGINT")] {
         out.push((format!("host record ended by {name}"), record_signal(pw, &dir, sig)));
     }
+    for mode in ["record", "top"] {
+        out.push((format!("host kill -9 of {mode} leaves nothing in the kernel"), kill9_leaves_nothing(pw, &dir, mode)));
+    }
+    out.push(("host two instances at once".into(), two_instances(pw, &dir)));
     let _ = std::fs::remove_dir_all(&dir);
     out
 }
@@ -220,4 +224,90 @@ fn record_signal(pw: &Path, dir: &Path, sig: i32) -> Result<String> {
     ensure!(!Path::new(&format!("/proc/{sleeper}")).exists(), "the recorded command (pid {sleeper}) is still running");
     ensure!(code == Some(128 + sig), "record exited {code:?}, not the command's 128+{sig}");
     Ok(format!("trace ends with its stop line, the command got the signal and is gone, exit {}", 128 + sig))
+}
+
+/// BPF programs, maps and links loaded now, by id (bpftool, from Debian's package).
+fn bpf_objects() -> Result<std::collections::BTreeSet<(String, u64)>> {
+    let mut out = std::collections::BTreeSet::new();
+    for kind in ["prog", "map", "link"] {
+        let o = run(Command::new("bpftool").args([kind, "show", "-j"]))?;
+        ensure!(o.status.success(), "bpftool {kind} show: {}", text(&o));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).with_context(|| format!("bpftool {kind} show -j"))?;
+        for obj in v.as_array().into_iter().flatten() {
+            let name = obj["name"].as_str().unwrap_or("").to_string();
+            out.insert((format!("{kind} {name}"), obj["id"].as_u64().unwrap_or(0)));
+        }
+    }
+    Ok(out)
+}
+
+/// Starts a live mode and returns it once its programs are attached.
+fn start_live(pw: &Path, dir: &Path, mode: &str, name: &str) -> Result<Child> {
+    let trace = dir.join(format!("{name}.jsonl"));
+    let mut cmd = Command::new(pw);
+    match mode {
+        "record" => cmd.args(["record", "--force", "--output"]).arg(&trace),
+        _ => cmd.args(["top", "-b", "-d", "0.5", "--format", "json"]),
+    };
+    let out = std::fs::File::create(dir.join(format!("{name}.out")))?;
+    let mut child = cmd.stdin(Stdio::null()).stdout(out).stderr(Stdio::null()).spawn()?;
+    let started = Instant::now();
+    loop {
+        let attached = match mode {
+            "record" => std::fs::read_to_string(&trace).unwrap_or_default().contains("\"event\":\"start\""),
+            _ => std::fs::metadata(dir.join(format!("{name}.out"))).map(|m| m.len() > 0).unwrap_or(false),
+        };
+        if attached {
+            return Ok(child);
+        }
+        if started.elapsed() > Duration::from_secs(60) || child.try_wait()?.is_some() {
+            let _ = child.kill();
+            bail!("pinwatch {mode} never attached");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// kill -9 of a live mode: every program, map and link it made goes with it (the
+/// kernel frees them when the last fd closes; nothing is pinned in bpffs), and a new
+/// instance starts at once.
+fn kill9_leaves_nothing(pw: &Path, dir: &Path, mode: &str) -> Result<String> {
+    let before = bpf_objects()?;
+    let mut child = start_live(pw, dir, mode, &format!("kill9-{mode}"))?;
+    let during = bpf_objects()?;
+    let made = during.difference(&before).count();
+    ensure!(made > 0, "bpftool saw nothing of pinwatch {mode} while it ran");
+    let _ = child.kill();
+    let _ = child.wait();
+    // Freeing is deferred past an RCU grace period: give it a few seconds.
+    let mut left = Vec::new();
+    for _ in 0..50 {
+        let now = bpf_objects()?;
+        left = now.difference(&before).cloned().collect();
+        if left.is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    ensure!(left.is_empty(), "left in the kernel after kill -9 of {mode}: {left:?}");
+    let o = run(Command::new(pw).args(["record", "--force", "--duration", "1", "--output"]).arg(dir.join("restart.jsonl")))?;
+    ensure!(o.status.success(), "a restart right after the kill failed: {}", text(&o));
+    Ok(format!("{made} programs, maps and links while it ran, none after the kill; a restart works at once"))
+}
+
+/// Two recordings at once: each has its own programs and maps, both work.
+fn two_instances(pw: &Path, dir: &Path) -> Result<String> {
+    let mut a = start_live(pw, dir, "record", "first")?;
+    let b = run(Command::new(pw).args(["record", "--force", "--duration", "1", "--output"]).arg(dir.join("second.jsonl")));
+    // SAFETY: a signal to our own child.
+    unsafe { libc::kill(a.id() as i32, libc::SIGTERM) };
+    let a_code = wait_for(&mut a, Duration::from_secs(20))?;
+    let b = b?;
+    ensure!(b.status.success(), "the second instance failed while the first ran: {}", text(&b));
+    ensure!(a_code == Some(0), "the first instance exited {a_code:?}");
+    for name in ["first", "second"] {
+        let t = std::fs::read_to_string(dir.join(format!("{name}.jsonl")))?;
+        ensure!(t.contains("\"event\":\"start\"") && t.contains("\"event\":\"stop\""), "the {name} trace is not whole");
+    }
+    Ok("a second recording while the first runs: both attach, both traces whole".into())
 }

@@ -148,6 +148,11 @@ impl PinTable {
         self.by_pfn.values().map(Vec::len).sum()
     }
 
+    /// Folios with a reference held.
+    pub fn folios(&self) -> usize {
+        self.by_pfn.len()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.by_pfn.is_empty()
     }

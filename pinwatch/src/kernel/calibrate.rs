@@ -91,7 +91,9 @@ pub fn check(base: u64, samples: u64, disagreements: u64) -> Result<u64> {
     if disagreements != 0 {
         bail!("{disagreements} of {samples} page frees disagreed about vmemmap_base");
     }
-    if base & ((1 << 30) - 1) != 0 || base >> 47 != 0x1ffff {
+    // A kernel address under 4-level paging (the top 17 bits set) or 5-level paging
+    // (LA57: the top 8 bits set, vmemmap_base 0xffd4... by default).
+    if base & ((1 << 30) - 1) != 0 || base >> 56 != 0xff {
         bail!("calibrated vmemmap_base {base:#x} is not a 1 GiB aligned kernel address");
     }
     Ok(base)
@@ -115,6 +117,9 @@ mod tests {
         assert_eq!(check(0xffffea0000000000, 32, 0).unwrap(), 0xffffea0000000000);
         assert!(check(0xffffea0000000000, 32, 1).is_err());
         assert!(check(0xffffea0000001000, 32, 0).is_err());
+        // 5-level paging's default vmemmap_base.
+        assert_eq!(check(0xffd4000000000000, 32, 0).unwrap(), 0xffd4000000000000);
+        assert!(check(0x00d4000000000000, 32, 0).is_err());
         assert!(check(0x7fff00000000, 32, 0).is_err());
         assert!(check(0, 0, 0).is_err());
     }

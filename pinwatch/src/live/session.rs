@@ -3,18 +3,19 @@
 //! run needs besides events: drop counters, re-checking held FOLL_GET references
 //! against the kernel's counts, and the limit rules with /proc's figures.
 
-use std::{collections::{BTreeSet, HashMap}, time::Duration};
+use std::{collections::{BTreeMap, BTreeSet, HashMap}, time::Duration};
 
 use anyhow::{bail, Result};
 
 use crate::{
+    args::KernelArgs,
     engine::{
         account::{account, Accounts},
         Engine,
     },
     kernel::{
         load::Sweeper,
-        plan::{blind_roles, AttachMode, Choice, Mode, Role},
+        plan::{blind_roles, Choice, Mode, Role},
         procs::{self, ProcInfo},
         stream::{monotonic_ns, LiveSource},
         Kernel,
@@ -67,6 +68,8 @@ pub struct Session {
     start: Event,
     pub mode: Mode,
     pub lost_total: u64,
+    /// Lost records, pages and stacks by reason (the `lost` events' reasons).
+    pub lost_by_reason: BTreeMap<String, u64>,
     /// The kernel's own figures of the last tick, by pid.
     pub procs: HashMap<u32, ProcInfo>,
 }
@@ -79,9 +82,9 @@ pub struct Tick {
 
 impl Session {
     /// Loads and attaches; refuses to run blind, explains tracepoint-only mode.
-    pub fn open(attach: AttachMode, limits: &LimitArgs) -> Result<Session> {
-        let mut kernel = Kernel::open(attach)?;
-        crate::kernel::plan::check_mode(&kernel.caps, attach).map_err(anyhow::Error::msg)?;
+    pub fn open(args: KernelArgs, limits: &LimitArgs) -> Result<Session> {
+        let mut kernel = Kernel::open(args)?;
+        crate::kernel::plan::check_mode(&kernel.caps, args.attach).map_err(anyhow::Error::msg)?;
         let mode = kernel.attach()?;
         match mode {
             Mode::Full => {}
@@ -124,11 +127,12 @@ impl Session {
             blind: blind_roles(&kernel.plan).iter().map(|r| r.name().to_string()).collect(),
             format: trace::FORMAT.into(),
             limits: Some(limits.rules()),
+            pin_map_capacity: Some(kernel.pin_map_capacity),
         });
         // The engine takes its limit rules from the start event, as a replay does.
         let mut engine = Engine::default();
         engine.apply(&start);
-        Ok(Session { kernel, source, sweeper, engine, start, mode, lost_total: 0, procs: HashMap::new() })
+        Ok(Session { kernel, source, sweeper, engine, start, mode, lost_total: 0, lost_by_reason: BTreeMap::new(), procs: HashMap::new() })
     }
 
     /// The trace's first event: what was attached, what cannot be seen, the rules.
@@ -152,6 +156,7 @@ impl Session {
     pub fn apply(&mut self, e: Event, out: &mut Vec<Event>) {
         if let Event::Lost(l) = &e {
             self.lost_total += l.count;
+            *self.lost_by_reason.entry(l.reason.clone()).or_default() += l.count;
         }
         let hazards = self.engine.apply(&e);
         out.push(e);

@@ -9,7 +9,7 @@ use serde::Serialize;
 use crate::kernel::{
     btf::Layouts,
     load::Vmemmap,
-    plan::{covered_roles, AttachMode, Capabilities, Choice, Mode, PlannedHook, Role},
+    plan::{covered_roles, Capabilities, Choice, Mode, PlannedHook, Role},
     Kernel,
 };
 
@@ -27,8 +27,8 @@ pub enum Format {
 pub struct DoctorArgs {
     #[arg(long, value_enum, default_value_t = Format::Text)]
     pub format: Format,
-    #[arg(long, value_enum, default_value_t = AttachMode::Auto)]
-    pub attach: AttachMode,
+    #[command(flatten)]
+    pub kernel: crate::args::KernelArgs,
 }
 
 /// Text is wrapped to this width.
@@ -71,6 +71,8 @@ struct Report {
     blind: Vec<&'static str>,
     attach_types: Vec<AttachTypeReport>,
     pfns: Pfns,
+    /// Folios the kernel-side pin map holds (--pin-map-capacity).
+    pin_map_capacity: u32,
     layouts: Layouts,
     hooks: Vec<PlannedHook>,
     roles: Vec<RoleReport>,
@@ -79,7 +81,7 @@ struct Report {
 }
 
 pub fn run(args: DoctorArgs) -> Result<i32> {
-    let mut kernel = Kernel::open(args.attach)?;
+    let mut kernel = Kernel::open(args.kernel)?;
     let mode = kernel.attach()?;
     let covered = covered_roles(&kernel.plan);
     let report = Report {
@@ -98,6 +100,7 @@ pub fn run(args: DoctorArgs) -> Result<i32> {
             Vmemmap::Calibrated(_) => Pfns { available: true, vmemmap_base_from: "calibrated", error: None },
             Vmemmap::Unknown(why) => Pfns { available: false, vmemmap_base_from: "none", error: Some(why.clone()) },
         },
+        pin_map_capacity: kernel.pin_map_capacity,
         layouts: kernel.layouts.clone(),
         hooks: kernel.plan.clone(),
         roles: Role::ALL.into_iter().map(|r| RoleReport { role: r.name(), visible: covered.contains(&r), what: r.what() }).collect(),
@@ -217,6 +220,15 @@ fn text(r: &Report) -> String {
         ),
     };
     wrap(&mut out, &pfns, "  ");
+    wrap(
+        &mut out,
+        &format!(
+            "pin map: {} folios ({} of base pages at once; pins past it are counted as pin_map_full, not watched)",
+            r.pin_map_capacity,
+            bytesize::ByteSize::b(r.pin_map_capacity as u64 * 4096)
+        ),
+        "  ",
+    );
     wrap(&mut out, &format!("mode: {}", r.mode.name()), "  ");
     out
 }
@@ -240,8 +252,9 @@ mod tests {
             blind: vec![],
             attach_types: vec![AttachTypeReport { name: "fentry", works: false, error: Some(long) }],
             pfns: Pfns { available: false, vmemmap_base_from: "none", error: Some("x".repeat(300)) },
+            pin_map_capacity: 16,
             layouts: Layouts::default(),
-            hooks: crate::kernel::plan::plan(&syms, &caps, AttachMode::Auto),
+            hooks: crate::kernel::plan::plan(&syms, &caps, crate::kernel::plan::AttachMode::Auto),
             roles: Role::ALL.into_iter().map(|r| RoleReport { role: r.name(), visible: covered.contains(&r), what: r.what() }).collect(),
             verdict: verdict(Mode::TracepointOnly, &covered, &caps),
         };

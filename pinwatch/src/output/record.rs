@@ -7,7 +7,7 @@ use tokio::time::sleep;
 
 use crate::{
     args,
-    kernel::{plan::AttachMode, stream::monotonic_ns},
+    kernel::stream::monotonic_ns,
     live::{
         session::{LimitArgs, Session},
         Live, StopReason, Wake,
@@ -29,9 +29,8 @@ pub struct RecordArgs {
     /// Stop after this long: 30s, 5m, 1h, or a number of seconds.
     #[arg(short, long, value_parser = args::duration)]
     pub duration: Option<Duration>,
-    /// Attach types to allow.
-    #[arg(long, value_enum, default_value_t = AttachMode::Auto)]
-    pub attach: AttachMode,
+    #[command(flatten)]
+    pub kernel: crate::args::KernelArgs,
     #[command(flatten)]
     pub limits: LimitArgs,
     /// Run this command and record while it runs.
@@ -47,7 +46,7 @@ pub async fn run(args: RecordArgs) -> Result<i32> {
     let signals = Live::signals()?;
     // The file is made before anything is attached: a bad path fails in a moment.
     let file = trace::create(&args.output, args.force)?;
-    let session = match Session::open(args.attach, &args.limits) {
+    let session = match Session::open(args.kernel, &args.limits) {
         Ok(s) => s,
         Err(e) => {
             file.discard();

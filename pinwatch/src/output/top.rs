@@ -20,7 +20,6 @@ use crate::{
     },
     engine::account::{Accounts, Usage},
     kernel::{
-        plan::AttachMode,
         procs::{self, FollPinCounters, ProcInfo},
         stream::monotonic_ns,
     },
@@ -142,8 +141,8 @@ pub struct TopArgs {
     /// Show processes of this user (name or uid).
     #[arg(long)]
     pub user: Option<String>,
-    #[arg(long, value_enum, default_value_t = AttachMode::Auto)]
-    pub attach: AttachMode,
+    #[command(flatten)]
+    pub kernel: crate::args::KernelArgs,
     #[command(flatten)]
     pub limits: LimitArgs,
 }
@@ -360,6 +359,10 @@ struct Doc<'a> {
     cgroups: BTreeMap<u64, Usage>,
     users: BTreeMap<String, Usage>,
     lost_events: u64,
+    /// Lost records, pages and stacks by reason (pin_map_full: pins not watched).
+    lost_by_reason: &'a BTreeMap<String, u64>,
+    /// Folios the kernel-side pin map holds.
+    pin_map_capacity: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
     foll_pin: Option<FollPinCounters>,
     recent_hazards: Vec<&'a Hazard>,
@@ -448,7 +451,7 @@ fn key(ev: crossterm::event::KeyEvent) -> Key {
 
 pub async fn run(args: TopArgs) -> Result<i32> {
     let signals = Live::signals()?;
-    let session = Session::open(args.attach, &args.limits)?;
+    let session = Session::open(args.kernel, &args.limits)?;
     let mut live = Live::new(session, signals, args.delay, None);
     let interactive = !args.batch && args.output == TopOutput::Table && std::io::stdout().is_terminal();
     let filter = Filter { pids: args.pids.clone(), comm: args.comm.clone(), cgroup: args.cgroup, user: args.user.clone() };
@@ -564,6 +567,8 @@ fn doc<'a>(s: &'a Session, rows: &'a [Row], acc: &Accounts, sort: Column, log: &
         cgroups: acc.cgroups.clone(),
         users: acc.users.iter().map(|(uid, u)| (user_name(*uid), u.clone())).collect(),
         lost_events: s.lost_total,
+        lost_by_reason: &s.lost_by_reason,
+        pin_map_capacity: s.kernel.pin_map_capacity,
         foll_pin: procs::foll_pin_counters(),
         recent_hazards: log.recent.iter().collect(),
     }
@@ -594,6 +599,13 @@ fn screen_text(s: &Session, rows: &[Row], acc: &Accounts, sort: Column, reverse:
         out += &format!("; FOLL_PIN held system-wide {}", human(4096 * (c.nr_foll_pin_acquired - c.nr_foll_pin_released).max(0) as u64));
     }
     out += "\n";
+    if let Some(n) = s.lost_by_reason.get("pin_map_full") {
+        out += &format!(
+            "pin map full: {n} page(s) not watched for hazards (capacity {} folios, {} held now; --pin-map-capacity sets it)\n",
+            s.kernel.pin_map_capacity,
+            s.engine.pins.folios()
+        );
+    }
     if s.mode != crate::kernel::plan::Mode::Full {
         out += "tracepoint-only mode: GUP calls are not visible here, so PINNED stays empty; VmPin is the kernel's own figure\n";
     }

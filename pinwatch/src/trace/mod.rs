@@ -112,6 +112,9 @@ pub struct Start {
     /// The limit rules in force; absent in 1.0 traces, whose limits cannot be replayed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limits: Option<LimitRules>,
+    /// Folios the kernel-side pin map held: pins past it were counted, not watched.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pin_map_capacity: Option<u32>,
 }
 
 impl Start {
