@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use serde::Serialize;
 
 use super::pins::{HeldPin, PinTable};
-use crate::trace::{Actor, Flag, Hazard, HazardKind, LimitBreach, Pinner, Pinners, Severity};
+use crate::trace::{Actor, Flag, Hazard, HazardKind, KernelProc, LimitBreach, Pinner, Pinners, Severity};
 
 pub const PAGE_SIZE: u64 = 4096;
 
@@ -82,15 +82,6 @@ pub fn account(pins: &PinTable) -> Accounts {
         a.totals.add(h);
     }
     a
-}
-
-/// What the kernel itself says of a process (from /proc, read by the caller).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct KernelProc {
-    pub vmpin_bytes: u64,
-    pub vmlck_bytes: u64,
-    /// RLIMIT_MEMLOCK soft limit; None: unlimited.
-    pub memlock_limit_bytes: Option<u64>,
 }
 
 /// Rules like mlock's, set by the user; the memlock rule is on by default.

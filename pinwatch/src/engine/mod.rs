@@ -5,15 +5,16 @@
 pub mod account;
 pub mod hazards;
 pub mod pins;
+pub mod replay;
 
 pub use hazards::Hazards;
 pub use pins::PinTable;
 
 use std::collections::HashMap;
 
-use account::{account, KernelProc, LimitState, Limits};
+use account::{account, LimitState, Limits};
 
-use crate::trace::{Event, Hazard};
+use crate::trace::{Event, Hazard, KernelProc};
 
 /// Pin table, hazard rules and limit rules, fed one event at a time. The limit rules
 /// come with the `start` event and the kernel's figures with `procs` events, so a
@@ -49,7 +50,7 @@ impl Engine {
         self.kernel = p
             .procs
             .iter()
-            .map(|f| (f.pid, KernelProc { vmpin_bytes: f.vmpin_bytes, vmlck_bytes: f.vmlck_bytes, memlock_limit_bytes: f.memlock_limit_bytes }))
+            .map(|f| (f.pid, f.kernel))
             .collect();
         let accounts = account(&self.pins);
         let breaches = self.limit_state.check(&self.limits, &self.pins, &accounts, &self.kernel, p.ts_ns);

@@ -13,7 +13,7 @@ use pinwatch_common::{counter, globals};
 
 use super::{
     btf::{self, Layouts},
-    plan::{self, AttachType, Capabilities, Choice, Family, HookSpec, Mode, PlannedHook, Role},
+    plan::{self, AttachMode, AttachType, Capabilities, Choice, Family, HookSpec, Mode, PlannedHook, Role},
     symbols::Symbols,
 };
 
@@ -62,8 +62,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 impl Kernel {
     /// Reads layouts and symbols, loads the object and tests attach types. Does not
     /// attach the plan yet (doctor stops here).
-    pub fn open(args: crate::args::KernelArgs) -> Result<Kernel> {
-        let mode = args.attach;
+    pub fn open(mode: AttachMode, pin_map_capacity: u32) -> Result<Kernel> {
         super::check_privileges()?;
         // pfns, byte counts and the programs' page arithmetic are 4 KiB pages (x86-64).
         let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
@@ -118,7 +117,7 @@ impl Kernel {
             .override_global(globals::BIO_VCNT_OFF, &layouts.bio_vcnt_off, true)
             .override_global(globals::PIPE_BUFFER_PAGE_OFF, &layouts.pipe_buffer_page_off, true)
             .override_global(globals::SELF_TGID, &self_tgid, true)
-            .map_max_entries("PINS", args.pin_map_capacity)
+            .map_max_entries("PINS", pin_map_capacity)
             .load(OBJECT)
             .map_err(|e| anyhow!("loading the eBPF object failed: {}", error_chain(&e)))?;
         // Parsed once: the fentry test and every fentry/fexit load need it.
@@ -131,7 +130,7 @@ impl Kernel {
             .filter_map(|h| btf::func_nargs(&vmlinux, h.symbol).map(|n| (h.symbol, n)))
             .collect();
         let btf = btf.ok();
-        Ok(Kernel { release, vmemmap, layouts, caps, plan, ebpf, nargs, btf, pin_map_capacity: args.pin_map_capacity })
+        Ok(Kernel { release, vmemmap, layouts, caps, plan, ebpf, nargs, btf, pin_map_capacity })
     }
 
     /// Attaches every hook of the plan, each down its ladder until a rung works; a hook

@@ -7,7 +7,7 @@ use std::collections::{BTreeSet, HashMap};
 
 use procfs::process::{LimitValue, Process};
 
-use crate::engine::account::KernelProc;
+use crate::trace::KernelProc;
 
 /// One process as /proc shows it.
 #[derive(Clone, Debug, Default)]

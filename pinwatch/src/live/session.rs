@@ -83,7 +83,7 @@ pub struct Tick {
 impl Session {
     /// Loads and attaches; refuses to run blind, explains tracepoint-only mode.
     pub fn open(args: KernelArgs, limits: &LimitArgs) -> Result<Session> {
-        let mut kernel = Kernel::open(args)?;
+        let mut kernel = Kernel::open(args.attach, args.pin_map_capacity)?;
         crate::kernel::plan::check_mode(&kernel.caps, args.attach).map_err(anyhow::Error::msg)?;
         let mode = kernel.attach()?;
         match mode {
@@ -205,12 +205,7 @@ impl Session {
             let mut figures: Vec<ProcFigures> = self
                 .procs
                 .iter()
-                .map(|(pid, i)| ProcFigures {
-                    pid: *pid,
-                    vmpin_bytes: i.kernel.vmpin_bytes,
-                    vmlck_bytes: i.kernel.vmlck_bytes,
-                    memlock_limit_bytes: i.kernel.memlock_limit_bytes,
-                })
+                .map(|(pid, i)| ProcFigures { pid: *pid, kernel: i.kernel })
                 .collect();
             figures.sort_by_key(|f| f.pid);
             self.apply(Event::Procs(Procs { ts_ns: monotonic_ns(), procs: figures }), &mut events);

@@ -81,7 +81,7 @@ struct Report {
 }
 
 pub fn run(args: DoctorArgs) -> Result<i32> {
-    let mut kernel = Kernel::open(args.kernel)?;
+    let mut kernel = Kernel::open(args.kernel.attach, args.kernel.pin_map_capacity)?;
     let mode = kernel.attach()?;
     let covered = covered_roles(&kernel.plan);
     let report = Report {

@@ -2,6 +2,7 @@
 
 pub mod doctor;
 pub mod export;
+pub mod filter;
 pub mod record;
 pub mod report;
 pub mod story;

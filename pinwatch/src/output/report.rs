@@ -6,19 +6,21 @@
 //! and pinner, in order.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashSet, VecDeque},
+    collections::{BTreeMap, BTreeSet},
     path::PathBuf,
-    time::Duration,
 };
 
 use anyhow::Result;
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
 
-use super::{doctor::Format, story::Stories};
+use super::{
+    doctor::Format,
+    filter::{Filter, FilterArgs},
+    story::Stories,
+};
 use crate::{
-    args,
-    engine::Engine,
-    trace::{self, Event, FileRef, Hazard, HazardKind, Start},
+    engine::replay::Replay,
+    trace::{self, Event, Hazard},
 };
 
 #[derive(clap::Args, Debug)]
@@ -40,185 +42,6 @@ pub struct ReportArgs {
     pub story: bool,
     #[command(flatten)]
     pub filter: FilterArgs,
-}
-
-/// What to look at, shared by report and export.
-#[derive(clap::Args, Debug, Clone, Default)]
-pub struct FilterArgs {
-    /// Only hazards whose pinner or actor is one of these processes (a list).
-    #[arg(long = "pid", value_delimiter = ',', value_parser = args::pid)]
-    pub pids: Vec<u32>,
-    /// Only hazards whose pinner or actor name contains this.
-    #[arg(long)]
-    pub comm: Option<String>,
-    /// Only hazards on this file: DEV:INO as the trace writes it (254:0:12), or a path
-    /// (as the pinner mapped it, or as it is on this machine).
-    #[arg(long)]
-    pub file: Option<String>,
-    /// Only hazards of these kinds (a list: truncate_while_pinned,dirty_after_unmap).
-    #[arg(long = "kind", value_delimiter = ',', value_parser = parse_kind)]
-    pub kinds: Vec<HazardKind>,
-    /// Only what happened this long after the trace began (30s, 2m, 1.5).
-    #[arg(long, value_parser = since_parser)]
-    pub since: Option<Duration>,
-    /// Only what happened before this long after the trace began.
-    #[arg(long, value_parser = args::duration)]
-    pub until: Option<Duration>,
-}
-
-fn parse_kind(s: &str) -> Result<HazardKind, String> {
-    serde_json::from_value(serde_json::Value::String(s.to_string())).map_err(|_| {
-        let all: Vec<&str> = HazardKind::ALL.iter().map(|k| k.name()).collect();
-        format!("{s:?} is not a hazard kind: one of {}", all.join(", "))
-    })
-}
-
-/// `--since 0` is meaningful (from the start), unlike a zero refresh delay.
-fn since_parser(s: &str) -> Result<Duration, String> {
-    if s.trim() == "0" {
-        return Ok(Duration::ZERO);
-    }
-    args::duration(s)
-}
-
-/// The filters, resolved as the trace streams by (a path becomes device:inode pairs
-/// once a pin names it).
-pub struct Filter {
-    args: FilterArgs,
-    /// The file asked for, as (dev, ino): parsed, stat()ed here, or learnt from pins.
-    files: BTreeSet<(String, u64)>,
-    /// Pages pinned from the file asked for: a hazard on one that has left the file
-    /// (truncated, then dirtied) is still about the file.
-    pfns: HashSet<u64>,
-    first_ts: Option<u64>,
-}
-
-impl Filter {
-    pub fn new(args: &FilterArgs) -> Filter {
-        let mut files = BTreeSet::new();
-        if let Some(f) = &args.file {
-            match f.rsplit_once(':').and_then(|(dev, ino)| Some((dev, ino.parse::<u64>().ok()?))) {
-                Some((dev, ino)) if dev.contains(':') => {
-                    files.insert((dev.to_string(), ino));
-                }
-                _ => {
-                    // A path that exists here gives its device and inode too.
-                    if let Ok(m) = std::fs::metadata(f) {
-                        use std::os::unix::fs::MetadataExt as _;
-                        let dev = m.dev();
-                        files.insert((format!("{}:{}", libc::major(dev), libc::minor(dev)), m.ino()));
-                    }
-                }
-            }
-        }
-        Filter { args: args.clone(), files, pfns: HashSet::new(), first_ts: None }
-    }
-
-    /// Sees every event: the trace's start time, and paths that pins give to files.
-    pub fn observe(&mut self, e: &Event) {
-        if let Some(ts) = e.ts_ns() {
-            self.first_ts.get_or_insert(ts);
-        }
-        if let (Some(f), Event::Pin(p)) = (&self.args.file, e) {
-            let Some(pf) = &p.file else { return };
-            if Some(f) == pf.path.as_ref() {
-                self.files.insert((pf.dev.clone(), pf.ino));
-            }
-            if self.files.contains(&(pf.dev.clone(), pf.ino)) {
-                self.pfns.extend(p.pfns.iter().take(p.file_pages as usize));
-            }
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        let a = &self.args;
-        a.pids.is_empty() && a.comm.is_none() && a.file.is_none() && a.kinds.is_empty() && a.since.is_none() && a.until.is_none()
-    }
-
-    /// Seconds since the trace began.
-    pub fn rel_s(&self, ts_ns: u64) -> f64 {
-        ts_ns.saturating_sub(self.first_ts.unwrap_or(ts_ns)) as f64 / 1e9
-    }
-
-    pub fn in_time(&self, ts_ns: u64) -> bool {
-        let rel = Duration::from_nanos(ts_ns.saturating_sub(self.first_ts.unwrap_or(ts_ns)));
-        self.args.since.is_none_or(|s| rel >= s) && self.args.until.is_none_or(|u| rel <= u)
-    }
-
-    pub fn file_matches(&self, f: Option<&FileRef>) -> bool {
-        self.args.file.is_none() || f.is_some_and(|f| self.files.contains(&(f.dev.clone(), f.ino)))
-    }
-
-    pub fn pid_matches(&self, pid: u32) -> bool {
-        self.args.pids.is_empty() || self.args.pids.contains(&pid)
-    }
-
-    pub fn comm_matches(&self, comm: &str) -> bool {
-        self.args.comm.as_ref().is_none_or(|c| comm.contains(c.as_str()))
-    }
-
-    fn hazard_file_matches(&self, h: &Hazard) -> bool {
-        self.file_matches(h.file.as_ref()) || (h.file.is_none() && h.pfn.is_some_and(|p| self.pfns.contains(&p)))
-    }
-
-    pub fn keeps(&self, h: &Hazard) -> bool {
-        let pinners = h.pinner_list();
-        let who = |p: &dyn Fn(u32, &str) -> bool| p(h.actor.pid, &h.actor.comm) || pinners.iter().any(|x| p(x.pid.unwrap_or(0), x.comm.as_deref().unwrap_or("")));
-        (self.args.kinds.is_empty() || self.args.kinds.contains(&h.kind))
-            && self.in_time(h.ts_ns)
-            && self.hazard_file_matches(h)
-            && (self.args.pids.is_empty() || who(&|pid, _| self.pid_matches(pid)))
-            && (self.args.comm.is_none() || who(&|_, c| self.comm_matches(c)))
-    }
-}
-
-/// A trace replayed as it streams: the engine decides again, and each hazard it derives
-/// is matched with the next one the trace recorded.
-#[derive(Default)]
-pub struct Replay {
-    pub engine: Engine,
-    pending: VecDeque<Hazard>,
-    pub derived: u64,
-    pub recorded: u64,
-    pub mismatched: u64,
-    pub start: Option<Start>,
-    pub lost_records: u64,
-    pub lost_stacks: u64,
-}
-
-impl Replay {
-    /// One event of the trace; returns the hazards the engine derives from it.
-    pub fn feed(&mut self, e: &Event) -> Vec<Hazard> {
-        match e {
-            Event::Hazard(h) => {
-                self.recorded += 1;
-                match self.pending.pop_front() {
-                    Some(d) if d == *h => {}
-                    _ => self.mismatched += 1,
-                }
-                return Vec::new();
-            }
-            Event::Start(s) => self.start = Some(s.clone()),
-            Event::Lost(l) if l.reason == "stack_lost" => self.lost_stacks += l.count,
-            Event::Lost(l) => self.lost_records += l.count,
-            _ => {}
-        }
-        self.settle();
-        let found = self.engine.apply(e);
-        self.derived += found.len() as u64;
-        self.pending.extend(found.iter().cloned());
-        found
-    }
-
-    /// Derived hazards the trace did not record right after their event.
-    fn settle(&mut self) {
-        self.mismatched += self.pending.len() as u64;
-        self.pending.clear();
-    }
-
-    pub fn finish(&mut self) {
-        self.settle();
-    }
 }
 
 /// (kind, severity, pinner, actor)
@@ -320,23 +143,15 @@ fn print_summary(r: &Replay, s: &Summary, filter: &Filter) {
 /// Every hazard a trace holds, derived again, with the filters applied; for export and
 /// the tests.
 #[cfg(test)]
-pub fn hazards_of(events: &[Event]) -> (Vec<Hazard>, Vec<Hazard>) {
-    let mut r = Replay::default();
-    let mut derived = Vec::new();
-    let mut recorded = Vec::new();
-    for e in events {
-        if let Event::Hazard(h) = e {
-            recorded.push(h.clone());
-        }
-        derived.extend(r.feed(e));
-    }
-    (derived, recorded)
-}
-
-#[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
-    use crate::trace::{Actor, Flag, KernelPins, LimitRules, Page, PageOp, Pin, ProcFigures, Procs, Release, Unpin};
+    use crate::{
+        engine::{replay::hazards_of, Engine},
+        output::filter::parse_kind,
+        trace::{Actor, Flag, HazardKind, KernelPins, KernelProc, LimitRules, Page, PageOp, Pin, ProcFigures, Procs, Release, Start, Unpin},
+    };
 
     /// What record writes: each event, then the hazards it revealed.
     fn recorded(raw: &[Event]) -> Vec<Event> {
@@ -356,7 +171,7 @@ mod tests {
             Event::Pin(Pin { pid: 5, ts_ns: 1, flags: vec![Flag::Pin, Flag::Write, Flag::Longterm], pfns: vec![1], nr_pages: 1, ..Default::default() }),
             Event::Page(Page { ts_ns: 2, op: Some(PageOp::Truncate), pfn: 1, seen: "pins".into(), actor: Actor::default(), kernel_pins: KernelPins::default(), ..Default::default() }),
             // The kernel says pid 5 may lock 0 bytes: the memlock rule breaks.
-            Event::Procs(Procs { ts_ns: 3, procs: vec![ProcFigures { pid: 5, vmpin_bytes: 4096, vmlck_bytes: 0, memlock_limit_bytes: Some(0) }] }),
+            Event::Procs(Procs { ts_ns: 3, procs: vec![ProcFigures { pid: 5, kernel: KernelProc { vmpin_bytes: 4096, vmlck_bytes: 0, memlock_limit_bytes: Some(0) } }] }),
             Event::Unpin(Unpin { ts_ns: 9, pid: 0, tid: 0, comm: String::new(), func: String::new(), release: Release::Unpin, dirty: true, pfns: vec![1] }),
         ]
     }

@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use serde::Serialize;
 
-use super::report::Filter;
+use super::filter::Filter;
 use crate::{
     engine::pins::PinTable,
     trace::{Event, FileRef, Flag, Hazard, HazardKind, PageOp, Release},
@@ -419,7 +419,7 @@ mod tests {
     use super::*;
     use crate::{
         engine::Engine,
-        output::report::FilterArgs,
+        output::filter::FilterArgs,
         trace::{Actor, KernelPins, Page, Pin, Unpin},
     };
 

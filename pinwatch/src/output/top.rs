@@ -672,7 +672,7 @@ fn mappings(s: &Session, pid: u32) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::{account::{account, KernelProc}, PinTable};
+    use crate::{engine::{account::account, PinTable}, trace::KernelProc};
     use crate::trace::{Flag, Pin};
 
     fn table(events: &[(u32, &[Flag], usize)]) -> Accounts {

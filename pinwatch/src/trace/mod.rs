@@ -88,6 +88,13 @@ pub struct Procs {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
 pub struct ProcFigures {
     pub pid: u32,
+    #[serde(flatten)]
+    pub kernel: KernelProc,
+}
+
+/// What the kernel itself says of a process (from /proc): what the limit rules read.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelProc {
     pub vmpin_bytes: u64,
     pub vmlck_bytes: u64,
     /// RLIMIT_MEMLOCK's soft limit; null: unlimited.

@@ -172,7 +172,7 @@ pub fn write(t: &Timeline, out: &mut dyn Write) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::output::{export::timeline::tests::{build, sample}, report::FilterArgs};
+    use crate::output::{export::timeline::tests::{build, sample}, filter::FilterArgs};
 
     #[test]
     fn one_marker_and_one_row_per_hazard_nothing_fetched() {

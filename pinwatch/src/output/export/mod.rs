@@ -10,7 +10,7 @@ use std::{io::Write as _, path::PathBuf};
 
 use anyhow::{Context as _, Result};
 
-use super::report::{Filter, FilterArgs};
+use super::filter::{Filter, FilterArgs};
 use crate::trace;
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]

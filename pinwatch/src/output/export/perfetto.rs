@@ -90,7 +90,7 @@ pub fn write(t: &Timeline, out: &mut dyn Write) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::output::{export::timeline::tests::{build, sample}, report::FilterArgs};
+    use crate::output::{export::timeline::tests::{build, sample}, filter::FilterArgs};
 
     #[test]
     fn a_valid_trace_event_file_with_flows() {

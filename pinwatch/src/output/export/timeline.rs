@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use super::super::report::{Filter, Replay};
+use crate::{engine::replay::Replay, output::filter::Filter};
 use crate::trace::{Event, Flag, Hazard, Release};
 
 #[derive(Debug, Clone)]
@@ -247,7 +247,7 @@ impl Builder {
 pub mod tests {
     use super::*;
     use crate::{
-        output::report::FilterArgs,
+        output::filter::FilterArgs,
         trace::{Actor, KernelPins, Page, PageOp, Pin, Unpin},
     };
 
