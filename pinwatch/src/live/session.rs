@@ -67,7 +67,6 @@ pub struct Session {
     pub engine: Engine,
     start: Event,
     pub mode: Mode,
-    pub lost_total: u64,
     /// Lost records, pages and stacks by reason (the `lost` events' reasons).
     pub lost_by_reason: BTreeMap<String, u64>,
     /// The kernel's own figures of the last tick, by pid.
@@ -132,7 +131,12 @@ impl Session {
         // The engine takes its limit rules from the start event, as a replay does.
         let mut engine = Engine::default();
         engine.apply(&start);
-        Ok(Session { kernel, source, sweeper, engine, start, mode, lost_total: 0, lost_by_reason: BTreeMap::new(), procs: HashMap::new() })
+        Ok(Session { kernel, source, sweeper, engine, start, mode, lost_by_reason: BTreeMap::new(), procs: HashMap::new() })
+    }
+
+    /// Everything lost so far: records, pages and stacks.
+    pub fn lost_total(&self) -> u64 {
+        self.lost_by_reason.values().sum()
     }
 
     /// The trace's first event: what was attached, what cannot be seen, the rules.
@@ -155,7 +159,6 @@ impl Session {
     /// order a trace holds them.
     pub fn apply(&mut self, e: Event, out: &mut Vec<Event>) {
         if let Event::Lost(l) = &e {
-            self.lost_total += l.count;
             *self.lost_by_reason.entry(l.reason.clone()).or_default() += l.count;
         }
         let hazards = self.engine.apply(&e);

@@ -100,14 +100,14 @@ pub async fn run(args: RecordArgs) -> Result<i32> {
     let held = session.engine.pins.held();
     let counts = &session.engine.hazards.counts;
     let hazards = counts.iter().map(|(k, n)| (k.name().to_string(), *n)).collect();
-    writer.write(&Event::Stop(Stop { ts_ns: monotonic_ns(), lost_total: session.lost_total, held: held.clone(), hazards }))?;
+    writer.write(&Event::Stop(Stop { ts_ns: monotonic_ns(), lost_total: session.lost_total(), held: held.clone(), hazards }))?;
     writer.finish()?;
     let pages: u64 = held.iter().map(|h| h.pages).sum();
     let nhaz: u64 = counts.values().sum();
     eprintln!(
         "pinwatch: trace written to {}; {} lost (records, pages or stacks: the trace's lost events say which); {} hazard(s); {} page reference(s) still held by {} process(es)",
         args.output.display(),
-        session.lost_total,
+        session.lost_total(),
         nhaz,
         pages,
         held.len()

@@ -566,7 +566,7 @@ fn doc<'a>(s: &'a Session, rows: &'a [Row], acc: &Accounts, sort: Column, log: &
         },
         cgroups: acc.cgroups.clone(),
         users: acc.users.iter().map(|(uid, u)| (user_name(*uid), u.clone())).collect(),
-        lost_events: s.lost_total,
+        lost_events: s.lost_total(),
         lost_by_reason: &s.lost_by_reason,
         pin_map_capacity: s.kernel.pin_map_capacity,
         foll_pin: procs::foll_pin_counters(),
@@ -582,7 +582,7 @@ fn screen_text(s: &Session, rows: &[Row], acc: &Accounts, sort: Column, reverse:
         s.kernel.release,
         s.mode.name(),
         s.kernel.hooks_in_use().len(),
-        s.lost_total
+        s.lost_total()
     );
     out += &format!(
         "pinned {} (FOLL_PIN {}, long-term {}, file {}, write {}) by {} process(es); kernel VmPin {} VmLck {}",
