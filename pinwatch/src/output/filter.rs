@@ -46,7 +46,7 @@ pub fn parse_kind(s: &str) -> Result<HazardKind, String> {
 
 /// `--since 0` is meaningful (from the start), unlike a zero refresh delay.
 fn since_parser(s: &str) -> Result<Duration, String> {
-    if s.trim() == "0" {
+    if humantime::parse_duration(s.trim()).is_ok_and(|d| d.is_zero()) || s.trim().parse::<f64>().is_ok_and(|x| x == 0.0) {
         return Ok(Duration::ZERO);
     }
     args::duration(s)
@@ -143,3 +143,17 @@ impl Filter {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn since_takes_zero_and_until_does_not() {
+        for zero in ["0", "0s", "0ms", "0.0"] {
+            assert_eq!(since_parser(zero), Ok(Duration::ZERO), "{zero}");
+        }
+        assert_eq!(since_parser("1.5"), Ok(Duration::from_millis(1500)));
+        assert!(since_parser("-1").is_err());
+        assert!(args::duration("0").is_err());
+    }
+}
