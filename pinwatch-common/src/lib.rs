@@ -129,6 +129,10 @@ hooks! {
     /// writeback:writeback_dirty_folio (5.17+) and writeback_dirty_page (before).
     WritebackDirtyFolio = 47 => "writeback_dirty_folio",
     WritebackDirtyPage = 48 => "writeback_dirty_page",
+    /// The start of writeback of a folio, whatever the filesystem:
+    /// `__folio_start_writeback` (5.16+), `__test_set_page_writeback` (before).
+    FolioStartWriteback = 49 => "__folio_start_writeback",
+    TestSetPageWriteback = 51 => "__test_set_page_writeback",
     /// pinwatch's own re-check of held references (sweep_pfn).
     Sweep = 50 => "sweep",
 }

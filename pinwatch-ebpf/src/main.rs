@@ -196,6 +196,8 @@ macro_rules! fn_hazard {
 }
 fn_hazard!(try_to_unmap_one, fentry_try_to_unmap_one, "try_to_unmap_one", Hook::TryToUnmapOne, page_op::UNMAP, 0);
 fn_hazard!(page_mkclean_one, fentry_page_mkclean_one, "page_mkclean_one", Hook::PageMkcleanOne, page_op::MKCLEAN, 0);
+fn_hazard!(__folio_start_writeback, fentry___folio_start_writeback, "__folio_start_writeback", Hook::FolioStartWriteback, page_op::WRITEBACK, 0);
+fn_hazard!(__test_set_page_writeback, fentry___test_set_page_writeback, "__test_set_page_writeback", Hook::TestSetPageWriteback, page_op::WRITEBACK, 0);
 fn_hazard!(ext4_bio_write_page, fentry_ext4_bio_write_page, "ext4_bio_write_page", Hook::Ext4BioWritePage, page_op::WRITEBACK, 1);
 fn_hazard!(ext4_bio_write_folio, fentry_ext4_bio_write_folio, "ext4_bio_write_folio", Hook::Ext4BioWriteFolio, page_op::WRITEBACK, 1);
 fn_hazard!(folio_mark_dirty, fentry_folio_mark_dirty, "folio_mark_dirty", Hook::FolioMarkDirty, page_op::DIRTY, 0);

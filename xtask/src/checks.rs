@@ -123,10 +123,22 @@ pub fn check_hazards(scenario: &str, r: &Recorded, v: (u32, u32)) -> Result<Stri
     let all: Vec<&Value> = hazards(r, "").collect();
     let start = r.trace.iter().find(|e| e["event"] == "start").context("no start event")?;
     let hooks: Vec<&str> = start["hooks"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
-    match scenario {
+    // The same scenarios on xfs and btrfs: `hazard_xfs`, `hazard_btrfs_nopin`...
+    let fs = ["xfs", "btrfs"].into_iter().find(|f| scenario.contains(&format!("_{f}")));
+    let base = fs.map(|f| scenario.replace(&format!("_{f}"), "")).unwrap_or_else(|| scenario.to_string());
+    if let Some(f) = fs {
+        let files: BTreeSet<&str> = pins.iter().filter_map(|p| p["file"]["fs"].as_str()).collect();
+        ensure!(base == "hazard_nopin" || files == BTreeSet::from([f]), "the scenario's pins are of {files:?}, not {f}");
+    }
+    match base.as_str() {
         "hazard" | "hazard_kprobe" => {
-            // The attach type asked for is the one used by every hazard hook.
-            let via = if scenario == "hazard" { "fentry" } else { "kprobe" };
+            // The attach type asked for is the one used by every hazard hook (auto on
+            // other filesystems: whatever the kernel allows).
+            let via = match (scenario, fs) {
+                (_, Some(_)) => "",
+                ("hazard", None) => "fentry",
+                _ => "kprobe",
+            };
             for role in ["unmap", "mkclean", "writeback", "dirty"] {
                 let h = hooks.iter().find(|h| h.starts_with(&format!("{role}: "))).with_context(|| format!("no {role} hook attached: {hooks:?}"))?;
                 ensure!(h.ends_with(&format!("via {via}")), "{h}, expected via {via}");
@@ -147,10 +159,11 @@ pub fn check_hazards(scenario: &str, r: &Recorded, v: (u32, u32)) -> Result<Stri
             }
             let stray: Vec<&&Value> = all.iter().filter(|h| h["pfn"].as_u64().is_some_and(|p| !pinned.contains(&p))).collect();
             ensure!(stray.is_empty(), "hazards on pages that were not pinned: {:?}", stray.first());
-            Ok(format!("{} pinned pfns via {via}: {}; pinner named direct I/O, every actor stack reaches its syscall", pinned.len(), seen.join(", ")))
+            let how = if via.is_empty() { String::new() } else { format!(" via {via}") };
+            Ok(format!("{} pinned {} pfns{how}: {}; pinner named direct I/O, every actor stack reaches its syscall", pinned.len(), fs.unwrap_or("ext4"), seen.join(", ")))
         }
         "hazard_other" | "hazard_nopin" | "released" => {
-            if scenario != "hazard_nopin" {
+            if base != "hazard_nopin" {
                 ensure!(pinned.len() as u64 == pages, "the control took {} pins, expected {pages}: it proves nothing", pinned.len());
             }
             ensure!(all.is_empty(), "control reported {} hazard(s), first: {}", all.len(), all[0]);

@@ -18,7 +18,11 @@ use crate::{kernels::Kernel, util::{output, quiet, run, workspace_root}};
 /// Modules the plan needs, with their parameters. Dependencies come from modules.dep.
 const MODULES: &[(&str, &str)] = &[
     ("configfs", ""),
-    ("brd", "rd_nr=1 rd_size=32768"),
+    // ram0 ext4, ram1 xfs (mkfs.xfs wants 300 MiB), ram2 btrfs; pages are allocated as
+    // they are written, so the sizes cost nothing until used.
+    ("brd", "rd_nr=3 rd_size=327680"),
+    ("xfs", ""),
+    ("btrfs", ""),
     // Every I/O takes 2 s: a DMA that keeps its pages pinned long enough to watch.
     ("null_blk", "irqmode=2 completion_nsec=2000000000 nr_devices=1"),
 ];
@@ -43,6 +47,9 @@ done < /modules/load.list
 mount -t configfs none /sys/kernel/config 2>/dev/null
 dd if=/ext4.img of=/dev/ram0 bs=1M 2>/dev/null || say ERROR dd
 mkdir -p /mnt && mount -t ext4 /dev/ram0 /mnt || say ERROR mount ext4
+mkdir -p /xfs /btrfs
+mkfs.xfs -q -f /dev/ram1 > /dev/null 2>&1 && mount -t xfs /dev/ram1 /xfs || say ERROR xfs
+mkfs.btrfs -q -f /dev/ram2 > /dev/null 2>&1 && mount -t btrfs /dev/ram2 /btrfs || say ERROR btrfs
 # No background writeback: only a scenario's own msync writes pages out, so a control
 # stays a control. (A flusher cleaning a pinned page is a real hazard: pinwatch reports
 # it, and did, the one time it happened during a control.)
@@ -163,7 +170,9 @@ pub fn build_initramfs(k: &Kernel, bins: &Binaries, plan: &str, work: &Path) -> 
         fs::create_dir_all(root.join(d))?;
     }
     copy(Path::new("/bin/busybox"), &root.join("bin/busybox")).context("busybox-static is needed (`cargo xtask setup`)")?;
-    for bin in [&bins.pinwatch, &bins.scenario] {
+    let mkfs = [Path::new("/sbin/mkfs.xfs"), Path::new("/sbin/mkfs.btrfs")];
+    for bin in [bins.pinwatch.as_path(), bins.scenario.as_path()].into_iter().chain(mkfs) {
+        let bin = &fs::canonicalize(bin).with_context(|| format!("{} (xfsprogs and btrfs-progs: `cargo xtask setup`)", bin.display()))?;
         copy(bin, &root.join("bin").join(bin.file_name().expect("file")))?;
         for lib in libraries(bin)? {
             copy(&lib, &root.join(lib.strip_prefix("/").expect("absolute")))?;

@@ -74,6 +74,14 @@ pub const SCENARIOS: &[(&str, &str, &str)] = &[
     ("hazard_kprobe", "--attach kprobe", "pinwatch-scenario odirect-hazard --file /mnt/hazard --dev /dev/nullb0 --pages 8"),
     ("hazard_other", "", "pinwatch-scenario odirect-hazard --file /mnt/other --dev /dev/nullb0 --pages 8 --target other"),
     ("hazard_nopin", "", "pinwatch-scenario odirect-hazard --file /mnt/nopin --dev /dev/nullb0 --pages 8 --no-pin"),
+    // The 2018 sequence and its controls on xfs and btrfs: writeback is watched where
+    // every filesystem starts it, not in ext4's code alone.
+    ("hazard_xfs", "", "pinwatch-scenario odirect-hazard --file /xfs/hazard --dev /dev/nullb0 --pages 8"),
+    ("hazard_xfs_other", "", "pinwatch-scenario odirect-hazard --file /xfs/other --dev /dev/nullb0 --pages 8 --target other"),
+    ("hazard_xfs_nopin", "", "pinwatch-scenario odirect-hazard --file /xfs/nopin --dev /dev/nullb0 --pages 8 --no-pin"),
+    ("hazard_btrfs", "", "pinwatch-scenario odirect-hazard --file /btrfs/hazard --dev /dev/nullb0 --pages 8"),
+    ("hazard_btrfs_other", "", "pinwatch-scenario odirect-hazard --file /btrfs/other --dev /dev/nullb0 --pages 8 --target other"),
+    ("hazard_btrfs_nopin", "", "pinwatch-scenario odirect-hazard --file /btrfs/nopin --dev /dev/nullb0 --pages 8 --no-pin"),
     ("released", "", "pinwatch-scenario released --file /mnt/released --dev /dev/nullb0 --pages 8"),
     ("longterm", "", "pinwatch-scenario longterm-file --file /mnt/longterm --pages 8"),
     ("memfd", "", "pinwatch-scenario memfd-truncate --pages 8"),

@@ -40,7 +40,7 @@ impl Role {
             Role::Release => "when pins and page references are dropped",
             Role::Unmap => "unmap_while_pinned: reclaim, MADV_PAGEOUT or migration unmapping a pinned page",
             Role::Mkclean => "mkclean_while_pinned: writeback write-protecting a pinned page",
-            Role::Writeback => "writeback_while_pinned: ext4 writing a write-pinned page out",
+            Role::Writeback => "writeback_while_pinned: a filesystem starting writeback of a write-pinned page",
             Role::Truncate => "truncate_while_pinned: a pinned page leaving the page cache",
             Role::Dirty => "dirty_after_unmap: a pinned page dirtied after it was unmapped or truncated",
         }
@@ -188,8 +188,12 @@ pub const HOOKS: &[HookSpec] = &[
     tp(Role::Release, "mm_page_free", "all (kmem tracepoint)"),
     func(Role::Unmap, "try_to_unmap_one", Ret::None, "all (static; folio from 5.19)"),
     func(Role::Mkclean, "page_mkclean_one", Ret::None, "all (static; folio from 5.19)"),
-    alt(Role::Writeback, "ext4_bio_write_page", F, "ext4 writeback", "up to 6.3"),
-    alt(Role::Writeback, "ext4_bio_write_folio", F, "ext4 writeback", "6.4+"),
+    // Writeback of any filesystem: where the folio is marked under writeback. ext4's own
+    // per-page functions serve only where neither generic one can be hooked.
+    alt(Role::Writeback, "__folio_start_writeback", F, "writeback", "5.16+ (every filesystem)"),
+    alt(Role::Writeback, "__test_set_page_writeback", F, "writeback", "up to 5.15 (every filesystem)"),
+    alt(Role::Writeback, "ext4_bio_write_page", F, "writeback", "up to 6.3 (ext4 only)"),
+    alt(Role::Writeback, "ext4_bio_write_folio", F, "writeback", "6.4+ (ext4 only)"),
     tp(Role::Truncate, "mm_filemap_delete_from_page_cache", "all (filemap tracepoint)"),
     alt(Role::Dirty, "folio_mark_dirty", F, "dirty", "5.17+"),
     alt(Role::Dirty, "set_page_dirty", F, "dirty", "up to 6.x (a folio wrapper from 5.17)"),
