@@ -63,6 +63,11 @@ enum Scenario {
         target: Target,
         #[arg(long)]
         no_pin: bool,
+        /// Write the whole file back before the pin: a filesystem whose first fsync
+        /// writes back the whole file (btrfs) then has nothing of the pinned half to
+        /// write when the other half is synced.
+        #[arg(long)]
+        clean_first: bool,
     },
     /// A pin taken and released, then the same pages cleaned, unmapped and truncated:
     /// must report no hazard.
@@ -233,9 +238,12 @@ fn read_direct(dfd: i32, addr: usize, pages: usize) -> Result<()> {
     Ok(())
 }
 
-fn odirect_hazard(Dio { file, dev, pages }: &Dio, target: Target, no_pin: bool) -> Result<()> {
+fn odirect_hazard(Dio { file, dev, pages }: &Dio, target: Target, no_pin: bool, clean_first: bool) -> Result<()> {
     let pages = *pages;
     let (fd, map) = map_file(file, 2 * pages)?;
+    if clean_first {
+        check(unsafe { libc::msync(map as *mut _, 2 * pages * PAGE, libc::MS_SYNC) } as _, "msync")?;
+    }
     report("odirect-hazard", pages, &format!(",\"target\":\"{target:?}\",\"pin\":{}", !no_pin));
     let reader = if no_pin { None } else { Some(slow_read(dev, map, pages)?) };
     // Let the read reach the device: the pages are pinned from then on.
@@ -417,7 +425,7 @@ fn main() -> Result<()> {
         Scenario::PvmWritev { pages } => pvm_writev(pages),
         Scenario::IouringFixed { pages, hold_ms, memlock } => iouring_fixed(pages, hold_ms, memlock),
         Scenario::Buffered { file, pages } => buffered(&file, pages),
-        Scenario::OdirectHazard { dio, target, no_pin } => odirect_hazard(&dio, target, no_pin),
+        Scenario::OdirectHazard { dio, target, no_pin, clean_first } => odirect_hazard(&dio, target, no_pin, clean_first),
         Scenario::Released(dio) => released(&dio),
         Scenario::LongtermFile { file, pages } => longterm_file(&file, pages),
         Scenario::MemfdTruncate { pages, no_pin } => memfd_truncate(pages, no_pin),
