@@ -54,8 +54,8 @@ enum Scenario {
     /// The 2018 sequence on demand: a slow O_DIRECT read pins the first `pages` pages of
     /// a MAP_SHARED ext4 mapping of 2 * `pages`, and while the pin is held msync,
     /// MADV_PAGEOUT and ftruncate clean, unmap and drop pages. `--target pinned` works on
-    /// the pinned pages; `--target other` on the other half only (a control), `--no-pin`
-    /// skips the read (a control).
+    /// the pinned pages; `--target other` on the other half only (a control), `--target
+    /// other-file` on another file, `--no-pin` skips the read (a control).
     OdirectHazard {
         #[command(flatten)]
         dio: Dio,
@@ -63,11 +63,6 @@ enum Scenario {
         target: Target,
         #[arg(long)]
         no_pin: bool,
-        /// Write the whole file back before the pin: a filesystem whose first fsync
-        /// writes back the whole file (btrfs) then has nothing of the pinned half to
-        /// write when the other half is synced.
-        #[arg(long)]
-        clean_first: bool,
     },
     /// A pin taken and released, then the same pages cleaned, unmapped and truncated:
     /// must report no hazard.
@@ -137,7 +132,11 @@ struct Dio {
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 enum Target {
     Pinned,
+    /// The other half of the same file.
     Other,
+    /// Another file altogether (`FILE.other`): a control where syncing one half of a
+    /// file writes back all of it (btrfs's first fsync of a file).
+    OtherFile,
 }
 
 fn check(ret: libc::c_long, what: &str) -> Result<libc::c_long> {
@@ -238,12 +237,9 @@ fn read_direct(dfd: i32, addr: usize, pages: usize) -> Result<()> {
     Ok(())
 }
 
-fn odirect_hazard(Dio { file, dev, pages }: &Dio, target: Target, no_pin: bool, clean_first: bool) -> Result<()> {
+fn odirect_hazard(Dio { file, dev, pages }: &Dio, target: Target, no_pin: bool) -> Result<()> {
     let pages = *pages;
     let (fd, map) = map_file(file, 2 * pages)?;
-    if clean_first {
-        check(unsafe { libc::msync(map as *mut _, 2 * pages * PAGE, libc::MS_SYNC) } as _, "msync")?;
-    }
     report("odirect-hazard", pages, &format!(",\"target\":\"{target:?}\",\"pin\":{}", !no_pin));
     let reader = if no_pin { None } else { Some(slow_read(dev, map, pages)?) };
     // Let the read reach the device: the pages are pinned from then on.
@@ -251,6 +247,14 @@ fn odirect_hazard(Dio { file, dev, pages }: &Dio, target: Target, no_pin: bool, 
     match target {
         Target::Pinned => clean_unmap_truncate(fd, map, 0, pages, 0)?,
         Target::Other => clean_unmap_truncate(fd, map, pages, pages, pages)?,
+        Target::OtherFile => {
+            let (other_fd, other) = map_file(&format!("{file}.other"), pages)?;
+            clean_unmap_truncate(other_fd, other, 0, pages, 0)?;
+            unsafe {
+                libc::munmap(other as *mut _, pages * PAGE);
+                libc::close(other_fd);
+            }
+        }
     }
     if let Some(r) = reader {
         r.join().map_err(|_| anyhow::anyhow!("reader panicked"))??;
@@ -425,7 +429,7 @@ fn main() -> Result<()> {
         Scenario::PvmWritev { pages } => pvm_writev(pages),
         Scenario::IouringFixed { pages, hold_ms, memlock } => iouring_fixed(pages, hold_ms, memlock),
         Scenario::Buffered { file, pages } => buffered(&file, pages),
-        Scenario::OdirectHazard { dio, target, no_pin, clean_first } => odirect_hazard(&dio, target, no_pin, clean_first),
+        Scenario::OdirectHazard { dio, target, no_pin } => odirect_hazard(&dio, target, no_pin),
         Scenario::Released(dio) => released(&dio),
         Scenario::LongtermFile { file, pages } => longterm_file(&file, pages),
         Scenario::MemfdTruncate { pages, no_pin } => memfd_truncate(pages, no_pin),
