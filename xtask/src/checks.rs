@@ -1,7 +1,7 @@
 //! What each scenario must show in pinwatch's trace, kernel by kernel. Exact values:
 //! the pinning function, the flags, the page count, and how every page is released.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use anyhow::{bail, ensure, Context as _, Result};
 use serde_json::Value;
@@ -148,10 +148,32 @@ pub fn check_hazards(scenario: &str, r: &Recorded, v: (u32, u32)) -> Result<Stri
             }
             ensure!(pinned_pages == pages, "{pinned_pages} pinned pages, expected {pages}");
             let mut seen = Vec::new();
-            for kind in SEQUENCE {
+            // 6.1's MADV_PAGEOUT passes over a large file folio mapped by several PTEs
+            // (folio_mapcount != 1 in madvise_cold_or_pageout_pte_range): the kernel
+            // never unmaps xfs's pinned large folios there, so no unmap can be seen.
+            let large = (pinned.len() as u64) < pinned_pages;
+            let skipped_unmap = large && fs == Some("xfs") && v < (6, 12);
+            if skipped_unmap {
+                let unmaps = r.trace.iter().filter(|e| e["event"] == "page" && e["op"] == "unmap").count();
+                ensure!(unmaps == 0, "{unmaps} unmap records where 6.1 was expected to leave large folios mapped");
+                seen.push("no unmap (6.1 leaves large folios mapped)".to_string());
+            }
+            // Pages pinned per folio: a hazard's folio order must hold them all.
+            let mut per_folio: BTreeMap<u64, u64> = BTreeMap::new();
+            for p in &pins {
+                for pfn in p["pfns"].as_array().into_iter().flatten().filter_map(Value::as_u64) {
+                    *per_folio.entry(pfn).or_default() += 1;
+                }
+            }
+            for kind in SEQUENCE.into_iter().filter(|k| !(skipped_unmap && *k == "unmap_while_pinned")) {
                 let hs: Vec<&Value> = hazards(r, kind).collect();
                 let got: BTreeSet<u64> = hs.iter().filter_map(|h| h["pfn"].as_u64()).collect();
                 ensure!(got == pinned, "{kind}: pfns {got:?}, expected exactly the pinned {pinned:?}");
+                for h in &hs {
+                    let (pfn, order) = (u(h, "pfn"), h["order"].as_u64().unwrap_or(0));
+                    let n = per_folio.get(&pfn).copied().unwrap_or(0);
+                    ensure!(order <= 9 && (1u64 << order) >= n, "{kind} at pfn {pfn}: order {order} cannot hold the {n} pages pinned in it");
+                }
                 for h in &hs {
                     ensure!(pinner_pids(h).contains(&Some(pid)), "{kind} names pinners {:?}, not the scenario's pid {pid}", pinner_pids(h));
                     let paths: Vec<&Value> = pinners(h).iter().filter(|p| p["pid"].as_u64() == Some(pid)).map(|p| &p["path"]).collect();
@@ -505,6 +527,10 @@ mod tests {
         // a hazard on a page that was not pinned
         let mut t = good.clone();
         t.push(hazard("unmap_while_pinned", 3, 5));
+        assert!(check("hazard", &rec(&t, 5), v).is_err());
+        // a folio order that cannot be (6.1 once read page[1]'s flags as the order)
+        let mut t = good.clone();
+        t[2]["order"] = serde_json::json!(64);
         assert!(check("hazard", &rec(&t, 5), v).is_err());
         // the pin named as another subsystem's
         let mut t = good.clone();

@@ -140,10 +140,12 @@ fn folio_layout(btf: &Btf, page_size: u64) -> Result<FolioLayout> {
             .map(|(o, _)| o)
             .ok_or_else(|| anyhow!("neither struct folio nor struct page has {members:?} in this kernel's BTF"))
     };
-    // The order of a large folio: folio->_flags_1 low byte (6.6+), folio->_folio_order
-    // (6.3-6.5), page[1].compound_order (up to 6.2).
-    let (order_off, order_field) = first_member(btf, "folio", &["_flags_1", "_folio_order"])
+    // The order of a large folio: folio->_folio_order (6.1-6.5), page[1].compound_order
+    // (up to 6.2), else folio->_flags_1's low byte (6.6+). 6.1 to 6.5 have _flags_1 too,
+    // holding page[1]'s flags there: it must come last (seen on 6.1: order 64 read from it).
+    let (order_off, order_field) = first_member(btf, "folio", &["_folio_order"])
         .or_else(|| first_member(btf, "page", &["compound_order"]).map(|(o, n)| (o + page_size, n)))
+        .or_else(|| first_member(btf, "folio", &["_flags_1"]))
         .unwrap_or((0, "unknown"));
     // The pin count of a large folio: folio->_pincount (6.3+), page[1].compound_pincount
     // (5.19-6.2), page[2].hpage_pinned_refcount (5.10-5.18, orders >= 2 only).
