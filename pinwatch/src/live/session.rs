@@ -166,6 +166,16 @@ impl Session {
         out.extend(hazards.into_iter().map(Event::Hazard));
     }
 
+    /// Every event of `batch` (emptied) through the engine: the events and the hazards
+    /// they revealed, in trace order.
+    pub fn apply_batch(&mut self, batch: &mut Vec<Event>) -> Vec<Event> {
+        let mut out = Vec::with_capacity(batch.len());
+        for e in batch.drain(..) {
+            self.apply(e, &mut out);
+        }
+        out
+    }
+
     /// The periodic work: new drops, a re-check of old FOLL_GET references (their
     /// `gone` records arrive with the next batch), the kernel's own figures, and the
     /// limit rules. `discover` also reads every process charged VmPin or VmLck.

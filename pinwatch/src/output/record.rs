@@ -63,10 +63,7 @@ pub async fn run(args: RecordArgs) -> Result<i32> {
 
     let mut batch = Vec::new();
     let write = |session: &mut Session, batch: &mut Vec<Event>, writer: &mut Writer| -> Result<()> {
-        let mut out = Vec::new();
-        for e in batch.drain(..) {
-            session.apply(e, &mut out);
-        }
+        let out = session.apply_batch(batch);
         out.iter().try_for_each(|e| writer.write(e))?;
         if out.iter().any(|e| matches!(e, Event::Hazard(_))) {
             writer.flush()?;

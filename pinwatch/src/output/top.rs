@@ -510,11 +510,7 @@ pub async fn run(args: TopArgs) -> Result<i32> {
             }
         }
         let session = &mut live.session;
-        let mut out = Vec::new();
-        for e in batch.drain(..) {
-            session.apply(e, &mut out);
-        }
-        for e in &out {
+        for e in &session.apply_batch(&mut batch) {
             if let Event::Hazard(h) = e {
                 log.add(h);
             }
