@@ -6,7 +6,7 @@
 #![no_std]
 
 /// Bumped whenever a record layout below changes.
-pub const RECORD_VERSION: u16 = 3;
+pub const RECORD_VERSION: u16 = 4;
 
 /// Folio head pfns carried by one record. A GUP call that takes more pages is sent as
 /// several records (chunks) of the same call.
@@ -306,6 +306,11 @@ pub struct ReleaseRecord {
     pub pfns: [u64; PFNS_PER_RECORD],
 }
 
+/// Bytes of a pin record before its pfns: a record is sent cut after its last pfn.
+pub const PIN_FIXED: usize = core::mem::offset_of!(PinRecord, pfns);
+/// Bytes of a release record before its pfns.
+pub const RELEASE_FIXED: usize = core::mem::offset_of!(ReleaseRecord, pfns);
+
 /// A GUP call in flight on one thread, from entry to return (map GUP_CALLS).
 #[repr(C)]
 #[derive(Copy, Clone, Debug, Default)]
@@ -320,7 +325,8 @@ pub struct GupCall {
 }
 
 /// What the kernel side knows of one pinned folio (map PINS, keyed by head pfn).
-/// Hazard hooks consult it; user space keeps the full per-pin story.
+/// Hazard hooks consult it; user space keeps the full per-pin story of the references
+/// it was sent.
 #[repr(C)]
 #[derive(Copy, Clone, Debug, Default)]
 pub struct PinState {
@@ -330,6 +336,32 @@ pub struct PinState {
     pub tgid: u32,
     pub gup_flags: u32,
     pub first_ts_ns: u64,
+    /// Of pin_refs + get_refs, those whose pin record was never sent (monitoring mode:
+    /// a transient pin is counted, not streamed). Releases drop these first, silently.
+    pub quiet_refs: u32,
+    /// pin_state::* bits.
+    pub state: u32,
+}
+
+/// Bits of [`PinState::state`].
+pub mod pin_state {
+    /// A hazard hook unmapped, cleaned, wrote back or dropped the folio while pinned:
+    /// its dirtying and its releases now matter to user space, whatever the mode.
+    pub const EXPOSED: u32 = 1;
+}
+
+/// GUP activity of one process as the kernel side counts it (map PROC_PINS, by tgid):
+/// what live views read at each refresh instead of a record per call.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default)]
+pub struct ProcPins {
+    /// GUP calls that took pages, and pages taken, since pinwatch started.
+    pub calls: u64,
+    pub pages: u64,
+    /// Page references taken by calls that were not streamed and not yet released.
+    pub quiet_held: u64,
+    /// Calls and pages that were streamed as pin records.
+    pub streamed_calls: u64,
 }
 
 /// Indexes of the CALIB array (vmemmap_base calibration).
@@ -377,6 +409,13 @@ pub mod globals {
     pub const PIPE_BUFFER_PAGE_OFF: &str = "PIPE_BUFFER_PAGE_OFF";
     /// pid of pinwatch itself: its own activity is not recorded.
     pub const SELF_TGID: &str = "SELF_TGID";
+    /// 1: every GUP call and release is streamed (record); 0: monitoring, where only
+    /// long-term pins, hazards and what they touch are (top, the daemon).
+    pub const STREAM_ALL: &str = "STREAM_ALL";
+    /// FOLL_LONGTERM's value on this kernel (it moved in 6.3).
+    pub const FOLL_LONGTERM: &str = "FOLL_LONGTERM";
+    /// 1: every program returns at once (the bench's floor: the cost of the hooks alone).
+    pub const FLOOR: &str = "FLOOR";
     /// struct page / folio fields the hazard hooks read (offsets from the folio head).
     pub const PAGE_FLAGS_OFF: &str = "PAGE_FLAGS_OFF";
     /// Bit number of PG_head in page->flags (64: unknown, every folio is order 0).
@@ -407,6 +446,7 @@ mod user {
     use super::*;
     unsafe impl aya::Pod for GupCall {}
     unsafe impl aya::Pod for PinState {}
+    unsafe impl aya::Pod for ProcPins {}
     unsafe impl aya::Pod for FileRef {}
 }
 
@@ -435,5 +475,9 @@ mod tests {
         assert_eq!(core::mem::size_of::<PinRecord>(), 56 + 40 + 8 + 24 + STACK + 8 * PFNS_PER_RECORD);
         assert_eq!(core::mem::size_of::<PageRecord>(), 56 + 8 + 16 + 24 + 8 + STACK + 24);
         assert_eq!(core::mem::size_of::<ReleaseRecord>(), 56 + 16 + 8 * PFNS_PER_RECORD);
+        // Pin and release records are sent cut after their last pfn.
+        assert_eq!(PIN_FIXED + 8 * PFNS_PER_RECORD, core::mem::size_of::<PinRecord>());
+        assert_eq!(RELEASE_FIXED, 56 + 16);
+        assert_eq!(core::mem::size_of::<PinState>(), 32);
     }
 }

@@ -7,15 +7,30 @@ use aya_ebpf::{
     EbpfContext,
 };
 use pinwatch_common::{
-    backing as bk, counter, kind, GupCall, KernelStack, PinState, Hook, MAX_CHUNKS, PFNS_PER_RECORD,
-    RECORD_FAILED, RECORD_TRUNCATED,
+    backing as bk, counter, kind, GupCall, KernelStack, PinState, ProcPins, Hook, MAX_CHUNKS, PFNS_PER_RECORD,
+    PIN_FIXED, RECORD_FAILED, RECORD_TRUNCATED,
 };
 
 use crate::{
-    maps::{count, GUP_CALLS, GUP_STACKS, PINS, PIN_SCRATCH, STACK_SCRATCH},
+    maps::{count, GUP_CALLS, GUP_STACKS, PINS, PIN_SCRATCH, PROC_PINS, STACK_SCRATCH},
     page::{backing, file_of, folio_head, mapping, PfnMath},
-    record::{current, fill_header, fill_stack, is_self, send},
+    record::{atomic_add, current, fill_header, fill_stack, is_self, send, stream_all},
 };
+
+#[no_mangle]
+static FOLL_LONGTERM: u64 = 0;
+
+/// Whether a call is sent to user space as it happens: every call while recording;
+/// while monitoring, long-term pins (and their refusals) only. The others are counted
+/// in PROC_PINS and tracked in PINS, which is all the hazard hooks need.
+#[inline(always)]
+fn streamed(gup_flags: u64) -> bool {
+    stream_all() || gup_flags & unsafe { core::ptr::read_volatile(&FOLL_LONGTERM) } != 0
+}
+
+/// Bits packed above the 32 gup_flags bits of pin_page's flags argument.
+const PIN_REF: u64 = 1 << 32;
+const QUIET_REF: u64 = 1 << 33;
 
 /// Where a hook keeps its arguments (0-based). These positions are the same on every
 /// kernel from 5.10 on; only trailing arguments (vmas, locked) came and went.
@@ -60,6 +75,10 @@ pub fn enter<C: EbpfContext>(ctx: &C, hook: Hook, start: u64, nr_pages: u64, gup
     }
     // The caller's stack is taken here, on entry: on return a kretprobe has replaced
     // GUP's return address with its trampoline, and before 5.15 the unwinder stops there.
+    // Only calls that will be streamed pay for the walk.
+    if !streamed(gup_flags) {
+        return;
+    }
     let Some(scratch) = STACK_SCRATCH.get_ptr_mut(0) else { return };
     fill_stack(ctx, unsafe { &mut *scratch });
     if GUP_STACKS.insert(&tid, unsafe { &*scratch }, 0).is_err() {
@@ -100,8 +119,57 @@ pub fn exit(raw_ret: u64) {
     record(&call, ret, tgid, tid);
 }
 
+/// Per-process counts of a call that took `pages` pages.
+#[inline(always)]
+fn count_call(tgid: u32, pages: u64, quiet: bool) {
+    let mut p = PROC_PINS.get_ptr_mut(&tgid);
+    if p.is_none() {
+        // BPF_NOEXIST: two threads of one process racing here both end up adding to
+        // the one entry.
+        let _ = PROC_PINS.insert(&tgid, &ProcPins::default(), 1);
+        p = PROC_PINS.get_ptr_mut(&tgid);
+    }
+    let Some(p) = p else { return };
+    unsafe {
+        atomic_add(&mut (*p).calls, 1);
+        atomic_add(&mut (*p).pages, pages);
+        if quiet {
+            atomic_add(&mut (*p).quiet_held, pages);
+        } else {
+            atomic_add(&mut (*p).streamed_calls, 1);
+        }
+    }
+}
+
+/// A call that is not streamed: its pages are tracked in PINS, as quiet references, and
+/// counted; no stack, no record.
+#[inline(always)]
+fn track_quietly(call: &GupCall, ret: i64, tgid: u32, ts: u64) {
+    if ret <= 0 {
+        return;
+    }
+    let n = (ret as u64).min((PFNS_PER_RECORD * MAX_CHUNKS) as u64);
+    if ret as u64 > n {
+        count(counter::PFNS_TRUNCATED, ret as u64 - n);
+    }
+    let math = PfnMath::new();
+    let flags = call.gup_flags as u64 | QUIET_REF | if is_pin(call.hook) { PIN_REF } else { 0 };
+    for i in 0..(PFNS_PER_RECORD * MAX_CHUNKS) as u64 {
+        if i >= n {
+            break;
+        }
+        pin_page(call.pages + i * 8, math.base(), tgid as u64, flags, ts);
+    }
+    count_call(tgid, n, true);
+}
+
 #[inline(always)]
 fn record(call: &GupCall, ret: i64, tgid: u32, tid: u32) {
+    if !streamed(call.gup_flags as u64) {
+        track_quietly(call, ret, tgid, crate::record::now());
+        let _ = GUP_STACKS.remove(&tid);
+        return;
+    }
     let Some(rec) = PIN_SCRATCH.get_ptr_mut(0) else {
         return;
     };
@@ -134,7 +202,7 @@ fn record(call: &GupCall, ret: i64, tgid: u32, tid: u32) {
         if ret < 0 {
             rec.header.flags = RECORD_FAILED;
         }
-        send(rec);
+        send(rec, PIN_FIXED, false);
         return;
     }
     let n = ret as u64;
@@ -143,7 +211,9 @@ fn record(call: &GupCall, ret: i64, tgid: u32, tid: u32) {
         rec.header.flags = RECORD_TRUNCATED;
         count(counter::PFNS_TRUNCATED, n - max);
     }
-    let pin = is_pin(call.hook);
+    let math = PfnMath::new();
+    let flags = call.gup_flags as u64 | if is_pin(call.hook) { PIN_REF } else { 0 };
+    count_call(tgid, n.min(max), false);
     for chunk in 0..MAX_CHUNKS {
         let base = (chunk * PFNS_PER_RECORD) as u64;
         if base >= n {
@@ -157,7 +227,7 @@ fn record(call: &GupCall, ret: i64, tgid: u32, tid: u32) {
                 break;
             }
             let i = base + j as u64;
-            rec.pfns[j & (PFNS_PER_RECORD - 1)] = pin_page(call.pages + i * 8, pin as u64, tgid as u64, call.gup_flags as u64, ts);
+            rec.pfns[j & (PFNS_PER_RECORD - 1)] = pin_page(call.pages + i * 8, math.base(), tgid as u64, flags, ts);
         }
         rec.chunk = chunk as u16;
         rec.nr_pfns = k;
@@ -173,47 +243,48 @@ fn record(call: &GupCall, ret: i64, tgid: u32, tid: u32) {
             rec.file_pages = 0;
             rec.file = Default::default();
         }
-        send(rec);
+        send(rec, PIN_FIXED + k as usize * 8, false);
     }
 }
 
-/// One page of a GUP call: its folio head pfn, counted in PINS. A global function, so
-/// the verifier checks it once rather than at each of the unrolled call sites.
+/// One page of a GUP call: its folio head pfn, counted in PINS. `flags` is gup_flags
+/// with PIN_REF and QUIET_REF above it; `base` is vmemmap_base, read once per call. A
+/// global function, so the verifier checks it once rather than at each unrolled call site.
 #[no_mangle]
 #[inline(never)]
-pub extern "C" fn pin_page(slot: u64, pin: u64, tgid: u64, gup_flags: u64, ts: u64) -> u64 {
+pub extern "C" fn pin_page(slot: u64, base: u64, tgid: u64, flags: u64, ts: u64) -> u64 {
     let page = unsafe { bpf_probe_read_kernel(slot as *const u64) }.unwrap_or(0);
-    let pfn = PfnMath::new().head_pfn(page);
+    let pfn = PfnMath::with_base(base).head_pfn(page);
     if pfn == u64::MAX {
         count(counter::READ_FAILED, 1);
     } else {
-        track_pin(pfn, pin != 0, tgid as u32, gup_flags as u32, ts);
+        track_pin(pfn, flags & PIN_REF != 0, flags & QUIET_REF != 0, tgid as u32, flags as u32, ts);
     }
     pfn
 }
 
+/// Adds one reference to the folio's state. Counts are added atomically: several CPUs
+/// pin pages of one large folio at once (the one PINS entry of a huge page).
 #[inline(always)]
-fn track_pin(pfn: u64, pin: bool, tgid: u32, gup_flags: u32, ts: u64) {
-    if let Some(s) = PINS.get_ptr_mut(&pfn) {
-        unsafe {
-            if pin {
-                (*s).pin_refs += 1;
-            } else {
-                (*s).get_refs += 1;
-            }
-            (*s).tgid = tgid;
-            (*s).gup_flags |= gup_flags;
+fn track_pin(pfn: u64, pin: bool, quiet: bool, tgid: u32, gup_flags: u32, ts: u64) {
+    let mut s = PINS.get_ptr_mut(&pfn);
+    if s.is_none() {
+        let state = PinState { tgid, gup_flags, first_ts_ns: ts, ..Default::default() };
+        // BPF_NOEXIST: a racing CPU's entry is kept and added to below.
+        if PINS.insert(&pfn, &state, 1).is_err() && PINS.get_ptr(&pfn).is_none() {
+            count(counter::PIN_MAP_FULL, 1);
+            return;
         }
-        return;
+        s = PINS.get_ptr_mut(&pfn);
     }
-    let state = PinState {
-        pin_refs: pin as u32,
-        get_refs: !pin as u32,
-        tgid,
-        gup_flags,
-        first_ts_ns: ts,
-    };
-    if PINS.insert(&pfn, &state, 0).is_err() {
-        count(counter::PIN_MAP_FULL, 1);
+    let Some(s) = s else { return };
+    unsafe {
+        let refs = if pin { &mut (*s).pin_refs } else { &mut (*s).get_refs };
+        atomic_add(refs, 1);
+        if quiet {
+            atomic_add(&mut (*s).quiet_refs, 1);
+        }
+        (*s).tgid = tgid;
+        (*s).gup_flags |= gup_flags;
     }
 }

@@ -6,7 +6,7 @@
 //! it; the engine in user space decides whether and how bad it is.
 
 use aya_ebpf::EbpfContext;
-use pinwatch_common::{backing, kind, release, seen, PinState};
+use pinwatch_common::{backing, kind, page_op, pin_state, release, seen, PinState, RELEASE_FIXED};
 
 use crate::{
     maps::{PAGE_SCRATCH, PINS, RELEASE_SCRATCH},
@@ -24,8 +24,20 @@ pub fn page_op<C: EbpfContext>(ctx: &C, hook: u16, op: u16, page: u64, kernel_pi
     }
     let head = folio_head(page);
     let pfn = page_to_pfn(head);
-    let state = match PINS.get_ptr(&pfn) {
-        Some(s) => unsafe { *s },
+    let state = match PINS.get_ptr_mut(&pfn) {
+        Some(s) => unsafe {
+            // Dirtying matters only after the folio was exposed (unmapped, cleaned,
+            // written back, dropped): a direct-I/O read dirtying its own pinned page is
+            // the normal course, and a record per read would be most of its cost.
+            if op == page_op::DIRTY {
+                if (*s).state & pin_state::EXPOSED == 0 {
+                    return;
+                }
+            } else {
+                (*s).state |= pin_state::EXPOSED;
+            }
+            *s
+        },
         None if kernel_pins => PinState::default(),
         None => return,
     };
@@ -62,7 +74,7 @@ pub fn page_op<C: EbpfContext>(ctx: &C, hook: u16, op: u16, page: u64, kernel_pi
     r.pinner_tgid = state.tgid;
     r.gup_flags = state.gup_flags;
     r.first_ts_ns = state.first_ts_ns;
-    send(r);
+    send(r, core::mem::size_of::<pinwatch_common::PageRecord>(), true);
 }
 
 /// FOLL_PIN refs show in the kernel's pin count, FOLL_GET refs in _refcount beyond
@@ -106,5 +118,5 @@ fn send_gone(hook: u16, pfn: u64) {
     r.nr_pfns = 1;
     r.call_id = (r.header.ts_ns << 16) ^ r.header.tid as u64;
     r.pfns[0] = pfn;
-    send(r);
+    send(r, RELEASE_FIXED + 8, false);
 }

@@ -4,7 +4,7 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
-use pinwatch_common::{calib, counter, GupCall, KernelStack, PageRecord, PinRecord, PinState, ReleaseRecord};
+use pinwatch_common::{calib, counter, GupCall, KernelStack, PageRecord, PinRecord, PinState, ProcPins, ReleaseRecord};
 
 /// Records to user space. 8 MiB holds about 9,000 full pin records (~900 bytes each):
 /// several seconds of a heavy direct-I/O load even if user space stalls.
@@ -36,6 +36,11 @@ pub static RELEASE_DEPTH: HashMap<u32, u32> = HashMap::with_max_entries(16384, 0
 /// 1 GiB of base pages; a full map is counted (PIN_MAP_FULL) and reported.
 #[map]
 pub static PINS: HashMap<u64, PinState> = HashMap::with_max_entries(262144, 0);
+
+/// GUP activity per process (tgid): calls, pages, references held unstreamed. Live
+/// views read it at each refresh; user space deletes the entries of processes gone.
+#[map]
+pub static PROC_PINS: HashMap<u32, ProcPins> = HashMap::with_max_entries(16384, 0);
 
 /// Scratch space for one record: records are larger than the 512-byte BPF stack.
 #[map]

@@ -65,7 +65,18 @@ impl PfnMath {
             0 => unsafe { bpf_probe_read_kernel(global(&VMEMMAP_BASE_ADDR) as *const u64) }.unwrap_or(0),
             calibrated => calibrated,
         };
+        PfnMath::with_base(base)
+    }
+
+    /// With vmemmap_base already read (once per call, not once per page).
+    #[inline(always)]
+    pub fn with_base(base: u64) -> PfnMath {
         PfnMath { base, size: struct_page_size().max(1), head_off: global(&PAGE_COMPOUND_HEAD_OFF) }
+    }
+
+    #[inline(always)]
+    pub fn base(&self) -> u64 {
+        self.base
     }
 
     /// Folio head pfn of a page pointer, u64::MAX when it cannot be known.

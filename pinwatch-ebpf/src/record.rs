@@ -13,6 +13,22 @@ use crate::maps::{count, EVENTS};
 
 #[no_mangle]
 static SELF_TGID: u32 = 0;
+#[no_mangle]
+static STREAM_ALL: u64 = 0;
+#[no_mangle]
+static FLOOR: u64 = 0;
+
+/// Whether every call is streamed (record) or only what matters as it happens (monitoring).
+#[inline(always)]
+pub fn stream_all() -> bool {
+    unsafe { core::ptr::read_volatile(&STREAM_ALL) != 0 }
+}
+
+/// The bench's floor: the same programs on the same hooks, returning at once.
+#[inline(always)]
+pub fn floor() -> bool {
+    unsafe { core::ptr::read_volatile(&FLOOR) != 0 }
+}
 
 #[inline(always)]
 pub fn now() -> u64 {
@@ -61,10 +77,32 @@ pub fn fill_stack<C: EbpfContext>(ctx: &C, stack: &mut KernelStack) {
     }
 }
 
-/// Copy a finished record into the ring buffer; a full ring is counted, never silent.
+/// Unread bytes in the ring past which every record wakes the reader: below it, records
+/// wait for the reader's next tick (live views read on their refresh) or the next
+/// record that wakes it.
+const WAKE_ABOVE: u64 = 1 << 20;
+
+/// Copy the first `len` bytes of a finished record into the ring buffer; a full ring is
+/// counted, never silent. Only `urgent` records (hazards) or a filling ring wake the
+/// reader: a wakeup per record costs more than the record.
 #[inline(always)]
-pub fn send<T>(record: &T) {
-    if EVENTS.output::<T>(record, 0).is_err() {
+pub fn send<T>(record: &T, len: usize, urgent: bool) {
+    const BPF_RB_AVAIL_DATA: u64 = 0;
+    const BPF_RB_NO_WAKEUP: u64 = 1;
+    const BPF_RB_FORCE_WAKEUP: u64 = 2;
+    let size = core::mem::size_of::<T>();
+    let len = if len > size { size } else { len };
+    let bytes = unsafe { core::slice::from_raw_parts(record as *const T as *const u8, len) };
+    let flags = if urgent || EVENTS.query(BPF_RB_AVAIL_DATA) > WAKE_ABOVE { BPF_RB_FORCE_WAKEUP } else { BPF_RB_NO_WAKEUP };
+    if EVENTS.output::<[u8]>(bytes, flags).is_err() {
         count(counter::RINGBUF_FULL, 1);
     }
+}
+
+/// `*p += v` as one atomic instruction (BPF XADD, on every kernel from 5.10): map
+/// values are shared by every CPU. Subtract by adding `v.wrapping_neg()`.
+#[inline(always)]
+pub fn atomic_add<T: Copy>(p: *mut T, v: T) {
+    use core::intrinsics::{atomic_xadd, AtomicOrdering};
+    unsafe { atomic_xadd::<T, T, { AtomicOrdering::Relaxed }>(p, v) };
 }

@@ -3,13 +3,17 @@
 //! page free, after which no reference of any kind can be left.
 
 use aya_ebpf::helpers::bpf_probe_read_kernel;
-use pinwatch_common::{kind, release, PFNS_PER_RECORD, RELEASE_MAX_CHUNKS};
+use pinwatch_common::{kind, pin_state, release, PFNS_PER_RECORD, RELEASE_FIXED, RELEASE_MAX_CHUNKS};
 
 use crate::{
-    maps::{GUP_CALLS, KNOWN, PINS, RELEASE_DEPTH, RELEASE_SCRATCH},
+    maps::{GUP_CALLS, KNOWN, PINS, PROC_PINS, RELEASE_DEPTH, RELEASE_SCRATCH},
     page::{head_pfn, page_to_pfn, struct_page_size, PfnMath},
-    record::{current, fill_header, send},
+    record::{atomic_add, current, fill_header, send},
 };
+
+/// KNOWN bits: the chunk names a pfn user space must hear of; one of them was exposed.
+const KNOWN_SEND: u64 = 1;
+const KNOWN_EXPOSED: u64 = 2;
 
 #[no_mangle]
 static BIO_IO_VEC_OFF: u64 = 0;
@@ -21,7 +25,8 @@ static PIPE_BUFFER_PAGE_OFF: u64 = 0;
 const MAX_PAGES: u64 = (PFNS_PER_RECORD * RELEASE_MAX_CHUNKS) as u64;
 
 /// Drop one reference of kind `release` from the pin state of `pfn`; returns `pfn` if
-/// pinwatch knew of such a reference (only those are worth a record), else u64::MAX.
+/// user space must hear of it (a reference it was sent, or any reference of a folio a
+/// hazard hook exposed), else u64::MAX.
 /// A global function: the verifier checks it once, not at every unrolled call site.
 #[no_mangle]
 #[inline(never)]
@@ -41,31 +46,52 @@ pub extern "C" fn slot_pfn(slot: u64) -> u64 {
     PfnMath::new().head_pfn(page)
 }
 
+/// Quiet references (never streamed) are dropped first: transient pins come and go
+/// while the long-term ones user space knows stay. A quiet reference released leaves
+/// its process's quiet_held count.
 #[inline(always)]
 fn track_release(pfn: u64, release: u16) -> bool {
     let Some(s) = PINS.get_ptr_mut(&pfn) else {
         return false;
     };
     let s = unsafe { &mut *s };
-    if release == release::FREED || release == release::GONE {
-        let _ = PINS.remove(&pfn);
-        return true;
+    let exposed = s.state & pin_state::EXPOSED != 0;
+    if exposed {
+        if let Some(k) = KNOWN.get_ptr_mut(0) {
+            unsafe { *k |= KNOWN_EXPOSED };
+        }
     }
-    if release == release::UNPIN {
-        if s.pin_refs == 0 {
-            return false;
-        }
-        s.pin_refs -= 1;
-    } else {
-        if s.get_refs == 0 {
-            return false;
-        }
-        s.get_refs -= 1;
+    if release == release::FREED || release == release::GONE {
+        unquiet(s.tgid, s.quiet_refs as u64);
+        let streamed = s.pin_refs + s.get_refs > s.quiet_refs;
+        let _ = PINS.remove(&pfn);
+        return streamed || exposed;
+    }
+    let refs = if release == release::UNPIN { &mut s.pin_refs } else { &mut s.get_refs };
+    if *refs == 0 {
+        return false;
+    }
+    *refs -= 1;
+    let quiet = s.quiet_refs > 0;
+    if quiet {
+        s.quiet_refs -= 1;
+        unquiet(s.tgid, 1);
     }
     if s.pin_refs == 0 && s.get_refs == 0 {
         let _ = PINS.remove(&pfn);
     }
-    true
+    !quiet || exposed
+}
+
+/// `n` quiet references of `tgid` are gone.
+#[inline(always)]
+fn unquiet(tgid: u32, n: u64) {
+    if n == 0 {
+        return;
+    }
+    if let Some(p) = PROC_PINS.get_ptr_mut(&tgid) {
+        unsafe { atomic_add(&mut (*p).quiet_held, n.wrapping_neg()) };
+    }
 }
 
 /// Fills release records slot by slot: slot j of chunk c is item c * PFNS_PER_RECORD + j,
@@ -100,12 +126,14 @@ fn release_items(hook: u16, release: u16, dirty: u16, n: u64, pfn_of: impl Fn(u6
             // The mask makes the slot bound explicit to the verifier. (It did not win the
             // fentry twins of unpin_user_pages on 5.10 and 6.1; kprobe serves them there.)
             r.pfns[j & (PFNS_PER_RECORD - 1)] = pfn;
-            unsafe { *known |= (pfn != u64::MAX) as u64 };
+            unsafe { *known |= (pfn != u64::MAX) as u64 * KNOWN_SEND };
         }
-        if unsafe { *known } != 0 {
+        let k = unsafe { *known };
+        if k & KNOWN_SEND != 0 {
             r.chunk = chunk as u16;
             r.nr_pfns = used;
-            send(r);
+            // A dirtying release of an exposed page is a hazard: user space hears now.
+            send(r, RELEASE_FIXED + used as usize * 8, k & KNOWN_EXPOSED != 0 && dirty != 0);
         }
     }
 }

@@ -274,7 +274,25 @@ pub fn check_top(r: &Recorded, v: (u32, u32)) -> Result<String> {
     for k in ["processes", "totals", "lost_events"] {
         ensure!(last.get(k).is_some(), "refresh without {k}");
     }
-    Ok(format!("pid {pid}: {bytes} bytes long-term pinned by {}, VmPin {vmpin}, then 0", by_io_uring.map(|(c, _)| c.as_str()).unwrap_or("")))
+    // Monitoring: 300 direct-I/O reads and the hazard scenario's GUP calls are counted
+    // by the kernel (not streamed), and nothing is held once they are done.
+    let calls = last["totals"]["gup_calls"].as_u64().unwrap_or(0);
+    ensure!(calls >= 300 + 1, "the kernel counted {calls} GUP calls, expected the io_uring registration and 300 reads at least");
+    ensure!(last["totals"]["unstreamed_bytes"].as_u64() == Some(0), "{} bytes of transient pins still held at the end", last["totals"]["unstreamed_bytes"]);
+    ensure!(last["lost_events"].as_u64() == Some(0), "top lost {} events: {}", last["lost_events"], last["lost_by_reason"]);
+    // ... and the hazards of the 2018 sequence are caught as record catches them, from
+    // the page records and the releases of exposed pages alone.
+    let mut kinds = Vec::new();
+    for kind in SEQUENCE {
+        let n = last["hazards_by_kind"][kind].as_u64().unwrap_or(0);
+        ensure!(n >= 8, "top caught {n} {kind}, expected one per pinned page (8): {}", last["hazards_by_kind"]);
+        kinds.push(format!("{kind} x{n}"));
+    }
+    Ok(format!(
+        "pid {pid}: {bytes} bytes long-term pinned by {}, VmPin {vmpin}, then 0; {calls} GUP calls counted unstreamed; hazards while monitoring: {}",
+        by_io_uring.map(|(c, _)| c.as_str()).unwrap_or(""),
+        kinds.join(", ")
+    ))
 }
 
 /// This machine's kernel: tracepoint-only mode must catch the truncate of pages the

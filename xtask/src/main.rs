@@ -104,13 +104,19 @@ pub const SCENARIOS: &[(&str, &str, &str)] = &[
 ];
 
 /// `pinwatch top` in batch JSON while io_uring fixed buffers pin 1 MiB for a while: it
-/// must show them, beside the kernel's VmPin, and show them gone after.
+/// must show them, beside the kernel's VmPin, and show them gone after. Then direct
+/// I/O, which top counts in the kernel without streaming a record per call, and the
+/// hazard sequence, which monitoring must catch as record does.
 const TOP_PLAN: &str = r#"
 say BEGIN top
-pinwatch top -b -n 8 -d 1 --output json > /tmp/top.json 2> /tmp/top.err &
+pinwatch top -b -n 60 -d 1 --output json > /tmp/top.json 2> /tmp/top.err &
 TOP=$!
 i=0; while [ ! -s /tmp/top.json ] && [ $i -lt 900 ]; do sleep 0.1; i=$((i+1)); done
 pinwatch-scenario iouring-fixed --pages 256 --hold-ms 2500 > /tmp/top.out
+pinwatch-scenario bench-dio --file /mnt/topdio --ops 300 > /dev/null
+pinwatch-scenario odirect-hazard --file /mnt/tophz --dev /dev/nullb0 --pages 8 > /dev/null
+sleep 2.5
+kill -TERM $TOP
 wait $TOP
 send_back top $? /tmp/top.out /tmp/top.err /tmp/top.json
 "#;

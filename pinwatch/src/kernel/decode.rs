@@ -7,18 +7,30 @@ use std::collections::HashMap;
 use anyhow::{bail, Result};
 use pinwatch_common::{
     backing, kind, page_op, release, seen, Hook, PageRecord, PinRecord, RecordHeader, ReleaseRecord,
-    MAX_CHUNKS, PFNS_PER_RECORD, RECORD_FAILED, RECORD_TRUNCATED, RECORD_VERSION,
+    MAX_CHUNKS, PFNS_PER_RECORD, PIN_FIXED, RECORD_FAILED, RECORD_TRUNCATED, RECORD_VERSION, RELEASE_FIXED,
 };
 
 use super::btf::FollFlags;
 use crate::trace::{Actor, Event, FileRef, Flag, KernelPins, Page, PageOp, Pin, Release, Unpin};
 
 fn read<T: Copy>(bytes: &[u8]) -> Result<T> {
-    if bytes.len() < std::mem::size_of::<T>() {
-        bail!("record of {} bytes is shorter than {}", bytes.len(), std::mem::size_of::<T>());
+    read_cut(bytes, std::mem::size_of::<T>())
+}
+
+/// A record sent cut short after `fixed` bytes at least (pin and release records end
+/// after their last pfn): the rest reads as zeros, and the record's own count says how
+/// many pfns are real.
+fn read_cut<T: Copy>(bytes: &[u8], fixed: usize) -> Result<T> {
+    let size = std::mem::size_of::<T>();
+    if bytes.len() < fixed.min(size) {
+        bail!("record of {} bytes is shorter than {}", bytes.len(), fixed.min(size));
     }
-    // SAFETY: length checked; T is a plain #[repr(C)] record without invalid bit patterns.
-    Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr() as *const T) })
+    // SAFETY: T is a plain #[repr(C)] record of integers, valid when zeroed; at most
+    // size bytes are copied into it.
+    let mut v: T = unsafe { std::mem::zeroed() };
+    let n = bytes.len().min(size);
+    unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), &mut v as *mut T as *mut u8, n) };
+    Ok(v)
 }
 
 pub fn comm(raw: &[u8; 16]) -> String {
@@ -90,8 +102,16 @@ impl Decoder {
             bail!("record version {} but this pinwatch reads {RECORD_VERSION}: kernel programs and user space are from different builds", h.version);
         }
         match h.kind {
-            kind::PIN => self.pin(read(bytes)?),
-            kind::RELEASE => Ok(Some(release_event(&read(bytes)?))),
+            kind::PIN => {
+                let r: PinRecord = read_cut(bytes, PIN_FIXED)?;
+                check_cut(bytes, PIN_FIXED, r.nr_pfns)?;
+                self.pin(r)
+            }
+            kind::RELEASE => {
+                let r: ReleaseRecord = read_cut(bytes, RELEASE_FIXED)?;
+                check_cut(bytes, RELEASE_FIXED, r.nr_pfns)?;
+                Ok(Some(release_event(&r)))
+            }
             kind::PAGE => Ok(Some(page_event(&read(bytes)?, &self.foll))),
             k => bail!("unknown record kind {k}"),
         }
@@ -162,6 +182,15 @@ impl Decoder {
         out.sort_by_key(|p| p.ts_ns);
         out.into_iter().map(Event::Pin).collect()
     }
+}
+
+/// A cut record must still hold every pfn it counts.
+fn check_cut(bytes: &[u8], fixed: usize, nr_pfns: u16) -> Result<()> {
+    let need = fixed + (nr_pfns as usize).min(PFNS_PER_RECORD) * 8;
+    if bytes.len() < need {
+        bail!("record of {} bytes counts {nr_pfns} pfns, which take {need}", bytes.len());
+    }
+    Ok(())
 }
 
 fn release_event(r: &ReleaseRecord) -> Event {
@@ -366,6 +395,25 @@ mod tests {
         let mut r = pin_record(0, 1, 1, 1);
         r.header.version = RECORD_VERSION + 1;
         assert!(d.push(&bytes(&r)).unwrap_err().to_string().contains("different builds"));
+    }
+
+    #[test]
+    fn records_cut_after_their_last_pfn_decode_and_cut_deeper_are_errors() {
+        // The kernel sends a pin record up to its last pfn: 3 pfns, not 64.
+        let r = pin_record(0, 3, 3, 40);
+        let full = bytes(&r);
+        let mut d = Decoder::new(FollFlags::BEFORE_6_3);
+        let Some(Event::Pin(p)) = d.push(&full[..PIN_FIXED + 3 * 8]).unwrap() else { panic!("no pin") };
+        assert_eq!(p.pfns, vec![40, 41, 42]);
+        // one pfn short of what it counts
+        let e = d.push(&full[..PIN_FIXED + 2 * 8]).unwrap_err().to_string();
+        assert!(e.contains("counts 3 pfns"), "{e}");
+        // shorter than the fixed part
+        assert!(d.push(&full[..PIN_FIXED - 8]).is_err());
+        let mut rel = ReleaseRecord { header: header(kind::RELEASE, Hook::UnpinUserPages), release: release::UNPIN, chunk: 0, nr_pfns: 1, dirty: 0, call_id: 1, pfns: [0; PFNS_PER_RECORD] };
+        rel.pfns[0] = 9;
+        let Some(Event::Unpin(u)) = d.push(&bytes(&rel)[..RELEASE_FIXED + 8]).unwrap() else { panic!("no release") };
+        assert_eq!(u.pfns, vec![9]);
     }
 
     #[test]

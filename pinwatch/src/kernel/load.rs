@@ -9,7 +9,7 @@ use aya::{
     programs::{FEntry, KProbe, Program, RawTracePoint},
     Btf, Ebpf, EbpfLoader,
 };
-use pinwatch_common::{counter, globals};
+use pinwatch_common::{counter, globals, ProcPins};
 
 use super::{
     btf::{self, Layouts},
@@ -19,6 +19,19 @@ use super::{
 
 /// The programs, built by build.rs and embedded: pinwatch is one binary to copy.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pinwatch"));
+
+/// What the programs send to user space.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Streaming {
+    /// Every GUP call and release (record: the full trace).
+    All,
+    /// What user space must see as it happens: long-term pins and their refusals,
+    /// hazards and the releases and dirtying of exposed pages. Transient pins are
+    /// tracked and counted in the kernel (PROC_PINS), not streamed (top, the daemon).
+    Monitor,
+    /// Nothing: every program returns at once (the bench's floor).
+    Floor,
+}
 
 pub struct Kernel {
     pub release: String,
@@ -62,7 +75,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 impl Kernel {
     /// Reads layouts and symbols, loads the object and tests attach types. Does not
     /// attach the plan yet (doctor stops here).
-    pub fn open(mode: AttachMode, pin_map_capacity: u32) -> Result<Kernel> {
+    pub fn open(mode: AttachMode, pin_map_capacity: u32, streaming: Streaming) -> Result<Kernel> {
         super::check_privileges()?;
         // pfns, byte counts and the programs' page arithmetic are 4 KiB pages (x86-64).
         let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
@@ -92,6 +105,9 @@ impl Kernel {
             Vmemmap::Unknown(_) => (0, 0),
         };
         let self_tgid = std::process::id();
+        let stream_all = (streaming == Streaming::All) as u64;
+        let floor = (streaming == Streaming::Floor) as u64;
+        let foll_longterm = layouts.foll.longterm as u64;
         let f = &layouts.folio;
         let mut ebpf = EbpfLoader::new()
             .override_global(globals::PAGE_FLAGS_OFF, &f.flags_off, true)
@@ -117,6 +133,9 @@ impl Kernel {
             .override_global(globals::BIO_VCNT_OFF, &layouts.bio_vcnt_off, true)
             .override_global(globals::PIPE_BUFFER_PAGE_OFF, &layouts.pipe_buffer_page_off, true)
             .override_global(globals::SELF_TGID, &self_tgid, true)
+            .override_global(globals::STREAM_ALL, &stream_all, true)
+            .override_global(globals::FLOOR, &floor, true)
+            .override_global(globals::FOLL_LONGTERM, &foll_longterm, true)
             .map_max_entries("PINS", pin_map_capacity)
             .load(OBJECT)
             .map_err(|e| anyhow!("loading the eBPF object failed: {}", error_chain(&e)))?;
@@ -237,6 +256,20 @@ impl Kernel {
             c.0[i as usize] = v;
         }
         Ok(c)
+    }
+
+    /// Every process's GUP counts (PROC_PINS). Entries of processes that are gone and
+    /// hold nothing unstreamed are deleted, so the map holds the living.
+    pub fn proc_pins(&mut self) -> Result<HashMap<u32, ProcPins>> {
+        let map = self.ebpf.map_mut("PROC_PINS").ok_or_else(|| anyhow!("map PROC_PINS missing"))?;
+        let mut m: aya::maps::HashMap<_, u32, ProcPins> = aya::maps::HashMap::try_from(map)?;
+        let all: HashMap<u32, ProcPins> = m.iter().filter_map(|r| r.ok()).collect();
+        for (tgid, p) in &all {
+            if p.quiet_held == 0 && !std::path::Path::new(&format!("/proc/{tgid}")).exists() {
+                let _ = m.remove(tgid);
+            }
+        }
+        Ok(all)
     }
 
     pub fn hooks_in_use(&self) -> Vec<String> {

@@ -12,7 +12,7 @@ pub mod stack;
 pub mod stream;
 pub mod symbols;
 
-pub use load::Kernel;
+pub use load::{Kernel, Streaming};
 
 /// The running kernel's release string (uname -r).
 pub fn release() -> String {

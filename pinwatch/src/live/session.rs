@@ -9,6 +9,7 @@ use anyhow::{bail, Result};
 
 use crate::{
     args::KernelArgs,
+    kernel::Streaming,
     engine::{
         account::{account, Accounts},
         Engine,
@@ -71,6 +72,20 @@ pub struct Session {
     pub lost_by_reason: BTreeMap<String, u64>,
     /// The kernel's own figures of the last tick, by pid.
     pub procs: HashMap<u32, ProcInfo>,
+    /// GUP activity by pid as the kernel side counted it, at the last tick: what
+    /// monitoring knows of the calls it does not stream.
+    pub gup: HashMap<u32, GupCounts>,
+}
+
+/// One process's GUP activity from the kernel's counters (PROC_PINS).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct GupCounts {
+    /// GUP calls that took pages, and pages taken, since pinwatch started.
+    pub calls: u64,
+    pub pages: u64,
+    /// Page references held now by calls that were not streamed (transient pins while
+    /// monitoring): counted, without a caller or a path.
+    pub unstreamed_held: u64,
 }
 
 /// What one tick found.
@@ -81,8 +96,8 @@ pub struct Tick {
 
 impl Session {
     /// Loads and attaches; refuses to run blind, explains tracepoint-only mode.
-    pub fn open(args: KernelArgs, limits: &LimitArgs) -> Result<Session> {
-        let mut kernel = Kernel::open(args.attach, args.pin_map_capacity)?;
+    pub fn open(args: KernelArgs, limits: &LimitArgs, streaming: Streaming) -> Result<Session> {
+        let mut kernel = Kernel::open(args.attach, args.pin_map_capacity, streaming)?;
         crate::kernel::plan::check_mode(&kernel.caps, args.attach).map_err(anyhow::Error::msg)?;
         let mode = kernel.attach()?;
         match mode {
@@ -131,7 +146,7 @@ impl Session {
         // The engine takes its limit rules from the start event, as a replay does.
         let mut engine = Engine::default();
         engine.apply(&start);
-        Ok(Session { kernel, source, sweeper, engine, start, mode, lost_by_reason: BTreeMap::new(), procs: HashMap::new() })
+        Ok(Session { kernel, source, sweeper, engine, start, mode, lost_by_reason: BTreeMap::new(), procs: HashMap::new(), gup: HashMap::new() })
     }
 
     /// Everything lost so far: records, pages and stacks.
@@ -208,7 +223,19 @@ impl Session {
             }
         }
         let accounts = account(&self.engine.pins);
+        self.gup = self
+            .kernel
+            .proc_pins()?
+            .into_iter()
+            .map(|(pid, p)| {
+                // Counts are atomic adds; a release charged to another pinner of the
+                // same folio can take one below zero: read as nothing held.
+                let held = (p.quiet_held as i64).max(0) as u64;
+                (pid, GupCounts { calls: p.calls, pages: p.pages, unstreamed_held: held })
+            })
+            .collect();
         let mut pids: BTreeSet<u32> = accounts.processes.keys().copied().collect();
+        pids.extend(self.gup.iter().filter(|(_, g)| g.unstreamed_held > 0).map(|(p, _)| *p));
         pids.extend(extra_pids);
         self.procs = procs::snapshot(&pids, discover);
         // The figures the limit rules read become an event: the engine decides on it,

@@ -7,6 +7,7 @@ use comfy_table::{presets::UTF8_FULL_CONDENSED, ContentArrangement, Table};
 use serde::Serialize;
 
 use crate::kernel::{
+    Streaming,
     btf::Layouts,
     load::Vmemmap,
     plan::{covered_roles, Capabilities, Choice, Mode, PlannedHook, Role},
@@ -81,7 +82,7 @@ struct Report {
 }
 
 pub fn run(args: DoctorArgs) -> Result<i32> {
-    let mut kernel = Kernel::open(args.kernel.attach, args.kernel.pin_map_capacity)?;
+    let mut kernel = Kernel::open(args.kernel.attach, args.kernel.pin_map_capacity, Streaming::Monitor)?;
     let mode = kernel.attach()?;
     let covered = covered_roles(&kernel.plan);
     let report = Report {

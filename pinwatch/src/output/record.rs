@@ -7,7 +7,7 @@ use tokio::time::sleep;
 
 use crate::{
     args,
-    kernel::stream::monotonic_ns,
+    kernel::{stream::monotonic_ns, Streaming},
     live::{
         session::{LimitArgs, Session},
         Live, StopReason, Wake,
@@ -33,6 +33,10 @@ pub struct RecordArgs {
     pub kernel: crate::args::KernelArgs,
     #[command(flatten)]
     pub limits: LimitArgs,
+    /// The bench's floor: attach every hook with programs that return at once (the
+    /// trace then holds its start and stop only).
+    #[arg(long, hide = true)]
+    pub floor: bool,
     /// Run this command and record while it runs.
     #[arg(last = true)]
     pub command: Vec<String>,
@@ -46,7 +50,8 @@ pub async fn run(args: RecordArgs) -> Result<i32> {
     let signals = Live::signals()?;
     // The file is made before anything is attached: a bad path fails in a moment.
     let file = trace::create(&args.output, args.force)?;
-    let session = match Session::open(args.kernel, &args.limits) {
+    let streaming = if args.floor { Streaming::Floor } else { Streaming::All };
+    let session = match Session::open(args.kernel, &args.limits, streaming) {
         Ok(s) => s,
         Err(e) => {
             file.discard();

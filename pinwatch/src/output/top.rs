@@ -14,8 +14,9 @@ use serde::Serialize;
 
 use crate::{
     args,
+    kernel::Streaming,
     live::{
-        session::{LimitArgs, Session},
+        session::{GupCounts, LimitArgs, Session},
         Live, Wake,
     },
     engine::account::{Accounts, Usage},
@@ -167,6 +168,12 @@ pub struct Row {
     /// Long-term pinned bytes as a share of RLIMIT_MEMLOCK.
     pub limit_pct: Option<f64>,
     pub hazards: u64,
+    /// Of pinned_bytes, what transient pins hold now: top does not stream them, the
+    /// kernel counts them (no caller, path or entry point known).
+    pub unstreamed_bytes: u64,
+    /// GUP calls and pages taken since pinwatch started, from the kernel's counters.
+    pub gup_calls: u64,
+    pub gup_pages: u64,
     /// Bytes by GUP entry point, by its caller, and by subsystem (io_uring, RDMA...).
     pub by_func: BTreeMap<String, u64>,
     pub by_caller: BTreeMap<String, u64>,
@@ -211,13 +218,23 @@ fn disagreement(u: &Usage, k: Option<&ProcInfo>) -> Option<String> {
 }
 
 /// Rows for every process pinwatch saw pinning or the kernel charges pins or locks to.
-pub fn rows(acc: &Accounts, procs: &HashMap<u32, ProcInfo>, hazards: &HashMap<u32, u64>, now_ns: u64, user_name: &mut dyn FnMut(u32) -> String) -> Vec<Row> {
+pub fn rows(
+    acc: &Accounts,
+    procs: &HashMap<u32, ProcInfo>,
+    gup: &HashMap<u32, GupCounts>,
+    hazards: &HashMap<u32, u64>,
+    now_ns: u64,
+    user_name: &mut dyn FnMut(u32) -> String,
+) -> Vec<Row> {
     let mut pids: BTreeSet<u32> = acc.processes.keys().copied().collect();
     pids.extend(procs.iter().filter(|(_, i)| i.kernel.vmpin_bytes > 0 || i.kernel.vmlck_bytes > 0).map(|(p, _)| *p));
+    pids.extend(gup.iter().filter(|(_, g)| g.unstreamed_held > 0).map(|(p, _)| *p));
     pids.into_iter()
         .map(|pid| {
             let seen = acc.processes.get(&pid);
             let k = procs.get(&pid);
+            let g = gup.get(&pid).copied().unwrap_or_default();
+            let unstreamed = g.unstreamed_held * crate::engine::account::PAGE_SIZE;
             let u = seen.map(|p| p.usage.clone()).unwrap_or_default();
             let uid = seen.map(|p| p.uid).or(k.map(|k| k.uid)).unwrap_or(0);
             let memlock = k.and_then(|k| k.kernel.memlock_limit_bytes);
@@ -227,7 +244,7 @@ pub fn rows(acc: &Accounts, procs: &HashMap<u32, ProcInfo>, hazards: &HashMap<u3
                 user: user_name(uid),
                 uid,
                 cgroup_id: seen.map(|p| p.cgroup_id).unwrap_or(0),
-                pinned_bytes: u.pinned_bytes,
+                pinned_bytes: u.pinned_bytes + unstreamed,
                 pin_bytes: u.pin_bytes,
                 longterm_bytes: u.longterm_bytes,
                 file_bytes: u.file_bytes,
@@ -238,6 +255,9 @@ pub fn rows(acc: &Accounts, procs: &HashMap<u32, ProcInfo>, hazards: &HashMap<u3
                 memlock_limit_bytes: memlock,
                 limit_pct: memlock.filter(|m| *m > 0).map(|m| 100.0 * u.longterm_bytes as f64 / m as f64),
                 hazards: hazards.get(&pid).copied().unwrap_or(0),
+                unstreamed_bytes: unstreamed,
+                gup_calls: g.calls,
+                gup_pages: g.pages,
                 disagreement: disagreement(&u, k),
                 by_caller: u.by_caller,
                 by_func: u.by_func,
@@ -365,6 +385,8 @@ struct Doc<'a> {
     pin_map_capacity: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
     foll_pin: Option<FollPinCounters>,
+    /// Every hazard since top started, by kind.
+    hazards_by_kind: &'a BTreeMap<crate::trace::HazardKind, u64>,
     recent_hazards: Vec<&'a Hazard>,
 }
 
@@ -375,6 +397,12 @@ struct Totals {
     vmpin_bytes: u64,
     vmlck_bytes: u64,
     processes: usize,
+    /// Held now by transient pins, counted by the kernel and not streamed (not part of
+    /// the usage figures above, which are what pinwatch saw pin by pin).
+    unstreamed_bytes: u64,
+    /// GUP calls and pages since pinwatch started, every process.
+    gup_calls: u64,
+    gup_pages: u64,
 }
 
 /// Hazards per pinner pid, and the most recent ones for the footer.
@@ -451,7 +479,7 @@ fn key(ev: crossterm::event::KeyEvent) -> Key {
 
 pub async fn run(args: TopArgs) -> Result<i32> {
     let signals = Live::signals()?;
-    let session = Session::open(args.kernel, &args.limits)?;
+    let session = Session::open(args.kernel, &args.limits, Streaming::Monitor)?;
     let mut live = Live::new(session, signals, args.delay, None);
     let interactive = !args.batch && args.output == TopOutput::Table && std::io::stdout().is_terminal();
     let filter = Filter { pids: args.pids.clone(), comm: args.comm.clone(), cgroup: args.cgroup, user: args.user.clone() };
@@ -491,7 +519,7 @@ pub async fn run(args: TopArgs) -> Result<i32> {
                     for e in &tick.events {
                         if let Event::Hazard(h) = e { log.add(h); }
                     }
-                    let rows = rows(&tick.accounts, &live.session.procs, &log.by_pid, monotonic_ns(), &mut user_name);
+                    let rows = rows(&tick.accounts, &live.session.procs, &live.session.gup, &log.by_pid, monotonic_ns(), &mut user_name);
                     last = Some((rows, tick.accounts));
                     redraw = true;
                 }
@@ -559,6 +587,9 @@ fn doc<'a>(s: &'a Session, rows: &'a [Row], acc: &Accounts, sort: Column, log: &
             vmpin_bytes: s.procs.values().map(|p| p.kernel.vmpin_bytes).sum(),
             vmlck_bytes: s.procs.values().map(|p| p.kernel.vmlck_bytes).sum(),
             processes: rows.len(),
+            unstreamed_bytes: s.gup.values().map(|g| g.unstreamed_held * crate::engine::account::PAGE_SIZE).sum(),
+            gup_calls: s.gup.values().map(|g| g.calls).sum(),
+            gup_pages: s.gup.values().map(|g| g.pages).sum(),
         },
         cgroups: acc.cgroups.clone(),
         users: acc.users.iter().map(|(uid, u)| (user_name(*uid), u.clone())).collect(),
@@ -566,6 +597,7 @@ fn doc<'a>(s: &'a Session, rows: &'a [Row], acc: &Accounts, sort: Column, log: &
         lost_by_reason: &s.lost_by_reason,
         pin_map_capacity: s.kernel.pin_map_capacity,
         foll_pin: procs::foll_pin_counters(),
+        hazards_by_kind: &s.engine.hazards.counts,
         recent_hazards: log.recent.iter().collect(),
     }
 }
@@ -580,9 +612,10 @@ fn screen_text(s: &Session, rows: &[Row], acc: &Accounts, sort: Column, reverse:
         s.kernel.hooks_in_use().len(),
         s.lost_total()
     );
+    let unstreamed: u64 = s.gup.values().map(|g| g.unstreamed_held * crate::engine::account::PAGE_SIZE).sum();
     out += &format!(
-        "pinned {} (FOLL_PIN {}, long-term {}, file {}, write {}) by {} process(es); kernel VmPin {} VmLck {}",
-        human(t.pinned_bytes),
+        "pinned {} (FOLL_PIN {}, long-term {}, file {}, write {}, transient {unstreamed_h}) by {} process(es); kernel VmPin {} VmLck {}",
+        human(t.pinned_bytes + unstreamed),
         human(t.pin_bytes),
         human(t.longterm_bytes),
         human(t.file_bytes),
@@ -590,6 +623,7 @@ fn screen_text(s: &Session, rows: &[Row], acc: &Accounts, sort: Column, reverse:
         acc.processes.len(),
         human(s.procs.values().map(|p| p.kernel.vmpin_bytes).sum()),
         human(s.procs.values().map(|p| p.kernel.vmlck_bytes).sum()),
+        unstreamed_h = human(unstreamed),
     );
     if let Some(c) = procs::foll_pin_counters() {
         out += &format!("; FOLL_PIN held system-wide {}", human(4096 * (c.nr_foll_pin_acquired - c.nr_foll_pin_released).max(0) as u64));
@@ -690,7 +724,7 @@ mod tests {
     fn rows_put_the_kernel_beside_pinwatch() {
         let acc = table(&[(1, &[Flag::Pin, Flag::Longterm, Flag::Write], 256), (2, &[Flag::Get, Flag::Write], 2)]);
         let procs: HashMap<u32, ProcInfo> = [(1, info(1 << 20, Some(64 << 10))), (3, info(8192, None))].into();
-        let r = rows(&acc, &procs, &[(1, 4)].into(), 0, &mut |u| format!("u{u}"));
+        let r = rows(&acc, &procs, &HashMap::new(), &[(1, 4)].into(), 0, &mut |u| format!("u{u}"));
         assert_eq!(r.iter().map(|r| r.pid).collect::<Vec<_>>(), vec![1, 2, 3], "pid 3: VmPin only, pins older than pinwatch");
         assert_eq!(r[0].longterm_bytes, 1 << 20);
         assert_eq!(r[0].vmpin_bytes, 1 << 20);
@@ -711,7 +745,7 @@ mod tests {
     #[test]
     fn sorting_and_filters() {
         let acc = table(&[(1, &[Flag::Pin], 1), (2, &[Flag::Pin, Flag::Longterm], 3), (3, &[Flag::Get], 2)]);
-        let mut r = rows(&acc, &HashMap::new(), &HashMap::new(), 0, &mut |u| u.to_string());
+        let mut r = rows(&acc, &HashMap::new(), &HashMap::new(), &HashMap::new(), 0, &mut |u| u.to_string());
         sort(&mut r, Column::Pinned, false);
         assert_eq!(r.iter().map(|r| r.pid).collect::<Vec<_>>(), vec![2, 3, 1]);
         sort(&mut r, Column::Pinned, true);
