@@ -506,9 +506,18 @@ mod tests {
     fn top_and_limit_checks_fail_on_each_defect() {
         let doc = |pid: u64, lt: u64, vmpin: u64| serde_json::json!({"processes":[{"pid":pid,"pinned_bytes":lt,"longterm_bytes":lt,"vmpin_bytes":vmpin,"by_caller":{"io_pin_pages":lt},"by_path":{"io_uring":lt}}],"totals":{},"lost_events":0});
         let empty = serde_json::json!({"processes":[],"totals":{},"lost_events":0});
+        let kinds: serde_json::Map<String, Value> = SEQUENCE.iter().map(|k| (k.to_string(), serde_json::json!(8))).collect();
+        let last = serde_json::json!({"processes":[],"totals":{"gup_calls":301,"unstreamed_bytes":0},"lost_events":0,"hazards_by_kind":kinds});
         let b = 2 * 4096;
-        let good = vec![empty.clone(), doc(5, b, b), empty.clone()];
-        assert!(check("top", &rec(&good, 5), (6, 12)).is_ok());
+        let good = vec![empty.clone(), doc(5, b, b), last.clone()];
+        assert!(check("top", &rec(&good, 5), (6, 12)).is_ok(), "{:?}", check("top", &rec(&good, 5), (6, 12)));
+        // monitoring: calls not counted, transient pins left held, a hazard kind missed, loss
+        for (key, bad) in [("/totals/gup_calls", serde_json::json!(12)), ("/totals/unstreamed_bytes", serde_json::json!(4096)), ("/hazards_by_kind/dirty_after_unmap", serde_json::json!(7)), ("/lost_events", serde_json::json!(1))] {
+            let mut l = last.clone();
+            *l.pointer_mut(key).unwrap() = bad;
+            assert!(check("top", &rec(&[empty.clone(), doc(5, b, b), l], 5), (6, 12)).is_err(), "{key}");
+        }
+        let empty = last;
         // 7.x: root's io_uring pins are not charged to VmPin
         assert!(check("top", &rec(&good, 5), (7, 2)).is_err());
         assert!(check("top", &rec(&[empty.clone(), doc(5, b, 0), empty.clone()], 5), (7, 2)).is_ok());
