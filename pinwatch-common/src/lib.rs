@@ -388,7 +388,10 @@ pub mod counter {
     /// A kernel stack could not be walked (bpf_get_stack failed): the record went
     /// out without it.
     pub const STACK_LOST: u32 = 5;
-    pub const NR: u32 = 6;
+    /// Programs nested deeper than the scratch levels on one CPU (interrupts inside
+    /// interrupts inside a hook): the innermost record was not made.
+    pub const NESTED_TOO_DEEP: u32 = 6;
+    pub const NR: u32 = 7;
 }
 
 /// Struct layouts and kernel constants, read by user space from BTF and kallsyms and

@@ -14,7 +14,7 @@ use pinwatch_common::{
 use crate::{
     maps::{count, GUP_CALLS, GUP_STACKS, PINS, PIN_SCRATCH, PROC_PINS, STACK_SCRATCH},
     page::{backing, file_of, folio_head, mapping, PfnMath},
-    record::{atomic_add, current, fill_header, fill_stack, is_self, send, stream_all},
+    record::{atomic_add, current, fill_header, fill_stack, is_self, send, stream_all, Nest},
 };
 
 #[no_mangle]
@@ -79,7 +79,8 @@ pub fn enter<C: EbpfContext>(ctx: &C, hook: Hook, start: u64, nr_pages: u64, gup
     if !streamed(gup_flags) {
         return;
     }
-    let Some(scratch) = STACK_SCRATCH.get_ptr_mut(0) else { return };
+    let Some(nest) = Nest::enter() else { return };
+    let Some(scratch) = STACK_SCRATCH.get_ptr_mut(nest.level) else { return };
     fill_stack(ctx, unsafe { &mut *scratch });
     if GUP_STACKS.insert(&tid, unsafe { &*scratch }, 0).is_err() {
         count(counter::STACK_LOST, 1);
@@ -167,10 +168,10 @@ fn track_quietly(call: &GupCall, ret: i64, tgid: u32, ts: u64) {
 fn record(call: &GupCall, ret: i64, tgid: u32, tid: u32) {
     if !streamed(call.gup_flags as u64) {
         track_quietly(call, ret, tgid, crate::record::now());
-        let _ = GUP_STACKS.remove(&tid);
         return;
     }
-    let Some(rec) = PIN_SCRATCH.get_ptr_mut(0) else {
+    let Some(nest) = Nest::enter() else { return };
+    let Some(rec) = PIN_SCRATCH.get_ptr_mut(nest.level) else {
         return;
     };
     let rec = unsafe { &mut *rec };

@@ -11,7 +11,7 @@ use pinwatch_common::{backing, kind, page_op, pin_state, release, seen, PinState
 use crate::{
     maps::{PAGE_SCRATCH, PINS, RELEASE_SCRATCH},
     page::{backing as backing_of, file_of, folio_head, live, mapping, page_index, page_to_pfn},
-    record::{fill_header, fill_stack, send},
+    record::{fill_header, fill_stack, send, Nest},
 };
 
 /// `page` is any page of the folio. With `kernel_pins`, folios missing from PINS are
@@ -50,7 +50,8 @@ pub fn page_op<C: EbpfContext>(ctx: &C, hook: u16, op: u16, page: u64, kernel_pi
     } else if !l.maybe_dma_pinned {
         return;
     }
-    let Some(rec) = PAGE_SCRATCH.get_ptr_mut(0) else { return };
+    let Some(nest) = Nest::enter() else { return };
+    let Some(rec) = PAGE_SCRATCH.get_ptr_mut(nest.level) else { return };
     let r = unsafe { &mut *rec };
     fill_header(&mut r.header, kind::PAGE, hook);
     r.op = op;
@@ -109,7 +110,8 @@ pub fn sweep(pfn: u64) {
 /// One release record saying every reference pinwatch knew on `pfn` is gone.
 #[inline(always)]
 fn send_gone(hook: u16, pfn: u64) {
-    let Some(rec) = RELEASE_SCRATCH.get_ptr_mut(0) else { return };
+    let Some(nest) = Nest::enter() else { return };
+    let Some(rec) = RELEASE_SCRATCH.get_ptr_mut(nest.level) else { return };
     let r = unsafe { &mut *rec };
     fill_header(&mut r.header, kind::RELEASE, hook);
     r.release = release::GONE;

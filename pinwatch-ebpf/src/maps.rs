@@ -25,7 +25,7 @@ pub static GUP_CALLS: HashMap<u32, GupCall> = HashMap::with_max_entries(16384, 0
 #[map]
 pub static GUP_STACKS: HashMap<u32, KernelStack> = HashMap::with_max_entries(8192, 0);
 #[map]
-pub static STACK_SCRATCH: PerCpuArray<KernelStack> = PerCpuArray::with_max_entries(1, 0);
+pub static STACK_SCRATCH: PerCpuArray<KernelStack> = PerCpuArray::with_max_entries(NEST_LEVELS, 0);
 
 /// Nesting depth of release calls per thread (unpin_user_pages_dirty_lock calls
 /// unpin_user_pages, for one): only the outermost one is recorded.
@@ -42,16 +42,24 @@ pub static PINS: HashMap<u64, PinState> = HashMap::with_max_entries(262144, 0);
 #[map]
 pub static PROC_PINS: HashMap<u32, ProcPins> = HashMap::with_max_entries(16384, 0);
 
-/// Scratch space for one record: records are larger than the 512-byte BPF stack.
+/// Programs of different hooks nest on one CPU under fentry and raw tracepoints (a bio
+/// completing in an interrupt inside a task's unpin, a folio dirtied inside a hazard
+/// hook): each nesting level fills its own slot of the scratch maps below.
+pub const NEST_LEVELS: u32 = 3;
 #[map]
-pub static PIN_SCRATCH: PerCpuArray<PinRecord> = PerCpuArray::with_max_entries(1, 0);
+pub static NEST: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+
+/// Scratch space for one record: records are larger than the 512-byte BPF stack. One
+/// slot per nesting level.
 #[map]
-pub static PAGE_SCRATCH: PerCpuArray<PageRecord> = PerCpuArray::with_max_entries(1, 0);
-/// Whether the release chunk being filled named any pfn pinwatch knew.
+pub static PIN_SCRATCH: PerCpuArray<PinRecord> = PerCpuArray::with_max_entries(NEST_LEVELS, 0);
 #[map]
-pub static KNOWN: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+pub static PAGE_SCRATCH: PerCpuArray<PageRecord> = PerCpuArray::with_max_entries(NEST_LEVELS, 0);
+/// Whether the release chunk being filled named any pfn user space must hear of.
 #[map]
-pub static RELEASE_SCRATCH: PerCpuArray<ReleaseRecord> = PerCpuArray::with_max_entries(1, 0);
+pub static KNOWN: PerCpuArray<u64> = PerCpuArray::with_max_entries(NEST_LEVELS, 0);
+#[map]
+pub static RELEASE_SCRATCH: PerCpuArray<ReleaseRecord> = PerCpuArray::with_max_entries(NEST_LEVELS, 0);
 
 /// vmemmap_base calibration: the page pointer the raw mm_page_free probe saw last on
 /// this CPU, and the result (see pinwatch_common::calib). Used only at start-up on

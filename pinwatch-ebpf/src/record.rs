@@ -9,7 +9,7 @@ use aya_ebpf::{
 };
 use pinwatch_common::{counter, KernelStack, RecordHeader, RECORD_VERSION, STACK_FRAMES};
 
-use crate::maps::{count, EVENTS};
+use crate::maps::{count, EVENTS, NEST, NEST_LEVELS};
 
 #[no_mangle]
 static SELF_TGID: u32 = 0;
@@ -105,4 +105,34 @@ pub fn send<T>(record: &T, len: usize, urgent: bool) {
 pub fn atomic_add<T: Copy>(p: *mut T, v: T) {
     use core::intrinsics::{atomic_xadd, AtomicOrdering};
     unsafe { atomic_xadd::<T, T, { AtomicOrdering::Relaxed }>(p, v) };
+}
+
+/// This CPU's nesting level while a program fills a scratch record: the slot it owns.
+/// Taken at the start of the work, given back when dropped (interrupts nest and end
+/// in order, so the level returns to what it was).
+pub struct Nest {
+    pub level: u32,
+}
+
+impl Nest {
+    #[inline(always)]
+    pub fn enter() -> Option<Nest> {
+        let p = NEST.get_ptr_mut(0)?;
+        let level = unsafe { *p };
+        if level >= NEST_LEVELS {
+            count(counter::NESTED_TOO_DEEP, 1);
+            return None;
+        }
+        unsafe { *p = level + 1 };
+        Some(Nest { level })
+    }
+}
+
+impl Drop for Nest {
+    #[inline(always)]
+    fn drop(&mut self) {
+        if let Some(p) = NEST.get_ptr_mut(0) {
+            unsafe { *p = self.level };
+        }
+    }
 }

@@ -8,7 +8,7 @@ use pinwatch_common::{kind, pin_state, release, PFNS_PER_RECORD, RELEASE_FIXED, 
 use crate::{
     maps::{GUP_CALLS, KNOWN, PINS, PROC_PINS, RELEASE_DEPTH, RELEASE_SCRATCH},
     page::{head_pfn, page_to_pfn, struct_page_size, PfnMath},
-    record::{atomic_add, current, fill_header, send},
+    record::{atomic_add, current, fill_header, send, Nest},
 };
 
 /// KNOWN bits: the chunk names a pfn user space must hear of; one of them was exposed.
@@ -30,8 +30,8 @@ const MAX_PAGES: u64 = (PFNS_PER_RECORD * RELEASE_MAX_CHUNKS) as u64;
 /// A global function: the verifier checks it once, not at every unrolled call site.
 #[no_mangle]
 #[inline(never)]
-pub extern "C" fn release_pfn(pfn: u64, release: u64) -> u64 {
-    if pfn != u64::MAX && track_release(pfn, release as u16) {
+pub extern "C" fn release_pfn(pfn: u64, release: u64, level: u64) -> u64 {
+    if pfn != u64::MAX && track_release(pfn, release as u16, level as u32) {
         pfn
     } else {
         u64::MAX
@@ -50,14 +50,14 @@ pub extern "C" fn slot_pfn(slot: u64) -> u64 {
 /// while the long-term ones user space knows stay. A quiet reference released leaves
 /// its process's quiet_held count.
 #[inline(always)]
-fn track_release(pfn: u64, release: u16) -> bool {
+fn track_release(pfn: u64, release: u16, level: u32) -> bool {
     let Some(s) = PINS.get_ptr_mut(&pfn) else {
         return false;
     };
     let s = unsafe { &mut *s };
     let exposed = s.state & pin_state::EXPOSED != 0;
     if exposed {
-        if let Some(k) = KNOWN.get_ptr_mut(0) {
+        if let Some(k) = KNOWN.get_ptr_mut(level) {
             unsafe { *k |= KNOWN_EXPOSED };
         }
     }
@@ -100,7 +100,8 @@ fn unquiet(tgid: u32, n: u64) {
 /// u64::MAX and skipped by user space.
 #[inline(always)]
 fn release_items(hook: u16, release: u16, dirty: u16, n: u64, pfn_of: impl Fn(u64) -> u64) {
-    let Some(rec) = RELEASE_SCRATCH.get_ptr_mut(0) else {
+    let Some(nest) = Nest::enter() else { return };
+    let Some(rec) = RELEASE_SCRATCH.get_ptr_mut(nest.level) else {
         return;
     };
     let r = unsafe { &mut *rec };
@@ -116,13 +117,13 @@ fn release_items(hook: u16, release: u16, dirty: u16, n: u64, pfn_of: impl Fn(u6
         let used = (n - base).min(PFNS_PER_RECORD as u64) as u16;
         // Whether any pfn was known, kept in map memory: a flag in a register would
         // double the verifier's states at every item.
-        let Some(known) = KNOWN.get_ptr_mut(0) else { return };
+        let Some(known) = KNOWN.get_ptr_mut(nest.level) else { return };
         unsafe { *known = 0 };
         for j in 0..PFNS_PER_RECORD {
             if j as u16 >= used {
                 break;
             }
-            let pfn = release_pfn(pfn_of(base + j as u64), release as u64);
+            let pfn = release_pfn(pfn_of(base + j as u64), release as u64, nest.level as u64);
             // The mask makes the slot bound explicit to the verifier. (It did not win the
             // fentry twins of unpin_user_pages on 5.10 and 6.1; kprobe serves them there.)
             r.pfns[j & (PFNS_PER_RECORD - 1)] = pfn;

@@ -1,17 +1,26 @@
-//! `cargo xtask bench`: what pinwatch costs, measured in one boot of a lab kernel.
+//! `cargo xtask bench`: what pinwatch costs, measured in one boot of a lab kernel, as
+//! ratios against a baseline and against the floor run in the same boot.
 //!
-//! Two workloads run without pinwatch (the baseline) and under `pinwatch record`, once
-//! per attach type, in interleaved rounds so that drift hits every mode alike:
-//! - dio: one-page O_DIRECT reads of an ext4 file, each a GUP call, a bio and a release
-//!   (the pin hot path: records for every call);
-//! - writeback: dirty and msync every page of a shared mapping (the hazard hooks on
-//!   pages nobody pins: one map lookup each, no record).
+//! Workloads, run one after the other in every mode:
+//! - dio: one-page O_DIRECT reads of an ext4 file, each a GUP call, a bio and a release;
+//! - writeback: dirty and msync every page of a shared mapping (the hazard hooks on pages
+//!   nobody pins: one map lookup each, no record);
+//! - fio-psync and fio-uring: Debian's fio, 4 KiB O_DIRECT random reads with psync and
+//!   with io_uring (a real client; its own mean latency per read).
 //!
-//! Then the footprint: pinwatch's resident memory while it tracks 64 MiB of pinned pages,
-//! against its own idle figure, and what its BPF maps charge.
+//! Modes: the baseline (nothing attached); the floor (pinwatch's programs on the same
+//! hooks, returning at once: what the hooks alone cost) under fentry and kprobe;
+//! monitoring (`pinwatch top`) and `record` under fentry and kprobe; and bpftrace
+//! counting pinned pages per pid on the GUP entry points, what a user would pick
+//! instead. Each round runs every mode once, the order rotated round by round, and the
+//! figures are medians. pinwatch's added time is read against the floor's added time.
+//!
+//! Then, untimed: each mode once more with the kernel's BPF statistics on
+//! (kernel.bpf_stats_enabled), for each program's run count and run time per read, and
+//! the records a read costs; and the footprint (RSS idle and with 64 MiB pinned, maps).
 //! Times are QEMU TCG times: the ratios are the result, not the nanoseconds.
 
-use std::{collections::BTreeMap, path::PathBuf};
+use std::{collections::BTreeMap, path::PathBuf, time::Duration};
 
 use anyhow::{bail, Context as _, Result};
 use serde_json::{json, Value};
@@ -19,82 +28,156 @@ use serde_json::{json, Value};
 use crate::{
     kernels::{self, Fetched},
     lab::{self, Recorded},
-    util, BOOT_LIMIT,
+    util,
 };
 
 const DIO_OPS: usize = 3000;
 const WB_PAGES: usize = 256;
 const WB_ROUNDS: usize = 8;
+const FIO_OPS: usize = 3000;
 const FOOTPRINT_PAGES: usize = 16384;
+/// A bench boot loads pinwatch about 40 times under a slow verifier.
+const BENCH_LIMIT: Duration = Duration::from_secs(3600);
 
-/// Attach types measured, each against the baseline.
-const MODES: [&str; 2] = ["fentry", "kprobe"];
+/// Every mode of a round. `base` is the baseline; `floor-*` the hooks alone.
+pub const MODES: [&str; 8] = ["base", "floor-fentry", "floor-kprobe", "monitor-fentry", "monitor-kprobe", "record-fentry", "record-kprobe", "bpftrace"];
 
-fn plan(rounds: usize) -> String {
-    let workload = format!(
-        "pinwatch-scenario bench-dio --file /mnt/bench-dio --ops {DIO_OPS} && \
-         pinwatch-scenario bench-writeback --file /mnt/bench-wb --pages {WB_PAGES} --rounds {WB_ROUNDS}"
-    );
-    let mut p = String::from(
+/// Workloads: the bench name each prints, and what the report calls it.
+const WORKLOADS: [(&str, &str); 4] = [
+    ("dio", "dio: 4 KiB O_DIRECT pread"),
+    ("writeback", "writeback: dirty+msync, per page"),
+    ("fio-psync", "fio psync 4 KiB randread"),
+    ("fio-uring", "fio io_uring 4 KiB randread"),
+];
+
+/// The simplest useful bpftrace equivalent: pinned pages per pid, on the GUP entry
+/// points' return (kretprobes, as people write it).
+const BPFTRACE: &str = "kretprobe:get_user_pages*,kretprobe:pin_user_pages* /(int32)retval > 0/ { @pages[pid] = sum((int32)retval); }";
+
+fn fio(engine: &str) -> String {
+    format!(
+        "fio --name={engine} --filename=/mnt/bench-fio --size=16M --bs=4k --rw=randread --direct=1 --ioengine={engine} \
+         --number_ios={FIO_OPS} --output-format=json > /tmp/fio.json && echo \"PINWATCH-FIO {engine} $(tr -d '\\n' < /tmp/fio.json)\""
+    )
+}
+
+pub fn plan(rounds: usize) -> String {
+    let mut p = format!(
         r#"
-# Like record(), but only the trace's last line (the stop event, with lost_total) goes
-# back: thousands of events over the emulated serial port would take minutes.
-bench_record() {
-  name=$1; shift
+mount -t tracefs nodev /sys/kernel/tracing 2> /dev/null
+mount -t debugfs nodev /sys/kernel/debug 2> /dev/null
+cat > /tmp/work.sh <<'EOF'
+pinwatch-scenario bench-dio --file /mnt/bench-dio --ops {DIO_OPS} || exit 1
+pinwatch-scenario bench-writeback --file /mnt/bench-wb --pages {WB_PAGES} --rounds {WB_ROUNDS} || exit 1
+{psync} || exit 1
+{uring} || exit 1
+EOF
+cat > /tmp/footprint.sh <<'EOF'
+exec pinwatch-scenario bench-footprint --pages {FOOTPRINT_PAGES} --hold-ms 2000
+EOF
+cat > /tmp/stats.sh <<'EOF'
+pinwatch-scenario bench-dio --file /mnt/bench-dio --ops {DIO_OPS} || exit 1
+echo "PINWATCH-STATS $(bpftool prog show --json)"
+EOF
+# Only the last line of a trace or of top's output goes back: thousands of events
+# over the emulated serial port would take minutes. A trace's size is counted.
+bench_mode() {{
+  name=$1; mode=$2; work=$3
   say BEGIN $name
-  pinwatch record --force --output /tmp/$name.jsonl "$@" > /tmp/$name.out 2> /tmp/$name.err
-  rc=$?
-  tail -n 1 /tmp/$name.jsonl > /tmp/$name.last
-  rm -f /tmp/$name.jsonl
+  rm -f /tmp/$name.*
+  case $mode in
+  base)
+    sh $work > /tmp/$name.out 2> /tmp/$name.err; rc=$? ;;
+  floor-*|record-*)
+    floor=; [ "${{mode%%-*}}" = floor ] && floor=--floor
+    pinwatch record $floor --attach ${{mode#*-}} --force --output /tmp/$name.jsonl -- sh $work > /tmp/$name.out 2> /tmp/$name.err; rc=$?
+    echo "PINWATCH-EVENTS $(wc -l < /tmp/$name.jsonl)" >> /tmp/$name.out
+    tail -n 1 /tmp/$name.jsonl > /tmp/$name.last ;;
+  monitor-*)
+    pinwatch top -b -d 1 --format json --attach ${{mode#*-}} > /tmp/$name.top 2> /tmp/$name.err &
+    P=$!
+    i=0; while [ ! -s /tmp/$name.top ] && [ $i -lt 1800 ]; do sleep 0.1; i=$((i+1)); done
+    sh $work > /tmp/$name.out 2>> /tmp/$name.err; rc=$?
+    kill -TERM $P; wait $P || rc=$?
+    tail -n 1 /tmp/$name.top > /tmp/$name.last ;;
+  bpftrace)
+    bpftrace -e '{BPFTRACE}' > /tmp/$name.bt 2>&1 &
+    P=$!
+    i=0; while ! grep -q Attaching /tmp/$name.bt && [ $i -lt 1800 ]; do sleep 0.1; kill -0 $P 2> /dev/null || break; i=$((i+1)); done
+    if kill -0 $P 2> /dev/null; then
+      sleep 2
+      sh $work > /tmp/$name.out 2> /tmp/$name.err; rc=$?
+      kill -INT $P; wait $P
+    else
+      echo "bpftrace did not start" > /tmp/$name.err; rc=127
+    fi
+    cat /tmp/$name.bt >> /tmp/$name.err ;;
+  esac
   send_back $name $rc /tmp/$name.out /tmp/$name.err /tmp/$name.last
-}
-bench_base() {
-  name=$1; shift
-  say BEGIN $name
-  "$@" > /tmp/$name.out 2> /tmp/$name.err
-  send_back $name $? /tmp/$name.out /tmp/$name.err
-}
-# Warm-up: the first run of anything pays for page faults and caches.
-pinwatch-scenario bench-dio --file /mnt/bench-dio --ops 200 > /dev/null
+}}
+# Warm-up: the first run of anything pays for page faults, caches and fio's layout.
+sh /tmp/work.sh > /dev/null 2>&1
 "#,
+        psync = fio("psync"),
+        uring = fio("io_uring"),
     );
-    for r in 1..=rounds {
-        p += &format!("bench_base base-{r} sh -c '{workload}'\n");
-        for m in MODES {
-            p += &format!("bench_record {m}-{r} --attach {m} -- sh -c '{workload}'\n");
+    for r in 0..rounds {
+        for i in 0..MODES.len() {
+            let m = MODES[(i + r) % MODES.len()];
+            p += &format!("bench_mode {m}-{} {m} /tmp/work.sh\n", r + 1);
         }
     }
-    p += &format!("bench_record footprint --attach auto -- pinwatch-scenario bench-footprint --pages {FOOTPRINT_PAGES} --hold-ms 2000\n");
+    p += "echo 1 > /proc/sys/kernel/bpf_stats_enabled\n";
+    for m in MODES.iter().filter(|m| m.contains('-')) {
+        p += &format!("bench_mode stats-{m} {m} /tmp/stats.sh\n");
+    }
+    p += "echo 0 > /proc/sys/kernel/bpf_stats_enabled\n";
+    p += "bench_mode footprint record-fentry /tmp/footprint.sh\n";
     p
 }
 
-/// The PINWATCH-BENCH lines of one run, by workload.
+/// The bench lines of one run, by workload: PINWATCH-BENCH from our workloads (ns for
+/// all ops), PINWATCH-FIO from fio's JSON (its mean latency per read).
 fn measures(r: &Recorded) -> BTreeMap<String, Value> {
-    r.out
-        .iter()
-        .filter_map(|l| l.strip_prefix("PINWATCH-BENCH "))
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter_map(|v| Some((v["bench"].as_str()?.to_string(), v)))
-        .collect()
-}
-
-/// A run under pinwatch must have ended well and lost nothing, or its times mean little.
-fn trouble(name: &str, r: &Recorded, under_pinwatch: bool) -> Option<String> {
-    if !r.ended || r.rc != Some(0) {
-        return Some(format!("{name}: exit {:?}: {}", r.rc, r.err.join(" | ")));
-    }
-    if under_pinwatch {
-        let lost = r.trace.last().and_then(|s| s["lost_total"].as_u64());
-        match lost {
-            Some(0) => {}
-            Some(n) => return Some(format!("{name}: pinwatch lost {n} record(s)")),
-            None => return Some(format!("{name}: no stop event in the trace")),
+    let mut m = BTreeMap::new();
+    for l in &r.out {
+        if let Some(v) = l.strip_prefix("PINWATCH-BENCH ").and_then(|j| serde_json::from_str::<Value>(j).ok()) {
+            if let Some(b) = v["bench"].as_str() {
+                m.insert(b.to_string(), v.clone());
+            }
+        } else if let Some((engine, j)) = l.strip_prefix("PINWATCH-FIO ").and_then(|s| s.split_once(' ')) {
+            let Ok(v) = serde_json::from_str::<Value>(j) else { continue };
+            let read = &v["jobs"][0]["read"];
+            let (mean, ios) = (read["lat_ns"]["mean"].as_f64(), read["total_ios"].as_u64());
+            if let (Some(mean), Some(ios)) = (mean, ios) {
+                let name = if engine == "psync" { "fio-psync" } else { "fio-uring" };
+                m.insert(name.to_string(), json!({"bench": name, "ops": ios, "ns": mean * ios as f64}));
+            }
         }
     }
-    None
+    m
 }
 
-fn median(mut v: Vec<f64>) -> Option<f64> {
+/// A run must have ended well and, under pinwatch, lost nothing, or its times mean little.
+fn trouble(name: &str, mode: &str, r: &Recorded) -> Option<String> {
+    if !r.ended || r.rc != Some(0) {
+        let why: Vec<&String> = r.err.iter().rev().take(6).collect();
+        return Some(format!("{name}: exit {:?}: {why:?}", r.rc));
+    }
+    let last = r.trace.last();
+    let lost = match mode.split('-').next() {
+        Some("floor" | "record") => last.and_then(|s| s["lost_total"].as_u64()),
+        Some("monitor") => last.and_then(|d| d["lost_events"].as_u64()),
+        _ => return None,
+    };
+    match lost {
+        Some(0) => None,
+        Some(n) => Some(format!("{name}: pinwatch lost {n} record(s)")),
+        None => Some(format!("{name}: no final stop event or refresh")),
+    }
+}
+
+pub fn median(mut v: Vec<f64>) -> Option<f64> {
     if v.is_empty() {
         return None;
     }
@@ -103,7 +186,7 @@ fn median(mut v: Vec<f64>) -> Option<f64> {
     Some(if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 })
 }
 
-/// ns per op of every round of `mode` for `bench`, or why not.
+/// ns per op of every good round of `mode` for `bench`; what went wrong into `problems`.
 fn per_op(results: &BTreeMap<String, Recorded>, mode: &str, bench: &str, rounds: usize, problems: &mut Vec<String>) -> Vec<f64> {
     let mut out = Vec::new();
     for r in 1..=rounds {
@@ -112,7 +195,7 @@ fn per_op(results: &BTreeMap<String, Recorded>, mode: &str, bench: &str, rounds:
             problems.push(format!("{name}: never ran"));
             continue;
         };
-        if let Some(t) = trouble(&name, rec, mode != "base") {
+        if let Some(t) = trouble(&name, mode, rec) {
             problems.push(t);
             continue;
         }
@@ -124,66 +207,74 @@ fn per_op(results: &BTreeMap<String, Recorded>, mode: &str, bench: &str, rounds:
     out
 }
 
-pub fn run(kernel_names: &[String], rounds: usize, bins: &lab::Binaries) -> Result<bool> {
+/// What each mode adds per op, and how that compares with the floor of its attach type.
+pub fn figures(medians: &BTreeMap<&str, Option<f64>>) -> Value {
+    let base = medians.get("base").copied().flatten();
+    let mut out = json!({"baseline_ns_per_op": base});
+    for (m, v) in medians.iter().filter(|(m, _)| **m != "base") {
+        let added = v.zip(base).map(|(v, b)| v - b);
+        let floor = m.split_once('-').and_then(|(_, at)| medians.get(format!("floor-{at}").as_str()).copied().flatten());
+        let floor_added = floor.zip(base).map(|(f, b)| f - b);
+        out[*m] = json!({
+            "ns_per_op": v,
+            "ratio_to_baseline": v.zip(base).map(|(v, b)| v / b),
+            "added_ns": added,
+            // Added time over the floor's added time: where the floor is lost in the
+            // noise (at or below the baseline), this ratio says nothing; read the
+            // ratio to the baseline instead.
+            "added_vs_floor": added.zip(floor_added).filter(|(_, f)| *f > 0.0).map(|(a, f)| a / f),
+        });
+    }
+    out
+}
+
+/// Per program of a BPF statistics run: runs and ns per dio read, largest first.
+fn program_stats(r: &Recorded) -> Option<Value> {
+    let line = r.out.iter().find_map(|l| l.strip_prefix("PINWATCH-STATS "))?;
+    let progs: Value = serde_json::from_str(line).ok()?;
+    let mut v: Vec<(String, u64, u64)> = progs
+        .as_array()?
+        .iter()
+        .filter_map(|p| Some((p["name"].as_str()?.to_string(), p["run_cnt"].as_u64().unwrap_or(0), p["run_time_ns"].as_u64().unwrap_or(0))))
+        .filter(|(_, n, _)| *n > 0)
+        .collect();
+    v.sort_by_key(|(_, _, t)| std::cmp::Reverse(*t));
+    let ops = DIO_OPS as f64;
+    let total: u64 = v.iter().map(|(_, _, t)| t).sum();
+    Some(json!({
+        "ns_per_read": total as f64 / ops,
+        "programs": v.iter().map(|(n, c, t)| json!({"name": n, "runs_per_read": *c as f64 / ops, "ns_per_read": *t as f64 / ops})).collect::<Vec<_>>(),
+    }))
+}
+
+fn extra_binaries() -> Vec<PathBuf> {
+    ["/usr/bin/fio", "/usr/bin/bpftrace", "/usr/sbin/bpftool"].iter().map(PathBuf::from).filter(|p| p.exists()).collect()
+}
+
+pub fn run(kernel_names: &[String], rounds: usize, bins: &mut lab::Binaries) -> Result<bool> {
     let series = crate::selected(kernel_names)?;
     let conf = kernels::update()?;
+    bins.extra = extra_binaries();
+    for needed in ["fio", "bpftool"] {
+        if !bins.extra.iter().any(|p| p.file_name().is_some_and(|f| f == needed)) {
+            bail!("{needed} is not installed here (`cargo xtask setup` installs it)");
+        }
+    }
     let mut ok = true;
     for s in series {
         let Fetched::Ready(k) = kernels::fetch(&conf, &s)? else { bail!("kernel {} is not available", s.name) };
         let work: PathBuf = util::cache_dir().join("bench").join(&k.release);
         std::fs::create_dir_all(&work)?;
-        println!("bench: Debian {} under QEMU TCG, {rounds} interleaved rounds, medians", k.release);
+        println!("bench: Debian {} under QEMU TCG, {rounds} rounds (mode order rotated), medians", k.release);
         let img = lab::build_initramfs(&k, bins, &plan(rounds), &work)?;
-        let boot = lab::boot(&k, &img, &work, BOOT_LIMIT)?;
+        let boot = lab::boot_with_memory(&k, &img, &work, BENCH_LIMIT, "3G")?;
         let results = lab::parse(&boot.results);
-        let mut problems = Vec::new();
-        let mut report = json!({"kernel": k.release, "rounds": rounds, "workloads": {}});
-        println!("  {:<34} {:>14} {:>22} {:>22}", "workload", "baseline", "fentry (ratio)", "kprobe (ratio)");
-        for (bench, what) in [("dio", "dio: 4 KiB O_DIRECT read"), ("writeback", "writeback: dirty+msync, per page")] {
-            let base = median(per_op(&results, "base", bench, rounds, &mut problems));
-            let mut line = format!("  {what:<34} {:>14}", base.map(|b| format!("{:.1} us/op", b / 1e3)).unwrap_or_else(|| "-".into()));
-            let mut entry = json!({"baseline_ns_per_op": base});
-            for m in MODES {
-                let v = median(per_op(&results, m, bench, rounds, &mut problems));
-                let ratio = v.zip(base).map(|(v, b)| v / b);
-                line += &format!(
-                    " {:>22}",
-                    match (v, ratio) {
-                        (Some(v), Some(r)) => format!("{:.1} us/op ({r:.2}x)", v / 1e3),
-                        _ => "-".into(),
-                    }
-                );
-                entry[m] = json!({"ns_per_op": v, "ratio": ratio});
-            }
-            println!("{line}");
-            report["workloads"][bench] = entry;
-        }
-        match results.get("footprint") {
-            Some(f) => match (trouble("footprint", f, true), measures(f).get("footprint")) {
-                (None, Some(m)) => {
-                    let (idle, held, pages) = (m["rss_idle_kb"].as_u64().unwrap_or(0), m["rss_held_kb"].as_u64().unwrap_or(0), m["pages"].as_u64().unwrap_or(1));
-                    let per_page = (held.saturating_sub(idle) * 1024) as f64 / pages as f64;
-                    println!(
-                        "  footprint: pinwatch RSS {:.1} MiB idle, {:.1} MiB tracking {} MiB pinned ({:.2}x, {per_page:.0} bytes per pinned page); BPF maps charge {:.1} MiB",
-                        idle as f64 / 1024.0,
-                        held as f64 / 1024.0,
-                        pages * 4 / 1024,
-                        held as f64 / idle.max(1) as f64,
-                        m["maps_memlock_bytes"].as_f64().unwrap_or(0.0) / (1 << 20) as f64
-                    );
-                    report["footprint"] = m.clone();
-                    report["footprint"]["bytes_per_pinned_page"] = json!(per_page);
-                }
-                (Some(t), _) => problems.push(t),
-                (None, None) => problems.push("footprint: no measure".into()),
-            },
-            None => problems.push("footprint: never ran".into()),
-        }
+        let (report, problems) = report(&k.release, rounds, &results);
+        print(&report);
         for p in &problems {
             println!("  PROBLEM {p}");
         }
         ok &= problems.is_empty();
-        report["problems"] = json!(problems);
         let out = util::workspace_root().join("target/bench");
         std::fs::create_dir_all(&out)?;
         let file = out.join(format!("{}.json", k.release));
@@ -193,12 +284,94 @@ pub fn run(kernel_names: &[String], rounds: usize, bins: &lab::Binaries) -> Resu
     Ok(ok)
 }
 
+pub fn report(kernel: &str, rounds: usize, results: &BTreeMap<String, Recorded>) -> (Value, Vec<String>) {
+    let mut problems = Vec::new();
+    let mut report = json!({"kernel": kernel, "rounds": rounds, "workloads": {}, "stats": {}});
+    for (bench, what) in WORKLOADS {
+        let mut medians = BTreeMap::new();
+        for m in MODES {
+            medians.insert(m, median(per_op(results, m, bench, rounds, &mut problems)));
+        }
+        let mut f = figures(&medians);
+        f["what"] = json!(what);
+        report["workloads"][bench] = f;
+    }
+    for m in MODES.iter().filter(|m| m.contains('-')) {
+        let name = format!("stats-{m}");
+        let Some(r) = results.get(&name) else {
+            problems.push(format!("{name}: never ran"));
+            continue;
+        };
+        if let Some(t) = trouble(&name, m, r) {
+            problems.push(t);
+            continue;
+        }
+        let mut s = program_stats(r).unwrap_or_else(|| json!({"programs": []}));
+        if let Some(n) = r.out.iter().find_map(|l| l.strip_prefix("PINWATCH-EVENTS ")).and_then(|n| n.trim().parse::<f64>().ok()) {
+            // start, procs and stop lines aside, every line is an event of the reads.
+            s["trace_lines_per_read"] = json!(n / DIO_OPS as f64);
+        }
+        report["stats"][*m] = s;
+    }
+    match results.get("footprint") {
+        Some(f) => match (trouble("footprint", "record-fentry", f), measures(f).get("footprint")) {
+            (None, Some(m)) => {
+                let (idle, held, pages) = (m["rss_idle_kb"].as_u64().unwrap_or(0), m["rss_held_kb"].as_u64().unwrap_or(0), m["pages"].as_u64().unwrap_or(1));
+                report["footprint"] = m.clone();
+                report["footprint"]["user_bytes_per_pinned_page"] = json!((held.saturating_sub(idle) * 1024) as f64 / pages as f64);
+            }
+            (Some(t), _) => problems.push(t),
+            (None, None) => problems.push("footprint: no measure".into()),
+        },
+        None => problems.push("footprint: never ran".into()),
+    }
+    report["problems"] = json!(problems);
+    (report, problems)
+}
+
+fn print(report: &Value) {
+    let us = |v: &Value| v.as_f64().map(|x| format!("{:.1}", x / 1e3)).unwrap_or_else(|| "-".into());
+    let x = |v: &Value| v.as_f64().map(|x| format!("{x:.2}x")).unwrap_or_else(|| "-".into());
+    println!("  added time per op: us (ratio to baseline, added time / floor's added time)");
+    for (bench, _) in WORKLOADS {
+        let w = &report["workloads"][bench];
+        println!("  {} - baseline {} us", w["what"].as_str().unwrap_or(bench), us(&w["baseline_ns_per_op"]));
+        for m in MODES.iter().filter(|m| **m != "base") {
+            let f = &w[*m];
+            println!("    {m:<16} {:>9} us  {:>7}  {:>7} of floor", us(&f["ns_per_op"]), x(&f["ratio_to_baseline"]), x(&f["added_vs_floor"]));
+        }
+    }
+    println!("  BPF programs per dio read (kernel.bpf_stats_enabled), and trace lines per read:");
+    for m in MODES.iter().filter(|m| m.contains('-')) {
+        let s = &report["stats"][*m];
+        let top: Vec<String> = s["programs"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .take(4)
+            .map(|p| format!("{} {:.0} ns x{:.1}", p["name"].as_str().unwrap_or("?"), p["ns_per_read"].as_f64().unwrap_or(0.0), p["runs_per_read"].as_f64().unwrap_or(0.0)))
+            .collect();
+        println!("    {m:<16} {:>7} ns/read  lines/read {:<6} {}", s["ns_per_read"].as_f64().map(|v| format!("{v:.0}")).unwrap_or("-".into()), s["trace_lines_per_read"].as_f64().map(|v| format!("{v:.2}")).unwrap_or("-".into()), top.join(", "));
+    }
+    let f = &report["footprint"];
+    if f.is_object() {
+        println!(
+            "  footprint: pinwatch RSS {:.1} MiB idle, {:.1} MiB tracking {} MiB pinned ({:.0} user bytes per pinned page); BPF maps charge {:.1} MiB",
+            f["rss_idle_kb"].as_f64().unwrap_or(0.0) / 1024.0,
+            f["rss_held_kb"].as_f64().unwrap_or(0.0) / 1024.0,
+            f["pages"].as_u64().unwrap_or(0) * 4 / 1024,
+            f["user_bytes_per_pinned_page"].as_f64().unwrap_or(0.0),
+            f["maps_memlock_bytes"].as_f64().unwrap_or(0.0) / (1 << 20) as f64
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn rec(out: &[&str], rc: i32, stop: Option<Value>) -> Recorded {
-        Recorded { rc: Some(rc), out: out.iter().map(|s| s.to_string()).collect(), err: vec![], trace: stop.into_iter().collect(), ended: true }
+    fn rec(out: &[&str], rc: i32, last: Option<Value>) -> Recorded {
+        Recorded { rc: Some(rc), out: out.iter().map(|s| s.to_string()).collect(), err: vec![], trace: last.into_iter().collect(), ended: true }
     }
 
     #[test]
@@ -209,13 +382,16 @@ mod tests {
         let line = |ns: u64| format!("PINWATCH-BENCH {{\"bench\":\"dio\",\"ops\":10,\"ns\":{ns}}}");
         let mut results = BTreeMap::new();
         results.insert("base-1".to_string(), rec(&[&line(1000)], 0, None));
-        results.insert("fentry-1".to_string(), rec(&[&line(2000)], 0, Some(json!({"event":"stop","lost_total":0}))));
+        results.insert("record-fentry-1".to_string(), rec(&[&line(2000)], 0, Some(json!({"event":"stop","lost_total":0}))));
         // lost records disqualify a round, and say so
-        results.insert("fentry-2".to_string(), rec(&[&line(9000)], 0, Some(json!({"event":"stop","lost_total":3}))));
+        results.insert("record-fentry-2".to_string(), rec(&[&line(9000)], 0, Some(json!({"event":"stop","lost_total":3}))));
+        // monitoring reads its loss from top's last refresh
+        results.insert("monitor-fentry-1".to_string(), rec(&[&line(1500)], 0, Some(json!({"lost_events":2}))));
         let mut problems = Vec::new();
         assert_eq!(per_op(&results, "base", "dio", 1, &mut problems), vec![100.0]);
-        assert_eq!(per_op(&results, "fentry", "dio", 2, &mut problems), vec![200.0]);
-        assert_eq!(problems, vec!["fentry-2: pinwatch lost 3 record(s)".to_string()]);
+        assert_eq!(per_op(&results, "record-fentry", "dio", 2, &mut problems), vec![200.0]);
+        assert_eq!(per_op(&results, "monitor-fentry", "dio", 1, &mut problems), Vec::<f64>::new());
+        assert_eq!(problems, vec!["record-fentry-2: pinwatch lost 3 record(s)".to_string(), "monitor-fentry-1: pinwatch lost 2 record(s)".to_string()]);
         // a round that failed, or never ran, is a problem too
         let mut problems = Vec::new();
         results.insert("base-2".to_string(), rec(&[], 1, None));
@@ -223,11 +399,35 @@ mod tests {
     }
 
     #[test]
-    fn the_plan_interleaves_modes_and_ends_with_the_footprint() {
+    fn added_time_is_read_against_the_floor_of_the_same_attach_type() {
+        let m: BTreeMap<&str, Option<f64>> =
+            [("base", Some(100.0)), ("floor-fentry", Some(110.0)), ("monitor-fentry", Some(115.0)), ("floor-kprobe", Some(95.0)), ("monitor-kprobe", Some(120.0)), ("bpftrace", Some(130.0))].into();
+        let f = figures(&m);
+        assert_eq!(f["monitor-fentry"]["added_vs_floor"].as_f64(), Some(1.5));
+        assert_eq!(f["monitor-fentry"]["ratio_to_baseline"].as_f64(), Some(1.15));
+        // a floor below the baseline (noise) gives no ratio rather than a negative one
+        assert!(f["monitor-kprobe"]["added_vs_floor"].is_null());
+        assert!(f["bpftrace"]["added_vs_floor"].is_null());
+        assert_eq!(f["bpftrace"]["added_ns"].as_f64(), Some(30.0));
+    }
+
+    #[test]
+    fn fio_lines_give_its_mean_latency_per_read() {
+        let fio = r#"PINWATCH-FIO psync {"jobs":[{"read":{"total_ios":3000,"lat_ns":{"mean":2500.5}}}]}"#;
+        let m = measures(&rec(&[fio], 0, None));
+        assert_eq!(m["fio-psync"]["ops"], 3000);
+        assert_eq!(m["fio-psync"]["ns"].as_f64(), Some(2500.5 * 3000.0));
+    }
+
+    #[test]
+    fn the_plan_rotates_modes_and_ends_with_stats_and_the_footprint() {
         let p = plan(2);
-        let order: Vec<&str> =
-            p.lines().filter(|l| l.starts_with("bench_base ") || l.starts_with("bench_record ")).filter_map(|l| l.split_whitespace().nth(1)).collect();
-        assert_eq!(order, ["base-1", "fentry-1", "kprobe-1", "base-2", "fentry-2", "kprobe-2", "footprint"]);
-        assert!(p.trim_end().ends_with("--hold-ms 2000"));
+        let order: Vec<&str> = p.lines().filter(|l| l.starts_with("bench_mode ")).filter_map(|l| l.split_whitespace().nth(1)).collect();
+        assert_eq!(order[0], "base-1");
+        assert_eq!(order[MODES.len()], "floor-fentry-2", "round 2 starts one mode later");
+        assert_eq!(order.iter().filter(|n| n.starts_with("stats-")).count(), MODES.len() - 2);
+        assert_eq!(order.last(), Some(&"footprint"));
+        assert!(p.contains("--ioengine=io_uring") && p.contains("--ioengine=psync") && p.contains("bpftrace -e"));
+        assert!(p.contains("bench_mode footprint record-fentry /tmp/footprint.sh") && p.contains("exec pinwatch-scenario bench-footprint"));
     }
 }

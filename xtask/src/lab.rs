@@ -84,13 +84,16 @@ record() {
 pub struct Binaries {
     pub pinwatch: PathBuf,
     pub scenario: PathBuf,
+    /// More of this machine's programs to copy in with their libraries (the bench's
+    /// fio, bpftrace and bpftool).
+    pub extra: Vec<PathBuf>,
 }
 
 pub fn build_binaries() -> Result<Binaries> {
     let root = workspace_root();
     quiet(Command::new("cargo").args(["build", "--release", "-p", "pinwatch", "-p", "pinwatch-scenarios"]).current_dir(&root))?;
     let dir = root.join("target/release");
-    Ok(Binaries { pinwatch: dir.join("pinwatch"), scenario: dir.join("pinwatch-scenario") })
+    Ok(Binaries { pinwatch: dir.join("pinwatch"), scenario: dir.join("pinwatch-scenario"), extra: Vec::new() })
 }
 
 fn copy(from: &Path, to: &Path) -> Result<()> {
@@ -171,7 +174,7 @@ pub fn build_initramfs(k: &Kernel, bins: &Binaries, plan: &str, work: &Path) -> 
     }
     copy(Path::new("/bin/busybox"), &root.join("bin/busybox")).context("busybox-static is needed (`cargo xtask setup`)")?;
     let mkfs = [Path::new("/sbin/mkfs.xfs"), Path::new("/sbin/mkfs.btrfs")];
-    for bin in [bins.pinwatch.as_path(), bins.scenario.as_path()].into_iter().chain(mkfs) {
+    for bin in [bins.pinwatch.as_path(), bins.scenario.as_path()].into_iter().chain(mkfs).chain(bins.extra.iter().map(PathBuf::as_path)) {
         let bin = &fs::canonicalize(bin).with_context(|| format!("{} (xfsprogs and btrfs-progs: `cargo xtask setup`)", bin.display()))?;
         copy(bin, &root.join("bin").join(bin.file_name().expect("file")))?;
         for lib in libraries(bin)? {
@@ -214,10 +217,16 @@ pub struct Boot {
 }
 
 pub fn boot(k: &Kernel, initramfs: &Path, work: &Path, limit: Duration) -> Result<Boot> {
+    boot_with_memory(k, initramfs, work, limit, "1G")
+}
+
+/// A boot with more guest memory: the bench's initramfs carries fio and bpftrace with
+/// their libraries (about 300 MB, held in RAM).
+pub fn boot_with_memory(k: &Kernel, initramfs: &Path, work: &Path, limit: Duration, memory: &str) -> Result<Boot> {
     let console = work.join("console.log");
     let results = work.join("results.log");
     let mut child = Command::new("qemu-system-x86_64")
-        .args(["-accel", "tcg", "-cpu", "max", "-m", "1G", "-smp", "2", "-no-reboot", "-display", "none", "-monitor", "none"])
+        .args(["-accel", "tcg", "-cpu", "max", "-m", memory, "-smp", "2", "-no-reboot", "-display", "none", "-monitor", "none"])
         .arg("-kernel")
         .arg(&k.vmlinuz)
         .arg("-initrd")

@@ -34,6 +34,9 @@ pub struct Layouts {
     pub foll: FollFlags,
     /// Where FOLL_* came from: "btf enum" (6.3+) or "5.10-6.2 defines".
     pub foll_source: &'static str,
+    /// Direct I/O takes FOLL_PIN references and its bios give them back through
+    /// unpin_user_page (BIO_PAGE_PINNED, 6.5+): the bio release hooks see nothing to drop.
+    pub bio_pins_pages: bool,
     pub folio: FolioLayout,
 }
 
@@ -226,5 +229,6 @@ pub fn read_layouts(btf: &Btf) -> Result<Layouts> {
         pipe_buffer_page_off: member_offset(btf, "pipe_buffer", "page")?,
         foll,
         foll_source,
+        bio_pins_pages: enum_value(btf, "BIO_PAGE_PINNED").is_some(),
     })
 }

@@ -142,7 +142,10 @@ impl Kernel {
         // Parsed once: the fentry test and every fentry/fexit load need it.
         let btf = Btf::from_sys_fs().map_err(|e| error_chain(&e));
         let caps = test_capabilities(&mut ebpf, &syms, btf.as_ref())?;
-        let plan = plan::plan(&syms, &caps, mode);
+        let mut plan = plan::plan(&syms, &caps, mode);
+        if layouts.bio_pins_pages {
+            plan::bio_releases_unpin(&mut plan);
+        }
         let nargs = plan::HOOKS
             .iter()
             .filter(|h| h.family == Family::Function)
@@ -310,7 +313,7 @@ pub struct Counters(pub [u64; counter::NR as usize]);
 
 impl Counters {
     pub const NAMES: [&'static str; counter::NR as usize] =
-        ["ringbuf_full", "pin_map_full", "pfns_truncated", "call_map_full", "read_failed", "stack_lost"];
+        ["ringbuf_full", "pin_map_full", "pfns_truncated", "call_map_full", "read_failed", "stack_lost", "nested_too_deep"];
 }
 
 /// Attaches one hook with one attach type: the return program first (an entry

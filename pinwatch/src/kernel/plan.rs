@@ -312,6 +312,17 @@ fn choose_function(spec: &HookSpec, syms: &Symbols, caps: &Capabilities, mode: A
     Choice::Try { ladder }
 }
 
+/// On kernels whose direct I/O pins with FOLL_PIN (BIO_PAGE_PINNED), a bio's pages come
+/// back through unpin_user_page: the bio release hooks would walk every completed bio
+/// for FOLL_GET references that no longer exist. They stand by.
+pub fn bio_releases_unpin(plan: &mut [PlannedHook]) {
+    for h in plan.iter_mut().filter(|h| matches!(h.symbol, "bio_release_pages" | "__bio_release_pages")) {
+        if matches!(h.choice, Choice::Try { .. }) {
+            h.choice = Choice::Standby { instead: "unpin_user_page" };
+        }
+    }
+}
+
 /// Roles that have at least one hook in use.
 pub fn covered_roles(plan: &[PlannedHook]) -> Vec<Role> {
     let mut roles: Vec<Role> = plan.iter().filter(|h| matches!(h.choice, Choice::Use { .. })).map(|h| h.role).collect();
@@ -399,6 +410,19 @@ mod tests {
             // Tracepoints need neither.
             assert_eq!(ladder(&p, "mm_filemap_delete_from_page_cache"), Some(vec![RawTracepoint]));
         }
+    }
+
+    #[test]
+    fn bio_release_hooks_stand_by_where_direct_io_unpins() {
+        let syms = Symbols::from_names(&["__bio_release_pages", "unpin_user_page", "page_cache_pipe_buf_release"]);
+        let mut p = plan(&syms, &caps(true, true), AttachMode::Auto);
+        assert!(ladder(&p, "__bio_release_pages").is_some());
+        bio_releases_unpin(&mut p);
+        let bio = p.iter().find(|h| h.symbol == "__bio_release_pages").unwrap();
+        assert!(matches!(bio.choice, Choice::Standby { instead: "unpin_user_page" }), "{:?}", bio.choice);
+        // the others are untouched; a bio hook this kernel lacks stays unavailable
+        assert!(ladder(&p, "unpin_user_page").is_some() && ladder(&p, "page_cache_pipe_buf_release").is_some());
+        assert!(matches!(p.iter().find(|h| h.symbol == "bio_release_pages").unwrap().choice, Choice::Unavailable { .. }));
     }
 
     #[test]
