@@ -391,7 +391,10 @@ pub mod counter {
     /// Programs nested deeper than the scratch levels on one CPU (interrupts inside
     /// interrupts inside a hook): the innermost record was not made.
     pub const NESTED_TOO_DEEP: u32 = 6;
-    pub const NR: u32 = 7;
+    /// QUIET_GETS had no room: an unstreamed FOLL_GET reference whose release goes
+    /// unseen stays counted until its page is freed.
+    pub const QUIET_GETS_FULL: u32 = 7;
+    pub const NR: u32 = 8;
 }
 
 /// Struct layouts and kernel constants, read by user space from BTF and kallsyms and

@@ -12,7 +12,7 @@ use pinwatch_common::{
 };
 
 use crate::{
-    maps::{count, GUP_CALLS, GUP_STACKS, PINS, PIN_SCRATCH, PROC_PINS, STACK_SCRATCH},
+    maps::{count, GUP_CALLS, GUP_STACKS, PINS, PIN_SCRATCH, PROC_PINS, QUIET_GETS, STACK_SCRATCH},
     page::{backing, file_of, folio_head, mapping, PfnMath},
     record::{atomic_add, current, fill_header, fill_stack, is_self, send, stream_all, Nest},
 };
@@ -284,6 +284,9 @@ fn track_pin(pfn: u64, pin: bool, quiet: bool, tgid: u32, gup_flags: u32, ts: u6
         atomic_add(refs, 1);
         if quiet {
             atomic_add(&mut (*s).quiet_refs, 1);
+            if !pin && QUIET_GETS.insert(&pfn, &ts, 0).is_err() {
+                count(counter::QUIET_GETS_FULL, 1);
+            }
         }
         (*s).tgid = tgid;
         (*s).gup_flags |= gup_flags;

@@ -86,8 +86,10 @@ pub fn page_op<C: EbpfContext>(ctx: &C, hook: u16, op: u16, page: u64, kernel_pi
 fn drop_if_gone(hook: u16, pfn: u64, state: &PinState, l: &crate::page::Live) -> bool {
     let pins_gone = state.pin_refs != 0 && !l.maybe_dma_pinned;
     if pins_gone || l.gets_gone(state.get_refs) {
-        let _ = PINS.remove(&pfn);
-        send_gone(hook, pfn);
+        // User space hears only of references it was sent, or of an exposed folio.
+        if crate::release::forget(pfn, state) || state.state & pin_state::EXPOSED != 0 {
+            send_gone(hook, pfn);
+        }
         return true;
     }
     false
@@ -98,7 +100,10 @@ fn drop_if_gone(hook: u16, pfn: u64, state: &PinState, l: &crate::page::Live) ->
 /// put_page leave no other trace.
 #[inline(always)]
 pub fn sweep(pfn: u64) {
-    let Some(s) = PINS.get_ptr(&pfn) else { return };
+    let Some(s) = PINS.get_ptr(&pfn) else {
+        let _ = crate::maps::QUIET_GETS.remove(&pfn);
+        return;
+    };
     let state = unsafe { *s };
     let head = crate::page::PfnMath::new().page(pfn);
     if head == 0 {

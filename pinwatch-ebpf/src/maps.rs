@@ -49,6 +49,12 @@ pub const NEST_LEVELS: u32 = 3;
 #[map]
 pub static NEST: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
 
+/// Folios holding unstreamed FOLL_GET references (monitoring), with when the latest was
+/// taken: user space has them re-checked (sweep_pfn) when they grow old, since an
+/// inline put_page releases them unseen. Direct I/O's come and go within a read.
+#[map]
+pub static QUIET_GETS: HashMap<u64, u64> = HashMap::with_max_entries(65536, 0);
+
 /// Scratch space for one record: records are larger than the 512-byte BPF stack. One
 /// slot per nesting level.
 #[map]

@@ -3,10 +3,10 @@
 //! page free, after which no reference of any kind can be left.
 
 use aya_ebpf::helpers::bpf_probe_read_kernel;
-use pinwatch_common::{kind, pin_state, release, PFNS_PER_RECORD, RELEASE_FIXED, RELEASE_MAX_CHUNKS};
+use pinwatch_common::{kind, pin_state, release, PinState, PFNS_PER_RECORD, RELEASE_FIXED, RELEASE_MAX_CHUNKS};
 
 use crate::{
-    maps::{GUP_CALLS, KNOWN, PINS, PROC_PINS, RELEASE_DEPTH, RELEASE_SCRATCH},
+    maps::{GUP_CALLS, KNOWN, PINS, PROC_PINS, QUIET_GETS, RELEASE_DEPTH, RELEASE_SCRATCH},
     page::{head_pfn, page_to_pfn, struct_page_size, PfnMath},
     record::{atomic_add, current, fill_header, send, Nest},
 };
@@ -62,10 +62,7 @@ fn track_release(pfn: u64, release: u16, level: u32) -> bool {
         }
     }
     if release == release::FREED || release == release::GONE {
-        unquiet(s.tgid, s.quiet_refs as u64);
-        let streamed = s.pin_refs + s.get_refs > s.quiet_refs;
-        let _ = PINS.remove(&pfn);
-        return streamed || exposed;
+        return forget(pfn, s) || exposed;
     }
     let refs = if release == release::UNPIN { &mut s.pin_refs } else { &mut s.get_refs };
     if *refs == 0 {
@@ -77,10 +74,26 @@ fn track_release(pfn: u64, release: u16, level: u32) -> bool {
         s.quiet_refs -= 1;
         unquiet(s.tgid, 1);
     }
+    if s.get_refs == 0 && quiet && release == release::PUT {
+        let _ = QUIET_GETS.remove(&pfn);
+    }
     if s.pin_refs == 0 && s.get_refs == 0 {
         let _ = PINS.remove(&pfn);
     }
     !quiet || exposed
+}
+
+/// Every reference on `pfn` is gone (freed, or found gone by a hazard hook or the
+/// sweep): its entries leave PINS and QUIET_GETS, its quiet references their process's
+/// count. Returns whether any reference had been streamed.
+#[inline(always)]
+pub fn forget(pfn: u64, s: &PinState) -> bool {
+    unquiet(s.tgid, s.quiet_refs as u64);
+    if s.quiet_refs != 0 {
+        let _ = QUIET_GETS.remove(&pfn);
+    }
+    let _ = PINS.remove(&pfn);
+    s.pin_refs + s.get_refs > s.quiet_refs
 }
 
 /// `n` quiet references of `tgid` are gone.

@@ -261,6 +261,14 @@ impl Kernel {
         Ok(c)
     }
 
+    /// Folios holding unstreamed FOLL_GET references taken longer than `age_ns` ago
+    /// (QUIET_GETS), at most `max`: the sweep re-checks them.
+    pub fn old_quiet_gets(&self, now_ns: u64, age_ns: u64, max: usize) -> Result<Vec<u64>> {
+        let map = self.ebpf.map("QUIET_GETS").ok_or_else(|| anyhow!("map QUIET_GETS missing"))?;
+        let m: aya::maps::HashMap<_, u64, u64> = aya::maps::HashMap::try_from(map)?;
+        Ok(m.iter().filter_map(|r| r.ok()).filter(|(_, ts)| now_ns.saturating_sub(*ts) > age_ns).map(|(pfn, _)| pfn).take(max).collect())
+    }
+
     /// Every process's GUP counts (PROC_PINS). Entries of processes that are gone and
     /// hold nothing unstreamed are deleted, so the map holds the living.
     pub fn proc_pins(&mut self) -> Result<HashMap<u32, ProcPins>> {
@@ -313,7 +321,7 @@ pub struct Counters(pub [u64; counter::NR as usize]);
 
 impl Counters {
     pub const NAMES: [&'static str; counter::NR as usize] =
-        ["ringbuf_full", "pin_map_full", "pfns_truncated", "call_map_full", "read_failed", "stack_lost", "nested_too_deep"];
+        ["ringbuf_full", "pin_map_full", "pfns_truncated", "call_map_full", "read_failed", "stack_lost", "nested_too_deep", "quiet_gets_full"];
 }
 
 /// Attaches one hook with one attach type: the return program first (an entry

@@ -203,7 +203,7 @@ impl Session {
         }
         let now = monotonic_ns();
         if let Some(sw) = self.sweeper.as_mut() {
-            let old: BTreeSet<u64> = self
+            let mut old: BTreeSet<u64> = self
                 .engine
                 .pins
                 .iter()
@@ -211,6 +211,9 @@ impl Session {
                 .map(|(pfn, _)| pfn)
                 .take(SWEEP_MAX)
                 .collect();
+            // While monitoring, FOLL_GET references the engine was never sent: the
+            // kernel side lists them.
+            old.extend(self.kernel.old_quiet_gets(now, SWEEP_AFTER_NS, SWEEP_MAX)?);
             for pfn in old {
                 self.kernel.sweep(sw, pfn);
             }
