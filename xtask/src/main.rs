@@ -51,6 +51,9 @@ enum Cmd {
         /// reported; under TCG rounds of one mode scatter by 15-25%).
         #[arg(long, default_value_t = 5)]
         rounds: usize,
+        /// Fail when a figure misses its target (README: "What it costs").
+        #[arg(long)]
+        check: bool,
     },
     /// Show pinwatch at work: boot a lab kernel and record the pinning scenarios there.
     Demo {
@@ -508,9 +511,9 @@ fn main() -> ExitCode {
                 summary(&t);
                 Ok(t.failed == 0)
             }
-            Cmd::Bench { kernels, rounds } => {
+            Cmd::Bench { kernels, rounds, check } => {
                 setup::setup()?;
-                bench::run(&kernels, rounds, &mut lab::build_binaries()?)
+                bench::run(&kernels, rounds, check, &mut lab::build_binaries()?)
             }
             Cmd::Host => {
                 setup::setup()?;

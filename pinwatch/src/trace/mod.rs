@@ -41,6 +41,29 @@ pub enum Event {
 }
 
 impl Event {
+    /// One trace line. Pins and releases, most of any trace, are read straight into
+    /// their struct: serde reads an internally tagged enum by buffering every field
+    /// first, which made the replay half as fast. Anything else, or a line the fast way
+    /// refuses, goes the general way (and its error is the general one).
+    pub fn from_json(text: &[u8]) -> serde_json::Result<Event> {
+        const TAG: &[u8] = b"\"event\":\"";
+        let kind = text.windows(TAG.len()).position(|w| w == TAG).map(|i| &text[i + TAG.len()..]);
+        match kind {
+            Some(k) if k.starts_with(b"pin\"") => {
+                if let Ok(p) = serde_json::from_slice::<Pin>(text) {
+                    return Ok(Event::Pin(p));
+                }
+            }
+            Some(k) if k.starts_with(b"unpin\"") => {
+                if let Ok(u) = serde_json::from_slice::<Unpin>(text) {
+                    return Ok(Event::Unpin(u));
+                }
+            }
+            _ => {}
+        }
+        serde_json::from_slice::<Event>(text)
+    }
+
     /// When it happened (CLOCK_MONOTONIC), for the events that say.
     pub fn ts_ns(&self) -> Option<u64> {
         match self {
@@ -508,4 +531,19 @@ mod tests {
         }
     }
 
+    #[test]
+    fn the_fast_way_reads_what_the_general_way_reads() {
+        let pin = Event::Pin(Pin { pid: 7, comm: "a\"event\":\"unpin\"".into(), pfns: vec![1], ..Default::default() });
+        let unpin = Event::Unpin(Unpin { ts_ns: 3, pid: 8, tid: 9, comm: "fio".into(), func: "f".into(), release: Release::Put, dirty: true, pfns: vec![1, 2] });
+        let lost = Event::Lost(Lost { ts_ns: 1, count: 2, reason: "ringbuf_full".into() });
+        for e in [pin, unpin, lost] {
+            let line = serde_json::to_vec(&e).unwrap();
+            assert_eq!(Event::from_json(&line).unwrap(), e);
+            assert_eq!(serde_json::from_slice::<Event>(&line).unwrap(), e);
+        }
+        // a pin line missing a field fails the fast way and gives the general error
+        let bad = br#"{"event":"pin","pid":1}"#;
+        let (a, b) = (Event::from_json(bad).unwrap_err().to_string(), serde_json::from_slice::<Event>(bad).unwrap_err().to_string());
+        assert_eq!(a, b);
+    }
 }

@@ -140,7 +140,7 @@ impl Iterator for Reader {
             if text.is_empty() {
                 continue;
             }
-            match serde_json::from_slice::<Event>(text) {
+            match Event::from_json(text) {
                 Ok(Event::Start(s)) => {
                     if let Err(e) = s.check_format() {
                         self.done = true;
