@@ -12,7 +12,7 @@ use pinwatch_common::{
 };
 
 use crate::{
-    maps::{count, GUP_CALLS, GUP_STACKS, PINS, PIN_SCRATCH, PROC_PINS, QUIET_GETS, STACK_SCRATCH},
+    maps::{count, ARMED, GUP_CALLS, GUP_STACKS, PINS, PIN_SCRATCH, PROC_PINS, QUIET_GETS, STACK_SCRATCH},
     page::{backing, file_of, folio_head, mapping, PfnMath},
     record::{atomic_add, current, fill_header, fill_stack, is_self, send, stream_all, Nest},
 };
@@ -26,6 +26,12 @@ static FOLL_LONGTERM: u64 = 0;
 #[inline(always)]
 fn streamed(gup_flags: u64) -> bool {
     stream_all() || gup_flags & unsafe { core::ptr::read_volatile(&FOLL_LONGTERM) } != 0
+}
+
+/// Whether user space has attached every hook (see maps::ARMED).
+#[inline(always)]
+fn armed() -> bool {
+    ARMED.get(0).is_some_and(|a| *a != 0)
 }
 
 /// Bits packed above the 32 gup_flags bits of pin_page's flags argument.
@@ -50,7 +56,7 @@ pub const LAYOUT_UNLOCKED: Layout = Layout { start: 0, nr_pages: 1, gup_flags: 3
 #[inline(always)]
 pub fn enter<C: EbpfContext>(ctx: &C, hook: Hook, start: u64, nr_pages: u64, gup_flags: u64, pages: u64) {
     let (tgid, tid) = current();
-    if is_self(tgid) {
+    if is_self(tgid) || !armed() {
         return;
     }
     if let Some(call) = GUP_CALLS.get_ptr_mut(&tid) {

@@ -11,6 +11,12 @@ use pinwatch_common::{calib, counter, GupCall, KernelStack, PageRecord, PinRecor
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(8 << 20, 0);
 
+/// Set to 1 by user space once every hook is attached: GUP calls are tracked from then
+/// on only, so that no pin is taken into PINS while its release or its page's free could
+/// still go unseen (hooks attach one by one, for seconds under a slow verifier).
+#[map]
+pub static ARMED: Array<u32> = Array::with_max_entries(1, 0);
+
 /// Drop counters, per CPU so that counting never contends. See pinwatch_common::counter.
 #[map]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::NR, 0);

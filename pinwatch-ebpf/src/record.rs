@@ -108,8 +108,9 @@ pub fn atomic_add<T: Copy>(p: *mut T, v: T) {
 }
 
 /// This CPU's nesting level while a program fills a scratch record: the slot it owns.
-/// Taken at the start of the work, given back when dropped (interrupts nest and end
-/// in order, so the level returns to what it was).
+/// Taken at the start of the work, given back when dropped. Interrupts nest and end in
+/// order; the count is decremented rather than restored, so that it stays the number
+/// of holders even if a preempted program ends out of order.
 pub struct Nest {
     pub level: u32,
 }
@@ -132,7 +133,7 @@ impl Drop for Nest {
     #[inline(always)]
     fn drop(&mut self) {
         if let Some(p) = NEST.get_ptr_mut(0) {
-            unsafe { *p = self.level };
+            unsafe { *p = (*p).saturating_sub(1) };
         }
     }
 }

@@ -88,12 +88,13 @@ fn track_release(pfn: u64, release: u16, level: u32) -> bool {
 /// count. Returns whether any reference had been streamed.
 #[inline(always)]
 pub fn forget(pfn: u64, s: &PinState) -> bool {
-    unquiet(s.tgid, s.quiet_refs as u64);
-    if s.quiet_refs != 0 {
+    let (tgid, quiet, streamed) = (s.tgid, s.quiet_refs, s.pin_refs + s.get_refs > s.quiet_refs);
+    unquiet(tgid, quiet as u64);
+    if quiet != 0 {
         let _ = QUIET_GETS.remove(&pfn);
     }
     let _ = PINS.remove(&pfn);
-    s.pin_refs + s.get_refs > s.quiet_refs
+    streamed
 }
 
 /// `n` quiet references of `tgid` are gone.

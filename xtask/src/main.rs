@@ -120,6 +120,8 @@ pinwatch-scenario iouring-fixed --pages 256 --hold-ms 2500 > /tmp/top.out
 pinwatch-scenario bench-dio --file /mnt/topdio --ops 300 > /dev/null
 pinwatch-scenario odirect-hazard --file /mnt/tophz --dev /dev/nullb0 --pages 8 > /dev/null
 sleep 2.5
+# Debug runs (PINWATCH_LAB_ONLY) carry bpftool: the kernel side's maps go to stderr.
+command -v bpftool > /dev/null && for m in PROC_PINS QUIET_GETS PINS; do echo "map $m"; bpftool map dump name $m; done >> /tmp/top.err 2>&1
 kill -TERM $TOP
 wait $TOP
 send_back top $? /tmp/top.out /tmp/top.err /tmp/top.json
@@ -220,7 +222,24 @@ fn lab(names: &[String], bins: &lab::Binaries, tally: &mut Tally) -> Result<()> 
         };
         let work = util::cache_dir().join("runs").join(&k.release);
         std::fs::create_dir_all(&work)?;
-        let boot = lab::build_initramfs(&k, bins, &plan(None), &work)
+        // PINWATCH_LAB_ONLY=a,b: those scenarios and top alone, with pinwatch's debug log
+        // (for looking into one failure; the checks of the others then fail).
+        let only = std::env::var("PINWATCH_LAB_ONLY").ok();
+        let names: Vec<&str> = only.as_deref().map(|o| o.split(',').collect()).unwrap_or_default();
+        let script = match &only {
+            Some(_) => format!("export RUST_LOG=pinwatch=debug\n{}", plan(Some(&names))),
+            None => plan(None),
+        };
+        let mut debug_bins;
+        let bins = match &only {
+            Some(_) => {
+                debug_bins = lab::Binaries { pinwatch: bins.pinwatch.clone(), scenario: bins.scenario.clone(), extra: vec!["/usr/sbin/bpftool".into()] };
+                debug_bins.extra.retain(|p| p.exists());
+                &debug_bins
+            }
+            None => bins,
+        };
+        let boot = lab::build_initramfs(&k, bins, &script, &work)
             .and_then(|img| lab::boot(&k, &img, &work, BOOT_LIMIT));
         let boot = match boot {
             Ok(b) => b,

@@ -203,7 +203,16 @@ impl Kernel {
         }
         // Everything is attached: the parsed kernel BTF (tens of MiB) is not needed again.
         self.btf = None;
+        self.arm()?;
         Ok(self.mode())
+    }
+
+    /// GUP calls are tracked from now on: every release and free hook is in place.
+    fn arm(&mut self) -> Result<()> {
+        let map = self.ebpf.map_mut("ARMED").ok_or_else(|| anyhow!("map ARMED missing"))?;
+        let mut armed: aya::maps::Array<_, u32> = aya::maps::Array::try_from(map)?;
+        armed.set(0, 1, 0).context("arming the GUP hooks")?;
+        Ok(())
     }
 
     pub fn mode(&self) -> Mode {
@@ -269,18 +278,19 @@ impl Kernel {
         Ok(m.iter().filter_map(|r| r.ok()).filter(|(_, ts)| now_ns.saturating_sub(*ts) > age_ns).map(|(pfn, _)| pfn).take(max).collect())
     }
 
-    /// Every process's GUP counts (PROC_PINS). Entries of processes that are gone and
-    /// hold nothing unstreamed are deleted, so the map holds the living.
-    pub fn proc_pins(&mut self) -> Result<HashMap<u32, ProcPins>> {
+    /// Every process's GUP counts (PROC_PINS), and which of them were deleted now:
+    /// processes that are gone and hold nothing unstreamed, so the map holds the living.
+    pub fn proc_pins(&mut self) -> Result<(HashMap<u32, ProcPins>, Vec<u32>)> {
         let map = self.ebpf.map_mut("PROC_PINS").ok_or_else(|| anyhow!("map PROC_PINS missing"))?;
         let mut m: aya::maps::HashMap<_, u32, ProcPins> = aya::maps::HashMap::try_from(map)?;
         let all: HashMap<u32, ProcPins> = m.iter().filter_map(|r| r.ok()).collect();
+        let mut gone = Vec::new();
         for (tgid, p) in &all {
-            if p.quiet_held == 0 && !std::path::Path::new(&format!("/proc/{tgid}")).exists() {
-                let _ = m.remove(tgid);
+            if p.quiet_held == 0 && !std::path::Path::new(&format!("/proc/{tgid}")).exists() && m.remove(tgid).is_ok() {
+                gone.push(*tgid);
             }
         }
-        Ok(all)
+        Ok((all, gone))
     }
 
     pub fn hooks_in_use(&self) -> Vec<String> {

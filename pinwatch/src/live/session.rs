@@ -75,6 +75,8 @@ pub struct Session {
     /// GUP activity by pid as the kernel side counted it, at the last tick: what
     /// monitoring knows of the calls it does not stream.
     pub gup: HashMap<u32, GupCounts>,
+    /// GUP calls and pages of processes that have ended, since the session started.
+    pub gup_ended: GupCounts,
 }
 
 /// One process's GUP activity from the kernel's counters (PROC_PINS).
@@ -146,7 +148,12 @@ impl Session {
         // The engine takes its limit rules from the start event, as a replay does.
         let mut engine = Engine::default();
         engine.apply(&start);
-        Ok(Session { kernel, source, sweeper, engine, start, mode, lost_by_reason: BTreeMap::new(), procs: HashMap::new(), gup: HashMap::new() })
+        Ok(Session { kernel, source, sweeper, engine, start, mode, lost_by_reason: BTreeMap::new(), procs: HashMap::new(), gup: HashMap::new(), gup_ended: GupCounts::default() })
+    }
+
+    /// GUP activity of every process, living and ended, since the session started.
+    pub fn gup_totals(&self) -> GupCounts {
+        self.gup.values().fold(self.gup_ended, |t, g| GupCounts { calls: t.calls + g.calls, pages: t.pages + g.pages, unstreamed_held: t.unstreamed_held + g.unstreamed_held })
     }
 
     /// Everything lost so far: records, pages and stacks.
@@ -213,7 +220,9 @@ impl Session {
                 .collect();
             // While monitoring, FOLL_GET references the engine was never sent: the
             // kernel side lists them.
-            old.extend(self.kernel.old_quiet_gets(now, SWEEP_AFTER_NS, SWEEP_MAX)?);
+            let quiet = self.kernel.old_quiet_gets(now, SWEEP_AFTER_NS, SWEEP_MAX)?;
+            log::debug!("tick: re-checking {} FOLL_GET folio(s), {} of them unstreamed", old.len() + quiet.len(), quiet.len());
+            old.extend(quiet);
             for pfn in old {
                 self.kernel.sweep(sw, pfn);
             }
@@ -226,9 +235,8 @@ impl Session {
             }
         }
         let accounts = account(&self.engine.pins);
-        self.gup = self
-            .kernel
-            .proc_pins()?
+        let (counts, ended) = self.kernel.proc_pins()?;
+        self.gup = counts
             .into_iter()
             .map(|(pid, p)| {
                 // Counts are atomic adds; a release charged to another pinner of the
@@ -237,6 +245,12 @@ impl Session {
                 (pid, GupCounts { calls: p.calls, pages: p.pages, unstreamed_held: held })
             })
             .collect();
+        for pid in ended {
+            if let Some(g) = self.gup.remove(&pid) {
+                self.gup_ended.calls += g.calls;
+                self.gup_ended.pages += g.pages;
+            }
+        }
         let mut pids: BTreeSet<u32> = accounts.processes.keys().copied().collect();
         pids.extend(self.gup.iter().filter(|(_, g)| g.unstreamed_held > 0).map(|(p, _)| *p));
         pids.extend(extra_pids);
