@@ -91,6 +91,10 @@ pub fn send<T>(record: &T, len: usize, urgent: bool) {
     const BPF_RB_NO_WAKEUP: u64 = 1;
     const BPF_RB_FORCE_WAKEUP: u64 = 2;
     let size = core::mem::size_of::<T>();
+    // Read back through memory so that the compiler cannot drop the bound below as
+    // redundant: 5.10's verifier loses a length's range when it is spilled to the stack,
+    // and needs the comparison right before the call.
+    let len = unsafe { core::ptr::read_volatile(&len) };
     let len = if len > size { size } else { len };
     let bytes = unsafe { core::slice::from_raw_parts(record as *const T as *const u8, len) };
     let flags = if urgent || EVENTS.query(BPF_RB_AVAIL_DATA) > WAKE_ABOVE { BPF_RB_FORCE_WAKEUP } else { BPF_RB_NO_WAKEUP };
