@@ -310,6 +310,7 @@ pub fn run(kernel_names: &[String], rounds: usize, check: bool, bins: &mut lab::
     let replay = replay_speed(&bins.pinwatch)?;
     println!("bench: pinwatch report replays {:.2}M events per second on one core of this machine", replay["events_per_second"].as_f64().unwrap_or(0.0) / 1e6);
     let mut ok = true;
+    let mut tables = Vec::new();
     for s in series {
         let Fetched::Ready(k) = kernels::fetch(&conf, &s)? else { bail!("kernel {} is not available", s.name) };
         let work: PathBuf = util::cache_dir().join("bench").join(&k.release);
@@ -340,9 +341,60 @@ pub fn run(kernel_names: &[String], rounds: usize, check: bool, bins: &mut lab::
         let file = out.join(format!("{}.json", k.release));
         std::fs::write(&file, serde_json::to_string_pretty(&report)?).with_context(|| format!("writing {}", file.display()))?;
         std::fs::write(file.with_extension("md"), markdown(&report))?;
+        tables.push(readme_block(&report));
         println!("  written to {} (and the README's table to {})", file.display(), file.with_extension("md").display());
     }
+    update_readme(&tables.join("\n"))?;
     Ok(ok)
+}
+
+/// One kernel's part of the README's table: the timings, the kernel's own figures per
+/// read, the footprint and the replay speed.
+fn readme_block(report: &Value) -> String {
+    let mut s = format!("Measured on Debian {} under QEMU TCG, 2 vCPUs, {} rounds (medians; each cell: time per op, its ratio to the baseline, and added time over the floor's added time of the same attach type where the floor rose above the noise):\n\n", report["kernel"].as_str().unwrap_or("?"), report["rounds"]);
+    s += &markdown(report);
+    s += "\nPer dio read, from the kernel's BPF statistics (all of pinwatch's programs; trace lines per read under record):\n\n| mode | BPF ns per read | busiest programs | trace lines per read |\n|---|---|---|---|\n";
+    for m in MODES.iter().filter(|m| m.contains('-')) {
+        let st = &report["stats"][*m];
+        let top: Vec<String> = st["programs"].as_array().into_iter().flatten().take(3).map(|p| format!("{} {:.0} ns", p["name"].as_str().unwrap_or("?"), p["ns_per_read"].as_f64().unwrap_or(0.0))).collect();
+        s += &format!(
+            "| {m} | {} | {} | {} |\n",
+            st["ns_per_read"].as_f64().map(|v| format!("{v:.0}")).unwrap_or_else(|| "-".into()),
+            top.join(", "),
+            st["trace_lines_per_read"].as_f64().map(|v| format!("{v:.2}")).unwrap_or_else(|| "-".into())
+        );
+    }
+    let f = &report["footprint"];
+    if f.is_object() {
+        s += &format!(
+            "\nFootprint: RSS {:.1} MiB idle, {:.1} MiB while io_uring holds {} MiB pinned ({:.0} user bytes per pinned page); the BPF maps charge {:.1} MiB ({:.0} bytes per pinned page at that size).\n",
+            f["rss_idle_kb"].as_f64().unwrap_or(0.0) / 1024.0,
+            f["rss_held_kb"].as_f64().unwrap_or(0.0) / 1024.0,
+            f["pages"].as_u64().unwrap_or(0) * 4 / 1024,
+            f["user_bytes_per_pinned_page"].as_f64().unwrap_or(0.0),
+            f["maps_memlock_bytes"].as_f64().unwrap_or(0.0) / (1 << 20) as f64,
+            f["kernel_bytes_per_pinned_page"].as_f64().unwrap_or(0.0),
+        );
+    }
+    if let Some(r) = report["replay"]["events_per_second"].as_f64() {
+        s += &format!("`pinwatch report` replays {:.2}M events per second on one core of the machine that ran the bench.\n", r / 1e6);
+    }
+    let missed = misses(report);
+    s += &if missed.is_empty() { "\nEvery target met.\n".to_string() } else { format!("\nTargets missed ({}):\n\n{}\n", missed.len(), missed.iter().map(|m| format!("- {m}")).collect::<Vec<_>>().join("\n")) };
+    s
+}
+
+/// Puts the tables between the README's bench markers.
+fn update_readme(block: &str) -> Result<()> {
+    let path = util::workspace_root().join("README.md");
+    let text = std::fs::read_to_string(&path)?;
+    let (Some(a), Some(b)) = (text.find("<!-- bench:begin -->"), text.find("<!-- bench:end -->")) else {
+        bail!("README.md has no bench markers");
+    };
+    let start = a + "<!-- bench:begin -->".len();
+    std::fs::write(&path, format!("{}\n{block}{}", &text[..start], &text[b..]))?;
+    println!("  README.md: the cost table was regenerated");
+    Ok(())
 }
 
 pub fn report(kernel: &str, rounds: usize, results: &BTreeMap<String, Recorded>) -> (Value, Vec<String>) {
