@@ -187,19 +187,25 @@ pub fn median(mut v: Vec<f64>) -> Option<f64> {
     Some(if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 })
 }
 
+/// The run `name` of `mode` if it ran and ended well; else what went wrong, in `problems`.
+fn good_run<'a>(results: &'a BTreeMap<String, Recorded>, name: &str, mode: &str, problems: &mut Vec<String>) -> Option<&'a Recorded> {
+    let Some(rec) = results.get(name) else {
+        problems.push(format!("{name}: never ran"));
+        return None;
+    };
+    if let Some(t) = trouble(name, mode, rec) {
+        problems.push(t);
+        return None;
+    }
+    Some(rec)
+}
+
 /// ns per op of every good round of `mode` for `bench`; what went wrong into `problems`.
 fn per_op(results: &BTreeMap<String, Recorded>, mode: &str, bench: &str, rounds: usize, problems: &mut Vec<String>) -> Vec<f64> {
     let mut out = Vec::new();
     for r in 1..=rounds {
         let name = format!("{mode}-{r}");
-        let Some(rec) = results.get(&name) else {
-            problems.push(format!("{name}: never ran"));
-            continue;
-        };
-        if let Some(t) = trouble(&name, mode, rec) {
-            problems.push(t);
-            continue;
-        }
+        let Some(rec) = good_run(results, &name, mode, problems) else { continue };
         match measures(rec).get(bench) {
             Some(m) => out.push(m["ns"].as_f64().unwrap_or(f64::NAN) / m["ops"].as_f64().unwrap_or(f64::NAN)),
             None => problems.push(format!("{name}: no {bench} measure")),
@@ -410,15 +416,7 @@ pub fn report(kernel: &str, rounds: usize, results: &BTreeMap<String, Recorded>)
         report["workloads"][bench] = f;
     }
     for m in MODES.iter().filter(|m| m.contains('-')) {
-        let name = format!("stats-{m}");
-        let Some(r) = results.get(&name) else {
-            problems.push(format!("{name}: never ran"));
-            continue;
-        };
-        if let Some(t) = trouble(&name, m, r) {
-            problems.push(t);
-            continue;
-        }
+        let Some(r) = good_run(results, &format!("stats-{m}"), m, &mut problems) else { continue };
         let mut s = program_stats(r).unwrap_or_else(|| json!({"programs": []}));
         if let Some(n) = r.out.iter().find_map(|l| l.strip_prefix("PINWATCH-EVENTS ")).and_then(|n| n.trim().parse::<f64>().ok()) {
             // start, procs and stop lines aside, every line is an event of the reads.
