@@ -57,7 +57,7 @@ const BPFTRACE: &str = "kretprobe:get_user_pages*,kretprobe:pin_user_pages* /(in
 
 fn fio(engine: &str) -> String {
     format!(
-        "fio --name={engine} --filename=/mnt/bench-fio --size=16M --bs=4k --rw=randread --direct=1 --ioengine={engine} \
+        "fio --name={engine} --filename=/mnt/bench-fio --size=4M --bs=4k --rw=randread --direct=1 --ioengine={engine} \
          --number_ios={FIO_OPS} --output-format=json > /tmp/fio.json && echo \"PINWATCH-FIO {engine} $(tr -d '\\n' < /tmp/fio.json)\""
     )
 }
