@@ -41,7 +41,24 @@ const FOOTPRINT_PAGES: usize = 131072;
 const BENCH_LIMIT: Duration = Duration::from_secs(3600);
 
 /// Every mode of a round. `base` is the baseline; `floor-*` the hooks alone.
-pub const MODES: [&str; 8] = ["base", "floor-fentry", "floor-kprobe", "monitor-fentry", "monitor-kprobe", "record-fentry", "record-kprobe", "bpftrace"];
+/// `ring-fentry` and `engine-fentry` split record's cost by stage: records read and
+/// dropped, then also through the engine (record-fentry also writes the trace).
+pub const MODES: [&str; 10] = [
+    "base",
+    "floor-fentry",
+    "floor-kprobe",
+    "monitor-fentry",
+    "monitor-kprobe",
+    "ring-fentry",
+    "engine-fentry",
+    "record-fentry",
+    "record-kprobe",
+    "bpftrace",
+];
+
+/// Modes run once more with the kernel's BPF statistics on (the stage split adds
+/// nothing there: its programs are record's).
+const STATS_MODES: [&str; 6] = ["floor-fentry", "floor-kprobe", "monitor-fentry", "monitor-kprobe", "record-fentry", "record-kprobe"];
 
 /// Workloads: the bench name each prints, and what the report calls it.
 const WORKLOADS: [(&str, &str); 4] = [
@@ -89,9 +106,10 @@ bench_mode() {{
   case $mode in
   base)
     sh $work > /tmp/$name.out 2> /tmp/$name.err; rc=$? ;;
-  floor-*|record-*)
-    floor=; [ "${{mode%%-*}}" = floor ] && floor=--floor
-    pinwatch record $floor --attach ${{mode#*-}} --force --output /tmp/$name.jsonl -- sh $work > /tmp/$name.out 2> /tmp/$name.err; rc=$?
+  floor-*|record-*|ring-*|engine-*)
+    how=
+    case $mode in floor-*) how=--floor ;; ring-*) how="--stage ring" ;; engine-*) how="--stage engine" ;; esac
+    pinwatch record $how --attach ${{mode#*-}} --force --output /tmp/$name.jsonl -- sh $work > /tmp/$name.out 2> /tmp/$name.err; rc=$?
     echo "PINWATCH-EVENTS $(wc -l < /tmp/$name.jsonl)" >> /tmp/$name.out
     tail -n 1 /tmp/$name.jsonl > /tmp/$name.last ;;
   monitor-*)
@@ -129,7 +147,7 @@ sh /tmp/work.sh > /dev/null 2>&1
         }
     }
     p += "echo 1 > /proc/sys/kernel/bpf_stats_enabled\n";
-    for m in MODES.iter().filter(|m| m.contains('-')) {
+    for m in STATS_MODES.iter() {
         p += &format!("bench_mode stats-{m} {m} /tmp/stats.sh\n");
     }
     p += "echo 0 > /proc/sys/kernel/bpf_stats_enabled\n";
@@ -167,7 +185,7 @@ fn trouble(name: &str, mode: &str, r: &Recorded) -> Option<String> {
     }
     let last = r.trace.last();
     let lost = match mode.split('-').next() {
-        Some("floor" | "record") => last.and_then(|s| s["lost_total"].as_u64()),
+        Some("floor" | "record" | "ring" | "engine") => last.and_then(|s| s["lost_total"].as_u64()),
         Some("monitor") => last.and_then(|d| d["lost_events"].as_u64()),
         _ => return None,
     };
@@ -360,7 +378,7 @@ fn readme_block(report: &Value) -> String {
     let mut s = format!("Measured on Debian {} under QEMU TCG, 2 vCPUs, {} rounds (medians; each cell: time per op, its ratio to the baseline, and added time over the floor's added time of the same attach type where the floor rose above the noise):\n\n", report["kernel"].as_str().unwrap_or("?"), report["rounds"]);
     s += &markdown(report);
     s += "\nPer dio read, from the kernel's BPF statistics (all of pinwatch's programs; trace lines per read under record):\n\n| mode | BPF ns per read | busiest programs | trace lines per read |\n|---|---|---|---|\n";
-    for m in MODES.iter().filter(|m| m.contains('-')) {
+    for m in STATS_MODES.iter() {
         let st = &report["stats"][*m];
         let top: Vec<String> = st["programs"].as_array().into_iter().flatten().take(3).map(|p| format!("{} {:.0} ns", p["name"].as_str().unwrap_or("?"), p["ns_per_read"].as_f64().unwrap_or(0.0))).collect();
         s += &format!(
@@ -415,7 +433,7 @@ pub fn report(kernel: &str, rounds: usize, results: &BTreeMap<String, Recorded>)
         f["what"] = json!(what);
         report["workloads"][bench] = f;
     }
-    for m in MODES.iter().filter(|m| m.contains('-')) {
+    for m in STATS_MODES.iter() {
         let Some(r) = good_run(results, &format!("stats-{m}"), m, &mut problems) else { continue };
         let mut s = program_stats(r).unwrap_or_else(|| json!({"programs": []}));
         if let Some(n) = r.out.iter().find_map(|l| l.strip_prefix("PINWATCH-EVENTS ")).and_then(|n| n.trim().parse::<f64>().ok()) {
@@ -513,6 +531,11 @@ pub fn markdown(report: &Value) -> String {
         let cols: Vec<String> = ["floor-fentry", "monitor-fentry", "record-fentry", "floor-kprobe", "monitor-kprobe", "record-kprobe", "bpftrace"].iter().map(|m| cell(&w[*m])).collect();
         t += &format!("| {what} | {base} | {} |\n", cols.join(" | "));
     }
+    t += "\nrecord's cost by stage, under fentry (each cell as above):\n\n| workload | records read and dropped | + engine | + trace written (record) |\n|---|---|---|---|\n";
+    for (bench, what) in WORKLOADS {
+        let w = &report["workloads"][bench];
+        t += &format!("| {what} | {} | {} | {} |\n", cell(&w["ring-fentry"]), cell(&w["engine-fentry"]), cell(&w["record-fentry"]));
+    }
     t
 }
 
@@ -529,7 +552,7 @@ fn print(report: &Value) {
         }
     }
     println!("  BPF programs per dio read (kernel.bpf_stats_enabled), and trace lines per read:");
-    for m in MODES.iter().filter(|m| m.contains('-')) {
+    for m in STATS_MODES.iter() {
         let s = &report["stats"][*m];
         let top: Vec<String> = s["programs"]
             .as_array()
@@ -653,7 +676,8 @@ mod tests {
         let order: Vec<&str> = p.lines().filter(|l| l.starts_with("bench_mode ")).filter_map(|l| l.split_whitespace().nth(1)).collect();
         assert_eq!(order[0], "base-1");
         assert_eq!(order[MODES.len()], "floor-fentry-2", "round 2 starts one mode later");
-        assert_eq!(order.iter().filter(|n| n.starts_with("stats-")).count(), MODES.len() - 2);
+        assert_eq!(order.iter().filter(|n| n.starts_with("stats-")).count(), STATS_MODES.len());
+        assert!(p.contains("ring-*) how=\"--stage ring\""));
         assert_eq!(order.last(), Some(&"footprint"));
         assert!(p.contains("--ioengine=io_uring") && p.contains("--ioengine=psync") && p.contains("bpftrace -e"));
         assert!(p.contains("bench_mode footprint record-fentry /tmp/footprint.sh") && p.contains("exec pinwatch-scenario bench-footprint"));

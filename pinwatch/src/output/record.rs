@@ -37,9 +37,20 @@ pub struct RecordArgs {
     /// trace then holds its start and stop only).
     #[arg(long, hide = true)]
     pub floor: bool,
+    /// The bench's split of record's cost: `ring` reads and decodes every record and
+    /// drops it, `engine` also runs the engine, `trace` (the default) writes it too.
+    #[arg(long, hide = true, value_enum, default_value_t = Stage::Trace)]
+    pub stage: Stage,
     /// Run this command and record while it runs.
     #[arg(last = true)]
     pub command: Vec<String>,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage {
+    Ring,
+    Engine,
+    Trace,
 }
 
 /// Time given to releases that complete just after the command exits (I/O completions,
@@ -67,7 +78,19 @@ pub async fn run(args: RecordArgs) -> Result<i32> {
     live.spawn(&args.command)?;
 
     let mut batch = Vec::new();
+    let stage = args.stage;
     let write = |session: &mut Session, batch: &mut Vec<Event>, writer: &mut Writer| -> Result<()> {
+        match stage {
+            Stage::Ring => {
+                batch.clear();
+                return Ok(());
+            }
+            Stage::Engine => {
+                session.apply_batch(batch);
+                return Ok(());
+            }
+            Stage::Trace => {}
+        }
         let out = session.apply_batch(batch);
         out.iter().try_for_each(|e| writer.write(e))?;
         if out.iter().any(|e| matches!(e, Event::Hazard(_))) {
