@@ -120,15 +120,21 @@ bench_mode() {{
     kill -TERM $P; wait $P || rc=$?
     tail -n 1 /tmp/$name.top > /tmp/$name.last ;;
   bpftrace)
-    bpftrace -e '{BPFTRACE}' > /tmp/$name.bt 2>&1 &
+    # Bounded: a bpftrace that hangs (it did once, idle, in a bench boot) costs ten
+    # minutes and this round's figure, not the boot.
+    timeout -s KILL 600 bpftrace -e '{BPFTRACE}' > /tmp/$name.bt 2>&1 &
     P=$!
     i=0; while ! grep -q Attaching /tmp/$name.bt && [ $i -lt 1800 ]; do sleep 0.1; kill -0 $P 2> /dev/null || break; i=$((i+1)); done
-    if kill -0 $P 2> /dev/null; then
+    if grep -q Attaching /tmp/$name.bt && kill -0 $P 2> /dev/null; then
       sleep 2
-      sh $work > /tmp/$name.out 2> /tmp/$name.err; rc=$?
-      kill -INT $P; wait $P
+      timeout -s KILL 300 sh $work > /tmp/$name.out 2> /tmp/$name.err; rc=$?
+      kill -INT $P
+      i=0; while kill -0 $P 2> /dev/null && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
+      kill -0 $P 2> /dev/null && {{ echo "bpftrace did not end on SIGINT" >> /tmp/$name.err; kill -KILL $P; rc=124; }}
+      wait $P
     else
-      echo "bpftrace did not start" > /tmp/$name.err; rc=127
+      echo "bpftrace did not start within 180 s" > /tmp/$name.err; rc=127
+      kill -KILL $P 2> /dev/null; wait $P
     fi
     cat /tmp/$name.bt >> /tmp/$name.err ;;
   esac
