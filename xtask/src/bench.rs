@@ -90,7 +90,8 @@ pinwatch-scenario bench-writeback --file /mnt/bench-wb --pages {WB_PAGES} --roun
 {psync} || exit 1
 {uring} || exit 1
 EOF
-cat > /tmp/footprint.sh <<'EOF'
+# Not named after a run: bench_mode removes /tmp/<run name>.* first.
+cat > /tmp/hold-pins.sh <<'EOF'
 exec pinwatch-scenario bench-footprint --pages {FOOTPRINT_PAGES} --hold-ms 2000
 EOF
 cat > /tmp/stats.sh <<'EOF'
@@ -157,7 +158,7 @@ sh /tmp/work.sh > /dev/null 2>&1
         p += &format!("bench_mode stats-{m} {m} /tmp/stats.sh\n");
     }
     p += "echo 0 > /proc/sys/kernel/bpf_stats_enabled\n";
-    p += "bench_mode footprint record-fentry /tmp/footprint.sh\n";
+    p += "bench_mode footprint record-fentry /tmp/hold-pins.sh\n";
     p
 }
 
@@ -407,7 +408,7 @@ fn readme_block(report: &Value) -> String {
         );
     }
     if let Some(r) = report["replay"]["events_per_second"].as_f64() {
-        s += &format!("`pinwatch report` replays {:.2}M events per second on one core of the machine that ran the bench.\n", r / 1e6);
+        s += &format!("\n`pinwatch report` replays {:.2}M events per second on one core of the machine that ran the bench.\n", r / 1e6);
     }
     let missed = misses(report);
     s += &if missed.is_empty() { "\nEvery target met.\n".to_string() } else { format!("\nTargets missed ({}):\n\n{}\n", missed.len(), missed.iter().map(|m| format!("- {m}")).collect::<Vec<_>>().join("\n")) };
@@ -686,6 +687,6 @@ mod tests {
         assert!(p.contains("ring-*) how=\"--stage ring\""));
         assert_eq!(order.last(), Some(&"footprint"));
         assert!(p.contains("--ioengine=io_uring") && p.contains("--ioengine=psync") && p.contains("bpftrace -e"));
-        assert!(p.contains("bench_mode footprint record-fentry /tmp/footprint.sh") && p.contains("exec pinwatch-scenario bench-footprint"));
+        assert!(p.contains("bench_mode footprint record-fentry /tmp/hold-pins.sh") && p.contains("exec pinwatch-scenario bench-footprint"));
     }
 }
