@@ -576,6 +576,7 @@ pub async fn run(args: TopArgs) -> Result<i32> {
 }
 
 fn doc<'a>(s: &'a Session, rows: &'a [Row], acc: &Accounts, sort: Column, log: &'a HazardLog, user_name: &mut dyn FnMut(u32) -> String) -> Doc<'a> {
+    let gup = s.gup_totals();
     Doc {
         ts_ns: monotonic_ns(),
         kernel: &s.kernel.release,
@@ -587,9 +588,9 @@ fn doc<'a>(s: &'a Session, rows: &'a [Row], acc: &Accounts, sort: Column, log: &
             vmpin_bytes: s.procs.values().map(|p| p.kernel.vmpin_bytes).sum(),
             vmlck_bytes: s.procs.values().map(|p| p.kernel.vmlck_bytes).sum(),
             processes: rows.len(),
-            unstreamed_bytes: s.gup_totals().unstreamed_held * crate::engine::account::PAGE_SIZE,
-            gup_calls: s.gup_totals().calls,
-            gup_pages: s.gup_totals().pages,
+            unstreamed_bytes: gup.unstreamed_held * crate::engine::account::PAGE_SIZE,
+            gup_calls: gup.calls,
+            gup_pages: gup.pages,
         },
         cgroups: acc.cgroups.clone(),
         users: acc.users.iter().map(|(uid, u)| (user_name(*uid), u.clone())).collect(),
@@ -612,7 +613,7 @@ fn screen_text(s: &Session, rows: &[Row], acc: &Accounts, sort: Column, reverse:
         s.kernel.hooks_in_use().len(),
         s.lost_total()
     );
-    let unstreamed: u64 = s.gup.values().map(|g| g.unstreamed_held * crate::engine::account::PAGE_SIZE).sum();
+    let unstreamed = s.gup_totals().unstreamed_held * crate::engine::account::PAGE_SIZE;
     out += &format!(
         "pinned {} (FOLL_PIN {}, long-term {}, file {}, write {}, transient {unstreamed_h}) by {} process(es); kernel VmPin {} VmLck {}",
         human(t.pinned_bytes + unstreamed),
