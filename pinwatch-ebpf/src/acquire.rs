@@ -12,7 +12,7 @@ use pinwatch_common::{
 };
 
 use crate::{
-    maps::{count, ARMED, GUP_CALLS, GUP_STACKS, PINS, PIN_SCRATCH, PROC_PINS, QUIET_GETS, STACK_SCRATCH},
+    maps::{count, pins_insert, ARMED, GUP_CALLS, GUP_STACKS, PINS, PIN_SCRATCH, PROC_PINS, QUIET_GETS, QUIET_TALLY, STACK_SCRATCH},
     page::{backing, file_of, folio_head, mapping, PfnMath},
     record::{atomic_add, current, fill_header, fill_stack, is_self, send, stream_all, Nest},
 };
@@ -59,14 +59,8 @@ pub fn enter<C: EbpfContext>(ctx: &C, hook: Hook, start: u64, nr_pages: u64, gup
     if is_self(tgid) || !armed() {
         return;
     }
-    if let Some(call) = GUP_CALLS.get_ptr_mut(&tid) {
-        unsafe { (*call).depth += 1 };
-        return;
-    }
-    // Without a pages array GUP only faults pages in and keeps no reference.
-    if pages == 0 {
-        return;
-    }
+    // Without a pages array GUP only faults pages in and keeps no reference; a call
+    // nested in one of ours still counts its depth.
     let call = GupCall {
         hook: hook as u16,
         depth: 0,
@@ -75,8 +69,14 @@ pub fn enter<C: EbpfContext>(ctx: &C, hook: Hook, start: u64, nr_pages: u64, gup
         start,
         nr_requested: nr_pages,
     };
-    if GUP_CALLS.insert(&tid, &call, 0).is_err() {
-        count(counter::CALL_MAP_FULL, 1);
+    // BPF_NOEXIST: the thread's outermost call is the one in the map, and a nested
+    // call finds it there (one map operation for the common, unnested call).
+    if pages == 0 || GUP_CALLS.insert(&tid, &call, 1).is_err() {
+        match GUP_CALLS.get_ptr_mut(&tid) {
+            Some(outer) => unsafe { (*outer).depth += 1 },
+            None if pages != 0 => count(counter::CALL_MAP_FULL, 1),
+            None => {}
+        }
         return;
     }
     // The caller's stack is taken here, on entry: on return a kretprobe has replaced
@@ -126,9 +126,10 @@ pub fn exit(raw_ret: u64) {
     record(&call, ret, tgid, tid);
 }
 
-/// Per-process counts of a call that took `pages` pages.
+/// Per-process counts of a call that took `pages` pages; `quiet`: the call was not
+/// streamed, and that many of its pages went into PINS as quiet references.
 #[inline(always)]
-fn count_call(tgid: u32, pages: u64, quiet: bool) {
+fn count_call(tgid: u32, pages: u64, quiet: Option<u64>) {
     let mut p = PROC_PINS.get_ptr_mut(&tgid);
     if p.is_none() {
         // BPF_NOEXIST: two threads of one process racing here both end up adding to
@@ -140,21 +141,28 @@ fn count_call(tgid: u32, pages: u64, quiet: bool) {
     unsafe {
         atomic_add(&mut (*p).calls, 1);
         atomic_add(&mut (*p).pages, pages);
-        if quiet {
-            atomic_add(&mut (*p).quiet_held, pages);
+        if let Some(held) = quiet {
+            atomic_add(&mut (*p).quiet_held, held);
         } else {
             atomic_add(&mut (*p).streamed_calls, 1);
         }
     }
 }
 
-/// A call that is not streamed: its pages are tracked in PINS, as quiet references, and
-/// counted; no stack, no record.
+/// A call that is not streamed: no stack, no record. Its process counts the call and
+/// its pages; pages of files (page cache, shmem) go into PINS as quiet references, for
+/// the hazard hooks. Anonymous pages do not: nothing writes them back or truncates
+/// them, the kernel refuses to unmap a pinned exclusive one (5.19+), and a direct-I/O
+/// read into a heap buffer, the commonest pin of all, then costs no map operation
+/// beyond its process's count. `record` tracks every page.
 #[inline(always)]
 fn track_quietly(call: &GupCall, ret: i64, tgid: u32, ts: u64) {
     if ret <= 0 {
         return;
     }
+    let Some(nest) = Nest::enter() else { return };
+    let Some(tally) = QUIET_TALLY.get_ptr_mut(nest.level) else { return };
+    unsafe { *tally = 0 };
     let n = (ret as u64).min((PFNS_PER_RECORD * MAX_CHUNKS) as u64);
     if ret as u64 > n {
         count(counter::PFNS_TRUNCATED, ret as u64 - n);
@@ -165,9 +173,10 @@ fn track_quietly(call: &GupCall, ret: i64, tgid: u32, ts: u64) {
         if i >= n {
             break;
         }
-        pin_page(call.pages + i * 8, math.base(), tgid as u64, flags, ts);
+        let r = pin_page(call.pages + i * 8, math.base(), tgid as u64, flags, ts);
+        unsafe { *tally += (r & UNTRACKED == 0) as u64 };
     }
-    count_call(tgid, n, true);
+    count_call(tgid, n, Some(unsafe { *tally }));
 }
 
 #[inline(always)]
@@ -220,7 +229,7 @@ fn record(call: &GupCall, ret: i64, tgid: u32, tid: u32) {
     }
     let math = PfnMath::new();
     let flags = call.gup_flags as u64 | if is_pin(call.hook) { PIN_REF } else { 0 };
-    count_call(tgid, n.min(max), false);
+    count_call(tgid, n.min(max), None);
     for chunk in 0..MAX_CHUNKS {
         let base = (chunk * PFNS_PER_RECORD) as u64;
         if base >= n {
@@ -254,47 +263,66 @@ fn record(call: &GupCall, ret: i64, tgid: u32, tid: u32) {
     }
 }
 
-/// One page of a GUP call: its folio head pfn, counted in PINS. `flags` is gup_flags
+/// One page of a GUP call: its folio head pfn, counted in PINS (the pfn with UNTRACKED
+/// set when it was not). `flags` is gup_flags
 /// with PIN_REF and QUIET_REF above it; `base` is vmemmap_base, read once per call. A
 /// global function, so the verifier checks it once rather than at each unrolled call site.
 #[no_mangle]
 #[inline(never)]
 pub extern "C" fn pin_page(slot: u64, base: u64, tgid: u64, flags: u64, ts: u64) -> u64 {
     let page = unsafe { bpf_probe_read_kernel(slot as *const u64) }.unwrap_or(0);
-    let pfn = PfnMath::with_base(base).head_pfn(page);
+    let math = PfnMath::with_base(base);
+    let head = math.head(page);
+    let pfn = math.pfn(head);
     if pfn == u64::MAX {
         count(counter::READ_FAILED, 1);
-    } else {
-        track_pin(pfn, flags & PIN_REF != 0, flags & QUIET_REF != 0, tgid as u32, flags as u32, ts);
+        return UNTRACKED;
     }
+    let quiet = flags & QUIET_REF != 0;
+    // A transient pin of anonymous memory has no file behind it to tear: while
+    // monitoring it is counted, not watched (see track_quietly).
+    if quiet && mapping(head) & MAPPING_ANON != 0 {
+        return pfn | UNTRACKED;
+    }
+    track_pin(pfn, flags & PIN_REF != 0, quiet, tgid as u32, flags as u32, ts);
     pfn
 }
 
+/// pin_page's answer for a page it did not take into PINS (bit 63; u64::MAX has it too).
+const UNTRACKED: u64 = 1 << 63;
+/// folio->mapping's low bit: anonymous memory (KSM pages too).
+const MAPPING_ANON: u64 = 1;
+
 /// Adds one reference to the folio's state. Counts are added atomically: several CPUs
-/// pin pages of one large folio at once (the one PINS entry of a huge page).
+/// pin pages of one large folio at once (the one PINS entry of a huge page). A new
+/// entry goes in with its first reference, in one map operation.
 #[inline(always)]
 fn track_pin(pfn: u64, pin: bool, quiet: bool, tgid: u32, gup_flags: u32, ts: u64) {
-    let mut s = PINS.get_ptr_mut(&pfn);
-    if s.is_none() {
-        let state = PinState { tgid, gup_flags, first_ts_ns: ts, ..Default::default() };
-        // BPF_NOEXIST: a racing CPU's entry is kept and added to below.
-        if PINS.insert(&pfn, &state, 1).is_err() && PINS.get_ptr(&pfn).is_none() {
+    let first = PinState {
+        tgid,
+        gup_flags,
+        first_ts_ns: ts,
+        pin_refs: pin as u32,
+        get_refs: !pin as u32,
+        quiet_refs: quiet as u32,
+        state: 0,
+    };
+    if !pins_insert(pfn, &first) {
+        let Some(s) = PINS.get_ptr_mut(&pfn) else {
             count(counter::PIN_MAP_FULL, 1);
             return;
-        }
-        s = PINS.get_ptr_mut(&pfn);
-    }
-    let Some(s) = s else { return };
-    unsafe {
-        let refs = if pin { &mut (*s).pin_refs } else { &mut (*s).get_refs };
-        atomic_add(refs, 1);
-        if quiet {
-            atomic_add(&mut (*s).quiet_refs, 1);
-            if !pin && QUIET_GETS.insert(&pfn, &ts, 0).is_err() {
-                count(counter::QUIET_GETS_FULL, 1);
+        };
+        unsafe {
+            let refs = if pin { &mut (*s).pin_refs } else { &mut (*s).get_refs };
+            atomic_add(refs, 1);
+            if quiet {
+                atomic_add(&mut (*s).quiet_refs, 1);
             }
+            (*s).tgid = tgid;
+            (*s).gup_flags |= gup_flags;
         }
-        (*s).tgid = tgid;
-        (*s).gup_flags |= gup_flags;
+    }
+    if quiet && !pin && QUIET_GETS.insert(&pfn, &ts, 0).is_err() {
+        count(counter::QUIET_GETS_FULL, 1);
     }
 }

@@ -40,6 +40,11 @@ use acquire::{Layout, LAYOUT_PLAIN, LAYOUT_REMOTE, LAYOUT_UNLOCKED};
 /// Argument n of the hooked function as a u64, whichever way the program attached.
 trait Args {
     fn a(&self, n: usize) -> u64;
+    /// The first five arguments at once.
+    #[inline(always)]
+    fn first5(&self) -> [u64; 5] {
+        [self.a(0), self.a(1), self.a(2), self.a(3), self.a(4)]
+    }
 }
 impl Args for ProbeContext {
     #[inline(always)]
@@ -55,6 +60,13 @@ impl Args for FEntryContext {
     fn a(&self, n: usize) -> u64 {
         let slot = unsafe { (aya_ebpf::EbpfContext::as_ptr(self) as *const u64).add(n) };
         unsafe { aya_ebpf::helpers::bpf_probe_read_kernel(slot) }.unwrap_or(0)
+    }
+    /// One helper call instead of five. Slots past the function's arguments are other
+    /// words of the trampoline's frame, read harmlessly and never used.
+    #[inline(always)]
+    fn first5(&self) -> [u64; 5] {
+        let ctx = aya_ebpf::EbpfContext::as_ptr(self) as *const [u64; 5];
+        unsafe { aya_ebpf::helpers::bpf_probe_read_kernel(ctx) }.unwrap_or([0; 5])
     }
 }
 
@@ -84,7 +96,8 @@ macro_rules! twins {
 
 #[inline(always)]
 fn gup_enter<C: Args + aya_ebpf::EbpfContext>(c: &C, hook: Hook, l: Layout) {
-    acquire::enter(c, hook, c.a(l.start), c.a(l.nr_pages), c.a(l.gup_flags), c.a(l.pages));
+    let a = c.first5();
+    acquire::enter(c, hook, a[l.start], a[l.nr_pages], a[l.gup_flags], a[l.pages]);
 }
 
 // ---- acquire: one entry program per hook (the hook id is its identity).
@@ -134,7 +147,10 @@ gup_fexit!(fexit_pin_user_pages_remote_6, "pin_user_pages_remote", 6);
 gup_fexit!(fexit_get_user_pages_unlocked_4, "get_user_pages_unlocked", 4);
 gup_fexit!(fexit_pin_user_pages_unlocked_4, "pin_user_pages_unlocked", 4);
 
-// ---- release: the unpin family, with return programs for nesting.
+// ---- release: the unpin family. unpin_user_pages and unpin_user_pages_dirty_lock call
+// other release functions (unpin_user_pages, and unpin_user_page up to 5.18): they keep
+// a depth, ended by their return programs. The others call none, have no return
+// program, and only ask whether they are nested (release::nested).
 #[inline(always)]
 fn unpin(f: impl FnOnce()) {
     if release::enter_outermost() {
@@ -142,9 +158,17 @@ fn unpin(f: impl FnOnce()) {
     }
 }
 
-twins!(unpin_user_page, fentry_unpin_user_page, "unpin_user_page", |c| unpin(|| {
-    release::folio_refs(Hook::UnpinUserPage as u16, rel::UNPIN, c.a(0), 1)
-}));
+/// A release function that calls no hooked one, on an array or range of pages.
+#[inline(always)]
+fn unpin_leaf(f: impl FnOnce()) {
+    if !release::nested() {
+        f();
+    }
+}
+
+twins!(unpin_user_page, fentry_unpin_user_page, "unpin_user_page", |c| {
+    release::folio_refs(Hook::UnpinUserPage as u16, rel::UNPIN, c.a(0), 1, true)
+});
 twins!(unpin_user_pages, fentry_unpin_user_pages, "unpin_user_pages", |c| unpin(|| {
     release::page_array(Hook::UnpinUserPages as u16, rel::UNPIN, c.a(0), c.a(1), 0)
 }));
@@ -152,19 +176,19 @@ twins!(unpin_user_pages_dirty_lock, fentry_unpin_user_pages_dirty_lock, "unpin_u
     let dirty = (c.a(2) & 0xff != 0) as u16;
     release::page_array(Hook::UnpinUserPagesDirtyLock as u16, rel::UNPIN, c.a(0), c.a(1), dirty)
 }));
-twins!(unpin_user_page_range_dirty_lock, fentry_unpin_user_page_range_dirty_lock, "unpin_user_page_range_dirty_lock", |c| unpin(|| {
+twins!(unpin_user_page_range_dirty_lock, fentry_unpin_user_page_range_dirty_lock, "unpin_user_page_range_dirty_lock", |c| unpin_leaf(|| {
     let dirty = (c.a(2) & 0xff != 0) as u16;
     release::page_range(Hook::UnpinUserPageRangeDirtyLock as u16, c.a(0), c.a(1), dirty)
 }));
-twins!(unpin_folio, fentry_unpin_folio, "unpin_folio", |c| unpin(|| {
-    release::folio_refs(Hook::UnpinFolio as u16, rel::UNPIN, c.a(0), 1)
-}));
-twins!(unpin_folios, fentry_unpin_folios, "unpin_folios", |c| unpin(|| {
+twins!(unpin_folio, fentry_unpin_folio, "unpin_folio", |c| {
+    release::folio_refs(Hook::UnpinFolio as u16, rel::UNPIN, c.a(0), 1, true)
+});
+twins!(unpin_folios, fentry_unpin_folios, "unpin_folios", |c| unpin_leaf(|| {
     release::page_array(Hook::UnpinFolios as u16, rel::UNPIN, c.a(0), c.a(1), 0)
 }));
-twins!(unpin_user_folio, fentry_unpin_user_folio, "unpin_user_folio", |c| unpin(|| {
-    release::folio_refs(Hook::UnpinUserFolio as u16, rel::UNPIN, c.a(0), c.a(1) & 0xffff_ffff)
-}));
+twins!(unpin_user_folio, fentry_unpin_user_folio, "unpin_user_folio", |c| {
+    release::folio_refs(Hook::UnpinUserFolio as u16, rel::UNPIN, c.a(0), c.a(1) & 0xffff_ffff, true)
+});
 
 #[kretprobe]
 pub fn unpin_return(_ctx: RetProbeContext) -> u32 {
@@ -187,13 +211,8 @@ macro_rules! unpin_fexit {
         }
     };
 }
-unpin_fexit!(fexit_unpin_user_page, "unpin_user_page");
 unpin_fexit!(fexit_unpin_user_pages, "unpin_user_pages");
 unpin_fexit!(fexit_unpin_user_pages_dirty_lock, "unpin_user_pages_dirty_lock");
-unpin_fexit!(fexit_unpin_user_page_range_dirty_lock, "unpin_user_page_range_dirty_lock");
-unpin_fexit!(fexit_unpin_folio, "unpin_folio");
-unpin_fexit!(fexit_unpin_folios, "unpin_folios");
-unpin_fexit!(fexit_unpin_user_folio, "unpin_user_folio");
 
 // ---- FOLL_GET releases we can see, and the page-free safety net.
 twins!(bio_release_pages, fentry_bio_release_pages, "bio_release_pages", |c| {

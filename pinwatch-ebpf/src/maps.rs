@@ -43,6 +43,14 @@ pub static RELEASE_DEPTH: HashMap<u32, u32> = HashMap::with_max_entries(16384, 0
 #[map]
 pub static PINS: HashMap<u64, PinState> = HashMap::with_max_entries(262144, 0);
 
+/// How many PINS entries have a pfn in each slot (pfn % PIN_FILTER_SLOTS), kept with
+/// every insert and remove: a slot at 0 says "not pinned" with one array load, where a
+/// PINS lookup hashes. Every page freed, dirtied, cleaned, written back or unpinned asks
+/// here first. 1 MiB; a slot shared by many pfns only costs the lookup it saves.
+pub const PIN_FILTER_SLOTS: u32 = 1 << 18;
+#[map]
+pub static PIN_FILTER: Array<u32> = Array::with_max_entries(PIN_FILTER_SLOTS, 0);
+
 /// GUP activity per process (tgid): calls, pages, references held unstreamed. Live
 /// views read it at each refresh; user space deletes the entries of processes gone.
 #[map]
@@ -60,6 +68,12 @@ pub static NEST: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
 /// inline put_page releases them unseen. Direct I/O's come and go within a read.
 #[map]
 pub static QUIET_GETS: HashMap<u64, u64> = HashMap::with_max_entries(65536, 0);
+
+/// Pages of the GUP call being tracked quietly that went into PINS (not anonymous), per
+/// nesting level: a count in map memory, since one kept in a register through the
+/// page loop would multiply the verifier's states.
+#[map]
+pub static QUIET_TALLY: PerCpuArray<u64> = PerCpuArray::with_max_entries(NEST_LEVELS, 0);
 
 /// Scratch space for one record: records are larger than the 512-byte BPF stack. One
 /// slot per nesting level.
@@ -85,5 +99,37 @@ pub static CALIB: Array<u64> = Array::with_max_entries(calib::NR, 0);
 pub fn count(index: u32, n: u64) {
     if let Some(c) = COUNTERS.get_ptr_mut(index) {
         unsafe { *c += n };
+    }
+}
+
+/// Whether `pfn` may be in PINS (false: certainly not).
+#[inline(always)]
+pub fn maybe_pinned(pfn: u64) -> bool {
+    PIN_FILTER.get((pfn % PIN_FILTER_SLOTS as u64) as u32).is_some_and(|n| *n != 0)
+}
+
+/// A new PINS entry for `pfn`, counted in its filter slot.
+#[inline(always)]
+pub fn pins_insert(pfn: u64, state: &PinState) -> bool {
+    // BPF_NOEXIST: a racing CPU's entry is kept, and the caller adds to it.
+    if PINS.insert(&pfn, state, 1).is_err() {
+        return false;
+    }
+    filter_add(pfn, 1);
+    true
+}
+
+/// The PINS entry of `pfn` goes, and leaves its filter slot.
+#[inline(always)]
+pub fn pins_remove(pfn: u64) {
+    if PINS.remove(&pfn).is_ok() {
+        filter_add(pfn, u32::MAX);
+    }
+}
+
+#[inline(always)]
+fn filter_add(pfn: u64, v: u32) {
+    if let Some(n) = PIN_FILTER.get_ptr_mut((pfn % PIN_FILTER_SLOTS as u64) as u32) {
+        crate::record::atomic_add(n, v);
     }
 }

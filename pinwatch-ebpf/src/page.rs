@@ -79,10 +79,16 @@ impl PfnMath {
         self.base
     }
 
+    /// The folio head of a page pointer.
+    #[inline(always)]
+    pub fn head(&self, page: u64) -> u64 {
+        head_at(page, self.head_off)
+    }
+
     /// Folio head pfn of a page pointer, u64::MAX when it cannot be known.
     #[inline(always)]
     pub fn head_pfn(&self, page: u64) -> u64 {
-        let head = head_at(page, self.head_off);
+        let head = self.head(page);
         if page == 0 {
             return u64::MAX;
         }

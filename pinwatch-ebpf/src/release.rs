@@ -6,7 +6,7 @@ use aya_ebpf::helpers::bpf_probe_read_kernel;
 use pinwatch_common::{kind, pin_state, release, PinState, PFNS_PER_RECORD, RELEASE_FIXED, RELEASE_MAX_CHUNKS};
 
 use crate::{
-    maps::{GUP_CALLS, KNOWN, PINS, PROC_PINS, QUIET_GETS, RELEASE_DEPTH, RELEASE_SCRATCH},
+    maps::{maybe_pinned, pins_remove, GUP_CALLS, KNOWN, PINS, PROC_PINS, QUIET_GETS, RELEASE_DEPTH, RELEASE_SCRATCH},
     page::{head_pfn, page_to_pfn, struct_page_size, PfnMath},
     record::{atomic_add, current, fill_header, send, Nest},
 };
@@ -31,7 +31,7 @@ const MAX_PAGES: u64 = (PFNS_PER_RECORD * RELEASE_MAX_CHUNKS) as u64;
 #[no_mangle]
 #[inline(never)]
 pub extern "C" fn release_pfn(pfn: u64, release: u64, level: u64) -> u64 {
-    if pfn != u64::MAX && track_release(pfn, release as u16, level as u32) {
+    if pfn != u64::MAX && maybe_pinned(pfn) && track_release(pfn, release as u16, level as u32) {
         pfn
     } else {
         u64::MAX
@@ -78,7 +78,7 @@ fn track_release(pfn: u64, release: u16, level: u32) -> bool {
         let _ = QUIET_GETS.remove(&pfn);
     }
     if s.pin_refs == 0 && s.get_refs == 0 {
-        let _ = PINS.remove(&pfn);
+        pins_remove(pfn);
     }
     !quiet || exposed
 }
@@ -93,7 +93,7 @@ pub fn forget(pfn: u64, s: &PinState) -> bool {
     if quiet != 0 {
         let _ = QUIET_GETS.remove(&pfn);
     }
-    let _ = PINS.remove(&pfn);
+    pins_remove(pfn);
     streamed
 }
 
@@ -119,10 +119,8 @@ fn release_items(hook: u16, release: u16, dirty: u16, n: u64, pfn_of: impl Fn(u6
         return;
     };
     let r = unsafe { &mut *rec };
-    fill_header(&mut r.header, kind::RELEASE, hook);
-    r.release = release;
-    r.dirty = dirty;
-    r.call_id = (r.header.ts_ns << 16) ^ r.header.tid as u64;
+    // The header is filled when the first chunk goes out: most releases send nothing.
+    r.header.version = 0;
     for chunk in 0..RELEASE_MAX_CHUNKS {
         let base = (chunk * PFNS_PER_RECORD) as u64;
         if base >= n {
@@ -145,6 +143,12 @@ fn release_items(hook: u16, release: u16, dirty: u16, n: u64, pfn_of: impl Fn(u6
         }
         let k = unsafe { *known };
         if k & KNOWN_SEND != 0 {
+            if r.header.version == 0 {
+                fill_header(&mut r.header, kind::RELEASE, hook);
+                r.release = release;
+                r.dirty = dirty;
+                r.call_id = (r.header.ts_ns << 16) ^ r.header.tid as u64;
+            }
             r.chunk = chunk as u16;
             r.nr_pfns = used;
             // A dirtying release of an exposed page is a hazard: user space hears now.
@@ -168,6 +172,15 @@ pub fn enter_outermost() -> bool {
     }
     let _ = RELEASE_DEPTH.insert(&tid, &1, 0);
     true
+}
+
+/// For release functions that call no other hooked one (they have no return program):
+/// whether this call is inside a GUP call or inside an outer release, where it must
+/// not count. Looked up only for a folio PIN_FILTER says may be pinned.
+#[inline(always)]
+pub fn nested() -> bool {
+    let (_, tid) = current();
+    GUP_CALLS.get_ptr(&tid).is_some() || RELEASE_DEPTH.get_ptr(&tid).is_some()
 }
 
 /// Counterpart of every enter_outermost, called from the return probe.
@@ -199,10 +212,15 @@ pub fn page_range(hook: u16, page: u64, npages: u64, dirty: u16) {
     release_items(hook, release::UNPIN, dirty, npages.min(MAX_PAGES), |i| head_pfn(page + i * size));
 }
 
-/// `refs` references on one folio (unpin_user_folio, unpin_folio, unpin_user_page).
+/// `refs` references on one folio (unpin_user_folio, unpin_folio, unpin_user_page,
+/// and the put_page of a pipe buffer). `leaf`: a release function without a return
+/// program, which asks whether it is nested only once the folio may be pinned.
 #[inline(always)]
-pub fn folio_refs(hook: u16, release: u16, page: u64, refs: u64) {
+pub fn folio_refs(hook: u16, release: u16, page: u64, refs: u64, leaf: bool) {
     let pfn = head_pfn(page);
+    if pfn == u64::MAX || !maybe_pinned(pfn) || (leaf && nested()) {
+        return;
+    }
     release_items(hook, release, 0, refs.min(MAX_PAGES), |_| pfn);
 }
 
@@ -254,16 +272,16 @@ pub fn pipe_buf(hook: u16, buf: u64) {
     let off = unsafe { core::ptr::read_volatile(&PIPE_BUFFER_PAGE_OFF) };
     let page = unsafe { bpf_probe_read_kernel((buf + off) as *const u64) }.unwrap_or(0);
     if page != 0 {
-        folio_refs(hook, release::PUT, page, 1);
+        folio_refs(hook, release::PUT, page, 1, false);
     }
 }
 
 /// kmem:mm_page_free(page, order). Runs on every page free, so the common case is one
-/// map lookup that misses.
+/// filter slot at 0.
 #[inline(always)]
 pub fn page_free(hook: u16, page: u64) {
     let pfn = page_to_pfn(page);
-    if PINS.get_ptr(&pfn).is_none() {
+    if !maybe_pinned(pfn) {
         return;
     }
     release_items(hook, release::FREED, 0, 1, |_| pfn);
