@@ -422,6 +422,8 @@ pub mod globals {
     pub const FOLL_LONGTERM: &str = "FOLL_LONGTERM";
     /// 1: every program returns at once (the bench's floor: the cost of the hooks alone).
     pub const FLOOR: &str = "FLOOR";
+    /// Unread bytes in the ring past which every record wakes the reader.
+    pub const WAKE_ABOVE: &str = "WAKE_ABOVE";
     /// struct page / folio fields the hazard hooks read (offsets from the folio head).
     pub const PAGE_FLAGS_OFF: &str = "PAGE_FLAGS_OFF";
     /// Bit number of PG_head in page->flags (64: unknown, every folio is order 0).

@@ -6,8 +6,10 @@ use aya_ebpf::{
 };
 use pinwatch_common::{calib, counter, GupCall, KernelStack, PageRecord, PinRecord, PinState, ProcPins, ReleaseRecord};
 
-/// Records to user space. 8 MiB holds about 9,000 full pin records (~900 bytes each):
-/// several seconds of a heavy direct-I/O load even if user space stalls.
+/// Records to user space. User space sizes it at load (kernel::load::ring_bytes): 8 MiB
+/// when recording, about 20,000 one-page pin records, several seconds of a heavy
+/// direct-I/O load even if user space stalls; 2 MiB when monitoring, where records are
+/// rare. Its pages count in the reader's RSS twice (the data area is mapped twice).
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(8 << 20, 0);
 

@@ -79,8 +79,9 @@ pub fn fill_stack<C: EbpfContext>(ctx: &C, stack: &mut KernelStack) {
 
 /// Unread bytes in the ring past which every record wakes the reader: below it, records
 /// wait for the reader's next tick (live views read on their refresh) or the next
-/// record that wakes it.
-const WAKE_ABOVE: u64 = 1 << 20;
+/// record that wakes it. A quarter of the ring, set by user space with its size.
+#[no_mangle]
+static WAKE_ABOVE: u64 = 1 << 20;
 
 /// Copy the first `len` bytes of a finished record into the ring buffer; a full ring is
 /// counted, never silent. Only `urgent` records (hazards) or a filling ring wake the
@@ -97,7 +98,7 @@ pub fn send<T>(record: &T, len: usize, urgent: bool) {
     let len = unsafe { core::ptr::read_volatile(&len) };
     let len = if len > size { size } else { len };
     let bytes = unsafe { core::slice::from_raw_parts(record as *const T as *const u8, len) };
-    let flags = if urgent || EVENTS.query(BPF_RB_AVAIL_DATA) > WAKE_ABOVE { BPF_RB_FORCE_WAKEUP } else { BPF_RB_NO_WAKEUP };
+    let flags = if urgent || EVENTS.query(BPF_RB_AVAIL_DATA) > unsafe { core::ptr::read_volatile(&WAKE_ABOVE) } { BPF_RB_FORCE_WAKEUP } else { BPF_RB_NO_WAKEUP };
     if EVENTS.output::<[u8]>(bytes, flags).is_err() {
         count(counter::RINGBUF_FULL, 1);
     }

@@ -17,6 +17,16 @@ use super::{
     symbols::Symbols,
 };
 
+/// Bytes of the ring buffer: the whole trace passes through it while recording; while
+/// monitoring only long-term pins, hazards and what they touch do, and a smaller ring
+/// keeps the reader small (its pages are mapped into it, twice).
+pub fn ring_bytes(streaming: Streaming) -> u32 {
+    match streaming {
+        Streaming::All => 8 << 20,
+        Streaming::Monitor | Streaming::Floor => 2 << 20,
+    }
+}
+
 /// The programs, built by build.rs and embedded: pinwatch is one binary to copy.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pinwatch"));
 
@@ -108,6 +118,8 @@ impl Kernel {
         let stream_all = (streaming == Streaming::All) as u64;
         let floor = (streaming == Streaming::Floor) as u64;
         let foll_longterm = layouts.foll.longterm as u64;
+        let ring = ring_bytes(streaming);
+        let wake_above = ring as u64 / 4;
         let f = &layouts.folio;
         let mut ebpf = EbpfLoader::new()
             .override_global(globals::PAGE_FLAGS_OFF, &f.flags_off, true)
@@ -136,7 +148,9 @@ impl Kernel {
             .override_global(globals::STREAM_ALL, &stream_all, true)
             .override_global(globals::FLOOR, &floor, true)
             .override_global(globals::FOLL_LONGTERM, &foll_longterm, true)
+            .override_global(globals::WAKE_ABOVE, &wake_above, true)
             .map_max_entries("PINS", pin_map_capacity)
+            .map_max_entries("EVENTS", ring)
             .load(OBJECT)
             .map_err(|e| anyhow!("loading the eBPF object failed: {}", error_chain(&e)))?;
         // Parsed once: the fentry test and every fentry/fexit load need it.
@@ -201,8 +215,10 @@ impl Kernel {
                 self.plan[i].choice = Choice::Unavailable { reason: format!("attach failed: {}", failures.join("; ")) };
             }
         }
-        // Everything is attached: the parsed kernel BTF (tens of MiB) is not needed again.
+        // Everything is attached: the parsed kernel BTF (tens of MiB) is not needed again,
+        // and the allocator gives what it held back to the system.
         self.btf = None;
+        give_back_memory();
         self.arm()?;
         Ok(self.mode())
     }
@@ -470,4 +486,25 @@ fn kprobe_test(ebpf: &mut Ebpf, syms: &Symbols) -> Result<(), String> {
 /// The loaded sweep program; `ok` turns false when the kernel refuses test runs.
 pub struct Sweeper {
     ok: bool,
+}
+
+/// What loading used and no longer needs leaves the process's memory: freed heap
+/// (glibc keeps it otherwise: loading parses the kernel's BTF and the programs' object,
+/// tens of MiB, all freed once attached), and the pages of the embedded object, read
+/// once (3-4 MiB with its debug info, the source of its BTF): they stay in the page
+/// cache and come back from the binary if read again.
+fn give_back_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only releases free memory of the allocator's own arenas.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+    let page = 4096;
+    let start = (OBJECT.as_ptr() as usize).div_ceil(page) * page;
+    let end = (OBJECT.as_ptr() as usize + OBJECT.len()) / page * page;
+    if end > start {
+        // SAFETY: whole pages inside OBJECT, a read-only private mapping of the binary:
+        // dropping them loses nothing, a later read faults them in again.
+        unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED) };
+    }
 }

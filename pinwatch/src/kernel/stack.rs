@@ -1,7 +1,7 @@
 //! Kernel stacks: return addresses carried in the records (bpf_get_stack), names from
 //! /proc/kallsyms.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 
 /// Frames kept per stack: the hook and the path that led there.
 const FRAMES: usize = 24;
@@ -11,7 +11,7 @@ const FRAMES: usize = 24;
 const ORIGINS_CACHED: usize = 4096;
 
 pub struct Symbols {
-    ksyms: BTreeMap<u64, String>,
+    ksyms: Ksyms,
     origins: HashMap<Vec<u64>, Origin>,
 }
 
@@ -26,7 +26,8 @@ pub struct Origin {
 impl Symbols {
     pub fn load() -> Symbols {
         // Without kallsyms the frames stay addresses: still worth keeping.
-        Symbols { ksyms: aya::util::kernel_symbols().unwrap_or_default(), origins: HashMap::new() }
+        let text = std::fs::read_to_string("/proc/kallsyms").unwrap_or_default();
+        Symbols { ksyms: Ksyms::parse(&text), origins: HashMap::new() }
     }
 
     /// The origin of a GUP call's stack, resolved once per distinct stack.
@@ -105,9 +106,52 @@ fn is_probe_frame(f: &str) -> bool {
     f.contains("[bpf]") || ["bpf_", "__bpf_", "kprobe", "__kprobe", "kretprobe", "__kretprobe", "trampoline_handler", "ftrace", "arch_ftrace", "fentry"].iter().any(|p| f.starts_with(p))
 }
 
-pub fn symbolize(ksyms: &BTreeMap<u64, String>, ip: u64) -> String {
-    match ksyms.range(..=ip).next_back() {
-        Some((addr, name)) => format!("{name}+{:#x}", ip - addr),
+/// Kernel text symbols by address, every name in one buffer: 16 bytes a symbol beside
+/// its name, where a map of Strings took about 90 (it was most of a live view's memory).
+#[derive(Default)]
+pub struct Ksyms {
+    /// (address, start of the name in `names`, its length), sorted by address.
+    syms: Vec<(u64, u32, u32)>,
+    names: String,
+}
+
+impl Ksyms {
+    /// kallsyms lines "ADDR TYPE NAME [module]"; text symbols only (stacks hold return
+    /// addresses into code).
+    pub fn parse(text: &str) -> Ksyms {
+        let mut k = Ksyms::default();
+        for line in text.lines() {
+            let mut it = line.split_whitespace();
+            let (Some(addr), Some(ty), Some(name)) = (it.next(), it.next(), it.next()) else { continue };
+            let (Ok(addr), true) = (u64::from_str_radix(addr, 16), matches!(ty, "t" | "T" | "w" | "W")) else { continue };
+            let start = k.names.len();
+            k.names.push_str(name);
+            // A module's symbol keeps its module, as "name\t[module]" ([bpf] for programs).
+            if let Some(module) = it.next() {
+                k.names.push('\t');
+                k.names.push_str(module);
+            }
+            let (Ok(len), Ok(start)) = (u32::try_from(k.names.len() - start), u32::try_from(start)) else { break };
+            k.syms.push((addr, start, len));
+        }
+        k.syms.sort_unstable_by_key(|s| s.0);
+        k.syms.shrink_to_fit();
+        k.names.shrink_to_fit();
+        k
+    }
+
+    /// The symbol at or below `ip`, with `ip`'s offset into it.
+    fn lookup(&self, ip: u64) -> Option<(&str, u64)> {
+        let i = self.syms.partition_point(|s| s.0 <= ip).checked_sub(1)?;
+        let (addr, start, len) = self.syms[i];
+        let name = self.names.get(start as usize..(start + len) as usize)?;
+        Some((name, ip - addr))
+    }
+}
+
+pub fn symbolize(ksyms: &Ksyms, ip: u64) -> String {
+    match ksyms.lookup(ip) {
+        Some((name, off)) => format!("{name}+{off:#x}"),
         None => format!("{ip:#x}"),
     }
 }
@@ -118,8 +162,10 @@ mod tests {
 
     #[test]
     fn nearest_symbol_below() {
-        let k: BTreeMap<u64, String> = [(0x1000, "a".to_string()), (0x2000, "b".to_string())].into();
-        assert_eq!(symbolize(&k, 0x1010), "a+0x10");
+        let k = Ksyms::parse("0000000000002000 T b\n0000000000001000 t a [ext4]\n0000000000001800 D data\nbad line\n");
+        assert_eq!(symbolize(&k, 0x1010), "a\t[ext4]+0x10");
+        assert_eq!(symbolize(&k, 0x2008), "b+0x8");
+        assert_eq!(symbolize(&k, 0x1900), "a\t[ext4]+0x900", "data symbols are not code");
         assert_eq!(symbolize(&k, 0x2000), "b+0x0");
         assert_eq!(symbolize(&k, 0x10), "0x10");
     }
@@ -138,13 +184,10 @@ mod tests {
 
     #[test]
     fn caller_is_below_gup_and_the_probe() {
-        let k: BTreeMap<u64, String> = [
-            (0x1000, "bpf_prog_1_fexit\t[bpf]".to_string()),
-            (0x2000, "pin_user_pages_fast".to_string()),
-            (0x3000, "io_pin_pages".to_string()),
-            (0x4000, "io_sqe_buffer_register".to_string()),
-        ]
-        .into();
+        let k = Ksyms::parse(
+            "0000000000001000 t bpf_prog_1_fexit\t[bpf]\n0000000000002000 T pin_user_pages_fast\n\
+             0000000000003000 t io_pin_pages\n0000000000004000 T io_sqe_buffer_register\n",
+        );
         let mut s = Symbols { ksyms: k, origins: HashMap::new() };
         assert_eq!(s.origin(&[0x1010, 0x2020, 0x3030, 0x4040]), Origin { caller: "io_pin_pages".into(), path: "io_uring" });
         // cached: the same answer the second time
