@@ -263,9 +263,9 @@ fn record(call: &GupCall, ret: i64, tgid: u32, tid: u32) {
     }
 }
 
-/// One page of a GUP call: its folio head pfn, counted in PINS (the pfn with UNTRACKED
-/// set when it was not). `flags` is gup_flags
-/// with PIN_REF and QUIET_REF above it; `base` is vmemmap_base, read once per call. A
+/// One page of a GUP call: its folio head pfn, counted in PINS (with UNTRACKED set when
+/// it was not; u64::MAX when unreadable). `flags` is gup_flags with PIN_REF and
+/// QUIET_REF above it; `base` is vmemmap_base, read once per call. A
 /// global function, so the verifier checks it once rather than at each unrolled call site.
 #[no_mangle]
 #[inline(never)]
@@ -276,7 +276,7 @@ pub extern "C" fn pin_page(slot: u64, base: u64, tgid: u64, flags: u64, ts: u64)
     let pfn = math.pfn(head);
     if pfn == u64::MAX {
         count(counter::READ_FAILED, 1);
-        return UNTRACKED;
+        return u64::MAX;
     }
     let quiet = flags & QUIET_REF != 0;
     // A transient pin of anonymous memory has no file behind it to tear: while
