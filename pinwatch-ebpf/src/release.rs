@@ -119,8 +119,12 @@ fn release_items(hook: u16, release: u16, dirty: u16, n: u64, pfn_of: impl Fn(u6
         return;
     };
     let r = unsafe { &mut *rec };
-    // The header is filled when the first chunk goes out: most releases send nothing.
-    r.header.version = 0;
+    // Filled before the loop although most releases send nothing: filled in the loop, on
+    // the first chunk sent, it cost 5.10's verifier the bound of the record's length.
+    fill_header(&mut r.header, kind::RELEASE, hook);
+    r.release = release;
+    r.dirty = dirty;
+    r.call_id = (r.header.ts_ns << 16) ^ r.header.tid as u64;
     for chunk in 0..RELEASE_MAX_CHUNKS {
         let base = (chunk * PFNS_PER_RECORD) as u64;
         if base >= n {
@@ -143,12 +147,6 @@ fn release_items(hook: u16, release: u16, dirty: u16, n: u64, pfn_of: impl Fn(u6
         }
         let k = unsafe { *known };
         if k & KNOWN_SEND != 0 {
-            if r.header.version == 0 {
-                fill_header(&mut r.header, kind::RELEASE, hook);
-                r.release = release;
-                r.dirty = dirty;
-                r.call_id = (r.header.ts_ns << 16) ^ r.header.tid as u64;
-            }
             r.chunk = chunk as u16;
             r.nr_pfns = used;
             // A dirtying release of an exposed page is a hazard: user space hears now.
