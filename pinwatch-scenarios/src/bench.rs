@@ -63,15 +63,12 @@ pub fn writeback(file: &str, pages: usize, rounds: usize) -> Result<()> {
 
 /// pinwatch's memory while it tracks `pages` long-term pinned pages: io_uring buffers of
 /// 1 MiB each (one GUP call per buffer, within what one call's records carry). Run as
-/// the command of `pinwatch record`, whose memory it reads: the parent's VmRSS before
-/// and while the pages are held, and the memory its BPF maps charge (fdinfo memlock).
+/// the command of `pinwatch record`, or beside the one pinwatch running (`top`): its
+/// VmRSS before and while the pages are held, and the memory its BPF maps charge
+/// (fdinfo memlock).
 pub fn footprint(pages: usize, hold_ms: u64) -> Result<()> {
     const PER_BUFFER: usize = 256;
-    let parent = unsafe { libc::getppid() };
-    let comm = std::fs::read_to_string(format!("/proc/{parent}/comm")).unwrap_or_default();
-    if comm.trim() != "pinwatch" {
-        bail!("the footprint runs under `pinwatch record --`, not under {:?}", comm.trim());
-    }
+    let parent = pinwatch_pid()?;
     let buffers = pages.div_ceil(PER_BUFFER);
     let buf = map_anon(buffers * PER_BUFFER)?;
     // Let pinwatch settle (its first tick, the sweep) before the idle reading.
@@ -95,6 +92,24 @@ pub fn footprint(pages: usize, hold_ms: u64) -> Result<()> {
         buffers * PER_BUFFER
     ));
     Ok(())
+}
+
+/// The parent when it is pinwatch (`record -- CMD`), else the one pinwatch process.
+fn pinwatch_pid() -> Result<i32> {
+    let comm = |pid: i32| std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default().trim().to_string();
+    let parent = unsafe { libc::getppid() };
+    if comm(parent) == "pinwatch" {
+        return Ok(parent);
+    }
+    let found: Vec<i32> = std::fs::read_dir("/proc")?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| comm(*pid) == "pinwatch")
+        .collect();
+    match found[..] {
+        [pid] => Ok(pid),
+        [] => bail!("the footprint needs a pinwatch running (its parent, or beside it): none found"),
+        _ => bail!("the footprint needs one pinwatch running, found {}: {found:?}", found.len()),
+    }
 }
 
 fn vm_rss_kb(pid: i32) -> Result<u64> {

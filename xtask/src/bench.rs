@@ -158,7 +158,8 @@ sh /tmp/work.sh > /dev/null 2>&1
         p += &format!("bench_mode stats-{m} {m} /tmp/stats.sh\n");
     }
     p += "echo 0 > /proc/sys/kernel/bpf_stats_enabled\n";
-    p += "bench_mode footprint record-fentry /tmp/hold-pins.sh\n";
+    p += "bench_mode footprint monitor-fentry /tmp/hold-pins.sh\n";
+    p += "bench_mode footprint-record record-fentry /tmp/hold-pins.sh\n";
     p
 }
 
@@ -395,17 +396,19 @@ fn readme_block(report: &Value) -> String {
             st["trace_lines_per_read"].as_f64().map(|v| format!("{v:.2}")).unwrap_or_else(|| "-".into())
         );
     }
-    let f = &report["footprint"];
-    if f.is_object() {
-        s += &format!(
-            "\nFootprint: RSS {:.1} MiB idle, {:.1} MiB while io_uring holds {} MiB pinned ({:.0} user bytes per pinned page); the BPF maps charge {:.1} MiB ({:.0} bytes per pinned page at that size).\n",
-            f["rss_idle_kb"].as_f64().unwrap_or(0.0) / 1024.0,
-            f["rss_held_kb"].as_f64().unwrap_or(0.0) / 1024.0,
-            f["pages"].as_u64().unwrap_or(0) * 4 / 1024,
-            f["user_bytes_per_pinned_page"].as_f64().unwrap_or(0.0),
-            f["maps_memlock_bytes"].as_f64().unwrap_or(0.0) / (1 << 20) as f64,
-            f["kernel_bytes_per_pinned_page"].as_f64().unwrap_or(0.0),
-        );
+    for (key, who) in [("footprint", "monitoring (top)"), ("footprint_record", "recording")] {
+        let f = &report[key];
+        if f.is_object() {
+            s += &format!(
+                "\nFootprint {who}: RSS {:.1} MiB idle, {:.1} MiB while io_uring holds {} MiB pinned ({:.0} user bytes per pinned page); the BPF maps charge {:.1} MiB ({:.0} bytes per pinned page at that size).\n",
+                f["rss_idle_kb"].as_f64().unwrap_or(0.0) / 1024.0,
+                f["rss_held_kb"].as_f64().unwrap_or(0.0) / 1024.0,
+                f["pages"].as_u64().unwrap_or(0) * 4 / 1024,
+                f["user_bytes_per_pinned_page"].as_f64().unwrap_or(0.0),
+                f["maps_memlock_bytes"].as_f64().unwrap_or(0.0) / (1 << 20) as f64,
+                f["kernel_bytes_per_pinned_page"].as_f64().unwrap_or(0.0),
+            );
+        }
     }
     if let Some(r) = report["replay"]["events_per_second"].as_f64() {
         s += &format!("\n`pinwatch report` replays {:.2}M events per second on one core of the machine that ran the bench.\n", r / 1e6);
@@ -426,6 +429,26 @@ fn update_readme(block: &str) -> Result<()> {
     std::fs::write(&path, format!("{}\n{block}{}", &text[..start], &text[b..]))?;
     println!("  README.md: the cost table was regenerated");
     Ok(())
+}
+
+/// Memory while `pinwatch` in `mode` holds the footprint's pages: RSS idle and held, and
+/// bytes per pinned page (user: RSS growth; kernel: what the BPF maps charge, all
+/// preallocated, the ring included, over the pages pinned).
+fn footprint(results: &BTreeMap<String, Recorded>, run: &str, mode: &str) -> Result<Value, String> {
+    let f = results.get(run).ok_or_else(|| format!("{run}: never ran"))?;
+    if let Some(t) = trouble(run, mode, f) {
+        return Err(t);
+    }
+    let m = measures(f).get("footprint").cloned().ok_or_else(|| format!("{run}: no measure"))?;
+    let (idle, held, pages) = (m["rss_idle_kb"].as_u64().unwrap_or(0), m["rss_held_kb"].as_u64().unwrap_or(0), m["pages"].as_u64().unwrap_or(1).max(1));
+    let mut out = m.clone();
+    out["mode"] = json!(mode);
+    let user = (held.saturating_sub(idle) * 1024) as f64 / pages as f64;
+    let kernel = m["maps_memlock_bytes"].as_f64().unwrap_or(0.0) / pages as f64;
+    out["user_bytes_per_pinned_page"] = json!(user);
+    out["kernel_bytes_per_pinned_page"] = json!(kernel);
+    out["bytes_per_pinned_page"] = json!(user + kernel);
+    Ok(out)
 }
 
 pub fn report(kernel: &str, rounds: usize, results: &BTreeMap<String, Recorded>) -> (Value, Vec<String>) {
@@ -449,23 +472,12 @@ pub fn report(kernel: &str, rounds: usize, results: &BTreeMap<String, Recorded>)
         }
         report["stats"][*m] = s;
     }
-    match results.get("footprint") {
-        Some(f) => match (trouble("footprint", "record-fentry", f), measures(f).get("footprint")) {
-            (None, Some(m)) => {
-                let (idle, held, pages) = (m["rss_idle_kb"].as_u64().unwrap_or(0), m["rss_held_kb"].as_u64().unwrap_or(0), m["pages"].as_u64().unwrap_or(1));
-                report["footprint"] = m.clone();
-                let user = (held.saturating_sub(idle) * 1024) as f64 / pages as f64;
-                report["footprint"]["user_bytes_per_pinned_page"] = json!(user);
-                // What the BPF maps charge (preallocated, the ring included) over the
-                // pages pinned.
-                let kernel = m["maps_memlock_bytes"].as_f64().unwrap_or(0.0) / pages.max(1) as f64;
-                report["footprint"]["kernel_bytes_per_pinned_page"] = json!(kernel);
-                report["footprint"]["bytes_per_pinned_page"] = json!(user + kernel);
-            }
-            (Some(t), _) => problems.push(t),
-            (None, None) => problems.push("footprint: no measure".into()),
-        },
-        None => problems.push("footprint: never ran".into()),
+    // The targets are the monitor's (what stays on); record's is shown beside it.
+    for (key, run, mode) in [("footprint", "footprint", "monitor-fentry"), ("footprint_record", "footprint-record", "record-fentry")] {
+        match footprint(results, run, mode) {
+            Ok(f) => report[key] = f,
+            Err(p) => problems.push(p),
+        }
     }
     report["problems"] = json!(problems);
     (report, problems)
@@ -570,16 +582,19 @@ fn print(report: &Value) {
             .collect();
         println!("    {m:<16} {:>7} ns/read  lines/read {:<6} {}", s["ns_per_read"].as_f64().map(|v| format!("{v:.0}")).unwrap_or("-".into()), s["trace_lines_per_read"].as_f64().map(|v| format!("{v:.2}")).unwrap_or("-".into()), top.join(", "));
     }
-    let f = &report["footprint"];
-    if f.is_object() {
-        println!(
-            "  footprint: pinwatch RSS {:.1} MiB idle, {:.1} MiB tracking {} MiB pinned ({:.0} user bytes per pinned page); BPF maps charge {:.1} MiB",
-            f["rss_idle_kb"].as_f64().unwrap_or(0.0) / 1024.0,
-            f["rss_held_kb"].as_f64().unwrap_or(0.0) / 1024.0,
-            f["pages"].as_u64().unwrap_or(0) * 4 / 1024,
-            f["user_bytes_per_pinned_page"].as_f64().unwrap_or(0.0),
-            f["maps_memlock_bytes"].as_f64().unwrap_or(0.0) / (1 << 20) as f64
-        );
+    for key in ["footprint", "footprint_record"] {
+        let f = &report[key];
+        if f.is_object() {
+            println!(
+                "  {key} ({}): pinwatch RSS {:.1} MiB idle, {:.1} MiB tracking {} MiB pinned ({:.0} user bytes per pinned page); BPF maps charge {:.1} MiB",
+                f["mode"].as_str().unwrap_or("?"),
+                f["rss_idle_kb"].as_f64().unwrap_or(0.0) / 1024.0,
+                f["rss_held_kb"].as_f64().unwrap_or(0.0) / 1024.0,
+                f["pages"].as_u64().unwrap_or(0) * 4 / 1024,
+                f["user_bytes_per_pinned_page"].as_f64().unwrap_or(0.0),
+                f["maps_memlock_bytes"].as_f64().unwrap_or(0.0) / (1 << 20) as f64
+            );
+        }
     }
 }
 
@@ -685,8 +700,9 @@ mod tests {
         assert_eq!(order[MODES.len()], "floor-fentry-2", "round 2 starts one mode later");
         assert_eq!(order.iter().filter(|n| n.starts_with("stats-")).count(), STATS_MODES.len());
         assert!(p.contains("ring-*) how=\"--stage ring\""));
-        assert_eq!(order.last(), Some(&"footprint"));
+        assert_eq!(order[order.len() - 2..], ["footprint", "footprint-record"]);
         assert!(p.contains("--ioengine=io_uring") && p.contains("--ioengine=psync") && p.contains("bpftrace -e"));
-        assert!(p.contains("bench_mode footprint record-fentry /tmp/hold-pins.sh") && p.contains("exec pinwatch-scenario bench-footprint"));
+        assert!(p.contains("bench_mode footprint monitor-fentry /tmp/hold-pins.sh") && p.contains("bench_mode footprint-record record-fentry /tmp/hold-pins.sh"));
+        assert!(p.contains("exec pinwatch-scenario bench-footprint"));
     }
 }
