@@ -213,6 +213,12 @@ pub fn median(mut v: Vec<f64>) -> Option<f64> {
     Some(if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 })
 }
 
+/// How much a mode's rounds scatter: the median absolute deviation from their median.
+pub fn scatter(v: &[f64]) -> f64 {
+    let Some(m) = median(v.to_vec()) else { return 0.0 };
+    median(v.iter().map(|x| (x - m).abs()).collect()).unwrap_or(0.0)
+}
+
 /// The run `name` of `mode` if it ran and ended well; else what went wrong, in `problems`.
 fn good_run<'a>(results: &'a BTreeMap<String, Recorded>, name: &str, mode: &str, problems: &mut Vec<String>) -> Option<&'a Recorded> {
     let Some(rec) = results.get(name) else {
@@ -241,9 +247,9 @@ fn per_op(results: &BTreeMap<String, Recorded>, mode: &str, bench: &str, rounds:
 }
 
 /// What each mode adds per op, and how that compares with the floor of its attach type.
-pub fn figures(medians: &BTreeMap<&str, Option<f64>>) -> Value {
+pub fn figures(medians: &BTreeMap<&str, Option<f64>>, noise: f64) -> Value {
     let base = medians.get("base").copied().flatten();
-    let mut out = json!({"baseline_ns_per_op": base});
+    let mut out = json!({"baseline_ns_per_op": base, "baseline_noise_ns": noise});
     for (m, v) in medians.iter().filter(|(m, _)| **m != "base") {
         let added = v.zip(base).map(|(v, b)| v - b);
         let floor = m.split_once('-').and_then(|(_, at)| medians.get(format!("floor-{at}").as_str()).copied().flatten());
@@ -253,9 +259,9 @@ pub fn figures(medians: &BTreeMap<&str, Option<f64>>) -> Value {
             "ratio_to_baseline": v.zip(base).map(|(v, b)| v / b),
             "added_ns": added,
             // Added time over the floor's added time: where the floor is lost in the
-            // noise (at or below the baseline), this ratio says nothing; read the
-            // ratio to the baseline instead.
-            "added_vs_floor": added.zip(floor_added).filter(|(_, f)| *f > 0.0).map(|(a, f)| a / f),
+            // noise (its added time within the baseline's scatter between rounds), this
+            // ratio divides by noise and says nothing; read the ratio to the baseline.
+            "added_vs_floor": added.zip(floor_added).filter(|(_, f)| *f > noise.max(0.0)).map(|(a, f)| a / f),
         });
     }
     out
@@ -383,7 +389,7 @@ pub fn run(kernel_names: &[String], rounds: usize, check: bool, bins: &mut lab::
 /// One kernel's part of the README's table: the timings, the kernel's own figures per
 /// read, the footprint and the replay speed.
 fn readme_block(report: &Value) -> String {
-    let mut s = format!("Measured on Debian {} under QEMU TCG, 2 vCPUs, {} rounds (medians; each cell: time per op, its ratio to the baseline, and added time over the floor's added time of the same attach type where the floor rose above the noise):\n\n", report["kernel"].as_str().unwrap_or("?"), report["rounds"]);
+    let mut s = format!("Measured on Debian {} under QEMU TCG, 2 vCPUs, {} rounds (medians; each cell: time per op, its ratio to the baseline, and added time over the floor's added time of the same attach type where the floor rose above the noise, the median absolute deviation of the baseline's rounds):\n\n", report["kernel"].as_str().unwrap_or("?"), report["rounds"]);
     s += &markdown(report);
     s += "\nPer dio read, from the kernel's BPF statistics (all of pinwatch's programs; trace lines per read under record):\n\n| mode | BPF ns per read | busiest programs | trace lines per read |\n|---|---|---|---|\n";
     for m in STATS_MODES.iter() {
@@ -456,10 +462,15 @@ pub fn report(kernel: &str, rounds: usize, results: &BTreeMap<String, Recorded>)
     let mut report = json!({"kernel": kernel, "rounds": rounds, "workloads": {}, "stats": {}});
     for (bench, what) in WORKLOADS {
         let mut medians = BTreeMap::new();
+        let mut noise = 0.0;
         for m in MODES {
-            medians.insert(m, median(per_op(results, m, bench, rounds, &mut problems)));
+            let runs = per_op(results, m, bench, rounds, &mut problems);
+            if m == "base" {
+                noise = scatter(&runs);
+            }
+            medians.insert(m, median(runs));
         }
-        let mut f = figures(&medians);
+        let mut f = figures(&medians, noise);
         f["what"] = json!(what);
         report["workloads"][bench] = f;
     }
@@ -634,13 +645,18 @@ mod tests {
     fn added_time_is_read_against_the_floor_of_the_same_attach_type() {
         let m: BTreeMap<&str, Option<f64>> =
             [("base", Some(100.0)), ("floor-fentry", Some(110.0)), ("monitor-fentry", Some(115.0)), ("floor-kprobe", Some(95.0)), ("monitor-kprobe", Some(120.0)), ("bpftrace", Some(130.0))].into();
-        let f = figures(&m);
+        let f = figures(&m, 2.0);
         assert_eq!(f["monitor-fentry"]["added_vs_floor"].as_f64(), Some(1.5));
         assert_eq!(f["monitor-fentry"]["ratio_to_baseline"].as_f64(), Some(1.15));
         // a floor below the baseline (noise) gives no ratio rather than a negative one
         assert!(f["monitor-kprobe"]["added_vs_floor"].is_null());
         assert!(f["bpftrace"]["added_vs_floor"].is_null());
         assert_eq!(f["bpftrace"]["added_ns"].as_f64(), Some(30.0));
+        // a floor that rose less than the baseline's rounds scatter is noise too
+        let f = figures(&m, 12.0);
+        assert!(f["monitor-fentry"]["added_vs_floor"].is_null());
+        assert_eq!(scatter(&[100.0, 90.0, 104.0, 101.0, 130.0]), 3.0);
+        assert_eq!(scatter(&[]), 0.0);
     }
 
     #[test]
