@@ -12,9 +12,9 @@ use pinwatch_common::{
 };
 
 use crate::{
-    maps::{count, pins_insert, ARMED, GUP_CALLS, GUP_STACKS, PINS, PIN_SCRATCH, PROC_PINS, QUIET_GETS, QUIET_TALLY, STACK_SCRATCH},
+    maps::{atomic_add, count, pins_insert, ARMED, GUP_CALLS, GUP_STACKS, PINS, PIN_SCRATCH, PROC_PINS, QUIET_GETS, QUIET_TALLY, STACK_SCRATCH},
     page::{backing, file_of, folio_head, mapping, PfnMath},
-    record::{atomic_add, current, fill_header, fill_stack, is_self, send, stream_all, Nest},
+    record::{current, fill_header, fill_stack, is_self, send, stream_all, Nest},
 };
 
 #[no_mangle]

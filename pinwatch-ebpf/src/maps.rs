@@ -132,6 +132,14 @@ pub fn pins_remove(pfn: u64) {
 #[inline(always)]
 fn filter_add(pfn: u64, v: u32) {
     if let Some(n) = PIN_FILTER.get_ptr_mut((pfn % PIN_FILTER_SLOTS as u64) as u32) {
-        crate::record::atomic_add(n, v);
+        atomic_add(n, v);
     }
+}
+
+/// `*p += v` as one atomic instruction (BPF XADD, on every kernel from 5.10): map
+/// values are shared by every CPU. Subtract by adding `v.wrapping_neg()`.
+#[inline(always)]
+pub fn atomic_add<T: Copy>(p: *mut T, v: T) {
+    use core::intrinsics::{atomic_xadd, AtomicOrdering};
+    unsafe { atomic_xadd::<T, T, { AtomicOrdering::Relaxed }>(p, v) };
 }

@@ -104,14 +104,6 @@ pub fn send<T>(record: &T, len: usize, urgent: bool) {
     }
 }
 
-/// `*p += v` as one atomic instruction (BPF XADD, on every kernel from 5.10): map
-/// values are shared by every CPU. Subtract by adding `v.wrapping_neg()`.
-#[inline(always)]
-pub fn atomic_add<T: Copy>(p: *mut T, v: T) {
-    use core::intrinsics::{atomic_xadd, AtomicOrdering};
-    unsafe { atomic_xadd::<T, T, { AtomicOrdering::Relaxed }>(p, v) };
-}
-
 /// This CPU's nesting level while a program fills a scratch record: the slot it owns.
 /// Taken at the start of the work, given back when dropped. Interrupts nest and end in
 /// order; the count is decremented rather than restored, so that it stays the number

@@ -6,9 +6,9 @@ use aya_ebpf::helpers::bpf_probe_read_kernel;
 use pinwatch_common::{kind, pin_state, release, PinState, PFNS_PER_RECORD, RELEASE_FIXED, RELEASE_MAX_CHUNKS};
 
 use crate::{
-    maps::{maybe_pinned, pins_remove, GUP_CALLS, KNOWN, PINS, PROC_PINS, QUIET_GETS, RELEASE_DEPTH, RELEASE_SCRATCH},
+    maps::{atomic_add, maybe_pinned, pins_remove, GUP_CALLS, KNOWN, PINS, PROC_PINS, QUIET_GETS, RELEASE_DEPTH, RELEASE_SCRATCH},
     page::{head_pfn, page_to_pfn, struct_page_size, PfnMath},
-    record::{atomic_add, current, fill_header, send, Nest},
+    record::{current, fill_header, send, Nest},
 };
 
 /// KNOWN bits: the chunk names a pfn user space must hear of; one of them was exposed.
