@@ -375,7 +375,7 @@ fn host_top(bins: &lab::Binaries, tally: &mut Tally) -> Result<()> {
     let pid: u32 = line.split("\"pid\":").nth(1).and_then(|s| s.split(',').next()).and_then(|s| s.parse().ok()).context("scenario pid")?;
     let result = (|| -> Result<Vec<(String, Result<String>)>> {
         let mut out = Vec::new();
-        let cmd = format!("{} top -d 1; echo TOP-EXITED $?; stty -a | tr ' ' '\\n' | grep -x -e echo -e icanon; sleep 120", bins.pinwatch.display());
+        let cmd = format!("{} top -d 1; echo TOP-EXITED $?; stty -a | tr ' ' '\\n' | grep -x -e echo -e icanon; echo STTY-DONE; sleep 120", bins.pinwatch.display());
         let tmux = |args: &[&str]| Command::new("tmux").args(args).output();
         let screen = |s: &str| tmux(&["capture-pane", "-p", "-t", s]).map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
         let wait_for = |s: &str, what: &str| -> Result<String> {
@@ -427,7 +427,9 @@ fn host_top(bins: &lab::Binaries, tally: &mut Tally) -> Result<()> {
                     ensure!(rev.windows(2).all(|w| w[0] >= w[1]), "reversed, rows are {rev:?}");
                 }
                 tmux(&["send-keys", "-t", s, quit])?;
-                let text = wait_for(s, "TOP-EXITED")?;
+                // Read once stty has answered: read at TOP-EXITED, a busy machine showed
+                // the screen before stty's lines were on it.
+                let text = wait_for(s, "STTY-DONE")?;
                 ensure!(text.contains("TOP-EXITED 0"), "top did not exit 0 on {quit}:\n{text}");
                 ensure!(text.lines().any(|l| l.trim() == "echo") && text.lines().any(|l| l.trim() == "icanon"), "terminal not restored after {quit} (stty):\n{text}");
                 ensure!(!text.contains("PINNED*"), "the table is still on screen after {quit}:\n{text}");
