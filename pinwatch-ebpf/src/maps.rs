@@ -107,7 +107,12 @@ pub fn count(index: u32, n: u64) {
 /// Whether `pfn` may be in PINS (false: certainly not).
 #[inline(always)]
 pub fn maybe_pinned(pfn: u64) -> bool {
-    PIN_FILTER.get((pfn % PIN_FILTER_SLOTS as u64) as u32).is_some_and(|n| *n != 0)
+    PIN_FILTER.get(filter_slot(pfn)).is_some_and(|n| *n != 0)
+}
+
+#[inline(always)]
+fn filter_slot(pfn: u64) -> u32 {
+    (pfn % PIN_FILTER_SLOTS as u64) as u32
 }
 
 /// A new PINS entry for `pfn`, counted in its filter slot.
@@ -131,7 +136,7 @@ pub fn pins_remove(pfn: u64) {
 
 #[inline(always)]
 fn filter_add(pfn: u64, v: u32) {
-    if let Some(n) = PIN_FILTER.get_ptr_mut((pfn % PIN_FILTER_SLOTS as u64) as u32) {
+    if let Some(n) = PIN_FILTER.get_ptr_mut(filter_slot(pfn)) {
         atomic_add(n, v);
     }
 }
