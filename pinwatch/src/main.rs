@@ -2,7 +2,7 @@
 //! page as an ordinary one.
 //!
 //! Data flows one way: `kernel` (everything that touches the running kernel) -> `live`
-//! (the loop record and top share) -> `engine` (pure state and rules) -> `output` (the
+//! (the loop record, top and alert share) -> `engine` (pure state and rules) -> `output` (the
 //! modes and what they write). `trace` is the JSON-lines contract; `args` the values
 //! people type.
 
@@ -39,6 +39,8 @@ enum Command {
     Doctor(output::doctor::DoctorArgs),
     /// Pinned memory per process, live, beside the kernel's own figures.
     Top(output::top::TopArgs),
+    /// The fleet daemon: alerts as JSON lines and Prometheus metrics, until stopped.
+    Alert(output::alert::AlertArgs),
     /// Replay a recorded trace through the engine: its hazards, and their story.
     Report(output::report::ReportArgs),
     /// Turn a trace into a timeline people open: Perfetto's JSON, or an HTML page.
@@ -61,6 +63,7 @@ fn main() -> ExitCode {
         Command::Export(args) => output::export::run(args),
         Command::Record(args) => live(output::record::run(args)),
         Command::Top(args) => live(output::top::run(args)),
+        Command::Alert(args) => live(output::alert::run(args)),
     };
     match result {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),

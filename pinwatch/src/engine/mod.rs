@@ -14,7 +14,7 @@ use std::collections::HashMap;
 
 use account::{account, LimitState, Limits};
 
-use crate::trace::{Event, Hazard, KernelProc};
+use crate::trace::{Event, Hazard, KernelProc, LimitRules};
 
 /// Pin table, hazard rules and limit rules, fed one event at a time. The limit rules
 /// come with the `start` event and the kernel's figures with `procs` events, so a
@@ -44,6 +44,11 @@ impl Engine {
         self.pins.apply(event);
         self.hazards.settle(&self.pins, event);
         found
+    }
+
+    /// New limit rules, from here on (a daemon's reloaded configuration).
+    pub fn set_limits(&mut self, rules: &LimitRules) {
+        self.limits = Limits::from(rules);
     }
 
     fn check_limits(&mut self, p: &crate::trace::Procs) -> Vec<Hazard> {

@@ -309,6 +309,23 @@ impl Kernel {
         Ok((all, gone))
     }
 
+    /// Each loaded program's run time (ns) and run count, where the kernel's BPF
+    /// statistics are on (kernel.bpf_stats_enabled = 1); empty otherwise.
+    pub fn program_stats(&self) -> Vec<(String, u64, u64)> {
+        let on = std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").is_ok_and(|s| s.trim() == "1");
+        if !on {
+            return Vec::new();
+        }
+        self.ebpf
+            .programs()
+            .filter_map(|(name, p)| {
+                let info = p.info().ok()?;
+                let runs = info.run_count();
+                (runs > 0).then(|| (name.to_string(), info.run_time().as_nanos().min(u64::MAX as u128) as u64, runs))
+            })
+            .collect()
+    }
+
     pub fn hooks_in_use(&self) -> Vec<String> {
         self.plan
             .iter()

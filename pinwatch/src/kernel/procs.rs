@@ -96,3 +96,64 @@ pub fn user_name(uid: u32) -> String {
         uid.to_string()
     }
 }
+
+/// A process's uid and cgroup v2 path ("/system.slice/x.service"), for exemptions;
+/// None for what cannot be read (the process has ended).
+pub fn identity(pid: u32) -> (Option<u32>, Option<String>) {
+    let Ok(p) = Process::new(pid as i32) else { return (None, None) };
+    let uid = p.uid().ok();
+    let cgroup = p.cgroups().ok().and_then(|c| c.0.into_iter().find(|g| g.hierarchy == 0).map(|g| g.pathname));
+    (uid, cgroup)
+}
+
+/// Where cgroup v2 is mounted on every distribution pinwatch runs on.
+const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+/// Directories a walk of the cgroup tree reads at most.
+const CGROUP_WALK_MAX: usize = 100_000;
+
+/// cgroup ids (what bpf_get_current_cgroup_id returns: the cgroup directory's inode
+/// number on cgroup v2) as paths. The tree is walked again only when an id is unknown,
+/// at most once per `refresh`.
+#[derive(Default)]
+pub struct CgroupNames {
+    by_id: HashMap<u64, String>,
+    walked: bool,
+}
+
+impl CgroupNames {
+    /// Allows one more walk of the tree (call once per tick).
+    pub fn refresh(&mut self) {
+        self.walked = false;
+    }
+
+    /// The path of cgroup `id`, or "id:N" for one that has gone or cannot be found.
+    pub fn name(&mut self, id: u64) -> String {
+        if !self.by_id.contains_key(&id) && !self.walked {
+            self.walked = true;
+            self.by_id = walk_cgroups();
+        }
+        self.by_id.get(&id).cloned().unwrap_or_else(|| format!("id:{id}"))
+    }
+}
+
+fn walk_cgroups() -> HashMap<u64, String> {
+    use std::os::unix::fs::MetadataExt as _;
+    let mut out = HashMap::new();
+    let root = std::path::Path::new(CGROUP_ROOT);
+    let mut todo = vec![root.to_path_buf()];
+    while let Some(dir) = todo.pop() {
+        if out.len() >= CGROUP_WALK_MAX {
+            break;
+        }
+        let Ok(meta) = std::fs::metadata(&dir) else { continue };
+        let rel = dir.strip_prefix(root).map(|r| format!("/{}", r.display())).unwrap_or_else(|_| "/".into());
+        out.insert(meta.ino(), rel);
+        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                todo.push(e.path());
+            }
+        }
+    }
+    out
+}

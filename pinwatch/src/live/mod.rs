@@ -1,4 +1,4 @@
-//! The live loop that record and top share: the session's records, the tick, the
+//! The live loop that record, top and alert share: the session's records, the tick, the
 //! signals that end a run (INT, TERM, HUP), the command being recorded and the deadline.
 //! A mode asks `Live::next` what happened and does its own part (write, draw); how a
 //! live run starts and ends is decided here, once.
@@ -24,6 +24,8 @@ pub enum Wake {
     Records,
     /// The tick: periodic work (drop counters, limits, a refresh).
     Tick,
+    /// SIGHUP, where the mode reloads its configuration (alert) rather than stop.
+    Reload,
     /// The run is over.
     Stop(StopReason),
 }
@@ -50,6 +52,8 @@ pub struct Live {
     child: Option<Child>,
     child_status: Option<ExitStatus>,
     deadline: Option<Instant>,
+    /// SIGHUP asks for a reload instead of ending the run.
+    hangup_reloads: bool,
 }
 
 impl Live {
@@ -74,7 +78,15 @@ impl Live {
             child: None,
             child_status: None,
             deadline: deadline.and_then(|d| Instant::now().checked_add(d)),
+            hangup_reloads: false,
         }
+    }
+
+    /// SIGHUP wakes the mode with `Wake::Reload` (a daemon's convention) instead of
+    /// ending the run.
+    pub fn reload_on_hangup(mut self) -> Live {
+        self.hangup_reloads = true;
+        self
     }
 
     /// Starts the command to record; the run ends when it does.
@@ -95,7 +107,7 @@ impl Live {
             _ = self.tick.tick() => Ok(Wake::Tick),
             _ = self.interrupt.recv() => Ok(Wake::Stop(StopReason::Signal(libc::SIGINT))),
             _ = self.terminate.recv() => Ok(Wake::Stop(StopReason::Signal(libc::SIGTERM))),
-            _ = self.hangup.recv() => Ok(Wake::Stop(StopReason::Signal(libc::SIGHUP))),
+            _ = self.hangup.recv() => Ok(if self.hangup_reloads { Wake::Reload } else { Wake::Stop(StopReason::Signal(libc::SIGHUP)) }),
             status = async { self.child.as_mut().expect("guarded").wait().await }, if child_running => {
                 self.child_status = Some(status.context("waiting for the recorded command")?);
                 Ok(Wake::Stop(StopReason::ChildExited))

@@ -151,6 +151,14 @@ impl Session {
         Ok(Session { kernel, source, sweeper, engine, start, mode, lost_by_reason: BTreeMap::new(), procs: HashMap::new(), gup: HashMap::new(), gup_ended: GupCounts::default() })
     }
 
+    /// New limit rules from here on (alert's reloaded configuration).
+    pub fn set_limits(&mut self, rules: LimitRules) {
+        self.engine.set_limits(&rules);
+        if let Event::Start(s) = &mut self.start {
+            s.limits = Some(rules);
+        }
+    }
+
     /// GUP activity of every process, living and ended, since the session started.
     pub fn gup_totals(&self) -> GupCounts {
         self.gup.values().fold(self.gup_ended, |t, g| GupCounts { calls: t.calls + g.calls, pages: t.pages + g.pages, unstreamed_held: t.unstreamed_held + g.unstreamed_held })

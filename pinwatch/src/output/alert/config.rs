@@ -1,0 +1,320 @@
+//! The daemon's configuration file (TOML): everything `pinwatch alert`'s options say, and
+//! what only a file says (which kinds alert, exemptions, the collapse window, how many
+//! cgroups the metrics name). Parsed strictly: an unknown key, a bad value, a bad size
+//! or duration is an error naming the file, the line and the key.
+
+use std::{net::SocketAddr, path::Path, time::Duration};
+
+use serde::{Deserialize, Deserializer};
+
+use crate::trace::{HazardKind, LimitRules, Severity};
+
+/// The metrics port when neither `--listen` nor the file names one: ebpf_exporter has
+/// 9435, node_exporter 9100; 9464 is free in Prometheus's list of default ports.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:9464";
+
+#[derive(Deserialize, Debug, Clone, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub alert: AlertConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    #[serde(default)]
+    pub exempt: Exempt,
+}
+
+/// Which hazards become alert lines, and how repeats are collapsed.
+#[derive(Deserialize, Debug, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AlertConfig {
+    /// Kinds that alert; all when absent.
+    pub kinds: Option<Vec<HazardKind>>,
+    /// The least severity that alerts.
+    #[serde(default = "info")]
+    pub min_severity: Severity,
+    /// One line per (kind, pinner, file) per window; repeats are counted in a summary.
+    #[serde(default = "sixty_seconds", deserialize_with = "duration")]
+    pub collapse_window: Duration,
+    /// Alert lines on stdout (journald keeps them under systemd).
+    #[serde(default = "yes")]
+    pub stdout: bool,
+}
+
+impl Default for AlertConfig {
+    fn default() -> Self {
+        AlertConfig { kinds: None, min_severity: Severity::Info, collapse_window: sixty_seconds(), stdout: true }
+    }
+}
+
+impl AlertConfig {
+    pub fn alerts_on(&self, kind: HazardKind, severity: Severity) -> bool {
+        severity >= self.min_severity && self.kinds.as_ref().is_none_or(|k| k.contains(&kind))
+    }
+}
+
+#[derive(Deserialize, Debug, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// ADDR:PORT of /metrics; loopback unless told otherwise.
+    pub listen: Option<SocketAddr>,
+    /// Cgroups named in pinwatch_cgroup_pinned_bytes: the N holding most.
+    #[serde(default = "ten", deserialize_with = "top_cgroups")]
+    pub top_cgroups: usize,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig { listen: None, top_cgroups: ten() }
+    }
+}
+
+/// The limit rules, as `top` and `record` take them as options.
+#[derive(Deserialize, Debug, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub max_pin_age: Option<Duration>,
+    #[serde(default, deserialize_with = "opt_bytes")]
+    pub max_longterm_process: Option<u64>,
+    #[serde(default, deserialize_with = "opt_bytes")]
+    pub max_longterm_cgroup: Option<u64>,
+    #[serde(default, deserialize_with = "opt_bytes")]
+    pub max_longterm_user: Option<u64>,
+    /// Compare long-term pins with each process's RLIMIT_MEMLOCK.
+    #[serde(default = "yes")]
+    pub memlock: bool,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig { max_pin_age: None, max_longterm_process: None, max_longterm_cgroup: None, max_longterm_user: None, memlock: true }
+    }
+}
+
+impl LimitsConfig {
+    pub fn rules(&self) -> LimitRules {
+        LimitRules {
+            max_pin_age_ns: self.max_pin_age.map(|d| d.as_nanos().min(u64::MAX as u128) as u64),
+            max_longterm_process: self.max_longterm_process,
+            max_longterm_cgroup: self.max_longterm_cgroup,
+            max_longterm_user: self.max_longterm_user,
+            memlock: self.memlock,
+        }
+    }
+}
+
+/// Pinners whose hazards and breaches do not alert (they are counted apart).
+#[derive(Deserialize, Debug, Clone, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Exempt {
+    /// Process names, exactly as /proc/PID/comm shows them.
+    #[serde(default)]
+    pub comm: Vec<String>,
+    #[serde(default)]
+    pub uid: Vec<u32>,
+    /// cgroup v2 paths below /sys/fs/cgroup ("/system.slice/rdma.service"); a path
+    /// exempts its descendants too.
+    #[serde(default)]
+    pub cgroup: Vec<String>,
+}
+
+impl Exempt {
+    pub fn is_empty(&self) -> bool {
+        self.comm.is_empty() && self.uid.is_empty() && self.cgroup.is_empty()
+    }
+
+    /// Whether a pinner with this comm, uid and cgroup path is exempt.
+    pub fn covers(&self, comm: Option<&str>, uid: Option<u32>, cgroup: Option<&str>) -> bool {
+        comm.is_some_and(|c| self.comm.iter().any(|e| e == c))
+            || uid.is_some_and(|u| self.uid.contains(&u))
+            || cgroup.is_some_and(|c| {
+                self.cgroup.iter().any(|e| {
+                    let e = e.trim_end_matches('/');
+                    e.is_empty() || c == e || c.strip_prefix(e).is_some_and(|rest| rest.starts_with('/'))
+                })
+            })
+    }
+}
+
+fn info() -> Severity {
+    Severity::Info
+}
+fn sixty_seconds() -> Duration {
+    Duration::from_secs(60)
+}
+fn yes() -> bool {
+    true
+}
+fn ten() -> usize {
+    10
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    crate::args::duration(&s).map_err(serde::de::Error::custom)
+}
+
+fn opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    duration(d).map(Some)
+}
+
+/// A size: a number of bytes, or a string with units ("64MiB").
+fn opt_bytes<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Size {
+        Number(i64),
+        Text(String),
+    }
+    match Size::deserialize(d).map_err(|_| serde::de::Error::custom("expected a size: a number of bytes, or a string like \"64MiB\""))? {
+        Size::Number(n) if n > 0 => Ok(Some(n as u64)),
+        Size::Number(n) => Err(serde::de::Error::custom(format!("{n}: a size must be more than zero"))),
+        Size::Text(s) => match crate::args::bytes(&s) {
+            Ok(0) => Err(serde::de::Error::custom(format!("{s:?}: a size must be more than zero"))),
+            Ok(n) => Ok(Some(n)),
+            Err(e) => Err(serde::de::Error::custom(e)),
+        },
+    }
+}
+
+fn top_cgroups<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    let n = i64::deserialize(d)?;
+    if (0..=1000).contains(&n) {
+        Ok(n as usize)
+    } else {
+        Err(serde::de::Error::custom(format!("{n}: between 0 and 1000 cgroups (each is a series in every scrape)")))
+    }
+}
+
+/// Parses a configuration; the error names the line and the key.
+pub fn parse(text: &str) -> Result<Config, String> {
+    toml::from_str::<Config>(text).map_err(|e| describe(text, &e))
+}
+
+/// Reads and parses a configuration file.
+pub fn load(path: &Path) -> anyhow::Result<Config> {
+    let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("reading the configuration {}: {e}", path.display()))?;
+    parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}
+
+/// "line N, key `section.key`: what is wrong", from toml's error and its span.
+fn describe(text: &str, e: &toml::de::Error) -> String {
+    let msg = e.message().trim().to_string();
+    let Some(span) = e.span() else { return msg };
+    let at = span.start.min(text.len());
+    let line_no = text[..at].matches('\n').count() + 1;
+    let lines: Vec<&str> = text.lines().collect();
+    let line = lines.get(line_no - 1).map(|l| l.trim()).unwrap_or("");
+    let header = |l: &str| l.strip_prefix('[').map(|r| r.trim_start_matches('[').split(']').next().unwrap_or("").trim().to_string());
+    if let Some(table) = header(line) {
+        return format!("line {line_no}, table [{table}]: {msg}");
+    }
+    let section = lines[..(line_no - 1).min(lines.len())].iter().rev().find_map(|l| header(l.trim()));
+    let key = line.split_once('=').map(|(k, _)| k.trim()).filter(|k| !k.is_empty());
+    match (section, key) {
+        (Some(s), Some(k)) => format!("line {line_no}, key `{s}.{k}`: {msg}"),
+        (None, Some(k)) => format!("line {line_no}, key `{k}`: {msg}"),
+        (Some(s), None) => format!("line {line_no}, in [{s}]: {msg}"),
+        (None, None) => format!("line {line_no}: {msg}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_empty_file_is_the_defaults() {
+        let c = parse("").unwrap();
+        assert_eq!(c, Config::default());
+        assert!(c.limits.memlock);
+        assert_eq!(c.alert.collapse_window, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn a_full_file_says_everything() {
+        let c = parse(
+            r#"
+# comments are fine
+[alert]
+kinds = ["truncate_while_pinned", "dirty_after_unmap"]
+min_severity = "warning"
+collapse_window = "5m"
+stdout = true
+
+[metrics]
+listen = "0.0.0.0:9464"
+top_cgroups = 5
+
+[limits]
+max_pin_age = "30s"
+max_longterm_process = "64MiB"
+max_longterm_cgroup = 1073741824
+memlock = false
+
+[exempt]
+comm = ["rdma_job"]
+uid = [0]
+cgroup = ["/system.slice/rdma.service"]
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.alert.kinds, Some(vec![HazardKind::TruncateWhilePinned, HazardKind::DirtyAfterUnmap]));
+        assert_eq!(c.alert.min_severity, Severity::Warning);
+        assert_eq!(c.alert.collapse_window, Duration::from_secs(300));
+        assert_eq!(c.metrics.listen, Some("0.0.0.0:9464".parse().unwrap()));
+        assert_eq!(c.metrics.top_cgroups, 5);
+        let r = c.limits.rules();
+        assert_eq!(r.max_pin_age_ns, Some(30_000_000_000));
+        assert_eq!(r.max_longterm_process, Some(64 << 20));
+        assert_eq!(r.max_longterm_cgroup, Some(1 << 30));
+        assert!(!r.memlock);
+        assert!(c.alert.alerts_on(HazardKind::TruncateWhilePinned, Severity::Critical));
+        assert!(!c.alert.alerts_on(HazardKind::TruncateWhilePinned, Severity::Info));
+        assert!(!c.alert.alerts_on(HazardKind::LongHeldPin, Severity::Critical));
+    }
+
+    /// Each bad file: the line and the key its error must name.
+    #[test]
+    fn errors_name_the_line_and_the_key() {
+        for (text, line, key) in [
+            ("[alert]\nkindz = []\n", "line 2", "alert.kindz"),
+            ("[alert]\nkinds = [\"truncate\"]\n", "line 2", "alert.kinds"),
+            ("[alert]\nmin_severity = \"loud\"\n", "line 2", "alert.min_severity"),
+            ("[alert]\n\ncollapse_window = \"-1\"\n", "line 3", "alert.collapse_window"),
+            ("[alert]\ncollapse_window = \"soon\"\n", "line 2", "alert.collapse_window"),
+            ("[limits]\nmax_longterm_process = \"lots\"\n", "line 2", "limits.max_longterm_process"),
+            ("[limits]\nmax_longterm_process = 0\n", "line 2", "limits.max_longterm_process"),
+            ("[limits]\nmax_longterm_user = -4\n", "line 2", "limits.max_longterm_user"),
+            ("[limits]\nmax_pin_age = \"nan\"\n", "line 2", "limits.max_pin_age"),
+            ("[limits]\nmemlock = \"yes\"\n", "line 2", "limits.memlock"),
+            ("[metrics]\nlisten = \"localhost\"\n", "line 2", "metrics.listen"),
+            ("[metrics]\ntop_cgroups = 100000\n", "line 2", "metrics.top_cgroups"),
+            ("[exempt]\nuid = [\"root\"]\n", "line 2", "exempt.uid"),
+            ("\n\n[enforce]\naction = \"kill\"\n", "line 3", "table [enforce]"),
+            ("[alerts]\nx = 1\n", "line 1", "table [alerts]"),
+            ("kinds = []\n", "line 1", "key `kinds`"),
+            ("[alert\n", "line 1", ""),
+        ] {
+            let e = parse(text).expect_err(text);
+            assert!(e.contains(line), "{text:?}: {e}");
+            assert!(e.contains(key), "{text:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn exemptions() {
+        let x = Exempt { comm: vec!["ib_job".into()], uid: vec![1000], cgroup: vec!["/system.slice/rdma.service".into()] };
+        assert!(x.covers(Some("ib_job"), None, None));
+        assert!(!x.covers(Some("ib_job2"), None, None));
+        assert!(x.covers(None, Some(1000), None));
+        assert!(x.covers(None, None, Some("/system.slice/rdma.service")));
+        assert!(x.covers(None, None, Some("/system.slice/rdma.service/child")));
+        assert!(!x.covers(None, None, Some("/system.slice/rdma.service2")));
+        assert!(!x.covers(Some("fio"), Some(0), Some("/user.slice")));
+        assert!(Exempt::default().is_empty());
+    }
+}

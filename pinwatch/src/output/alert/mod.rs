@@ -1,0 +1,369 @@
+//! `pinwatch alert`: the fleet daemon. Monitors on the attach ladder until stopped,
+//! writes each hazard and limit breach as a JSON line (collapsed when it repeats), and
+//! serves Prometheus metrics. SIGHUP reloads the configuration; SIGTERM and SIGINT end
+//! it cleanly, repeats still pending said first.
+
+pub mod collapse;
+pub mod config;
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    io::Write as _,
+    net::SocketAddr,
+    path::PathBuf,
+    time::{Duration, SystemTime},
+};
+
+use anyhow::{Context as _, Result};
+use serde::Serialize;
+
+use crate::{
+    args::KernelArgs,
+    engine::account::{Accounts, PAGE_SIZE},
+    kernel::{
+        procs::{self, CgroupNames},
+        stream::monotonic_ns,
+        Streaming,
+    },
+    live::{
+        session::{LimitArgs, Session},
+        Live, StopReason, Wake,
+    },
+    output::metrics::{self, Metrics, Pinned, Totals},
+    trace::{Event, Flag, Hazard, LimitRules},
+};
+use collapse::{Alert, Collapser};
+use config::Config;
+
+#[derive(clap::Args, Debug)]
+#[command(after_help = "Exit status: 0 when stopped by SIGTERM or SIGINT (or --check-config found the file valid); \
+2 on an error: a bad option or configuration, a port in use, a missing privilege.\n\n\
+Alerts are JSON lines on stdout: the trace's hazard object plus `time` (RFC 3339) and `host`; repeats of \
+a (kind, pinner, file) within the collapse window become one line with `collapsed`. Metrics: \
+http://127.0.0.1:9464/metrics unless --listen or the configuration says otherwise.")]
+pub struct AlertArgs {
+    /// Configuration file (TOML): alert kinds and severity, limits, exemptions, metrics.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Check this configuration file and exit: 0 when valid, 2 naming the line and key.
+    #[arg(long, value_name = "FILE", conflicts_with = "config")]
+    pub check_config: Option<PathBuf>,
+    /// Serve metrics at http://ADDR:PORT/metrics (default 127.0.0.1:9464: loopback).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub listen: Option<SocketAddr>,
+    #[command(flatten)]
+    pub kernel: KernelArgs,
+    #[command(flatten)]
+    pub limits: LimitArgs,
+}
+
+/// The periodic work: limit rules, metrics' gauges, collapse windows closing.
+const TICK: Duration = Duration::from_secs(1);
+/// Every this many ticks, every process is read for VmPin and VmLck (pins older than
+/// pinwatch, or unseen here, still count against RLIMIT_MEMLOCK).
+const DISCOVER_EVERY: u64 = 10;
+
+/// The rules in force: the file's, with the command line's options over them.
+struct Rules {
+    config: Config,
+    limits: LimitRules,
+}
+
+impl Rules {
+    fn new(config: Config, args: &LimitArgs) -> Rules {
+        let mut l = config.limits.clone();
+        l.max_pin_age = args.max_pin_age.or(l.max_pin_age);
+        l.max_longterm_process = args.max_longterm_process.or(l.max_longterm_process);
+        l.max_longterm_cgroup = args.max_longterm_cgroup.or(l.max_longterm_cgroup);
+        l.max_longterm_user = args.max_longterm_user.or(l.max_longterm_user);
+        l.memlock = l.memlock && !args.no_memlock_rule;
+        Rules { limits: l.rules(), config }
+    }
+
+    fn load(path: Option<&PathBuf>, args: &LimitArgs) -> Result<Rules> {
+        let config = match path {
+            Some(p) => config::load(p)?,
+            None => Config::default(),
+        };
+        Ok(Rules::new(config, args))
+    }
+
+    /// The start-up line: each rule and its action, what alerts, where.
+    fn describe(&self, listen: SocketAddr) -> String {
+        let l = &self.limits;
+        let mut rules = Vec::new();
+        if l.memlock {
+            rules.push("long-term pins over RLIMIT_MEMLOCK per process".to_string());
+        }
+        let size = |b: u64| bytesize::ByteSize::b(b).to_string();
+        if let Some(b) = l.max_longterm_process {
+            rules.push(format!("long-term pins over {} per process", size(b)));
+        }
+        if let Some(b) = l.max_longterm_cgroup {
+            rules.push(format!("long-term pins over {} per cgroup", size(b)));
+        }
+        if let Some(b) = l.max_longterm_user {
+            rules.push(format!("long-term pins over {} per user", size(b)));
+        }
+        if let Some(ns) = l.max_pin_age_ns {
+            rules.push(format!("pins held longer than {}", humantime::format_duration(Duration::from_nanos(ns))));
+        }
+        let rules = if rules.is_empty() { "none".to_string() } else { rules.iter().map(|r| format!("{r} (action: report)")).collect::<Vec<_>>().join("; ") };
+        let a = &self.config.alert;
+        let kinds = a.kinds.as_ref().map(|k| k.iter().map(|k| k.name()).collect::<Vec<_>>().join(",")).unwrap_or_else(|| "all".into());
+        let x = &self.config.exempt;
+        let exempt = if x.is_empty() { String::new() } else { format!("; exempt: comm {:?} uid {:?} cgroup {:?}", x.comm, x.uid, x.cgroup) };
+        format!(
+            "limit rules: {rules}; alerts: kinds {kinds}, severity {} and above, repeats collapsed per {}{exempt}; metrics at http://{listen}/metrics",
+            a.min_severity.name(),
+            humantime::format_duration(a.collapse_window),
+        )
+    }
+}
+
+/// One alert line: the trace's hazard event, with the wall clock and the host.
+#[derive(Serialize)]
+struct Line<'a> {
+    time: String,
+    host: &'a str,
+    #[serde(flatten)]
+    event: &'a Event,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    collapsed: Option<Collapsed>,
+}
+
+/// The repeats a summary line stands for.
+#[derive(Serialize)]
+struct Collapsed {
+    /// Hazards like the one above (the last of them) since the window's first line.
+    repeats: u64,
+    first_time: String,
+    window_s: f64,
+}
+
+/// The wall-clock time of a CLOCK_MONOTONIC timestamp, in RFC 3339.
+fn wall(ts_ns: u64) -> String {
+    let ago = Duration::from_nanos(monotonic_ns().saturating_sub(ts_ns));
+    let t = SystemTime::now().checked_sub(ago).unwrap_or(SystemTime::now());
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname(2) writes at most len bytes into our buffer.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return "unknown".into();
+    }
+    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
+/// The alert sink: exemptions, collapse, lines on stdout, and the metrics' counts.
+struct Alerts {
+    host: String,
+    collapser: Collapser,
+    /// uid and cgroup path by pid, read when exemptions need them; emptied every tick.
+    identities: HashMap<u32, (Option<u32>, Option<String>)>,
+}
+
+impl Alerts {
+    fn exempt(&mut self, rules: &Rules, h: &Hazard) -> bool {
+        let x = &rules.config.exempt;
+        if x.is_empty() {
+            return false;
+        }
+        let pinners = h.pinner_list();
+        // Exempt when every pinner known by pid is; a pin only the kernel's count knows of
+        // (no pid) is nobody's to exempt.
+        !pinners.is_empty()
+            && pinners.iter().all(|p| {
+                let Some(pid) = p.pid else { return false };
+                let (uid, cgroup) = if x.uid.is_empty() && x.cgroup.is_empty() {
+                    (None, None)
+                } else {
+                    self.identities.entry(pid).or_insert_with(|| procs::identity(pid)).clone()
+                };
+                x.covers(p.comm.as_deref(), uid, cgroup.as_deref())
+            })
+    }
+
+    fn hazard(&mut self, rules: &Rules, metrics: &Metrics, h: &Hazard) {
+        let exempt = self.exempt(rules, h);
+        metrics.hazard(h, exempt);
+        if exempt || !rules.config.alert.alerts_on(h.kind, h.severity) {
+            return;
+        }
+        for a in self.collapser.offer(h.clone()) {
+            self.write(rules, metrics, a);
+        }
+    }
+
+    fn write(&self, rules: &Rules, metrics: &Metrics, a: Alert) {
+        let (h, collapsed) = match a {
+            Alert::First(h) => (h, None),
+            Alert::Repeats { last, repeats, first_ns, window_ns } => {
+                metrics.collapsed(last.kind, repeats);
+                (last, Some(Collapsed { repeats, first_time: wall(first_ns), window_s: window_ns as f64 / 1e9 }))
+            }
+        };
+        if !rules.config.alert.stdout {
+            return;
+        }
+        let kind = h.kind;
+        let event = Event::Hazard(h);
+        let line = Line { time: wall(event_ts(&event)), host: &self.host, event: &event, collapsed };
+        let written = serde_json::to_string(&line).map_err(std::io::Error::from).and_then(|text| {
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "{text}")?;
+            out.flush()
+        });
+        match written {
+            Ok(()) => metrics.alert_written(kind),
+            Err(e) => {
+                metrics.alert_lost();
+                log::warn!("an alert line could not be written: {e}");
+            }
+        }
+    }
+}
+
+fn event_ts(e: &Event) -> u64 {
+    match e {
+        Event::Hazard(h) => h.ts_ns,
+        _ => monotonic_ns(),
+    }
+}
+
+/// Pinned bytes by kind host-wide, and the cgroups holding most.
+fn pinned(session: &Session, accounts: &Accounts, top: usize, names: &mut CgroupNames) -> Pinned {
+    let mut p = Pinned::default();
+    for (_, h) in session.engine.pins.iter() {
+        let lt = h.flags.contains(&Flag::Longterm) as usize;
+        if h.flags.contains(&Flag::Pin) {
+            p.pin[lt] += PAGE_SIZE;
+        } else {
+            p.get[lt] += PAGE_SIZE;
+        }
+    }
+    p.transient = session.gup_totals().unstreamed_held * PAGE_SIZE;
+    let mut cgroups: Vec<(u64, u64, u64)> = accounts.cgroups.iter().map(|(id, u)| (*id, u.pinned_bytes, u.longterm_bytes)).collect();
+    cgroups.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    names.refresh();
+    p.cgroups = cgroups.into_iter().take(top).map(|(id, all, lt)| (names.name(id), all, lt)).collect();
+    p
+}
+
+pub async fn run(args: AlertArgs) -> Result<i32> {
+    if let Some(path) = &args.check_config {
+        let rules = Rules::load(Some(path), &args.limits)?;
+        let listen = args.listen.or(rules.config.metrics.listen).unwrap_or_else(default_listen);
+        println!("{}: valid; {}", path.display(), rules.describe(listen));
+        return Ok(0);
+    }
+    let mut rules = Rules::load(args.config.as_ref(), &args.limits)?;
+    let listen = args.listen.or(rules.config.metrics.listen).unwrap_or_else(default_listen);
+    // The port before the kernel: a port in use fails in a moment, with nothing attached.
+    let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("listening for metrics on {listen} (--listen, or metrics.listen in the configuration)"))?;
+    let signals = Live::signals()?;
+    let session = Session::open(args.kernel, &LimitArgs::default(), Streaming::Monitor)?;
+    let mut live = Live::new(session, signals, TICK, None).reload_on_hangup();
+    live.session.set_limits(rules.limits.clone());
+    let mut metrics = Metrics::new(env!("CARGO_PKG_VERSION"), &live.session.kernel.release, live.session.mode.name());
+    tokio::spawn(metrics::serve(listener, metrics.registry()));
+    eprintln!("pinwatch alert: watching kernel {} ({}); {}", live.session.kernel.release, live.session.mode.name(), rules.describe(listen));
+    notify_ready();
+
+    let mut sink = Alerts { host: hostname(), collapser: Collapser::new(window_ns(&rules)), identities: HashMap::new() };
+    let mut names = CgroupNames::default();
+    let mut batch = Vec::new();
+    let mut ticks = 0u64;
+    let why = loop {
+        match live.next(&mut batch).await? {
+            Wake::Records => {}
+            Wake::Tick => {
+                ticks += 1;
+                let tick = live.session.tick(&BTreeSet::new(), ticks % DISCOVER_EVERY == 1)?;
+                for e in &tick.events {
+                    if let Event::Hazard(h) = e {
+                        sink.hazard(&rules, &metrics, h);
+                    }
+                }
+                for a in sink.collapser.expire(monotonic_ns()) {
+                    sink.write(&rules, &metrics, a);
+                }
+                sink.identities.clear();
+                let s = &live.session;
+                let pinned = pinned(s, &tick.accounts, rules.config.metrics.top_cgroups, &mut names);
+                let gup = s.gup_totals();
+                metrics.tick(&pinned, Totals { lost_by_reason: s.lost_by_reason.clone(), gup_calls: gup.calls, gup_pages: gup.pages, programs: s.kernel.program_stats() });
+            }
+            Wake::Reload => match args.config.as_ref().map(|p| Rules::load(Some(p), &args.limits)) {
+                None => eprintln!("pinwatch alert: SIGHUP: no --config to reload; the rules stay as they are"),
+                Some(Ok(new)) => {
+                    if new.config.metrics.listen != rules.config.metrics.listen {
+                        eprintln!("pinwatch alert: SIGHUP: metrics.listen changed; it takes effect at the next start");
+                    }
+                    live.session.set_limits(new.limits.clone());
+                    sink.collapser.set_window(window_ns(&new));
+                    rules = new;
+                    metrics.reload(true);
+                    eprintln!("pinwatch alert: configuration reloaded; {}", rules.describe(listen));
+                }
+                Some(Err(e)) => {
+                    metrics.reload(false);
+                    eprintln!("pinwatch alert: SIGHUP: {e:#}; the rules in force stay as they were");
+                }
+            },
+            Wake::Stop(why) => break why,
+        }
+        for e in &live.session.apply_batch(&mut batch) {
+            if let Event::Hazard(h) = e {
+                sink.hazard(&rules, &metrics, h);
+            }
+        }
+    };
+    // What is still in the ring, then the repeats not yet said.
+    let session = &mut live.session;
+    session.drain(&mut batch);
+    for e in &session.apply_batch(&mut batch) {
+        if let Event::Hazard(h) = e {
+            sink.hazard(&rules, &metrics, h);
+        }
+    }
+    for a in sink.collapser.flush() {
+        sink.write(&rules, &metrics, a);
+    }
+    let hazards: u64 = session.engine.hazards.counts.values().sum();
+    let why = match why {
+        StopReason::Signal(s) => format!("signal {s}"),
+        StopReason::ChildExited | StopReason::Deadline => "the end".into(),
+    };
+    eprintln!("pinwatch alert: stopped by {why}; {hazards} hazard(s) seen, {} event(s) lost", session.lost_total());
+    Ok(0)
+}
+
+fn default_listen() -> SocketAddr {
+    config::DEFAULT_LISTEN.parse().expect("a valid address")
+}
+
+fn window_ns(r: &Rules) -> u64 {
+    r.config.alert.collapse_window.as_nanos().min(u64::MAX as u128) as u64
+}
+
+/// Tells systemd (Type=notify) the daemon is watching, where NOTIFY_SOCKET says how.
+fn notify_ready() {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else { return };
+    let Ok(sock) = std::os::unix::net::UnixDatagram::unbound() else { return };
+    let bytes = path.as_encoded_bytes();
+    let sent = if let Some(name) = bytes.strip_prefix(b"@") {
+        // An abstract socket: its name begins with a NUL byte.
+        use std::os::linux::net::SocketAddrExt as _;
+        std::os::unix::net::SocketAddr::from_abstract_name(name).and_then(|a| sock.send_to_addr(b"READY=1\n", &a))
+    } else {
+        sock.send_to(b"READY=1\n", std::path::Path::new(&path))
+    };
+    if let Err(e) = sent {
+        log::warn!("telling systemd the daemon is ready (NOTIFY_SOCKET): {e}");
+    }
+}
