@@ -2,6 +2,7 @@
 
 mod bench;
 mod checks;
+mod fleet;
 mod kernels;
 mod lab;
 mod postmortem;
@@ -330,6 +331,12 @@ fn host(bins: &lab::Binaries, tally: &mut Tally) -> Result<()> {
         tally.fail("host pfns", pfns);
     }
     for (what, r) in resilience::checks(bins) {
+        match r {
+            Ok(d) => tally.pass(&what, &d),
+            Err(e) => tally.fail(&what, &format!("{e:#}")),
+        }
+    }
+    for (what, r) in fleet::checks(bins, !kprobes) {
         match r {
             Ok(d) => tally.pass(&what, &d),
             Err(e) => tally.fail(&what, &format!("{e:#}")),

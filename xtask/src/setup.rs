@@ -7,7 +7,7 @@ use anyhow::{bail, Context as _, Result};
 
 use crate::util::{have, output, quiet};
 
-pub const APT_PACKAGES: &[&str] = &["qemu-system-x86", "busybox-static", "cpio", "e2fsprogs", "xz-utils", "kmod", "tmux", "chromium", "bpftool", "xfsprogs", "btrfs-progs", "fio", "bpftrace"];
+pub const APT_PACKAGES: &[&str] = &["qemu-system-x86", "busybox-static", "cpio", "e2fsprogs", "xz-utils", "kmod", "tmux", "chromium", "bpftool", "xfsprogs", "btrfs-progs", "fio", "bpftrace", "prometheus", "curl"];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 pub fn setup() -> Result<()> {

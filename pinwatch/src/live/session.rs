@@ -164,6 +164,11 @@ impl Session {
         self.gup.values().fold(self.gup_ended, |t, g| GupCounts { calls: t.calls + g.calls, pages: t.pages + g.pages, unstreamed_held: t.unstreamed_held + g.unstreamed_held })
     }
 
+    /// Records the reader could not decode (a bug, or mismatched builds).
+    pub fn undecodable(&self) -> u64 {
+        self.source.undecodable
+    }
+
     /// Everything lost so far: records, pages and stacks.
     pub fn lost_total(&self) -> u64 {
         self.lost_by_reason.values().sum()

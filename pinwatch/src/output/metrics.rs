@@ -18,6 +18,9 @@ use prometheus_client::{
 
 use crate::trace::{Hazard, HazardKind, Severity};
 
+/// The lost-events reason of alert lines that could not be written.
+const OUTPUT_LOST: &str = "alert_output";
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindSeverity {
     kind: &'static str,
@@ -118,7 +121,7 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new(version: &str, kernel: &str, mode: &str) -> Metrics {
+    pub fn new(version: &str, kernel: &str, mode: &str, lost_reasons: &[&str]) -> Metrics {
         let mut r = Registry::default();
         let hazards = Family::<KindSeverity, Counter>::default();
         r.register("pinwatch_hazards", "Hazards seen: the kernel treated a pinned page as an ordinary one, or refused a long-term pin (exempt pinners not counted)", hazards.clone());
@@ -140,8 +143,8 @@ impl Metrics {
         r.register("pinwatch_enforcements", "Actions taken on limit breaches (this version takes none: it reports)", Family::<ActionResult, Counter>::default());
         let lost = Family::<Reason, Counter>::default();
         r.register("pinwatch_lost_events", "Events lost, by layer and reason (kernel ring and maps, the reader, the alert output)", lost.clone());
-        for reason in ["alert_output"] {
-            let _ = lost.get_or_create(&Reason { reason: reason.into() });
+        for reason in lost_reasons.iter().chain(&[OUTPUT_LOST]) {
+            let _ = lost.get_or_create(&Reason { reason: reason.to_string() });
         }
         let pinned = Family::<PinKind, Gauge>::default();
         r.register("pinwatch_pinned_bytes", "Bytes held by GUP references now, host-wide (kind: pin = FOLL_PIN, get = FOLL_GET, transient = short pins counted by the kernel side, not streamed)", pinned.clone());
@@ -216,7 +219,7 @@ impl Metrics {
 
     /// Alert lines that could not be written (stdout gone, a full disk under a pipe).
     pub fn alert_lost(&self) {
-        self.lost.get_or_create(&Reason { reason: "alert_output".into() }).inc();
+        self.lost.get_or_create(&Reason { reason: OUTPUT_LOST.into() }).inc();
     }
 
     pub fn reload(&self, ok: bool) {
@@ -351,7 +354,7 @@ mod tests {
 
     #[test]
     fn the_contract_names_and_their_values() {
-        let mut m = Metrics::new("0.1.0", "6.12.0", "full");
+        let mut m = Metrics::new("0.1.0", "6.12.0", "full", &["ringbuf_full"]);
         let text = m.encode();
         // Every kind and severity is there at 0 before any hazard.
         assert_eq!(line(&text, r#"pinwatch_hazards_total{kind="truncate_while_pinned",severity="critical"}"#), Some(r#"pinwatch_hazards_total{kind="truncate_while_pinned",severity="critical"} 0"#));
@@ -376,6 +379,7 @@ mod tests {
             r#"pinwatch_exempt_hazards_total{kind="truncate_while_pinned"} 1"#,
             r#"pinwatch_limit_breaches_total{rule="max_longterm_bytes",scope="cgroup"} 1"#,
             r#"pinwatch_lost_events_total{reason="ring_full"} 5"#,
+            r#"pinwatch_lost_events_total{reason="ringbuf_full"} 0"#,
             r#"pinwatch_lost_events_total{reason="alert_output"} 0"#,
             r#"pinwatch_pinned_bytes{kind="pin",longterm="true"} 0"#,
             r#"pinwatch_cgroup_pinned_bytes{cgroup="/b",longterm="false"} 4096"#,

@@ -21,6 +21,7 @@ use crate::{
     args::KernelArgs,
     engine::account::{Accounts, PAGE_SIZE},
     kernel::{
+        load::Counters,
         procs::{self, CgroupNames},
         stream::monotonic_ns,
         Streaming,
@@ -56,6 +57,9 @@ pub struct AlertArgs {
     #[command(flatten)]
     pub limits: LimitArgs,
 }
+
+/// The reader's loss reason, beside the kernel side's counters.
+const UNDECODABLE: &str = "undecodable_record";
 
 /// The periodic work: limit rules, metrics' gauges, collapse windows closing.
 const TICK: Duration = Duration::from_secs(1);
@@ -269,7 +273,8 @@ pub async fn run(args: AlertArgs) -> Result<i32> {
     let session = Session::open(args.kernel, &LimitArgs::default(), Streaming::Monitor)?;
     let mut live = Live::new(session, signals, TICK, None).reload_on_hangup();
     live.session.set_limits(rules.limits.clone());
-    let mut metrics = Metrics::new(env!("CARGO_PKG_VERSION"), &live.session.kernel.release, live.session.mode.name());
+    let reasons: Vec<&str> = Counters::NAMES.iter().copied().chain([UNDECODABLE]).collect();
+    let mut metrics = Metrics::new(env!("CARGO_PKG_VERSION"), &live.session.kernel.release, live.session.mode.name(), &reasons);
     tokio::spawn(metrics::serve(listener, metrics.registry()));
     eprintln!("pinwatch alert: watching kernel {} ({}); {}", live.session.kernel.release, live.session.mode.name(), rules.describe(listen));
     notify_ready();
@@ -296,7 +301,9 @@ pub async fn run(args: AlertArgs) -> Result<i32> {
                 let s = &live.session;
                 let pinned = pinned(s, &tick.accounts, rules.config.metrics.top_cgroups, &mut names);
                 let gup = s.gup_totals();
-                metrics.tick(&pinned, Totals { lost_by_reason: s.lost_by_reason.clone(), gup_calls: gup.calls, gup_pages: gup.pages, programs: s.kernel.program_stats() });
+                let mut lost = s.lost_by_reason.clone();
+                lost.insert(UNDECODABLE.into(), s.undecodable());
+                metrics.tick(&pinned, Totals { lost_by_reason: lost, gup_calls: gup.calls, gup_pages: gup.pages, programs: s.kernel.program_stats() });
             }
             Wake::Reload => match args.config.as_ref().map(|p| Rules::load(Some(p), &args.limits)) {
                 None => eprintln!("pinwatch alert: SIGHUP: no --config to reload; the rules stay as they are"),

@@ -1,0 +1,297 @@
+//! The fleet daemon (`pinwatch alert`) tried as an operator would, on this machine's
+//! kernel: the shipped Prometheus rules under promtool, a real Prometheus server
+//! scraping the daemon and evaluating those rules while a hazard scenario and its
+//! control run, configuration checks and SIGHUP reloads, a port already taken.
+
+use std::{
+    io::Read as _,
+    net::TcpListener,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, ensure, Context as _, Result};
+use serde_json::Value;
+
+use crate::{lab::Binaries, util};
+
+type Check = (String, Result<String>);
+
+pub fn rules_dir() -> PathBuf {
+    util::workspace_root().join("deploy/prometheus")
+}
+
+/// promtool on the shipped rules and their unit tests.
+pub fn promtool() -> Result<String> {
+    let dir = rules_dir();
+    let check = Command::new("promtool").args(["check", "rules", "pinwatch.rules.yml"]).current_dir(&dir).output().context("running promtool (Debian's prometheus package)")?;
+    ensure!(check.status.success(), "promtool check rules: {}{}", String::from_utf8_lossy(&check.stdout), String::from_utf8_lossy(&check.stderr));
+    let test = Command::new("promtool").args(["test", "rules", "pinwatch.rules.test.yml"]).current_dir(&dir).output()?;
+    let out = String::from_utf8_lossy(&test.stdout).into_owned() + &String::from_utf8_lossy(&test.stderr);
+    ensure!(test.status.success() && out.contains("SUCCESS"), "promtool test rules:\n{out}");
+    let n = check_rules_count(&String::from_utf8_lossy(&check.stdout));
+    Ok(format!("{n} rules valid; their unit tests pass (promtool test rules)"))
+}
+
+fn check_rules_count(s: &str) -> String {
+    s.lines().find_map(|l| l.trim().strip_prefix("SUCCESS: ").map(|r| r.split_whitespace().next().unwrap_or("?").to_string())).unwrap_or_else(|| "?".into())
+}
+
+pub fn checks(bins: &Binaries, tracepoint_only: bool) -> Vec<Check> {
+    let dir = std::env::temp_dir().join(format!("pinwatch-fleet-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    if let Err(e) = std::fs::create_dir_all(&dir) {
+        return vec![("host alert daemon".into(), Err(anyhow::anyhow!("creating {}: {e}", dir.display())))];
+    }
+    let mut out = vec![
+        ("host prometheus rules".to_string(), promtool()),
+        ("host alert --check-config".to_string(), check_config(&bins.pinwatch, &dir)),
+    ];
+    out.extend(daemon(bins, &dir, tracepoint_only));
+    let _ = std::fs::remove_dir_all(&dir);
+    out
+}
+
+/// A valid file exits 0 and states the rules; bad ones exit 2 naming line and key.
+fn check_config(pw: &Path, dir: &Path) -> Result<String> {
+    let good = dir.join("good.toml");
+    std::fs::write(&good, "[alert]\nmin_severity = \"warning\"\n[limits]\nmax_longterm_process = \"4MiB\"\n")?;
+    let o = Command::new(pw).args(["alert", "--check-config"]).arg(&good).output()?;
+    let t = String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
+    ensure!(o.status.success() && t.contains("valid") && t.contains("4.0 MiB per process"), "a valid file: exit {:?}:\n{t}", o.status.code());
+    for (text, says) in [
+        ("[alert]\nmin_severity = \"warning\"\n\n[limits]\nmax_longterm_process = \"lots\"\n", "line 5, key `limits.max_longterm_process`"),
+        ("[alert]\nkindz = []\n", "line 2, key `alert.kindz`"),
+        ("[enforce]\naction = \"kill\"\n", "line 1, table [enforce]"),
+    ] {
+        let bad = dir.join("bad.toml");
+        std::fs::write(&bad, text)?;
+        let o = Command::new(pw).args(["alert", "--check-config"]).arg(&bad).output()?;
+        let t = String::from_utf8_lossy(&o.stderr).into_owned();
+        ensure!(!t.contains("panicked"), "pinwatch panicked on {text:?}:\n{t}");
+        ensure!(o.status.code() == Some(2) && t.contains(says), "{text:?}: exit {:?}, wanted 2 and {says:?}:\n{t}", o.status.code());
+    }
+    Ok("a valid file exits 0 stating its rules; 3 bad files exit 2 naming line and key".into())
+}
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn curl(url: &str) -> Result<String> {
+    let o = Command::new("curl").args(["-sS", "--max-time", "5", url]).output().context("running curl")?;
+    ensure!(o.status.success(), "GET {url}: {}", String::from_utf8_lossy(&o.stderr).trim());
+    Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+}
+
+/// Alerts Prometheus holds, as (alertname, kind label, state).
+fn prometheus_alerts(port: u16) -> Result<Vec<(String, String, String)>> {
+    let v: Value = serde_json::from_str(&curl(&format!("http://127.0.0.1:{port}/api/v1/alerts"))?)?;
+    Ok(v["data"]["alerts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|a| {
+            let s = |v: &Value| v.as_str().unwrap_or("").to_string();
+            (s(&a["labels"]["alertname"]), s(&a["labels"]["kind"]), s(&a["state"]))
+        })
+        .collect())
+}
+
+/// A sample of an instant query, summed over its series.
+fn prometheus_sum(port: u16, query: &str) -> Result<f64> {
+    let v: Value = serde_json::from_str(&curl(&format!("http://127.0.0.1:{port}/api/v1/query?query={}", urlencode(query)))?)?;
+    Ok(v["data"]["result"].as_array().into_iter().flatten().filter_map(|r| r["value"][1].as_str()?.parse::<f64>().ok()).sum())
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes().map(|b| if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") }).collect()
+}
+
+fn wait_until<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Result<Option<T>>) -> Result<T> {
+    let start = Instant::now();
+    let mut last = String::new();
+    while start.elapsed() < limit {
+        match f() {
+            Ok(Some(t)) => return Ok(t),
+            Ok(None) => {}
+            Err(e) => last = format!("{e:#}"),
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    bail!("{what} within {limit:?}{}", if last.is_empty() { String::new() } else { format!(" (last error: {last})") })
+}
+
+struct Running {
+    child: Child,
+    stdout: PathBuf,
+    stderr: PathBuf,
+}
+
+impl Running {
+    fn err(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+    fn lines(&self) -> Vec<Value> {
+        std::fs::read_to_string(&self.stdout).unwrap_or_default().lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn(cmd: &mut Command, dir: &Path, name: &str) -> Result<Running> {
+    let stdout = dir.join(format!("{name}.out"));
+    let stderr = dir.join(format!("{name}.err"));
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&stdout)?)
+        .stderr(std::fs::File::create(&stderr)?)
+        .spawn()
+        .with_context(|| format!("starting {cmd:?}"))?;
+    Ok(Running { child, stdout, stderr })
+}
+
+fn signal(r: &Running, sig: i32) {
+    // SAFETY: kill(2) on our own child, not yet reaped.
+    unsafe { libc::kill(r.child.id() as i32, sig) };
+}
+
+/// The daemon for real: a Prometheus server scrapes it every second and evaluates the
+/// shipped rules; the control scenario must leave every hazard alert inactive, the
+/// hazard scenario must fire the rule of its severity, with the alert line on stdout.
+fn daemon(bins: &Binaries, dir: &Path, tracepoint_only: bool) -> Vec<Check> {
+    let mut out = Vec::new();
+    let r = (|| -> Result<()> {
+        let metrics_port = free_port()?;
+        let config = dir.join("pinwatch.toml");
+        std::fs::write(&config, "[alert]\ncollapse_window = \"30s\"\n")?;
+        let mut d = spawn(
+            Command::new(&bins.pinwatch).args(["alert", "--listen", &format!("127.0.0.1:{metrics_port}"), "--config"]).arg(&config),
+            dir,
+            "alert",
+        )?;
+        let up = wait_until(Duration::from_secs(120), "the daemon never served /metrics", || {
+            if let Some(s) = d.child.try_wait()? {
+                bail!("the daemon exited ({s}):\n{}", d.err());
+            }
+            Ok(curl(&format!("http://127.0.0.1:{metrics_port}/metrics")).ok())
+        });
+        let metrics = match up {
+            Ok(m) => m,
+            Err(e) => {
+                out.push(("host alert daemon".into(), Err(e)));
+                return Ok(());
+            }
+        };
+        // A second daemon on the same port: refused at once, naming the port.
+        out.push(("host alert: port in use".into(), (|| {
+            let o = Command::new(&bins.pinwatch).args(["alert", "--listen", &format!("127.0.0.1:{metrics_port}")]).stdin(Stdio::null()).output()?;
+            let t = String::from_utf8_lossy(&o.stderr);
+            ensure!(o.status.code() == Some(2) && t.contains(&metrics_port.to_string()) && !t.contains("tracepoint-only mode"), "exit {:?}:\n{t}", o.status.code());
+            Ok("a second daemon on the same port exits 2 naming it, before attaching".to_string())
+        })()));
+        ensure!(metrics.contains("pinwatch_build_info{") && metrics.ends_with("# EOF\n"), "the scrape is not OpenMetrics with pinwatch_build_info:\n{metrics}");
+
+        let prom_port = free_port()?;
+        let prom_yml = dir.join("prometheus.yml");
+        std::fs::write(
+            &prom_yml,
+            format!(
+                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\nscrape_configs:\n  - job_name: pinwatch\n    static_configs:\n      - targets: ['127.0.0.1:{metrics_port}']\n",
+                rules_dir().join("pinwatch.rules.yml").display()
+            ),
+        )?;
+        let _prom = spawn(
+            Command::new("prometheus")
+                .arg(format!("--config.file={}", prom_yml.display()))
+                .arg(format!("--storage.tsdb.path={}", dir.join("tsdb").display()))
+                .arg(format!("--web.listen-address=127.0.0.1:{prom_port}")),
+            dir,
+            "prometheus",
+        )?;
+        // Prometheus scraped the daemon (up == 1) and loaded the rules.
+        wait_until(Duration::from_secs(60), "Prometheus never scraped the daemon", || Ok((prometheus_sum(prom_port, "up{job=\"pinwatch\"}")? == 1.0).then_some(())))?;
+        let hazard_alerts = |state: &str| -> Result<Vec<(String, String, String)>> {
+            Ok(prometheus_alerts(prom_port)?.into_iter().filter(|a| a.0.starts_with("PinwatchCritical") || a.0 == "PinwatchHazard").filter(|a| state.is_empty() || a.2 == state).collect())
+        };
+
+        // The control: a memfd the kernel never pinned, truncated.
+        let scen = |extra: &[&str]| Command::new(&bins.scenario).args(["memfd-truncate", "--pages", "8"]).args(extra).stdin(Stdio::null()).output();
+        let c = scen(&["--no-pin"])?;
+        out.push(("host alert + Prometheus: control stays silent".into(), (|| {
+            ensure!(c.status.success(), "the control scenario failed: {}", String::from_utf8_lossy(&c.stderr));
+            // Five scrapes and evaluations after the control.
+            std::thread::sleep(Duration::from_secs(5));
+            let a = hazard_alerts("")?;
+            ensure!(a.is_empty(), "hazard alerts after the control: {a:?}");
+            let lines = d.lines();
+            ensure!(lines.is_empty(), "alert lines after the control: {lines:?}");
+            let n = prometheus_sum(prom_port, "sum(pinwatch_hazards_total)")?;
+            ensure!(n == 0.0, "Prometheus holds {n} hazards after the control");
+            Ok("no alert line, pinwatch_hazards_total 0, no hazard alert pending or firing after 5 evaluations".to_string())
+        })()));
+
+        // The hazard: a memfd long-term pinned by io_uring, truncated.
+        let h = scen(&[])?;
+        let (sev, rule) = if tracepoint_only { ("warning", "PinwatchHazard") } else { ("critical", "PinwatchCriticalHazard") };
+        out.push((format!("host alert + Prometheus: hazard fires {rule}"), (|| {
+            ensure!(h.status.success(), "the hazard scenario failed: {}", String::from_utf8_lossy(&h.stderr));
+            let firing = wait_until(Duration::from_secs(60), &format!("{rule} never fired"), || {
+                Ok(hazard_alerts("firing")?.into_iter().find(|a| a.0 == rule && a.1 == "truncate_while_pinned"))
+            })?;
+            let lines = d.lines();
+            let first = lines.first().context("no alert line on the daemon's stdout")?;
+            ensure!(first["event"] == "hazard" && first["kind"] == "truncate_while_pinned" && first["severity"] == sev, "the alert line: {first}");
+            ensure!(first["time"].as_str().is_some_and(|t| t.len() >= 20 && t.ends_with('Z')) && first["host"].as_str().is_some_and(|h| !h.is_empty()), "no RFC 3339 time or host: {first}");
+            let n = wait_until(Duration::from_secs(10), "Prometheus never held the 8 hazards", || {
+                let n = prometheus_sum(prom_port, &format!("sum(pinwatch_hazards_total{{kind=\"truncate_while_pinned\",severity=\"{sev}\"}})"))?;
+                Ok((n >= 8.0).then_some(n))
+            })?;
+            // 8 pages truncated, one file: one line, the 7 repeats waiting for their window.
+            ensure!(lines.len() == 1, "{} alert lines for one file's truncate, wanted 1 (repeats collapsed): {lines:?}", lines.len());
+            Ok(format!("{} {} ({sev}) firing in Prometheus, pinwatch_hazards_total {n}, 1 alert line (7 repeats collapsed)", firing.0, firing.1))
+        })()));
+
+        // SIGHUP: an invalid file keeps the rules; a valid one is taken.
+        out.push(("host alert: SIGHUP reload".into(), (|| {
+            std::fs::write(&config, "[alert]\ncollapse_window = \"nan\"\n")?;
+            signal(&d, libc::SIGHUP);
+            wait_until(Duration::from_secs(10), "no word of the invalid configuration", || Ok(d.err().contains("the rules in force stay as they were").then_some(())))?;
+            ensure!(d.child.try_wait()?.is_none(), "the daemon ended on an invalid configuration:\n{}", d.err());
+            ensure!(d.err().contains("line 2, key `alert.collapse_window`"), "the refusal does not name the line and key:\n{}", d.err());
+            std::fs::write(&config, "[alert]\ncollapse_window = \"30s\"\nmin_severity = \"critical\"\n")?;
+            signal(&d, libc::SIGHUP);
+            wait_until(Duration::from_secs(10), "the valid configuration was never taken", || Ok(d.err().contains("severity critical and above").then_some(())))?;
+            let m = curl(&format!("http://127.0.0.1:{metrics_port}/metrics"))?;
+            for want in ["pinwatch_config_reloads_total{result=\"invalid\"} 1", "pinwatch_config_reloads_total{result=\"ok\"} 1"] {
+                ensure!(m.lines().any(|l| l == want), "no {want:?} in the scrape");
+            }
+            Ok("an invalid file is refused naming line and key and the daemon keeps running; a valid one is taken; both counted".to_string())
+        })()));
+
+        // SIGTERM: the repeats pending are said, then a clean exit.
+        out.push(("host alert: SIGTERM".into(), (|| {
+            signal(&d, libc::SIGTERM);
+            let status = wait_until(Duration::from_secs(20), "the daemon did not end on SIGTERM", || Ok(d.child.try_wait()?))?;
+            ensure!(status.success(), "exit {status} on SIGTERM:\n{}", d.err());
+            let lines = d.lines();
+            let summary = lines.iter().find(|l| l.get("collapsed").is_some()).with_context(|| format!("no summary of the collapsed repeats at the end: {lines:?}"))?;
+            ensure!(summary["collapsed"]["repeats"] == 7, "the summary: {summary}");
+            let mut tail = String::new();
+            std::fs::File::open(&d.stderr)?.read_to_string(&mut tail)?;
+            ensure!(tail.contains("stopped by signal 15"), "no last word:\n{tail}");
+            Ok("exit 0; the 7 collapsed repeats said in a summary line before the exit".to_string())
+        })()));
+        Ok(())
+    })();
+    if let Err(e) = r {
+        out.push(("host alert daemon".into(), Err(e)));
+    }
+    out
+}
