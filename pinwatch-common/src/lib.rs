@@ -6,7 +6,7 @@
 #![no_std]
 
 /// Bumped whenever a record layout below changes.
-pub const RECORD_VERSION: u16 = 4;
+pub const RECORD_VERSION: u16 = 5;
 
 /// Folio head pfns carried by one record. A GUP call that takes more pages is sent as
 /// several records (chunks) of the same call.
@@ -67,6 +67,27 @@ pub mod backing {
 pub const RECORD_TRUNCATED: u16 = 1 << 0;
 /// The GUP call returned an error (`ret` < 0); no pages were taken.
 pub const RECORD_FAILED: u16 = 1 << 1;
+/// This long-term call took its process over the enforced cap ([`Enforce`]) and the
+/// kernel accepted the signal (bpf_send_signal returned 0).
+pub const RECORD_SIGNALED: u16 = 1 << 2;
+/// Over the cap, but the kernel refused the signal (a kernel thread, an exiting task,
+/// init): bpf_send_signal's own guards.
+pub const RECORD_SIGNAL_REFUSED: u16 = 1 << 3;
+/// Over the cap, and exempt (uid, cgroup or comm in the EXEMPT_* maps): no signal.
+pub const RECORD_SIGNAL_EXEMPT: u16 = 1 << 4;
+
+/// The per-process cap on long-term pinned pages that the kernel side enforces in the
+/// GUP return program (map ENFORCE, index 0), filled by `pinwatch alert`. A long-term
+/// call that takes its process past `cap_pages` (taken minus released, see
+/// [`ProcPins::longterm_pages`]) gets `signal` (SIGSTOP or SIGKILL) sent to its process.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default)]
+pub struct Enforce {
+    /// 0: nothing is enforced.
+    pub cap_pages: u64,
+    pub signal: u32,
+    pub _pad: u32,
+}
 
 /// Defines [`Hook`] with each kernel function's id and name once: the enum, its names and
 /// the list of all of them cannot drift apart.
@@ -362,6 +383,9 @@ pub struct ProcPins {
     pub quiet_held: u64,
     /// Calls and pages that were streamed as pin records.
     pub streamed_calls: u64,
+    /// Pages taken by long-term calls since pinwatch started. Held = this minus what
+    /// user space has seen released (map LONGTERM_RELEASED): the enforced figure.
+    pub longterm_pages: u64,
 }
 
 /// Indexes of the CALIB array (vmemmap_base calibration).
@@ -455,6 +479,7 @@ mod user {
     unsafe impl aya::Pod for GupCall {}
     unsafe impl aya::Pod for PinState {}
     unsafe impl aya::Pod for ProcPins {}
+    unsafe impl aya::Pod for Enforce {}
     unsafe impl aya::Pod for FileRef {}
 }
 

@@ -8,11 +8,14 @@ use aya_ebpf::{
 };
 use pinwatch_common::{
     backing as bk, counter, kind, GupCall, KernelStack, PinState, ProcPins, Hook, MAX_CHUNKS, PFNS_PER_RECORD,
-    PIN_FIXED, RECORD_FAILED, RECORD_TRUNCATED,
+    PIN_FIXED, RECORD_FAILED, RECORD_SIGNALED, RECORD_SIGNAL_EXEMPT, RECORD_SIGNAL_REFUSED, RECORD_TRUNCATED,
 };
 
 use crate::{
-    maps::{atomic_add, count, pins_insert, ARMED, GUP_CALLS, GUP_STACKS, PINS, PIN_SCRATCH, PROC_PINS, QUIET_GETS, QUIET_TALLY, STACK_SCRATCH},
+    maps::{
+        atomic_add, count, pins_insert, ARMED, ENFORCE, EXEMPT_CGROUPS, EXEMPT_COMMS, EXEMPT_UIDS, GUP_CALLS, GUP_STACKS, LONGTERM_RELEASED, PINS,
+        PIN_SCRATCH, PROC_PINS, QUIET_GETS, QUIET_TALLY, STACK_SCRATCH,
+    },
     page::{backing, file_of, folio_head, mapping, PfnMath},
     record::{current, fill_header, fill_stack, is_self, send, stream_all, Nest},
 };
@@ -127,9 +130,10 @@ pub fn exit(raw_ret: u64) {
 }
 
 /// Per-process counts of a call that took `pages` pages; `quiet`: the call was not
-/// streamed, and that many of its pages went into PINS as quiet references.
+/// streamed, and that many of its pages went into PINS as quiet references; `longterm`:
+/// pages taken with FOLL_LONGTERM, all of them, records or not (the enforced figure).
 #[inline(always)]
-fn count_call(tgid: u32, pages: u64, quiet: Option<u64>) {
+fn count_call(tgid: u32, pages: u64, quiet: Option<u64>, longterm: u64) {
     let mut p = PROC_PINS.get_ptr_mut(&tgid);
     if p.is_none() {
         // BPF_NOEXIST: two threads of one process racing here both end up adding to
@@ -146,6 +150,38 @@ fn count_call(tgid: u32, pages: u64, quiet: Option<u64>) {
         } else {
             atomic_add(&mut (*p).streamed_calls, 1);
         }
+        if longterm > 0 {
+            atomic_add(&mut (*p).longterm_pages, longterm);
+        }
+    }
+}
+
+/// The enforced cap, after a long-term call of `tgid` was counted: over it, the calling
+/// process gets the configured signal, delivered before the call returns to user space,
+/// so it never runs with the pins that broke the rule. Returns the record flag that says
+/// what happened (0: under the cap, or no cap). bpf_send_signal itself refuses kernel
+/// threads, exiting tasks and init; init is refused here too.
+#[inline(always)]
+fn enforce(tgid: u32) -> u16 {
+    let Some(e) = ENFORCE.get(0) else { return 0 };
+    if e.cap_pages == 0 || tgid <= 1 {
+        return 0;
+    }
+    let Some(p) = (unsafe { PROC_PINS.get(&tgid) }) else { return 0 };
+    let released = unsafe { LONGTERM_RELEASED.get(&tgid) }.copied().unwrap_or(0);
+    if p.longterm_pages.saturating_sub(released) <= e.cap_pages {
+        return 0;
+    }
+    let uid = aya_ebpf::helpers::bpf_get_current_uid_gid() as u32;
+    let cgroup = unsafe { aya_ebpf::helpers::generated::bpf_get_current_cgroup_id() };
+    let comm = aya_ebpf::helpers::bpf_get_current_comm().unwrap_or([0; 16]);
+    if unsafe { EXEMPT_UIDS.get(&uid).is_some() || EXEMPT_CGROUPS.get(&cgroup).is_some() || EXEMPT_COMMS.get(&comm).is_some() } {
+        return RECORD_SIGNAL_EXEMPT;
+    }
+    if unsafe { aya_ebpf::helpers::generated::bpf_send_signal(e.signal) } == 0 {
+        RECORD_SIGNALED
+    } else {
+        RECORD_SIGNAL_REFUSED
     }
 }
 
@@ -176,7 +212,7 @@ fn track_quietly(call: &GupCall, ret: i64, tgid: u32, ts: u64) {
         let r = pin_page(call.pages + i * 8, math.base(), tgid as u64, flags, ts);
         unsafe { *tally += (r & UNTRACKED == 0) as u64 };
     }
-    count_call(tgid, n, Some(unsafe { *tally }));
+    count_call(tgid, n, Some(unsafe { *tally }), 0);
 }
 
 #[inline(always)]
@@ -229,7 +265,11 @@ fn record(call: &GupCall, ret: i64, tgid: u32, tid: u32) {
     }
     let math = PfnMath::new();
     let flags = call.gup_flags as u64 | if is_pin(call.hook) { PIN_REF } else { 0 };
-    count_call(tgid, n.min(max), None);
+    let longterm = call.gup_flags as u64 & unsafe { core::ptr::read_volatile(&FOLL_LONGTERM) } != 0;
+    count_call(tgid, n.min(max), None, if longterm { n } else { 0 });
+    if longterm {
+        rec.header.flags |= enforce(tgid);
+    }
     for chunk in 0..MAX_CHUNKS {
         let base = (chunk * PFNS_PER_RECORD) as u64;
         if base >= n {

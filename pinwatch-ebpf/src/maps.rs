@@ -4,7 +4,7 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
-use pinwatch_common::{calib, counter, GupCall, KernelStack, PageRecord, PinRecord, PinState, ProcPins, ReleaseRecord};
+use pinwatch_common::{calib, counter, Enforce, GupCall, KernelStack, PageRecord, PinRecord, PinState, ProcPins, ReleaseRecord};
 
 /// Records to user space. User space sizes it at load (kernel::load::ring_bytes): 8 MiB
 /// when recording, about 20,000 one-page pin records, several seconds of a heavy
@@ -52,6 +52,26 @@ pub static PINS: HashMap<u64, PinState> = HashMap::with_max_entries(262144, 0);
 pub const PIN_FILTER_SLOTS: u32 = 1 << 18;
 #[map]
 pub static PIN_FILTER: Array<u32> = Array::with_max_entries(PIN_FILTER_SLOTS, 0);
+
+/// The per-process cap on long-term pins the GUP return program enforces (one entry;
+/// see pinwatch_common::Enforce). Zero until `pinwatch alert` is told to enforce.
+#[map]
+pub static ENFORCE: Array<Enforce> = Array::with_max_entries(1, 0);
+
+/// Long-term pinned pages user space has seen released, per tgid: written by user space
+/// only (the kernel side adds to ProcPins::longterm_pages only), so neither side's
+/// writes race the other's. As many processes as PROC_PINS.
+#[map]
+pub static LONGTERM_RELEASED: HashMap<u32, u64> = HashMap::with_max_entries(16384, 0);
+
+/// Who enforcement spares, by uid, cgroup id (user space lists every cgroup below an
+/// exempt path) and comm. Read only when a call goes over the cap.
+#[map]
+pub static EXEMPT_UIDS: HashMap<u32, u8> = HashMap::with_max_entries(64, 0);
+#[map]
+pub static EXEMPT_CGROUPS: HashMap<u64, u8> = HashMap::with_max_entries(4096, 0);
+#[map]
+pub static EXEMPT_COMMS: HashMap<[u8; 16], u8> = HashMap::with_max_entries(64, 0);
 
 /// GUP activity per process (tgid): calls, pages, references held unstreamed. Live
 /// views read it at each refresh; user space deletes the entries of processes gone.

@@ -295,3 +295,153 @@ fn daemon(bins: &Binaries, dir: &Path, tracepoint_only: bool) -> Vec<Check> {
     }
     out
 }
+
+/// The daemon in a lab guest, scraped from this machine: QEMU's user network forwards
+/// 127.0.0.1:`metrics_port` here to the daemon's 10.0.2.15:9464 in the guest (it listens
+/// there because the plan says so; its default is loopback). A Prometheus server runs
+/// here for the whole boot; a thread follows the guest's marks on the results port and
+/// asks Prometheus what it holds after the control and after the hazard.
+pub struct LabPrometheus {
+    server: Running,
+    port: u16,
+    pub metrics_port: u16,
+    dir: PathBuf,
+}
+
+/// The guest's part: network up, the daemon on the guest's address, the 2018 sequence's
+/// control, then the sequence itself, each followed by a mark the host waits for.
+pub const LAB_PLAN: &str = r#"
+say BEGIN alert
+ip link set lo up
+ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0 || say MARK alert no-network
+pinwatch alert --listen 10.0.2.15:9464 > /tmp/alert.out 2> /tmp/alert.err &
+AL=$!
+i=0; while ! grep -q 'pinwatch alert: watching' /tmp/alert.err && [ $i -lt 1800 ]; do sleep 0.1; i=$((i+1)); done
+say MARK alert ready
+pinwatch-scenario odirect-hazard --file /mnt/alertctl --dev /dev/nullb0 --pages 8 --no-pin > /tmp/alertscen.out
+sleep 2
+say MARK alert control
+sleep 15
+pinwatch-scenario odirect-hazard --file /mnt/alerthz --dev /dev/nullb0 --pages 8 >> /tmp/alertscen.out
+sleep 2
+say MARK alert hazard
+sleep 30
+kill -TERM $AL
+wait $AL
+RC=$?
+# The daemon's stdout is its alert lines alone; what the scenarios said goes with stderr.
+cat /tmp/alertscen.out >> /tmp/alert.err
+send_back alert $RC /tmp/alert.out /tmp/alert.err
+"#;
+
+impl LabPrometheus {
+    pub fn start(work: &Path) -> Result<LabPrometheus> {
+        let dir = work.join("prometheus");
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let metrics_port = free_port()?;
+        let port = free_port()?;
+        let yml = dir.join("prometheus.yml");
+        std::fs::write(
+            &yml,
+            format!(
+                "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\nscrape_configs:\n  - job_name: pinwatch\n    static_configs:\n      - targets: ['127.0.0.1:{metrics_port}']\n",
+                rules_dir().join("pinwatch.rules.yml").display()
+            ),
+        )?;
+        let server = spawn(
+            Command::new("prometheus")
+                .arg(format!("--config.file={}", yml.display()))
+                .arg(format!("--storage.tsdb.path={}", dir.join("tsdb").display()))
+                .arg(format!("--web.listen-address=127.0.0.1:{port}")),
+            &dir,
+            "prometheus",
+        )?;
+        wait_until(Duration::from_secs(30), "Prometheus never answered", || Ok(curl(&format!("http://127.0.0.1:{port}/-/ready")).ok()))?;
+        Ok(LabPrometheus { server, port, metrics_port, dir })
+    }
+
+    /// Follows the guest's marks in `results` (the results port's file) until the boot
+    /// ends (`done` set); returns the checks of what Prometheus held at each mark.
+    pub fn watch(&self, results: &Path, done: &std::sync::atomic::AtomicBool) -> Vec<Check> {
+        use std::sync::atomic::Ordering;
+        let mut out = Vec::new();
+        let (mut control, mut hazard) = (false, false);
+        while !(control && hazard) && !done.load(Ordering::Relaxed) {
+            let text = std::fs::read_to_string(results).unwrap_or_default();
+            if !control && text.contains("PINWATCH-LAB MARK alert control") {
+                control = true;
+                out.push(("alert + Prometheus: control stays silent".to_string(), self.after_control()));
+            }
+            if !hazard && text.contains("PINWATCH-LAB MARK alert hazard") {
+                hazard = true;
+                out.push(("alert + Prometheus: hazard fires PinwatchCriticalHazard".to_string(), self.after_hazard()));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        if !control || !hazard {
+            out.push(("alert + Prometheus".to_string(), Err(anyhow::anyhow!("the guest never reached the daemon's {} mark", if control { "hazard" } else { "control" }))));
+        }
+        out
+    }
+
+    fn hazard_alerts(&self) -> Result<Vec<(String, String, String)>> {
+        Ok(prometheus_alerts(self.port)?.into_iter().filter(|a| a.0 == "PinwatchCriticalHazard" || a.0 == "PinwatchHazard").collect())
+    }
+
+    fn after_control(&self) -> Result<String> {
+        // Scraped for real, or silence proves nothing.
+        wait_until(Duration::from_secs(10), "Prometheus never scraped the daemon in the guest (up == 1)", || Ok((prometheus_sum(self.port, "up{job=\"pinwatch\"}")? == 1.0).then_some(())))?;
+        std::thread::sleep(Duration::from_secs(6));
+        let a = self.hazard_alerts()?;
+        ensure!(a.is_empty(), "hazard alerts after the control: {a:?}");
+        let n = prometheus_sum(self.port, "sum(pinwatch_hazards_total)")?;
+        ensure!(n == 0.0, "Prometheus holds {n} hazards after the control");
+        Ok("scraped through QEMU's forwarded port (up 1); pinwatch_hazards_total 0 and no hazard alert 6 evaluations after the control".into())
+    }
+
+    fn after_hazard(&self) -> Result<String> {
+        let firing = wait_until(Duration::from_secs(25), "PinwatchCriticalHazard never fired", || {
+            let f: Vec<String> = self.hazard_alerts()?.into_iter().filter(|a| a.0 == "PinwatchCriticalHazard" && a.2 == "firing").map(|a| a.1).collect();
+            Ok((!f.is_empty()).then_some(f))
+        })?;
+        let n = prometheus_sum(self.port, "sum(pinwatch_hazards_total{severity=\"critical\"})")?;
+        ensure!(n >= 1.0, "PinwatchCriticalHazard fired, yet Prometheus holds {n} critical hazards");
+        Ok(format!("firing for {} (Prometheus's own API); {n} critical hazard(s) scraped", firing.join(", ")))
+    }
+
+    /// Where Prometheus's log is, for a failure.
+    pub fn log(&self) -> PathBuf {
+        self.dir.join("prometheus.err")
+    }
+
+    pub fn stop(self) {
+        drop(self.server);
+    }
+}
+
+/// The daemon's own lines in the guest: alerts only for the hazard scenario's pinner,
+/// none for the control's; a clean exit on SIGTERM.
+pub fn check_lab_alert(r: &crate::lab::Recorded) -> Result<String> {
+    ensure!(r.ended, "the guest never finished the daemon's run");
+    ensure!(r.rc == Some(0), "the daemon exited {:?}:\n{}", r.rc, r.err.join("\n"));
+    let scenarios: Vec<Value> = r.err.iter().filter_map(|l| l.strip_prefix("PINWATCH-SCENARIO ")).filter_map(|l| serde_json::from_str(l).ok()).collect();
+    ensure!(scenarios.len() == 2, "the control and the hazard scenario did not both report: {:?}", r.err);
+    let (control, hazard) = (scenarios[0]["pid"].as_u64(), scenarios[1]["pid"].as_u64());
+    let alerts: Vec<Value> = r.out.iter().map(|l| serde_json::from_str(l).with_context(|| format!("an alert line that is not JSON: {l}"))).collect::<Result<_>>()?;
+    let pids = |a: &Value| -> Vec<Option<u64>> {
+        match &a["pinner"] {
+            Value::Array(v) => v.iter().map(|p| p["pid"].as_u64()).collect(),
+            p => vec![p["pid"].as_u64()],
+        }
+    };
+    ensure!(!alerts.iter().any(|a| pids(a).contains(&control)), "alert lines name the control's pid {control:?}");
+    let critical: Vec<&Value> = alerts.iter().filter(|a| a["severity"] == "critical" && pids(a).contains(&hazard)).collect();
+    ensure!(!critical.is_empty(), "no critical alert line for the hazard scenario's pid {hazard:?}: {alerts:?}");
+    ensure!(alerts.iter().all(|a| a["time"].is_string() && a["host"].is_string() && a["event"] == "hazard"), "an alert line without time, host or event");
+    let mut kinds: Vec<&str> = alerts.iter().filter_map(|a| a["kind"].as_str()).collect();
+    kinds.sort();
+    kinds.dedup();
+    ensure!(r.err.iter().any(|l| l.contains("stopped by signal 15")), "no clean stop on SIGTERM:\n{}", r.err.join("\n"));
+    Ok(format!("{} alert line(s) ({}) for the hazard's pinner, none for the control's; exit 0 on SIGTERM", alerts.len(), kinds.join(", ")))
+}

@@ -25,6 +25,9 @@ const MODULES: &[(&str, &str)] = &[
     ("btrfs", ""),
     // Every I/O takes 2 s: a DMA that keeps its pages pinned long enough to watch.
     ("null_blk", "irqmode=2 completion_nsec=2000000000 nr_devices=1"),
+    // A network card, for Prometheus on the host to scrape the daemon in the guest.
+    ("virtio_pci", ""),
+    ("virtio_net", ""),
 ];
 
 const INIT: &str = r#"#!/bin/busybox sh
@@ -217,15 +220,28 @@ pub struct Boot {
 }
 
 pub fn boot(k: &Kernel, initramfs: &Path, work: &Path, limit: Duration) -> Result<Boot> {
-    boot_with_memory(k, initramfs, work, limit, "1G")
+    boot_with_memory(k, initramfs, work, limit, "1G", None)
+}
+
+/// Where a boot's results port is written, as it runs.
+pub fn results_path(work: &Path) -> PathBuf {
+    work.join("results.log")
 }
 
 /// A boot with more guest memory: the bench's initramfs carries fio and bpftrace with
 /// their libraries (about 300 MB, held in RAM).
-pub fn boot_with_memory(k: &Kernel, initramfs: &Path, work: &Path, limit: Duration, memory: &str) -> Result<Boot> {
+/// `forward`: QEMU's user network, with 127.0.0.1:PORT here forwarded to the guest's
+/// port 9464 (the daemon's metrics); without it, QEMU's default card, which the guest
+/// leaves alone.
+pub fn boot_with_memory(k: &Kernel, initramfs: &Path, work: &Path, limit: Duration, memory: &str, forward: Option<u16>) -> Result<Boot> {
     let console = work.join("console.log");
-    let results = work.join("results.log");
-    let mut child = Command::new("qemu-system-x86_64")
+    let results = results_path(work);
+    let mut qemu = Command::new("qemu-system-x86_64");
+    match forward {
+        Some(port) => qemu.args(["-netdev", &format!("user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:9464"), "-device", "virtio-net-pci,netdev=n0"]),
+        None => &mut qemu,
+    };
+    let mut child = qemu
         .args(["-accel", "tcg", "-cpu", "max", "-m", memory, "-smp", "2", "-no-reboot", "-display", "none", "-monitor", "none"])
         .arg("-kernel")
         .arg(&k.vmlinuz)

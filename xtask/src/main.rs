@@ -173,6 +173,9 @@ fn plan(only: Option<&[&str]>) -> String {
     if only.is_none() {
         s.push_str(KILL9_PLAN);
     }
+    if only.is_none_or(|o| o.contains(&"alert")) {
+        s.push_str(fleet::LAB_PLAN);
+    }
     s
 }
 
@@ -240,8 +243,34 @@ fn lab(names: &[String], bins: &lab::Binaries, tally: &mut Tally) -> Result<()> 
             }
             None => bins,
         };
-        let boot = lab::build_initramfs(&k, bins, &script, &work)
-            .and_then(|img| lab::boot(&k, &img, &work, BOOT_LIMIT));
+        // Prometheus here scrapes the daemon in the guest while the guest runs; the
+        // last boot's results go first, or the watcher would read their marks.
+        let _ = std::fs::remove_file(lab::results_path(&work));
+        let prometheus = fleet::LabPrometheus::start(&work);
+        let done = std::sync::atomic::AtomicBool::new(false);
+        let (boot, scraped) = std::thread::scope(|scope| {
+            let watcher = prometheus.as_ref().ok().map(|p| scope.spawn(|| p.watch(&lab::results_path(&work), &done)));
+            let boot = lab::build_initramfs(&k, bins, &script, &work).and_then(|img| {
+                lab::boot_with_memory(&k, &img, &work, BOOT_LIMIT, "1G", prometheus.as_ref().ok().map(|p| p.metrics_port))
+            });
+            done.store(true, std::sync::atomic::Ordering::Relaxed);
+            (boot, watcher.map(|w| w.join().unwrap_or_default()))
+        });
+        match (&prometheus, scraped) {
+            (Err(e), _) => tally.fail(&format!("{} alert + Prometheus", k.release), &format!("starting Prometheus: {e:#}")),
+            (Ok(p), Some(checks)) => {
+                for (what, r) in checks {
+                    match r {
+                        Ok(d) => tally.pass(&format!("{} {what}", k.release), &d),
+                        Err(e) => tally.fail(&format!("{} {what}", k.release), &format!("{e:#} (Prometheus's log: {})", p.log().display())),
+                    }
+                }
+            }
+            (Ok(_), None) => {}
+        }
+        if let Ok(p) = prometheus {
+            p.stop();
+        }
         let boot = match boot {
             Ok(b) => b,
             Err(e) => {
@@ -289,6 +318,14 @@ fn lab(names: &[String], bins: &lab::Binaries, tally: &mut Tally) -> Result<()> 
                     }
                 },
             }
+        }
+        let what = format!("{} alert daemon", k.release);
+        match results.get("alert") {
+            Some(r) => match fleet::check_lab_alert(r) {
+                Ok(d) => tally.pass(&what, &d),
+                Err(e) => tally.fail(&what, &format!("{e:#}")),
+            },
+            None => tally.fail(&what, "no result from the guest"),
         }
         let what = format!("{} kill -9 of record", k.release);
         match (results.get("kill9"), results.get("hazard")) {

@@ -7,11 +7,11 @@ use std::collections::HashMap;
 use anyhow::{bail, Result};
 use pinwatch_common::{
     backing, kind, page_op, release, seen, Hook, PageRecord, PinRecord, RecordHeader, ReleaseRecord,
-    MAX_CHUNKS, PFNS_PER_RECORD, PIN_FIXED, RECORD_FAILED, RECORD_TRUNCATED, RECORD_VERSION, RELEASE_FIXED,
+    MAX_CHUNKS, PFNS_PER_RECORD, PIN_FIXED, RECORD_FAILED, RECORD_SIGNALED, RECORD_SIGNAL_EXEMPT, RECORD_SIGNAL_REFUSED, RECORD_TRUNCATED, RECORD_VERSION, RELEASE_FIXED,
 };
 
 use super::btf::FollFlags;
-use crate::trace::{Actor, Event, FileRef, Flag, KernelPins, Page, PageOp, Pin, Release, Unpin};
+use crate::trace::{Actor, Event, FileRef, Flag, KernelPins, Page, PageOp, Pin, Release, SignalResult, Unpin};
 
 fn read<T: Copy>(bytes: &[u8]) -> Result<T> {
     read_cut(bytes, std::mem::size_of::<T>())
@@ -118,6 +118,17 @@ impl Decoder {
     }
 
     fn pin(&mut self, r: PinRecord) -> Result<Option<Event>> {
+        let signal_result = |flags: u16| {
+            if flags & RECORD_SIGNALED != 0 {
+                Some(SignalResult::Sent)
+            } else if flags & RECORD_SIGNAL_REFUSED != 0 {
+                Some(SignalResult::Refused)
+            } else if flags & RECORD_SIGNAL_EXEMPT != 0 {
+                Some(SignalResult::Exempt)
+            } else {
+                None
+            }
+        };
         let h = &r.header;
         let n = (r.nr_pfns as usize).min(PFNS_PER_RECORD);
         let pfns = r.pfns[..n].iter().copied().filter(|p| *p != u64::MAX);
@@ -148,6 +159,7 @@ impl Decoder {
                     file: None,
                     caller: String::new(),
                     path: String::new(),
+                    signal: signal_result(h.flags),
                     kstack: r.stack.frames().unwrap_or_default().to_vec(),
                 },
                 0,

@@ -309,6 +309,62 @@ impl Kernel {
         Ok((all, gone))
     }
 
+    /// The per-process cap on long-term pinned pages the GUP return program enforces,
+    /// with the signal it sends (0 pages: nothing enforced).
+    pub fn set_enforce(&mut self, cap_pages: u64, signal: i32) -> Result<()> {
+        let map = self.ebpf.map_mut("ENFORCE").ok_or_else(|| anyhow!("map ENFORCE missing"))?;
+        let mut a: aya::maps::Array<_, pinwatch_common::Enforce> = aya::maps::Array::try_from(map)?;
+        a.set(0, pinwatch_common::Enforce { cap_pages, signal: signal as u32, _pad: 0 }, 0).context("setting the enforced cap (map ENFORCE)")?;
+        Ok(())
+    }
+
+    /// Who enforcement spares: uids, cgroup ids, comms (15 bytes at most, as the kernel
+    /// keeps them). Replaces what was there.
+    pub fn set_exemptions(&mut self, uids: &[u32], cgroups: &[u64], comms: &[String]) -> Result<()> {
+        fn refill<K: aya::Pod + Eq + std::hash::Hash>(ebpf: &mut Ebpf, name: &str, keys: &[K]) -> Result<()> {
+            let map = ebpf.map_mut(name).ok_or_else(|| anyhow!("map {name} missing"))?;
+            let mut m: aya::maps::HashMap<_, K, u8> = aya::maps::HashMap::try_from(map)?;
+            let old: Vec<K> = m.keys().filter_map(|k| k.ok()).collect();
+            for k in old.iter().filter(|k| !keys.contains(k)) {
+                let _ = m.remove(k);
+            }
+            for k in keys {
+                m.insert(k, 1, 0).with_context(|| format!("filling {name}: more exemptions than it holds (pinwatch-ebpf/src/maps.rs)"))?;
+            }
+            Ok(())
+        }
+        let comms: Vec<[u8; 16]> = comms
+            .iter()
+            .map(|c| {
+                let mut k = [0u8; 16];
+                let b = c.as_bytes();
+                let n = b.len().min(15);
+                k[..n].copy_from_slice(&b[..n]);
+                k
+            })
+            .collect();
+        refill(&mut self.ebpf, "EXEMPT_UIDS", uids)?;
+        refill(&mut self.ebpf, "EXEMPT_CGROUPS", cgroups)?;
+        refill(&mut self.ebpf, "EXEMPT_COMMS", &comms)?;
+        Ok(())
+    }
+
+    /// Long-term pinned pages user space has seen released, per process; `gone`: the
+    /// processes to forget.
+    pub fn set_longterm_released(&mut self, released: &HashMap<u32, u64>, gone: &[u32]) -> Result<()> {
+        let map = self.ebpf.map_mut("LONGTERM_RELEASED").ok_or_else(|| anyhow!("map LONGTERM_RELEASED missing"))?;
+        let mut m: aya::maps::HashMap<_, u32, u64> = aya::maps::HashMap::try_from(map)?;
+        for pid in gone {
+            let _ = m.remove(pid);
+        }
+        for (pid, n) in released {
+            if m.get(pid, 0).ok() != Some(*n) {
+                m.insert(pid, n, 0).context("updating LONGTERM_RELEASED")?;
+            }
+        }
+        Ok(())
+    }
+
     /// Each loaded program's run time (ns) and run count, where the kernel's BPF
     /// statistics are on (kernel.bpf_stats_enabled = 1); empty otherwise.
     pub fn program_stats(&self) -> Vec<(String, u64, u64)> {

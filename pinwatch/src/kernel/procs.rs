@@ -107,7 +107,7 @@ pub fn identity(pid: u32) -> (Option<u32>, Option<String>) {
 }
 
 /// Where cgroup v2 is mounted on every distribution pinwatch runs on.
-const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 /// Directories a walk of the cgroup tree reads at most.
 const CGROUP_WALK_MAX: usize = 100_000;
 

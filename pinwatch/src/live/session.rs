@@ -77,6 +77,8 @@ pub struct Session {
     pub gup: HashMap<u32, GupCounts>,
     /// GUP calls and pages of processes that have ended, since the session started.
     pub gup_ended: GupCounts,
+    /// Processes whose PROC_PINS entries went at the last tick.
+    pub gup_gone: Vec<u32>,
 }
 
 /// One process's GUP activity from the kernel's counters (PROC_PINS).
@@ -88,6 +90,9 @@ pub struct GupCounts {
     /// Page references held now by calls that were not streamed (transient pins while
     /// monitoring): counted, without a caller or a path.
     pub unstreamed_held: u64,
+    /// Pages taken by long-term calls since pinwatch started (the enforced figure).
+    #[serde(skip)]
+    pub longterm_pages: u64,
 }
 
 /// What one tick found.
@@ -148,7 +153,7 @@ impl Session {
         // The engine takes its limit rules from the start event, as a replay does.
         let mut engine = Engine::default();
         engine.apply(&start);
-        Ok(Session { kernel, source, sweeper, engine, start, mode, lost_by_reason: BTreeMap::new(), procs: HashMap::new(), gup: HashMap::new(), gup_ended: GupCounts::default() })
+        Ok(Session { kernel, source, sweeper, engine, start, mode, lost_by_reason: BTreeMap::new(), procs: HashMap::new(), gup: HashMap::new(), gup_ended: GupCounts::default(), gup_gone: Vec::new() })
     }
 
     /// New limit rules from here on (alert's reloaded configuration).
@@ -161,7 +166,12 @@ impl Session {
 
     /// GUP activity of every process, living and ended, since the session started.
     pub fn gup_totals(&self) -> GupCounts {
-        self.gup.values().fold(self.gup_ended, |t, g| GupCounts { calls: t.calls + g.calls, pages: t.pages + g.pages, unstreamed_held: t.unstreamed_held + g.unstreamed_held })
+        self.gup.values().fold(self.gup_ended, |t, g| GupCounts {
+            calls: t.calls + g.calls,
+            pages: t.pages + g.pages,
+            unstreamed_held: t.unstreamed_held + g.unstreamed_held,
+            longterm_pages: t.longterm_pages + g.longterm_pages,
+        })
     }
 
     /// Records the reader could not decode (a bug, or mismatched builds).
@@ -255,15 +265,16 @@ impl Session {
                 // Counts are atomic adds; a release charged to another pinner of the
                 // same folio can take one below zero: read as nothing held.
                 let held = (p.quiet_held as i64).max(0) as u64;
-                (pid, GupCounts { calls: p.calls, pages: p.pages, unstreamed_held: held })
+                (pid, GupCounts { calls: p.calls, pages: p.pages, unstreamed_held: held, longterm_pages: p.longterm_pages })
             })
             .collect();
-        for pid in ended {
-            if let Some(g) = self.gup.remove(&pid) {
+        for pid in &ended {
+            if let Some(g) = self.gup.remove(pid) {
                 self.gup_ended.calls += g.calls;
                 self.gup_ended.pages += g.pages;
             }
         }
+        self.gup_gone = ended;
         let mut pids: BTreeSet<u32> = accounts.processes.keys().copied().collect();
         pids.extend(self.gup.iter().filter(|(_, g)| g.unstreamed_held > 0).map(|(p, _)| *p));
         pids.extend(extra_pids);

@@ -105,6 +105,7 @@ pub struct Metrics {
     registry: Arc<Registry>,
     hazards: Family<KindSeverity, Counter>,
     breaches: Family<RuleScope, Counter>,
+    enforcements: Family<ActionResult, Counter>,
     lost: Family<Reason, Counter>,
     pinned: Family<PinKind, Gauge>,
     cgroup_pinned: Family<CgroupLongterm, Gauge>,
@@ -139,8 +140,8 @@ impl Metrics {
                 let _ = breaches.get_or_create(&RuleScope { rule: rule.into(), scope: scope.into() });
             }
         }
-        // The name is the contract's; no action exists yet to count (README: "The fleet").
-        r.register("pinwatch_enforcements", "Actions taken on limit breaches (this version takes none: it reports)", Family::<ActionResult, Counter>::default());
+        let enforcements = Family::<ActionResult, Counter>::default();
+        r.register("pinwatch_enforcements", "Actions on limit breaches (action: stop, kill from the kernel, freeze; result: sent, refused, exempt, frozen, failed)", enforcements.clone());
         let lost = Family::<Reason, Counter>::default();
         r.register("pinwatch_lost_events", "Events lost, by layer and reason (kernel ring and maps, the reader, the alert output)", lost.clone());
         for reason in lost_reasons.iter().chain(&[OUTPUT_LOST]) {
@@ -178,6 +179,7 @@ impl Metrics {
             registry: Arc::new(r),
             hazards,
             breaches,
+            enforcements,
             lost,
             pinned,
             cgroup_pinned,
@@ -207,6 +209,10 @@ impl Metrics {
         if let Some(l) = &h.limit {
             self.breaches.get_or_create(&RuleScope { rule: l.rule.clone(), scope: l.scope.clone() }).inc();
         }
+    }
+
+    pub fn enforcement(&self, action: &str, result: &str) {
+        self.enforcements.get_or_create(&ActionResult { action: action.into(), result: result.into() }).inc();
     }
 
     pub fn alert_written(&self, kind: HazardKind) {

@@ -225,9 +225,35 @@ pub struct Pin {
     /// "RDMA", "VFIO", "GPU", "KVM", "futex", "exec", "process_vm", ... or "other".
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub path: String,
+    /// This long-term call took its process over the cap `pinwatch alert` enforces in
+    /// the kernel: what happened to the signal (README: "Enforcement").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<SignalResult>,
     /// Return addresses from the record, symbolized by the live source.
     #[serde(skip)]
     pub kstack: Vec<u64>,
+}
+
+/// What the GUP return program did when a call went over the enforced cap.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum SignalResult {
+    /// bpf_send_signal accepted it: the process gets it before the call returns.
+    Sent,
+    /// The kernel refused (a kernel thread, an exiting task, init).
+    Refused,
+    /// The process is exempt (uid, cgroup or comm).
+    Exempt,
+}
+
+impl SignalResult {
+    pub fn name(self) -> &'static str {
+        match self {
+            SignalResult::Sent => "sent",
+            SignalResult::Refused => "refused",
+            SignalResult::Exempt => "exempt",
+        }
+    }
 }
 
 /// What a hazard hook was doing to a page.

@@ -24,6 +24,93 @@ pub struct Config {
     pub limits: LimitsConfig,
     #[serde(default)]
     pub exempt: Exempt,
+    #[serde(default)]
+    pub actions: Actions,
+}
+
+/// What happens when a limit rule is broken. Nothing is enforced unless asked.
+#[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    /// An alert and a count, nothing more.
+    #[default]
+    Report,
+    /// SIGSTOP from the kernel, at the GUP call that went over the cap.
+    Stop,
+    /// SIGKILL from the kernel, at the GUP call that went over the cap.
+    Kill,
+    /// cgroup v2 freeze of the offender's cgroup (cgroup.freeze), at the next tick.
+    Freeze,
+}
+
+impl Action {
+    pub fn name(self) -> &'static str {
+        match self {
+            Action::Report => "report",
+            Action::Stop => "stop",
+            Action::Kill => "kill",
+            Action::Freeze => "freeze",
+        }
+    }
+
+    /// The signal the kernel side sends, for the actions it takes.
+    pub fn signal(self) -> Option<i32> {
+        match self {
+            Action::Stop => Some(libc::SIGSTOP),
+            Action::Kill => Some(libc::SIGKILL),
+            _ => None,
+        }
+    }
+}
+
+/// The action of each limit rule. stop and kill happen in the kernel, in the GUP return
+/// program, which counts long-term pages per process only: they are for
+/// max_longterm_process. freeze acts on a cgroup: for per-process rules (the process's
+/// cgroup) and per-cgroup caps.
+#[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Actions {
+    #[serde(default, deserialize_with = "report_or_freeze")]
+    pub memlock: Action,
+    #[serde(default)]
+    pub max_longterm_process: Action,
+    #[serde(default, deserialize_with = "report_or_freeze")]
+    pub max_longterm_cgroup: Action,
+    #[serde(default, deserialize_with = "report_only")]
+    pub max_longterm_user: Action,
+    #[serde(default, deserialize_with = "report_only")]
+    pub max_pin_age: Action,
+}
+
+impl Actions {
+    /// The action of a broken rule, by the names a breach carries (trace::LimitBreach).
+    pub fn of(&self, rule: &str, scope: &str) -> Action {
+        match (rule, scope) {
+            ("rlimit_memlock", _) => self.memlock,
+            ("max_longterm_bytes", "process") => self.max_longterm_process,
+            ("max_longterm_bytes", "cgroup") => self.max_longterm_cgroup,
+            ("max_longterm_bytes", "user") => self.max_longterm_user,
+            ("max_pin_age_ns", _) => self.max_pin_age,
+            _ => Action::Report,
+        }
+    }
+}
+
+fn report_or_freeze<'de, D: Deserializer<'de>>(d: D) -> Result<Action, D::Error> {
+    match Action::deserialize(d)? {
+        a @ (Action::Report | Action::Freeze) => Ok(a),
+        a => Err(serde::de::Error::custom(format!(
+            "{}: stop and kill act in the kernel at the pinning call, which counts long-term pins per process: use them on max_longterm_process (here: report or freeze)",
+            a.name()
+        ))),
+    }
+}
+
+fn report_only<'de, D: Deserializer<'de>>(d: D) -> Result<Action, D::Error> {
+    match Action::deserialize(d)? {
+        Action::Report => Ok(Action::Report),
+        a => Err(serde::de::Error::custom(format!("{}: this rule only reports (a user's processes span cgroups; an old pin has no call to stop)", a.name()))),
+    }
 }
 
 /// Which hazards become alert lines, and how repeats are collapsed.
@@ -191,7 +278,35 @@ fn top_cgroups<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
 
 /// Parses a configuration; the error names the line and the key.
 pub fn parse(text: &str) -> Result<Config, String> {
-    toml::from_str::<Config>(text).map_err(|e| describe(text, &e))
+    let c = toml::from_str::<Config>(text).map_err(|e| describe(text, &e))?;
+    // An action without its rule would do nothing, silently.
+    let a = &c.actions;
+    let l = &c.limits;
+    for (key, action, set) in [
+        ("memlock", a.memlock, l.memlock),
+        ("max_longterm_process", a.max_longterm_process, l.max_longterm_process.is_some()),
+        ("max_longterm_cgroup", a.max_longterm_cgroup, l.max_longterm_cgroup.is_some()),
+    ] {
+        if action != Action::Report && !set {
+            let at = line_of(text, "actions", key).map(|n| format!("line {n}, ")).unwrap_or_default();
+            return Err(format!("{at}key `actions.{key}`: {} for a rule that is off: set limits.{key}", action.name()));
+        }
+    }
+    Ok(c)
+}
+
+/// The line of `key` in table `[table]`, for errors found after parsing.
+fn line_of(text: &str, table: &str, key: &str) -> Option<usize> {
+    let mut current = String::new();
+    for (i, l) in text.lines().enumerate() {
+        let t = l.trim();
+        if let Some(h) = t.strip_prefix('[') {
+            current = h.trim_end_matches(']').trim().to_string();
+        } else if current == table && t.split('=').next().is_some_and(|k| k.trim() == key) {
+            return Some(i + 1);
+        }
+    }
+    None
 }
 
 /// Reads and parses a configuration file.
@@ -259,6 +374,10 @@ memlock = false
 comm = ["rdma_job"]
 uid = [0]
 cgroup = ["/system.slice/rdma.service"]
+
+[actions]
+max_longterm_process = "kill"
+max_longterm_cgroup = "freeze"
 "#,
         )
         .unwrap();
@@ -275,6 +394,10 @@ cgroup = ["/system.slice/rdma.service"]
         assert!(c.alert.alerts_on(HazardKind::TruncateWhilePinned, Severity::Critical));
         assert!(!c.alert.alerts_on(HazardKind::TruncateWhilePinned, Severity::Info));
         assert!(!c.alert.alerts_on(HazardKind::LongHeldPin, Severity::Critical));
+        assert_eq!(c.actions.of("max_longterm_bytes", "process"), Action::Kill);
+        assert_eq!(c.actions.of("max_longterm_bytes", "cgroup"), Action::Freeze);
+        assert_eq!(c.actions.of("rlimit_memlock", "process"), Action::Report);
+        assert_eq!(Action::Kill.signal(), Some(libc::SIGKILL));
     }
 
     /// Each bad file: the line and the key its error must name.
@@ -296,6 +419,10 @@ cgroup = ["/system.slice/rdma.service"]
             ("[exempt]\nuid = [\"root\"]\n", "line 2", "exempt.uid"),
             ("\n\n[enforce]\naction = \"kill\"\n", "line 3", "table [enforce]"),
             ("[alerts]\nx = 1\n", "line 1", "table [alerts]"),
+            ("[actions]\nmax_longterm_process = \"shoot\"\n", "line 2", "actions.max_longterm_process"),
+            ("[limits]\nmax_longterm_cgroup = \"1GiB\"\n[actions]\nmax_longterm_cgroup = \"kill\"\n", "line 4", "actions.max_longterm_cgroup"),
+            ("[limits]\nmax_pin_age = \"1m\"\n[actions]\nmax_pin_age = \"freeze\"\n", "line 4", "actions.max_pin_age"),
+            ("[actions]\n\nmax_longterm_process = \"kill\"\n", "line 3", "actions.max_longterm_process"),
             ("kinds = []\n", "line 1", "key `kinds`"),
             ("[alert\n", "line 1", ""),
         ] {

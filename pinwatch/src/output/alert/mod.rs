@@ -5,6 +5,7 @@
 
 pub mod collapse;
 pub mod config;
+pub mod enforce;
 
 use std::{
     collections::{BTreeSet, HashMap},
@@ -52,6 +53,11 @@ pub struct AlertArgs {
     /// Serve metrics at http://ADDR:PORT/metrics (default 127.0.0.1:9464: loopback).
     #[arg(long, value_name = "ADDR:PORT")]
     pub listen: Option<SocketAddr>,
+    /// The action of the limit rules given as options: report (the default), stop or
+    /// kill (from the kernel, at the GUP call that goes over --max-longterm-process),
+    /// freeze (the offender's cgroup). The configuration sets one per rule ([actions]).
+    #[arg(long, value_enum, value_name = "ACTION")]
+    pub enforce: Option<config::Action>,
     #[command(flatten)]
     pub kernel: KernelArgs,
     #[command(flatten)]
@@ -74,45 +80,81 @@ struct Rules {
 }
 
 impl Rules {
-    fn new(config: Config, args: &LimitArgs) -> Rules {
+    fn new(mut config: Config, args: &LimitArgs, enforce: Option<config::Action>) -> Result<Rules> {
+        if let Some(action) = enforce {
+            use config::Action;
+            let given = [
+                ("--max-longterm-process", args.max_longterm_process.is_some(), &mut config.actions.max_longterm_process, true, true),
+                ("--max-longterm-cgroup", args.max_longterm_cgroup.is_some(), &mut config.actions.max_longterm_cgroup, false, true),
+                ("--max-longterm-user", args.max_longterm_user.is_some(), &mut config.actions.max_longterm_user, false, false),
+                ("--max-pin-age", args.max_pin_age.is_some(), &mut config.actions.max_pin_age, false, false),
+            ];
+            let mut any = false;
+            for (option, on, slot, signals, freezes) in given {
+                if !on {
+                    continue;
+                }
+                any = true;
+                let allowed = match action {
+                    Action::Report => true,
+                    Action::Stop | Action::Kill => signals,
+                    Action::Freeze => freezes,
+                };
+                if !allowed {
+                    anyhow::bail!(
+                        "--enforce {} cannot act on {option}: stop and kill act in the kernel at the pinning call, on --max-longterm-process only; freeze on --max-longterm-process and --max-longterm-cgroup",
+                        action.name()
+                    );
+                }
+                *slot = action;
+            }
+            if !any {
+                anyhow::bail!("--enforce {} needs a limit given as an option (--max-longterm-process, ...); the configuration's [actions] sets one per rule", action.name());
+            }
+        }
         let mut l = config.limits.clone();
         l.max_pin_age = args.max_pin_age.or(l.max_pin_age);
         l.max_longterm_process = args.max_longterm_process.or(l.max_longterm_process);
         l.max_longterm_cgroup = args.max_longterm_cgroup.or(l.max_longterm_cgroup);
         l.max_longterm_user = args.max_longterm_user.or(l.max_longterm_user);
         l.memlock = l.memlock && !args.no_memlock_rule;
-        Rules { limits: l.rules(), config }
+        Ok(Rules { limits: l.rules(), config })
     }
 
-    fn load(path: Option<&PathBuf>, args: &LimitArgs) -> Result<Rules> {
+    fn load(path: Option<&PathBuf>, args: &AlertArgs) -> Result<Rules> {
         let config = match path {
             Some(p) => config::load(p)?,
             None => Config::default(),
         };
-        Ok(Rules::new(config, args))
+        Rules::new(config, &args.limits, args.enforce)
     }
 
     /// The start-up line: each rule and its action, what alerts, where.
     fn describe(&self, listen: SocketAddr) -> String {
         let l = &self.limits;
+        let a = &self.config.actions;
         let mut rules = Vec::new();
         if l.memlock {
-            rules.push("long-term pins over RLIMIT_MEMLOCK per process".to_string());
+            rules.push(("long-term pins over RLIMIT_MEMLOCK per process".to_string(), a.memlock));
         }
         let size = |b: u64| bytesize::ByteSize::b(b).to_string();
         if let Some(b) = l.max_longterm_process {
-            rules.push(format!("long-term pins over {} per process", size(b)));
+            rules.push((format!("long-term pins over {} per process", size(b)), a.max_longterm_process));
         }
         if let Some(b) = l.max_longterm_cgroup {
-            rules.push(format!("long-term pins over {} per cgroup", size(b)));
+            rules.push((format!("long-term pins over {} per cgroup", size(b)), a.max_longterm_cgroup));
         }
         if let Some(b) = l.max_longterm_user {
-            rules.push(format!("long-term pins over {} per user", size(b)));
+            rules.push((format!("long-term pins over {} per user", size(b)), a.max_longterm_user));
         }
         if let Some(ns) = l.max_pin_age_ns {
-            rules.push(format!("pins held longer than {}", humantime::format_duration(Duration::from_nanos(ns))));
+            rules.push((format!("pins held longer than {}", humantime::format_duration(Duration::from_nanos(ns))), a.max_pin_age));
         }
-        let rules = if rules.is_empty() { "none".to_string() } else { rules.iter().map(|r| format!("{r} (action: report)")).collect::<Vec<_>>().join("; ") };
+        let what = |a: config::Action| match a {
+            config::Action::Stop | config::Action::Kill => format!("{}, from the kernel at the call", a.name()),
+            a => a.name().to_string(),
+        };
+        let rules = if rules.is_empty() { "none".to_string() } else { rules.iter().map(|(r, a)| format!("{r} (action: {})", what(*a))).collect::<Vec<_>>().join("; ") };
         let a = &self.config.alert;
         let kinds = a.kinds.as_ref().map(|k| k.iter().map(|k| k.name()).collect::<Vec<_>>().join(",")).unwrap_or_else(|| "all".into());
         let x = &self.config.exempt;
@@ -169,9 +211,124 @@ struct Alerts {
     collapser: Collapser,
     /// uid and cgroup path by pid, read when exemptions need them; emptied every tick.
     identities: HashMap<u32, (Option<u32>, Option<String>)>,
+    /// The daemon's own cgroup, never frozen.
+    own_cgroup: Option<String>,
+    names: CgroupNames,
+}
+
+/// One enforcement, as an alert line.
+#[derive(Serialize)]
+struct EnforcementLine<'a> {
+    time: String,
+    host: &'a str,
+    event: &'static str,
+    action: &'static str,
+    result: &'static str,
+    rule: &'a str,
+    scope: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pid: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    comm: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cgroup: Option<String>,
+    limit: u64,
+    detail: String,
 }
 
 impl Alerts {
+    fn event(&mut self, rules: &Rules, metrics: &Metrics, e: &Event) {
+        match e {
+            Event::Hazard(h) => {
+                self.hazard(rules, metrics, h);
+                if let Some(l) = &h.limit {
+                    if enforce::action_of(&rules.config, &l.rule, &l.scope) == config::Action::Freeze {
+                        self.freeze(rules, metrics, h, l);
+                    }
+                }
+            }
+            Event::Pin(p) => {
+                if let Some(result) = p.signal {
+                    let action = rules.config.actions.max_longterm_process;
+                    metrics.enforcement(action.name(), result.name());
+                    let detail = match result {
+                        crate::trace::SignalResult::Sent => format!("{} took {} pages long-term past the cap: {} sent before the call returned", p.func, p.nr_pages, action.name()),
+                        crate::trace::SignalResult::Refused => format!("{} went past the cap; the kernel refused the signal (kernel thread, exiting task or init)", p.func),
+                        crate::trace::SignalResult::Exempt => format!("{} went past the cap; exempt, no signal", p.func),
+                    };
+                    self.write_enforcement(rules, metrics, EnforcementLine {
+                        time: wall(p.ts_ns),
+                        host: &self.host,
+                        event: "enforcement",
+                        action: action.name(),
+                        result: result.name(),
+                        rule: "max_longterm_bytes",
+                        scope: "process",
+                        pid: Some(p.pid),
+                        comm: Some(&p.comm),
+                        cgroup: None,
+                        limit: rules.limits.max_longterm_process.unwrap_or(0),
+                        detail,
+                    });
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// freeze: the offender's cgroup (a process's own, or the cgroup over its cap).
+    fn freeze(&mut self, rules: &Rules, metrics: &Metrics, h: &Hazard, l: &crate::trace::LimitBreach) {
+        if self.exempt(rules, h) {
+            metrics.enforcement("freeze", "exempt");
+            return;
+        }
+        let path = match l.scope.as_str() {
+            "process" => procs::identity(l.id as u32).1,
+            "cgroup" => Some(self.names.name(l.id)).filter(|n| !n.starts_with("id:")),
+            _ => None,
+        };
+        let (result, detail, cgroup) = match path {
+            None => ("failed", format!("the cgroup of {} {} could not be found (gone?)", l.scope, l.id), None),
+            Some(p) => match enforce::freeze(&p, self.own_cgroup.as_deref()) {
+                Ok(done) => ("frozen", format!("{done} frozen: thaw with `echo 0 > /sys/fs/cgroup{done}/cgroup.freeze`"), Some(done)),
+                Err(e) => ("refused", format!("{e:#}"), Some(p)),
+            },
+        };
+        metrics.enforcement("freeze", result);
+        let pid = (l.scope == "process").then_some(l.id as u32);
+        let comm = h.pinner_list().first().and_then(|p| p.comm.clone());
+        self.write_enforcement(rules, metrics, EnforcementLine {
+            time: wall(h.ts_ns),
+            host: &self.host,
+            event: "enforcement",
+            action: "freeze",
+            result,
+            rule: &l.rule,
+            scope: &l.scope,
+            pid,
+            comm: comm.as_deref(),
+            cgroup,
+            limit: l.limit,
+            detail,
+        });
+    }
+
+    /// Enforcements are never collapsed: each is its own line.
+    fn write_enforcement(&self, rules: &Rules, metrics: &Metrics, line: EnforcementLine) {
+        if !rules.config.alert.stdout {
+            return;
+        }
+        let written = serde_json::to_string(&line).map_err(std::io::Error::from).and_then(|text| {
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "{text}")?;
+            out.flush()
+        });
+        if let Err(e) = written {
+            metrics.alert_lost();
+            log::warn!("an enforcement line could not be written: {e}");
+        }
+    }
+
     fn exempt(&mut self, rules: &Rules, h: &Hazard) -> bool {
         let x = &rules.config.exempt;
         if x.is_empty() {
@@ -260,12 +417,12 @@ fn pinned(session: &Session, accounts: &Accounts, top: usize, names: &mut Cgroup
 
 pub async fn run(args: AlertArgs) -> Result<i32> {
     if let Some(path) = &args.check_config {
-        let rules = Rules::load(Some(path), &args.limits)?;
+        let rules = Rules::load(Some(path), &args)?;
         let listen = args.listen.or(rules.config.metrics.listen).unwrap_or_else(default_listen);
         println!("{}: valid; {}", path.display(), rules.describe(listen));
         return Ok(0);
     }
-    let mut rules = Rules::load(args.config.as_ref(), &args.limits)?;
+    let mut rules = Rules::load(args.config.as_ref(), &args)?;
     let listen = args.listen.or(rules.config.metrics.listen).unwrap_or_else(default_listen);
     // The port before the kernel: a port in use fails in a moment, with nothing attached.
     let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("listening for metrics on {listen} (--listen, or metrics.listen in the configuration)"))?;
@@ -273,13 +430,15 @@ pub async fn run(args: AlertArgs) -> Result<i32> {
     let session = Session::open(args.kernel, &LimitArgs::default(), Streaming::Monitor)?;
     let mut live = Live::new(session, signals, TICK, None).reload_on_hangup();
     live.session.set_limits(rules.limits.clone());
+    enforce::arm(&mut live.session.kernel, &rules.limits, &rules.config)?;
     let reasons: Vec<&str> = Counters::NAMES.iter().copied().chain([UNDECODABLE]).collect();
     let mut metrics = Metrics::new(env!("CARGO_PKG_VERSION"), &live.session.kernel.release, live.session.mode.name(), &reasons);
     tokio::spawn(metrics::serve(listener, metrics.registry()));
     eprintln!("pinwatch alert: watching kernel {} ({}); {}", live.session.kernel.release, live.session.mode.name(), rules.describe(listen));
     notify_ready();
 
-    let mut sink = Alerts { host: hostname(), collapser: Collapser::new(window_ns(&rules)), identities: HashMap::new() };
+    let own_cgroup = procs::identity(std::process::id()).1;
+    let mut sink = Alerts { host: hostname(), collapser: Collapser::new(window_ns(&rules)), identities: HashMap::new(), own_cgroup, names: CgroupNames::default() };
     let mut names = CgroupNames::default();
     let mut batch = Vec::new();
     let mut ticks = 0u64;
@@ -290,14 +449,17 @@ pub async fn run(args: AlertArgs) -> Result<i32> {
                 ticks += 1;
                 let tick = live.session.tick(&BTreeSet::new(), ticks % DISCOVER_EVERY == 1)?;
                 for e in &tick.events {
-                    if let Event::Hazard(h) = e {
-                        sink.hazard(&rules, &metrics, h);
-                    }
+                    sink.event(&rules, &metrics, e);
                 }
                 for a in sink.collapser.expire(monotonic_ns()) {
                     sink.write(&rules, &metrics, a);
                 }
                 sink.identities.clear();
+                let released = enforce::released(&live.session.gup, &tick.accounts);
+                let gone = live.session.gup_gone.clone();
+                if let Err(e) = live.session.kernel.set_longterm_released(&released, &gone) {
+                    log::warn!("{e:#}");
+                }
                 let s = &live.session;
                 let pinned = pinned(s, &tick.accounts, rules.config.metrics.top_cgroups, &mut names);
                 let gup = s.gup_totals();
@@ -305,13 +467,16 @@ pub async fn run(args: AlertArgs) -> Result<i32> {
                 lost.insert(UNDECODABLE.into(), s.undecodable());
                 metrics.tick(&pinned, Totals { lost_by_reason: lost, gup_calls: gup.calls, gup_pages: gup.pages, programs: s.kernel.program_stats() });
             }
-            Wake::Reload => match args.config.as_ref().map(|p| Rules::load(Some(p), &args.limits)) {
+            Wake::Reload => match args.config.as_ref().map(|p| Rules::load(Some(p), &args)) {
                 None => eprintln!("pinwatch alert: SIGHUP: no --config to reload; the rules stay as they are"),
                 Some(Ok(new)) => {
                     if new.config.metrics.listen != rules.config.metrics.listen {
                         eprintln!("pinwatch alert: SIGHUP: metrics.listen changed; it takes effect at the next start");
                     }
                     live.session.set_limits(new.limits.clone());
+                    if let Err(e) = enforce::arm(&mut live.session.kernel, &new.limits, &new.config) {
+                        eprintln!("pinwatch alert: SIGHUP: setting the kernel's enforcement: {e:#}");
+                    }
                     sink.collapser.set_window(window_ns(&new));
                     rules = new;
                     metrics.reload(true);
@@ -325,18 +490,14 @@ pub async fn run(args: AlertArgs) -> Result<i32> {
             Wake::Stop(why) => break why,
         }
         for e in &live.session.apply_batch(&mut batch) {
-            if let Event::Hazard(h) = e {
-                sink.hazard(&rules, &metrics, h);
-            }
+            sink.event(&rules, &metrics, e);
         }
     };
     // What is still in the ring, then the repeats not yet said.
     let session = &mut live.session;
     session.drain(&mut batch);
     for e in &session.apply_batch(&mut batch) {
-        if let Event::Hazard(h) = e {
-            sink.hazard(&rules, &metrics, h);
-        }
+        sink.event(&rules, &metrics, e);
     }
     for a in sink.collapser.flush() {
         sink.write(&rules, &metrics, a);
