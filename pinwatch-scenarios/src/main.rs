@@ -50,6 +50,15 @@ enum Scenario {
         /// kernel does not enforce it: pinwatch's rule must).
         #[arg(long)]
         memlock: Option<u64>,
+        /// Register the pages as this many buffers of equal size: io_uring pins each
+        /// with its own GUP call.
+        #[arg(long, default_value_t = 1)]
+        buffers: usize,
+        /// Keep transparent huge pages out of the buffer (MADV_NOHUGEPAGE): from 6.10
+        /// io_uring keeps one reference per huge folio, which pinwatch does not yet count
+        /// by folio size.
+        #[arg(long)]
+        no_huge: bool,
     },
     /// The 2018 sequence on demand: a slow O_DIRECT read pins the first `pages` pages of
     /// a MAP_SHARED ext4 mapping of 2 * `pages`, and while the pin is held msync,
@@ -157,6 +166,21 @@ fn report(name: &str, pages: usize, extra: &str) {
         std::process::id()
     );
     let _ = std::io::stdout().flush();
+}
+
+/// Anonymous memory in base pages only: MADV_NOHUGEPAGE before the first touch.
+fn map_anon_small(pages: usize) -> Result<*mut u8> {
+    let p = unsafe {
+        libc::mmap(std::ptr::null_mut(), pages * PAGE, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
+    };
+    if p == libc::MAP_FAILED {
+        bail!("mmap: {}", std::io::Error::last_os_error());
+    }
+    check(unsafe { libc::madvise(p, pages * PAGE, libc::MADV_NOHUGEPAGE) } as _, "madvise(MADV_NOHUGEPAGE)")?;
+    for i in 0..pages {
+        unsafe { *(p as *mut u8).add(i * PAGE) = i as u8 + 1 };
+    }
+    Ok(p as *mut u8)
 }
 
 fn map_anon(pages: usize) -> Result<*mut u8> {
@@ -290,8 +314,15 @@ const IORING_REGISTER_BUFFERS: u32 = 0;
 const IORING_UNREGISTER_BUFFERS: u32 = 1;
 
 fn register(ring: i64, buf: *mut u8, len: usize) -> libc::c_long {
-    let iov = libc::iovec { iov_base: buf as *mut _, iov_len: len };
-    unsafe { libc::syscall(libc::SYS_io_uring_register, ring, IORING_REGISTER_BUFFERS, &iov as *const _, 1u32) }
+    register_split(ring, buf, len, 1)
+}
+
+/// Registers `len` bytes at `buf` as `n` buffers of equal size.
+fn register_split(ring: i64, buf: *mut u8, len: usize, n: usize) -> libc::c_long {
+    let n = n.max(1);
+    let each = len / n;
+    let iovs: Vec<libc::iovec> = (0..n).map(|i| libc::iovec { iov_base: unsafe { buf.add(i * each) } as *mut _, iov_len: each }).collect();
+    unsafe { libc::syscall(libc::SYS_io_uring_register, ring, IORING_REGISTER_BUFFERS, iovs.as_ptr(), n as u32) }
 }
 
 fn longterm_file(file: &str, pages: usize) -> Result<()> {
@@ -391,15 +422,15 @@ fn pvm_writev(pages: usize) -> Result<()> {
 #[repr(C)]
 struct IoUringParams([u8; 120]);
 
-fn iouring_fixed(pages: usize, hold_ms: u64, memlock: Option<u64>) -> Result<()> {
+fn iouring_fixed(pages: usize, hold_ms: u64, memlock: Option<u64>, buffers: usize, no_huge: bool) -> Result<()> {
     if let Some(bytes) = memlock {
         let lim = libc::rlimit { rlim_cur: bytes, rlim_max: bytes };
         check(unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim) } as _, "setrlimit(RLIMIT_MEMLOCK)")?;
     }
-    let buf = map_anon(pages)?;
+    let buf = if no_huge { map_anon_small(pages)? } else { map_anon(pages)? };
     let ring = uring()?;
     report("iouring-fixed", pages, "");
-    check(register(ring, buf, pages * PAGE), "IORING_REGISTER_BUFFERS")?;
+    check(register_split(ring, buf, pages * PAGE, buffers), "IORING_REGISTER_BUFFERS")?;
     sleep(Duration::from_millis(hold_ms));
     check(unsafe { libc::syscall(libc::SYS_io_uring_register, ring, IORING_UNREGISTER_BUFFERS, std::ptr::null::<u8>(), 0u32) }, "IORING_UNREGISTER_BUFFERS")?;
     unsafe { libc::close(ring as i32) };
@@ -427,7 +458,7 @@ fn main() -> Result<()> {
         Scenario::OdirectSlow(dio) => odirect_slow(&dio),
         Scenario::Vmsplice { pages, hold_ms } => vmsplice(pages, hold_ms),
         Scenario::PvmWritev { pages } => pvm_writev(pages),
-        Scenario::IouringFixed { pages, hold_ms, memlock } => iouring_fixed(pages, hold_ms, memlock),
+        Scenario::IouringFixed { pages, hold_ms, memlock, buffers, no_huge } => iouring_fixed(pages, hold_ms, memlock, buffers, no_huge),
         Scenario::Buffered { file, pages } => buffered(&file, pages),
         Scenario::OdirectHazard { dio, target, no_pin } => odirect_hazard(&dio, target, no_pin),
         Scenario::Released(dio) => released(&dio),

@@ -445,3 +445,81 @@ pub fn check_lab_alert(r: &crate::lab::Recorded) -> Result<String> {
     ensure!(r.err.iter().any(|l| l.contains("stopped by signal 15")), "no clean stop on SIGTERM:\n{}", r.err.join("\n"));
     Ok(format!("{} alert line(s) ({}) for the hazard's pinner, none for the control's; exit 0 on SIGTERM", alerts.len(), kinds.join(", ")))
 }
+
+/// Enforcement in a lab guest: a daemon with a 4 MiB per-process cap on long-term pins.
+/// `kill`: a process registering 8 MiB as io_uring buffers (eight GUP calls of 1 MiB) is
+/// killed at the call that goes over, and its pins come back; a control at 2 MiB runs
+/// to its end. Reloaded (SIGHUP) to `stop`: the same process is stopped. Reloaded to
+/// `freeze`: its cgroup is frozen.
+pub const ENFORCE_PLAN: &str = r#"
+say BEGIN enforce
+ip link set lo up
+mkdir -p /sys/fs/cgroup && mount -t cgroup2 none /sys/fs/cgroup 2>/dev/null
+E=/tmp/enfscen.out
+printf '[limits]\nmax_longterm_process = "4MiB"\nmemlock = false\n[actions]\nmax_longterm_process = "kill"\n' > /tmp/enforce.toml
+pinwatch alert --config /tmp/enforce.toml --listen 127.0.0.1:9465 > /tmp/enf.out 2> /tmp/enf.err &
+EN=$!
+i=0; while ! grep -q 'pinwatch alert: watching' /tmp/enf.err && [ $i -lt 1800 ]; do sleep 0.1; i=$((i+1)); done
+pinwatch-scenario iouring-fixed --pages 2048 --buffers 8 --no-huge --hold-ms 3000 > $E 2>&1
+echo "PINWATCH-ENFORCE kill-rc $?" >> $E
+pinwatch-scenario iouring-fixed --pages 512 --buffers 2 --no-huge --hold-ms 1000 >> $E 2>&1
+echo "PINWATCH-ENFORCE control-rc $?" >> $E
+sleep 3
+wget -q -O - http://127.0.0.1:9465/metrics | grep -E '^pinwatch_(enforcements_total|pinned_bytes)' | sed 's/^/PINWATCH-ENFORCE metric /' >> $E
+sed -i 's/"kill"/"stop"/' /tmp/enforce.toml
+kill -HUP $EN
+i=0; while [ "$(grep -c 'configuration reloaded' /tmp/enf.err)" -lt 1 ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+pinwatch-scenario iouring-fixed --pages 2048 --buffers 8 --no-huge --hold-ms 3000 >> $E 2>&1 &
+P=$!
+sleep 3
+echo "PINWATCH-ENFORCE stop-state $(cut -d' ' -f3 /proc/$P/stat)" >> $E
+kill -KILL $P
+wait $P
+sed -i 's/"stop"/"freeze"/' /tmp/enforce.toml
+kill -HUP $EN
+i=0; while [ "$(grep -c 'configuration reloaded' /tmp/enf.err)" -lt 2 ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+mkdir -p /sys/fs/cgroup/victim
+sh -c 'echo $$ > /sys/fs/cgroup/victim/cgroup.procs; exec pinwatch-scenario iouring-fixed --pages 2048 --buffers 8 --no-huge --hold-ms 4000' >> $E 2>&1 &
+P=$!
+i=0; while ! grep -q 'frozen 1' /sys/fs/cgroup/victim/cgroup.events && [ $i -lt 150 ]; do sleep 0.1; i=$((i+1)); done
+echo "PINWATCH-ENFORCE freeze-events $(grep frozen /sys/fs/cgroup/victim/cgroup.events)" >> $E
+echo 0 > /sys/fs/cgroup/victim/cgroup.freeze
+wait $P
+echo "PINWATCH-ENFORCE freeze-rc $?" >> $E
+kill -TERM $EN
+wait $EN
+RC=$?
+cat $E >> /tmp/enf.err
+send_back enforce $RC /tmp/enf.out /tmp/enf.err
+"#;
+
+/// What the enforcement run must show, from the guest's marks and the daemon's lines.
+pub fn check_lab_enforce(r: &crate::lab::Recorded) -> Result<String> {
+    ensure!(r.ended, "the guest never finished the enforcement run");
+    ensure!(r.rc == Some(0), "the daemon exited {:?}:\n{}", r.rc, r.err.join("\n"));
+    let mark = |k: &str| -> Vec<String> { r.err.iter().filter_map(|l| l.strip_prefix("PINWATCH-ENFORCE ")?.strip_prefix(k).map(|v| v.trim().to_string())).collect() };
+    let pids: Vec<u64> = r.err.iter().filter_map(|l| l.strip_prefix("PINWATCH-SCENARIO ")).filter_map(|l| serde_json::from_str::<Value>(l).ok()?["pid"].as_u64()).collect();
+    ensure!(pids.len() == 4, "not every scenario of the run reported its pid: {:?}", r.err);
+    let (killed, control, stopped) = (pids[0], pids[1], pids[2]);
+    let lines: Vec<Value> = r.out.iter().map(|l| serde_json::from_str(l).with_context(|| format!("an alert line that is not JSON: {l}"))).collect::<Result<_>>()?;
+    let enforced = |action: &str, pid: u64| lines.iter().any(|l| l["event"] == "enforcement" && l["action"] == action && l["result"] == "sent" && l["pid"] == pid);
+    // kill
+    ensure!(mark("kill-rc") == ["137"], "the 8 MiB process was not killed: exit {:?}", mark("kill-rc"));
+    ensure!(enforced("kill", killed), "no `kill` enforcement line (result sent) for pid {killed}: {lines:?}");
+    ensure!(mark("control-rc") == ["0"], "the 2 MiB control did not run to its end: exit {:?}", mark("control-rc"));
+    ensure!(!lines.iter().any(|l| l["event"] == "enforcement" && l["pid"] == control), "an enforcement line names the control {control}");
+    let metrics = mark("metric");
+    // Every call past the cap is signalled: the fifth to the eighth, as the registration
+    // goes on while the signal waits for the return to user space.
+    let kills = metrics.iter().find_map(|m| m.strip_prefix(r#"pinwatch_enforcements_total{action="kill",result="sent"} "#)?.parse::<u64>().ok()).unwrap_or(0);
+    ensure!((1..=4).contains(&kills), "the metric counts {kills} kills, wanted 1 to 4 (the calls past the cap): {metrics:?}");
+    ensure!(metrics.iter().any(|m| m == r#"pinwatch_pinned_bytes{kind="pin",longterm="true"} 0"#), "the killed process's pins did not come back: {metrics:?}");
+    // stop
+    ensure!(mark("stop-state") == ["T"], "the 8 MiB process under `stop` is in state {:?}, not T (stopped)", mark("stop-state"));
+    ensure!(enforced("stop", stopped), "no `stop` enforcement line (result sent) for pid {stopped}: {lines:?}");
+    // freeze
+    ensure!(mark("freeze-events") == ["frozen 1"], "the offender's cgroup was not frozen: {:?}", mark("freeze-events"));
+    ensure!(lines.iter().any(|l| l["event"] == "enforcement" && l["action"] == "freeze" && l["result"] == "frozen" && l["cgroup"] == "/victim"), "no `freeze` line for /victim: {lines:?}");
+    ensure!(mark("freeze-rc") == ["0"], "the frozen process did not finish once thawed: exit {:?}", mark("freeze-rc"));
+    Ok(format!("kill: pid {killed} killed at the call past 4 MiB ({kills} call(s) signalled), pins back to 0; control {control} at 2 MiB ran to its end; stop: pid {stopped} in state T; freeze: /victim frozen, then thawed and finished"))
+}

@@ -176,6 +176,9 @@ fn plan(only: Option<&[&str]>) -> String {
     if only.is_none_or(|o| o.contains(&"alert")) {
         s.push_str(fleet::LAB_PLAN);
     }
+    if only.is_none_or(|o| o.contains(&"enforce")) {
+        s.push_str(fleet::ENFORCE_PLAN);
+    }
     s
 }
 
@@ -322,6 +325,14 @@ fn lab(names: &[String], bins: &lab::Binaries, tally: &mut Tally) -> Result<()> 
         let what = format!("{} alert daemon", k.release);
         match results.get("alert") {
             Some(r) => match fleet::check_lab_alert(r) {
+                Ok(d) => tally.pass(&what, &d),
+                Err(e) => tally.fail(&what, &format!("{e:#}")),
+            },
+            None => tally.fail(&what, "no result from the guest"),
+        }
+        let what = format!("{} enforcement (kill, stop, freeze)", k.release);
+        match results.get("enforce") {
+            Some(r) => match fleet::check_lab_enforce(r) {
                 Ok(d) => tally.pass(&what, &d),
                 Err(e) => tally.fail(&what, &format!("{e:#}")),
             },

@@ -106,8 +106,17 @@ pub fn identity(pid: u32) -> (Option<u32>, Option<String>) {
     (uid, cgroup)
 }
 
-/// Where cgroup v2 is mounted on every distribution pinwatch runs on.
-pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+/// Where cgroup v2 is mounted: /sys/fs/cgroup on current distributions,
+/// /sys/fs/cgroup/unified on hybrid hosts (read from /proc/self/mounts).
+pub fn cgroup2_root() -> std::path::PathBuf {
+    std::fs::read_to_string("/proc/self/mounts")
+        .ok()
+        .and_then(|m| m.lines().find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(2) == Some(&"cgroup2")).then(|| std::path::PathBuf::from(f[1]))
+        }))
+        .unwrap_or_else(|| "/sys/fs/cgroup".into())
+}
 /// Directories a walk of the cgroup tree reads at most.
 const CGROUP_WALK_MAX: usize = 100_000;
 
@@ -139,7 +148,8 @@ impl CgroupNames {
 fn walk_cgroups() -> HashMap<u64, String> {
     use std::os::unix::fs::MetadataExt as _;
     let mut out = HashMap::new();
-    let root = std::path::Path::new(CGROUP_ROOT);
+    let root = cgroup2_root();
+    let root = root.as_path();
     let mut todo = vec![root.to_path_buf()];
     while let Some(dir) = todo.pop() {
         if out.len() >= CGROUP_WALK_MAX {

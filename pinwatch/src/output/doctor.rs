@@ -79,6 +79,46 @@ struct Report {
     roles: Vec<RoleReport>,
     /// The verdict in sentences, as the text output prints it.
     verdict: Vec<String>,
+    /// What `pinwatch alert` can do about a limit broken here.
+    enforcement: Enforcement,
+}
+
+/// The ways a kernel offers to act on a limit breach, and which pinwatch uses.
+#[derive(Serialize)]
+struct Enforcement {
+    /// stop and kill: bpf_send_signal from the GUP return program (5.3+), where GUP
+    /// calls are hooked.
+    send_signal: bool,
+    /// Whether GUP functions can be made to fail (error injection, bpf_override_return):
+    /// None when debugfs does not say.
+    gup_error_injection: Option<bool>,
+    /// The BPF LSM is active (in /sys/kernel/security/lsm). pinwatch does not use it:
+    /// no LSM hook sits on GUP.
+    bpf_lsm: Option<bool>,
+    /// cgroup v2 with cgroup.freeze (5.2+): freeze.
+    cgroup_freeze: bool,
+}
+
+fn enforcement(can_track_pins: bool) -> Enforcement {
+    let read = |p: &str| std::fs::read_to_string(p).ok();
+    let gup = ["get_user_pages", "pin_user_pages", "__get_user_pages", "__gup_longterm_locked", "pin_user_pages_fast"];
+    let gup_error_injection = read("/sys/kernel/debug/error_injection/list")
+        .map(|l| l.lines().any(|line| line.split_whitespace().next().is_some_and(|f| gup.contains(&f))))
+        // debugfs mounted without the list: the kernel has no function error injection.
+        .or_else(|| std::fs::read_dir("/sys/kernel/debug").ok().and_then(|mut d| d.next()).map(|_| false));
+    // Non-root cgroups have cgroup.freeze from 5.2 on; the root never has one.
+    let root = crate::kernel::procs::cgroup2_root();
+    let release = crate::kernel::release();
+    let mut v = release.split(|c: char| !c.is_ascii_digit()).filter_map(|n| n.parse::<u32>().ok());
+    let since_5_2 = (v.next().unwrap_or(0), v.next().unwrap_or(0)) >= (5, 2);
+    let cgroup_freeze = root.join("cgroup.controllers").exists()
+        && (since_5_2 || std::fs::read_dir(&root).into_iter().flatten().flatten().any(|e| e.path().join("cgroup.freeze").exists()));
+    Enforcement {
+        send_signal: can_track_pins,
+        gup_error_injection,
+        bpf_lsm: read("/sys/kernel/security/lsm").map(|l| l.split(',').any(|m| m.trim() == "bpf")),
+        cgroup_freeze,
+    }
 }
 
 pub fn run(args: DoctorArgs) -> Result<i32> {
@@ -106,6 +146,7 @@ pub fn run(args: DoctorArgs) -> Result<i32> {
         hooks: kernel.plan.clone(),
         roles: Role::ALL.into_iter().map(|r| RoleReport { role: r.name(), visible: covered.contains(&r), what: r.what() }).collect(),
         verdict: verdict(mode, &covered, &kernel.caps),
+        enforcement: enforcement(covered.contains(&Role::Acquire)),
     };
     match args.format {
         Format::Json => println!("{}", serde_json::to_string_pretty(&report)?),
@@ -231,6 +272,36 @@ fn text(r: &Report) -> String {
         "  ",
     );
     wrap(&mut out, &format!("mode: {}", r.mode.name()), "  ");
+    out += "\nEnforcement (`pinwatch alert`'s limit actions):\n";
+    let e = &r.enforcement;
+    wrap(
+        &mut out,
+        &if e.send_signal {
+            "stop, kill: yes, from the kernel at the GUP call that goes over the cap (bpf_send_signal)".to_string()
+        } else {
+            "stop, kill: no, GUP calls cannot be hooked here".to_string()
+        },
+        "  ",
+    );
+    wrap(&mut out, if e.cgroup_freeze { "freeze: yes (cgroup v2 cgroup.freeze)" } else { "freeze: no (no cgroup v2 with cgroup.freeze)" }, "  ");
+    wrap(
+        &mut out,
+        match e.gup_error_injection {
+            Some(true) => "failing the pinning call itself: possible here (error injection lists a GUP function), not used by pinwatch",
+            Some(false) => "failing the pinning call itself: no, no GUP function allows error injection: enforcement stops the offender, not the pin",
+            None => "failing the pinning call itself: unknown (debugfs not mounted); Debian's kernels do not allow it",
+        },
+        "  ",
+    );
+    wrap(
+        &mut out,
+        match e.bpf_lsm {
+            Some(true) => "BPF LSM: active, unused: no LSM hook sits on the pinning calls",
+            Some(false) => "BPF LSM: not active (not in /sys/kernel/security/lsm); pinwatch does not need it",
+            None => "BPF LSM: unknown (securityfs not mounted); pinwatch does not need it",
+        },
+        "  ",
+    );
     out
 }
 

@@ -4,7 +4,7 @@
 //! never a kernel thread (the kernel's helper refuses both), never the daemon's own
 //! cgroup or the root.
 
-use std::{collections::HashMap, path::Path};
+use std::collections::HashMap;
 
 use anyhow::{bail, Context as _, Result};
 
@@ -39,7 +39,7 @@ fn exempt_cgroup_ids(x: &Exempt) -> Vec<u64> {
     use std::os::unix::fs::MetadataExt as _;
     let mut ids = Vec::new();
     for p in &x.cgroup {
-        let root = Path::new(procs::CGROUP_ROOT).join(p.trim_start_matches('/'));
+        let root = procs::cgroup2_root().join(p.trim_start_matches('/'));
         let mut todo = vec![root];
         while let Some(dir) = todo.pop() {
             let Ok(m) = std::fs::metadata(&dir) else { continue };
@@ -83,7 +83,7 @@ pub fn freeze(path: &str, own: Option<&str>) -> Result<String> {
             bail!("{rel} holds pinwatch itself: not frozen");
         }
     }
-    let file = Path::new(procs::CGROUP_ROOT).join(rel.trim_start_matches('/')).join("cgroup.freeze");
+    let file = procs::cgroup2_root().join(rel.trim_start_matches('/')).join("cgroup.freeze");
     std::fs::write(&file, "1").with_context(|| format!("writing 1 to {} (cgroup v2 with the freezer: 5.2 and later)", file.display()))?;
     Ok(rel.to_string())
 }
