@@ -46,11 +46,28 @@ pub fn checks(bins: &Binaries, tracepoint_only: bool) -> Vec<Check> {
     }
     let mut out = vec![
         ("host prometheus rules".to_string(), promtool()),
+        ("host systemd unit".to_string(), systemd_unit(&bins.pinwatch, &dir)),
         ("host alert --check-config".to_string(), check_config(&bins.pinwatch, &dir)),
     ];
     out.extend(daemon(bins, &dir, tracepoint_only));
     let _ = std::fs::remove_dir_all(&dir);
     out
+}
+
+/// The shipped unit passes `systemd-analyze verify` without a word (unknown keys are
+/// only warnings there, so any output fails), with ExecStart pointed at the built binary.
+fn systemd_unit(pw: &Path, dir: &Path) -> Result<String> {
+    let unit = std::fs::read_to_string(util::workspace_root().join("deploy/systemd/pinwatch.service"))?;
+    ensure!(unit.contains("ExecStart=/usr/bin/pinwatch alert"), "the unit does not start /usr/bin/pinwatch alert");
+    let here = dir.join("pinwatch.service");
+    std::fs::write(&here, unit.replace("/usr/bin/pinwatch", &pw.display().to_string()))?;
+    let o = Command::new("systemd-analyze").args(["verify", "--man=no"]).arg(&here).output().context("running systemd-analyze (Debian's systemd)")?;
+    let said = String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
+    ensure!(o.status.success() && said.trim().is_empty(), "systemd-analyze verify: exit {:?}:\n{said}", o.status.code());
+    for key in ["Type=notify", "CapabilityBoundingSet=", "NoNewPrivileges=yes", "ProtectSystem=strict", "MemoryMax=", "Restart=on-failure", "ExecReload="] {
+        ensure!(unit.lines().any(|l| l.starts_with(key)), "the unit has no {key}");
+    }
+    Ok("systemd-analyze verify says nothing; Type=notify, capabilities bounded, hardened, memory capped, restart and reload set".into())
 }
 
 /// A valid file exits 0 and states the rules; bad ones exit 2 naming line and key.
@@ -171,11 +188,26 @@ fn daemon(bins: &Binaries, dir: &Path, tracepoint_only: bool) -> Vec<Check> {
         let metrics_port = free_port()?;
         let config = dir.join("pinwatch.toml");
         std::fs::write(&config, "[alert]\ncollapse_window = \"30s\"\n")?;
+        // systemd's side of Type=notify: a datagram socket the daemon must say READY=1 on.
+        let notify_path = dir.join("notify.sock");
+        let notify = std::os::unix::net::UnixDatagram::bind(&notify_path)?;
+        notify.set_read_timeout(Some(Duration::from_secs(120)))?;
         let mut d = spawn(
-            Command::new(&bins.pinwatch).args(["alert", "--listen", &format!("127.0.0.1:{metrics_port}"), "--config"]).arg(&config),
+            Command::new(&bins.pinwatch)
+                .args(["alert", "--listen", &format!("127.0.0.1:{metrics_port}"), "--config"])
+                .arg(&config)
+                .env("NOTIFY_SOCKET", &notify_path),
             dir,
             "alert",
         )?;
+        out.push(("host alert: sd_notify READY=1".into(), (|| {
+            let mut buf = [0u8; 256];
+            let n = notify.recv(&mut buf).context("no notification on NOTIFY_SOCKET within 120 s")?;
+            let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+            ensure!(msg.lines().any(|l| l == "READY=1"), "the notification was {msg:?}");
+            ensure!(curl(&format!("http://127.0.0.1:{metrics_port}/metrics")).is_ok(), "READY=1 came before /metrics answered");
+            Ok("READY=1 once attached and serving /metrics".to_string())
+        })()));
         let up = wait_until(Duration::from_secs(120), "the daemon never served /metrics", || {
             if let Some(s) = d.child.try_wait()? {
                 bail!("the daemon exited ({s}):\n{}", d.err());
