@@ -45,6 +45,34 @@ enum Command {
     Report(output::report::ReportArgs),
     /// Turn a trace into a timeline people open: Perfetto's JSON, or an HTML page.
     Export(output::export::ExportArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages (pinwatch.1 and one per command) into a directory.
+    #[command(hide = true)]
+    Man { dir: std::path::PathBuf },
+}
+
+/// The man pages: pinwatch.1, then pinwatch-COMMAND.1 for each command.
+fn man_pages(dir: &std::path::Path) -> anyhow::Result<i32> {
+    use anyhow::Context as _;
+    use clap::CommandFactory as _;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let cmd = Cli::command();
+    let write = |name: &str, c: clap::Command| -> anyhow::Result<()> {
+        let path = dir.join(format!("{name}.1"));
+        let mut out = Vec::new();
+        clap_mangen::Man::new(c).render(&mut out)?;
+        std::fs::write(&path, out).with_context(|| format!("writing {}", path.display()))
+    };
+    write("pinwatch", cmd.clone())?;
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+        let name = format!("pinwatch-{}", sub.get_name());
+        write(&name, sub.clone().name(name.clone()))?;
+    }
+    Ok(0)
 }
 
 /// Runs a live mode on a single-threaded runtime: one reader of one ring buffer.
@@ -64,6 +92,12 @@ fn main() -> ExitCode {
         Command::Record(args) => live(output::record::run(args)),
         Command::Top(args) => live(output::top::run(args)),
         Command::Alert(args) => live(output::alert::run(args)),
+        Command::Completions { shell } => {
+            use clap::CommandFactory as _;
+            clap_complete::generate(shell, &mut Cli::command(), "pinwatch", &mut std::io::stdout());
+            Ok(0)
+        }
+        Command::Man { dir } => man_pages(&dir),
     };
     match result {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),

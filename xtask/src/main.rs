@@ -5,6 +5,7 @@ mod checks;
 mod fleet;
 mod kernels;
 mod lab;
+mod package;
 mod postmortem;
 mod browser;
 mod resilience;
@@ -56,6 +57,8 @@ enum Cmd {
         #[arg(long)]
         check: bool,
     },
+    /// Build the Debian package (cargo-deb) into target/package, and check it.
+    Package,
     /// Show pinwatch at work: boot a lab kernel and record the pinning scenarios there.
     Demo {
         #[arg(long, default_value = "6.12")]
@@ -384,6 +387,11 @@ fn host(bins: &lab::Binaries, tally: &mut Tally) -> Result<()> {
             Err(e) => tally.fail(&what, &format!("{e:#}")),
         }
     }
+    let what = "host Debian package";
+    match package::build().and_then(|deb| package::check(&deb)) {
+        Ok(d) => tally.pass(what, &d),
+        Err(e) => tally.fail(what, &format!("{e:#}")),
+    }
     for (what, r) in fleet::checks(bins, !kprobes) {
         match r {
             Ok(d) => tally.pass(&what, &d),
@@ -590,6 +598,14 @@ fn main() -> ExitCode {
             Cmd::Bench { kernels, rounds, check } => {
                 setup::setup()?;
                 bench::run(&kernels, rounds, check, &mut lab::build_binaries()?)
+            }
+            Cmd::Package => {
+                setup::setup()?;
+                let deb = package::build()?;
+                println!("package: {}", deb.display());
+                let checked = package::check(&deb)?;
+                println!("package: {checked}");
+                Ok(true)
             }
             Cmd::Host => {
                 setup::setup()?;

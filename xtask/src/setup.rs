@@ -13,6 +13,7 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 pub fn setup() -> Result<()> {
     rust_src()?;
     bpf_linker()?;
+    cargo_deb()?;
     apt()?;
     Ok(())
 }
@@ -31,6 +32,17 @@ fn rust_src() -> Result<()> {
 
 /// bpf-linker must be built against the same LLVM as the nightly rustc. The nightly
 /// ships libLLVM; a prefix folder with the names llvm-sys looks for points at it.
+/// cargo-deb, for `cargo xtask package` (and the package test).
+const CARGO_DEB_VERSION: &str = "3.8.0";
+
+fn cargo_deb() -> Result<()> {
+    if output(Command::new("cargo").args(["deb", "--version"])).is_ok_and(|v| v.contains(CARGO_DEB_VERSION)) {
+        return Ok(());
+    }
+    println!("setup: building cargo-deb {CARGO_DEB_VERSION} (a few minutes)");
+    quiet(Command::new("cargo").args(["install", "--locked", "cargo-deb", "--version", CARGO_DEB_VERSION]))
+}
+
 fn bpf_linker() -> Result<()> {
     let sysroot = PathBuf::from(output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?.trim());
     let lib = std::fs::read_dir(sysroot.join("lib"))?
