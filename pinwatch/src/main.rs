@@ -45,6 +45,9 @@ enum Command {
     Report(output::report::ReportArgs),
     /// Turn a trace into a timeline people open: Perfetto's JSON, or an HTML page.
     Export(output::export::ExportArgs),
+    /// Prove a running daemon's detection: provoke a benign hazard on memory of its own
+    /// and check the daemon's metric and alert line.
+    Selftest(output::selftest::SelftestArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions {
         #[arg(value_enum)]
@@ -92,6 +95,7 @@ fn main() -> ExitCode {
         Command::Record(args) => live(output::record::run(args)),
         Command::Top(args) => live(output::top::run(args)),
         Command::Alert(args) => live(output::alert::run(args)),
+        Command::Selftest(args) => live(output::selftest::run(args)),
         Command::Completions { shell } => {
             use clap::CommandFactory as _;
             clap_complete::generate(shell, &mut Cli::command(), "pinwatch", &mut std::io::stdout());

@@ -3,9 +3,9 @@
 //! fleet"); label sets stay bounded (no pid labels; cgroups only the N largest).
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, VecDeque},
     convert::Infallible,
-    sync::Arc,
+    sync::{Arc, Mutex},
 };
 
 use http_body_util::Full;
@@ -113,6 +113,7 @@ pub struct Metrics {
     collapsed: Family<Kind, Counter>,
     exempt: Family<Kind, Counter>,
     reloads: Family<ResultLabel, Counter>,
+    selftests: Family<ResultLabel, Counter>,
     gup_calls: Counter,
     gup_pages: Counter,
     bpf_time: Family<Program, Counter<f64>>,
@@ -162,6 +163,8 @@ impl Metrics {
         for result in ["ok", "invalid"] {
             let _ = reloads.get_or_create(&ResultLabel { result });
         }
+        let selftests = Family::<ResultLabel, Counter>::default();
+        r.register("pinwatch_selftests", "Selftests run by the daemon at start ([selftest] at_start): passed or failed", selftests.clone());
         let gup_calls = Counter::default();
         r.register("pinwatch_gup_calls", "GUP calls that took pages, as the kernel side counted them", gup_calls.clone());
         let gup_pages = Counter::default();
@@ -187,6 +190,7 @@ impl Metrics {
             collapsed,
             exempt,
             reloads,
+            selftests,
             gup_calls,
             gup_pages,
             bpf_time,
@@ -230,6 +234,11 @@ impl Metrics {
 
     pub fn reload(&self, ok: bool) {
         self.reloads.get_or_create(&ResultLabel { result: if ok { "ok" } else { "invalid" } }).inc();
+    }
+
+    /// A handle that counts a selftest's result, for the task that waits for it.
+    pub fn selftest_counter(&self, passed: bool) -> Counter {
+        self.selftests.get_or_create(&ResultLabel { result: if passed { "passed" } else { "failed" } }).clone()
     }
 
     /// The figures of a tick: gauges set, growing totals added.
@@ -284,7 +293,12 @@ fn encode(r: &Registry) -> String {
 
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-fn respond(req: &Request<hyper::body::Incoming>, registry: &Registry) -> Response<Full<Bytes>> {
+/// The latest alert lines, newest last, for /alerts (what `pinwatch selftest` reads).
+pub type Recent = Arc<Mutex<VecDeque<String>>>;
+/// Lines /alerts keeps.
+pub const RECENT_LINES: usize = 256;
+
+fn respond(req: &Request<hyper::body::Incoming>, registry: &Registry, recent: &Recent) -> Response<Full<Bytes>> {
     let reply = |status: StatusCode, kind: &'static str, body: String| {
         let mut r = Response::new(Full::new(Bytes::from(body)));
         *r.status_mut() = status;
@@ -296,14 +310,18 @@ fn respond(req: &Request<hyper::body::Incoming>, registry: &Registry) -> Respons
     }
     match req.uri().path() {
         "/metrics" => reply(StatusCode::OK, OPENMETRICS, encode(registry)),
-        "/" => reply(StatusCode::OK, "text/plain", "pinwatch alert: metrics at /metrics\n".into()),
+        "/alerts" => {
+            let lines = recent.lock().map(|r| r.iter().map(|l| format!("{l}\n")).collect::<String>()).unwrap_or_default();
+            reply(StatusCode::OK, "application/x-ndjson", lines)
+        }
+        "/" => reply(StatusCode::OK, "text/plain", "pinwatch alert: metrics at /metrics, the latest alert lines at /alerts\n".into()),
         _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found: metrics are at /metrics\n".into()),
     }
 }
 
 /// Serves /metrics until the process ends. A connection's error is its own: it never
 /// ends the server.
-pub async fn serve(listener: tokio::net::TcpListener, registry: Arc<Registry>) {
+pub async fn serve(listener: tokio::net::TcpListener, registry: Arc<Registry>, recent: Recent) {
     use hyper_util::rt::{TokioIo, TokioTimer};
     loop {
         let stream = match listener.accept().await {
@@ -316,10 +334,12 @@ pub async fn serve(listener: tokio::net::TcpListener, registry: Arc<Registry>) {
             }
         };
         let registry = registry.clone();
+        let recent = recent.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
                 let registry = registry.clone();
-                async move { Ok::<_, Infallible>(respond(&req, &registry)) }
+                let recent = recent.clone();
+                async move { Ok::<_, Infallible>(respond(&req, &registry, &recent)) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())

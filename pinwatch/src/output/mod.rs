@@ -7,5 +7,6 @@ pub mod filter;
 pub mod metrics;
 pub mod record;
 pub mod report;
+pub mod selftest;
 pub mod story;
 pub mod top;

@@ -26,6 +26,16 @@ pub struct Config {
     pub exempt: Exempt,
     #[serde(default)]
     pub actions: Actions,
+    #[serde(default)]
+    pub selftest: SelftestConfig,
+}
+
+/// `pinwatch selftest` run by the daemon once it is up.
+#[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct SelftestConfig {
+    #[serde(default)]
+    pub at_start: bool,
 }
 
 /// What happens when a limit rule is broken. Nothing is enforced unless asked.

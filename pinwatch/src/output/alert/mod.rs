@@ -214,6 +214,8 @@ struct Alerts {
     /// The daemon's own cgroup, never frozen.
     own_cgroup: Option<String>,
     names: CgroupNames,
+    /// The latest lines, served at /alerts.
+    recent: metrics::Recent,
 }
 
 /// One enforcement, as an alert line.
@@ -318,15 +320,7 @@ impl Alerts {
         if !rules.config.alert.stdout {
             return;
         }
-        let written = serde_json::to_string(&line).map_err(std::io::Error::from).and_then(|text| {
-            let mut out = std::io::stdout().lock();
-            writeln!(out, "{text}")?;
-            out.flush()
-        });
-        if let Err(e) = written {
-            metrics.alert_lost();
-            log::warn!("an enforcement line could not be written: {e}");
-        }
+        self.emit(metrics, &line);
     }
 
     fn exempt(&mut self, rules: &Rules, h: &Hazard) -> bool {
@@ -374,16 +368,39 @@ impl Alerts {
         let kind = h.kind;
         let event = Event::Hazard(h);
         let line = Line { time: wall(event_ts(&event)), host: &self.host, event: &event, collapsed };
-        let written = serde_json::to_string(&line).map_err(std::io::Error::from).and_then(|text| {
+        if self.emit(metrics, &line) {
+            metrics.alert_written(kind);
+        }
+    }
+
+    /// One line on stdout, and in /alerts' memory. False when stdout refused it
+    /// (counted as lost).
+    fn emit(&self, metrics: &Metrics, line: &impl Serialize) -> bool {
+        let text = match serde_json::to_string(line) {
+            Ok(t) => t,
+            Err(e) => {
+                metrics.alert_lost();
+                log::warn!("an alert line could not be made: {e}");
+                return false;
+            }
+        };
+        let written = (|| {
             let mut out = std::io::stdout().lock();
             writeln!(out, "{text}")?;
             out.flush()
-        });
+        })();
+        if let Ok(mut r) = self.recent.lock() {
+            if r.len() == metrics::RECENT_LINES {
+                r.pop_front();
+            }
+            r.push_back(text);
+        }
         match written {
-            Ok(()) => metrics.alert_written(kind),
+            Ok(()) => true,
             Err(e) => {
                 metrics.alert_lost();
                 log::warn!("an alert line could not be written: {e}");
+                false
             }
         }
     }
@@ -433,12 +450,16 @@ pub async fn run(args: AlertArgs) -> Result<i32> {
     enforce::arm(&mut live.session.kernel, &rules.limits, &rules.config)?;
     let reasons: Vec<&str> = Counters::NAMES.iter().copied().chain([UNDECODABLE]).collect();
     let mut metrics = Metrics::new(env!("CARGO_PKG_VERSION"), &live.session.kernel.release, live.session.mode.name(), &reasons);
-    tokio::spawn(metrics::serve(listener, metrics.registry()));
+    let recent: metrics::Recent = Default::default();
+    tokio::spawn(metrics::serve(listener, metrics.registry(), recent.clone()));
     eprintln!("pinwatch alert: watching kernel {} ({}); {}", live.session.kernel.release, live.session.mode.name(), rules.describe(listen));
     notify_ready();
+    if rules.config.selftest.at_start {
+        selftest_at_start(listen, &metrics)?;
+    }
 
     let own_cgroup = procs::identity(std::process::id()).1;
-    let mut sink = Alerts { host: hostname(), collapser: Collapser::new(window_ns(&rules)), identities: HashMap::new(), own_cgroup, names: CgroupNames::default() };
+    let mut sink = Alerts { host: hostname(), collapser: Collapser::new(window_ns(&rules)), identities: HashMap::new(), own_cgroup, names: CgroupNames::default(), recent };
     let mut names = CgroupNames::default();
     let mut batch = Vec::new();
     let mut ticks = 0u64;
@@ -509,6 +530,34 @@ pub async fn run(args: AlertArgs) -> Result<i32> {
     };
     eprintln!("pinwatch alert: stopped by {why}; {hazards} hazard(s) seen, {} event(s) lost", session.lost_total());
     Ok(0)
+}
+
+/// `pinwatch selftest` against this daemon, as a child; its verdict goes to stderr and
+/// pinwatch_selftests_total.
+fn selftest_at_start(listen: SocketAddr, metrics: &Metrics) -> Result<()> {
+    // The daemon may listen on every address: the selftest talks to it on loopback then.
+    let mut at = listen;
+    if at.ip().is_unspecified() {
+        at.set_ip(if at.is_ipv4() { std::net::Ipv4Addr::LOCALHOST.into() } else { std::net::Ipv6Addr::LOCALHOST.into() });
+    }
+    let exe = std::env::current_exe().context("finding pinwatch's own binary for the selftest")?;
+    let child = tokio::process::Command::new(exe).args(["selftest", "--daemon", &at.to_string()]).stdin(std::process::Stdio::null()).output();
+    let (passed, failed) = (metrics.selftest_counter(true), metrics.selftest_counter(false));
+    tokio::spawn(async move {
+        match child.await {
+            Ok(o) => {
+                for l in String::from_utf8_lossy(&o.stdout).lines().chain(String::from_utf8_lossy(&o.stderr).lines()) {
+                    eprintln!("pinwatch alert: {l}");
+                }
+                if o.status.success() { passed.inc() } else { failed.inc() };
+            }
+            Err(e) => {
+                eprintln!("pinwatch alert: the selftest could not run: {e}");
+                failed.inc();
+            }
+        }
+    });
+    Ok(())
 }
 
 fn default_listen() -> SocketAddr {
