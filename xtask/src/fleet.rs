@@ -187,7 +187,12 @@ fn daemon(bins: &Binaries, dir: &Path, tracepoint_only: bool) -> Vec<Check> {
     let r = (|| -> Result<()> {
         let metrics_port = free_port()?;
         let config = dir.join("pinwatch.toml");
-        std::fs::write(&config, "[alert]\ncollapse_window = \"30s\"\n")?;
+        // A syslog socket of the test's own, in place of /dev/log.
+        let syslog_path = dir.join("log.sock");
+        let syslog = std::os::unix::net::UnixDatagram::bind(&syslog_path)?;
+        syslog.set_read_timeout(Some(Duration::from_millis(500)))?;
+        let alert_section = format!("[alert]\ncollapse_window = \"30s\"\nsyslog = true\nsyslog_socket = \"{}\"\n", syslog_path.display());
+        std::fs::write(&config, &alert_section)?;
         // systemd's side of Type=notify: a datagram socket the daemon must say READY=1 on.
         let notify_path = dir.join("notify.sock");
         let notify = std::os::unix::net::UnixDatagram::bind(&notify_path)?;
@@ -287,7 +292,13 @@ fn daemon(bins: &Binaries, dir: &Path, tracepoint_only: bool) -> Vec<Check> {
             })?;
             // 8 pages truncated, one file: one line, the 7 repeats waiting for their window.
             ensure!(lines.len() == 1, "{} alert lines for one file's truncate, wanted 1 (repeats collapsed): {lines:?}", lines.len());
-            Ok(format!("{} {} ({sev}) firing in Prometheus, pinwatch_hazards_total {n}, 1 alert line (7 repeats collapsed)", firing.0, firing.1))
+            // The same line to syslog: RFC 5424, facility daemon (3), severity mapped.
+            let pri = if sev == "critical" { "<26>1 " } else { "<28>1 " };
+            let mut buf = vec![0u8; 65536];
+            let got = syslog.recv(&mut buf).context("no syslog datagram")?;
+            let msg = String::from_utf8_lossy(&buf[..got]).into_owned();
+            ensure!(msg.starts_with(pri) && msg.contains(" pinwatch ") && msg.contains("\"kind\":\"truncate_while_pinned\""), "the syslog message is not RFC 5424 from daemon.{sev} with the alert line: {msg}");
+            Ok(format!("{} {} ({sev}) firing in Prometheus, pinwatch_hazards_total {n}, 1 alert line (7 repeats collapsed), the same to syslog (RFC 5424, {})", firing.0, firing.1, pri.trim()))
         })()));
 
         // `pinwatch selftest` against the running daemon: its own memfd, truncated while
@@ -310,7 +321,7 @@ fn daemon(bins: &Binaries, dir: &Path, tracepoint_only: bool) -> Vec<Check> {
             wait_until(Duration::from_secs(10), "no word of the invalid configuration", || Ok(d.err().contains("the rules in force stay as they were").then_some(())))?;
             ensure!(d.child.try_wait()?.is_none(), "the daemon ended on an invalid configuration:\n{}", d.err());
             ensure!(d.err().contains("line 2, key `alert.collapse_window`"), "the refusal does not name the line and key:\n{}", d.err());
-            std::fs::write(&config, "[alert]\ncollapse_window = \"30s\"\nmin_severity = \"critical\"\n")?;
+            std::fs::write(&config, format!("{alert_section}min_severity = \"critical\"\n"))?;
             signal(&d, libc::SIGHUP);
             wait_until(Duration::from_secs(10), "the valid configuration was never taken", || Ok(d.err().contains("severity critical and above").then_some(())))?;
             let m = curl(&format!("http://127.0.0.1:{metrics_port}/metrics"))?;

@@ -18,8 +18,10 @@ use prometheus_client::{
 
 use crate::trace::{Hazard, HazardKind, Severity};
 
-/// The lost-events reason of alert lines that could not be written.
+/// The lost-events reasons of alert lines that could not be written, to stdout and to
+/// syslog.
 const OUTPUT_LOST: &str = "alert_output";
+const SYSLOG_LOST: &str = "syslog_output";
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindSeverity {
@@ -145,7 +147,7 @@ impl Metrics {
         r.register("pinwatch_enforcements", "Actions on limit breaches (action: stop, kill from the kernel, freeze; result: sent, refused, exempt, frozen, failed)", enforcements.clone());
         let lost = Family::<Reason, Counter>::default();
         r.register("pinwatch_lost_events", "Events lost, by layer and reason (kernel ring and maps, the reader, the alert output)", lost.clone());
-        for reason in lost_reasons.iter().chain(&[OUTPUT_LOST]) {
+        for reason in lost_reasons.iter().chain(&[OUTPUT_LOST, SYSLOG_LOST]) {
             let _ = lost.get_or_create(&Reason { reason: reason.to_string() });
         }
         let pinned = Family::<PinKind, Gauge>::default();
@@ -230,6 +232,11 @@ impl Metrics {
     /// Alert lines that could not be written (stdout gone, a full disk under a pipe).
     pub fn alert_lost(&self) {
         self.lost.get_or_create(&Reason { reason: OUTPUT_LOST.into() }).inc();
+    }
+
+    /// Alert lines the syslog socket refused.
+    pub fn syslog_lost(&self) {
+        self.lost.get_or_create(&Reason { reason: SYSLOG_LOST.into() }).inc();
     }
 
     pub fn reload(&self, ok: bool) {

@@ -138,12 +138,23 @@ pub struct AlertConfig {
     /// Alert lines on stdout (journald keeps them under systemd).
     #[serde(default = "yes")]
     pub stdout: bool,
+    /// The same lines to the local syslog too, RFC 5424, facility daemon, severity
+    /// mapped (critical: crit, warning: warning, info: info).
+    #[serde(default)]
+    pub syslog: bool,
+    /// The local syslog socket.
+    #[serde(default = "dev_log")]
+    pub syslog_socket: std::path::PathBuf,
 }
 
 impl Default for AlertConfig {
     fn default() -> Self {
-        AlertConfig { kinds: None, min_severity: Severity::Info, collapse_window: sixty_seconds(), stdout: true }
+        AlertConfig { kinds: None, min_severity: Severity::Info, collapse_window: sixty_seconds(), stdout: true, syslog: false, syslog_socket: dev_log() }
     }
+}
+
+fn dev_log() -> std::path::PathBuf {
+    "/dev/log".into()
 }
 
 impl AlertConfig {

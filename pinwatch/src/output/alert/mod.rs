@@ -216,6 +216,19 @@ struct Alerts {
     names: CgroupNames,
     /// The latest lines, served at /alerts.
     recent: metrics::Recent,
+    /// The local syslog, when the configuration asks for it.
+    syslog: Option<Syslog>,
+}
+
+type Syslog = syslog::Logger<syslog::LoggerBackend, syslog::Formatter5424>;
+
+/// Connects to the local syslog socket the configuration names, if it asks for syslog.
+fn open_syslog(c: &config::AlertConfig, host: &str) -> Result<Option<Syslog>> {
+    if !c.syslog {
+        return Ok(None);
+    }
+    let f = syslog::Formatter5424 { facility: syslog::Facility::LOG_DAEMON, hostname: Some(host.to_string()), process: "pinwatch".into(), pid: std::process::id() };
+    syslog::unix_custom(f, &c.syslog_socket).map(Some).map_err(|e| anyhow::anyhow!("alert.syslog: connecting to {}: {e}", c.syslog_socket.display()))
 }
 
 /// One enforcement, as an alert line.
@@ -258,9 +271,10 @@ impl Alerts {
                         crate::trace::SignalResult::Refused => format!("{} went past the cap; the kernel refused the signal (kernel thread, exiting task or init)", p.func),
                         crate::trace::SignalResult::Exempt => format!("{} went past the cap; exempt, no signal", p.func),
                     };
+                    let host = self.host.clone();
                     self.write_enforcement(rules, metrics, EnforcementLine {
                         time: wall(p.ts_ns),
-                        host: &self.host,
+                        host: &host,
                         event: "enforcement",
                         action: action.name(),
                         result: result.name(),
@@ -299,9 +313,10 @@ impl Alerts {
         metrics.enforcement("freeze", result);
         let pid = (l.scope == "process").then_some(l.id as u32);
         let comm = h.pinner_list().first().and_then(|p| p.comm.clone());
+        let host = self.host.clone();
         self.write_enforcement(rules, metrics, EnforcementLine {
             time: wall(h.ts_ns),
-            host: &self.host,
+            host: &host,
             event: "enforcement",
             action: "freeze",
             result,
@@ -316,11 +331,11 @@ impl Alerts {
     }
 
     /// Enforcements are never collapsed: each is its own line.
-    fn write_enforcement(&self, rules: &Rules, metrics: &Metrics, line: EnforcementLine) {
+    fn write_enforcement(&mut self, rules: &Rules, metrics: &Metrics, line: EnforcementLine) {
         if !rules.config.alert.stdout {
             return;
         }
-        self.emit(metrics, &line);
+        self.emit(metrics, &line, crate::trace::Severity::Warning);
     }
 
     fn exempt(&mut self, rules: &Rules, h: &Hazard) -> bool {
@@ -354,7 +369,7 @@ impl Alerts {
         }
     }
 
-    fn write(&self, rules: &Rules, metrics: &Metrics, a: Alert) {
+    fn write(&mut self, rules: &Rules, metrics: &Metrics, a: Alert) {
         let (h, collapsed) = match a {
             Alert::First(h) => (h, None),
             Alert::Repeats { last, repeats, first_ns, window_ns } => {
@@ -367,15 +382,20 @@ impl Alerts {
         }
         let kind = h.kind;
         let event = Event::Hazard(h);
-        let line = Line { time: wall(event_ts(&event)), host: &self.host, event: &event, collapsed };
-        if self.emit(metrics, &line) {
+        let severity = match &event {
+            Event::Hazard(h) => h.severity,
+            _ => crate::trace::Severity::Warning,
+        };
+        let host = self.host.clone();
+        let line = Line { time: wall(event_ts(&event)), host: &host, event: &event, collapsed };
+        if self.emit(metrics, &line, severity) {
             metrics.alert_written(kind);
         }
     }
 
-    /// One line on stdout, and in /alerts' memory. False when stdout refused it
-    /// (counted as lost).
-    fn emit(&self, metrics: &Metrics, line: &impl Serialize) -> bool {
+    /// One line on stdout (and syslog, when asked), and in /alerts' memory. False when
+    /// stdout refused it (counted as lost).
+    fn emit(&mut self, metrics: &Metrics, line: &impl Serialize, severity: crate::trace::Severity) -> bool {
         let text = match serde_json::to_string(line) {
             Ok(t) => t,
             Err(e) => {
@@ -389,6 +409,19 @@ impl Alerts {
             writeln!(out, "{text}")?;
             out.flush()
         })();
+        if let Some(log) = self.syslog.as_mut() {
+            use crate::trace::Severity;
+            let msg = (0u32, std::collections::BTreeMap::new(), text.as_str());
+            let sent = match severity {
+                Severity::Critical => log.crit(msg),
+                Severity::Warning => log.warning(msg),
+                Severity::Info => log.info(msg),
+            };
+            if let Err(e) = sent {
+                metrics.syslog_lost();
+                log::warn!("an alert line could not be sent to syslog: {e}");
+            }
+        }
         if let Ok(mut r) = self.recent.lock() {
             if r.len() == metrics::RECENT_LINES {
                 r.pop_front();
@@ -459,7 +492,9 @@ pub async fn run(args: AlertArgs) -> Result<i32> {
     }
 
     let own_cgroup = procs::identity(std::process::id()).1;
-    let mut sink = Alerts { host: hostname(), collapser: Collapser::new(window_ns(&rules)), identities: HashMap::new(), own_cgroup, names: CgroupNames::default(), recent };
+    let host = hostname();
+    let syslog = open_syslog(&rules.config.alert, &host)?;
+    let mut sink = Alerts { host, collapser: Collapser::new(window_ns(&rules)), identities: HashMap::new(), own_cgroup, names: CgroupNames::default(), recent, syslog };
     let mut names = CgroupNames::default();
     let mut batch = Vec::new();
     let mut ticks = 0u64;
@@ -499,6 +534,12 @@ pub async fn run(args: AlertArgs) -> Result<i32> {
                         eprintln!("pinwatch alert: SIGHUP: setting the kernel's enforcement: {e:#}");
                     }
                     sink.collapser.set_window(window_ns(&new));
+                    if new.config.alert.syslog != rules.config.alert.syslog || new.config.alert.syslog_socket != rules.config.alert.syslog_socket {
+                        match open_syslog(&new.config.alert, &sink.host) {
+                            Ok(s) => sink.syslog = s,
+                            Err(e) => eprintln!("pinwatch alert: SIGHUP: {e:#}; alert lines go to stdout only"),
+                        }
+                    }
                     rules = new;
                     metrics.reload(true);
                     eprintln!("pinwatch alert: configuration reloaded; {}", rules.describe(listen));
