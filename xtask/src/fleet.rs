@@ -140,6 +140,37 @@ fn wait_until<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Result<Opti
     bail!("{what} within {limit:?}{}", if last.is_empty() { String::new() } else { format!(" (last error: {last})") })
 }
 
+/// A Prometheus server (Debian's) here, scraping pinwatch at 127.0.0.1:`metrics_port`
+/// every second and evaluating the shipped rules every second.
+struct PromServer {
+    _server: Running,
+    port: u16,
+}
+
+impl PromServer {
+    fn start(dir: &Path, metrics_port: u16) -> Result<PromServer> {
+        let port = free_port()?;
+        let yml = dir.join("prometheus.yml");
+        std::fs::write(
+            &yml,
+            format!(
+                "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\nscrape_configs:\n  - job_name: pinwatch\n    static_configs:\n      - targets: ['127.0.0.1:{metrics_port}']\n",
+                rules_dir().join("pinwatch.rules.yml").display()
+            ),
+        )?;
+        let server = spawn(
+            Command::new("prometheus")
+                .arg(format!("--config.file={}", yml.display()))
+                .arg(format!("--storage.tsdb.path={}", dir.join("tsdb").display()))
+                .arg(format!("--web.listen-address=127.0.0.1:{port}")),
+            dir,
+            "prometheus",
+        )?;
+        wait_until(Duration::from_secs(30), "Prometheus never answered", || Ok(curl(&format!("http://127.0.0.1:{port}/-/ready")).ok()))?;
+        Ok(PromServer { _server: server, port })
+    }
+}
+
 struct Running {
     child: Child,
     stdout: PathBuf,
@@ -235,23 +266,8 @@ fn daemon(bins: &Binaries, dir: &Path, tracepoint_only: bool) -> Vec<Check> {
         })()));
         ensure!(metrics.contains("pinwatch_build_info{") && metrics.ends_with("# EOF\n"), "the scrape is not OpenMetrics with pinwatch_build_info:\n{metrics}");
 
-        let prom_port = free_port()?;
-        let prom_yml = dir.join("prometheus.yml");
-        std::fs::write(
-            &prom_yml,
-            format!(
-                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\nscrape_configs:\n  - job_name: pinwatch\n    static_configs:\n      - targets: ['127.0.0.1:{metrics_port}']\n",
-                rules_dir().join("pinwatch.rules.yml").display()
-            ),
-        )?;
-        let _prom = spawn(
-            Command::new("prometheus")
-                .arg(format!("--config.file={}", prom_yml.display()))
-                .arg(format!("--storage.tsdb.path={}", dir.join("tsdb").display()))
-                .arg(format!("--web.listen-address=127.0.0.1:{prom_port}")),
-            dir,
-            "prometheus",
-        )?;
+        let prom = PromServer::start(dir, metrics_port)?;
+        let prom_port = prom.port;
         // Prometheus scraped the daemon (up == 1) and loaded the rules.
         wait_until(Duration::from_secs(60), "Prometheus never scraped the daemon", || Ok((prometheus_sum(prom_port, "up{job=\"pinwatch\"}")? == 1.0).then_some(())))?;
         let hazard_alerts = |state: &str| -> Result<Vec<(String, String, String)>> {
@@ -358,7 +374,7 @@ fn daemon(bins: &Binaries, dir: &Path, tracepoint_only: bool) -> Vec<Check> {
 /// here for the whole boot; a thread follows the guest's marks on the results port and
 /// asks Prometheus what it holds after the control and after the hazard.
 pub struct LabPrometheus {
-    server: Running,
+    server: PromServer,
     port: u16,
     pub metrics_port: u16,
     dir: PathBuf,
@@ -396,25 +412,8 @@ impl LabPrometheus {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
         let metrics_port = free_port()?;
-        let port = free_port()?;
-        let yml = dir.join("prometheus.yml");
-        std::fs::write(
-            &yml,
-            format!(
-                "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\nscrape_configs:\n  - job_name: pinwatch\n    static_configs:\n      - targets: ['127.0.0.1:{metrics_port}']\n",
-                rules_dir().join("pinwatch.rules.yml").display()
-            ),
-        )?;
-        let server = spawn(
-            Command::new("prometheus")
-                .arg(format!("--config.file={}", yml.display()))
-                .arg(format!("--storage.tsdb.path={}", dir.join("tsdb").display()))
-                .arg(format!("--web.listen-address=127.0.0.1:{port}")),
-            &dir,
-            "prometheus",
-        )?;
-        wait_until(Duration::from_secs(30), "Prometheus never answered", || Ok(curl(&format!("http://127.0.0.1:{port}/-/ready")).ok()))?;
-        Ok(LabPrometheus { server, port, metrics_port, dir })
+        let server = PromServer::start(&dir, metrics_port)?;
+        Ok(LabPrometheus { port: server.port, server, metrics_port, dir })
     }
 
     /// Follows the guest's marks in `results` (the results port's file) until the boot

@@ -201,6 +201,12 @@ impl Tally {
         self.failed += 1;
         println!("  FAIL {what}: {why}");
     }
+    fn record(&mut self, what: &str, r: Result<String>) {
+        match r {
+            Ok(d) => self.pass(what, &d),
+            Err(e) => self.fail(what, &format!("{e:#}")),
+        }
+    }
 }
 
 fn selected(names: &[String]) -> Result<Vec<kernels::Series>> {
@@ -266,10 +272,7 @@ fn lab(names: &[String], bins: &lab::Binaries, tally: &mut Tally) -> Result<()> 
             (Err(e), _) => tally.fail(&format!("{} alert + Prometheus", k.release), &format!("starting Prometheus: {e:#}")),
             (Ok(p), Some(checks)) => {
                 for (what, r) in checks {
-                    match r {
-                        Ok(d) => tally.pass(&format!("{} {what}", k.release), &d),
-                        Err(e) => tally.fail(&format!("{} {what}", k.release), &format!("{e:#} (Prometheus's log: {})", p.log().display())),
-                    }
+                    tally.record(&format!("{} {what}", k.release), r.with_context(|| format!("Prometheus's log: {}", p.log().display())));
                 }
             }
             (Ok(_), None) => {}
@@ -325,21 +328,14 @@ fn lab(names: &[String], bins: &lab::Binaries, tally: &mut Tally) -> Result<()> 
                 },
             }
         }
-        let what = format!("{} alert daemon", k.release);
-        match results.get("alert") {
-            Some(r) => match fleet::check_lab_alert(r) {
-                Ok(d) => tally.pass(&what, &d),
-                Err(e) => tally.fail(&what, &format!("{e:#}")),
-            },
-            None => tally.fail(&what, "no result from the guest"),
-        }
-        let what = format!("{} enforcement (kill, stop, freeze)", k.release);
-        match results.get("enforce") {
-            Some(r) => match fleet::check_lab_enforce(r) {
-                Ok(d) => tally.pass(&what, &d),
-                Err(e) => tally.fail(&what, &format!("{e:#}")),
-            },
-            None => tally.fail(&what, "no result from the guest"),
+        let daemon_checks: [(&str, &str, fn(&lab::Recorded) -> Result<String>); 2] =
+            [("alert", "alert daemon", fleet::check_lab_alert), ("enforce", "enforcement (kill, stop, freeze)", fleet::check_lab_enforce)];
+        for (name, label, check) in daemon_checks {
+            let what = format!("{} {label}", k.release);
+            match results.get(name) {
+                Some(r) => tally.record(&what, check(r)),
+                None => tally.fail(&what, "no result from the guest"),
+            }
         }
         let what = format!("{} kill -9 of record", k.release);
         match (results.get("kill9"), results.get("hazard")) {
@@ -387,16 +383,9 @@ fn host(bins: &lab::Binaries, tally: &mut Tally) -> Result<()> {
             Err(e) => tally.fail(&what, &format!("{e:#}")),
         }
     }
-    let what = "host Debian package";
-    match package::build().and_then(|deb| package::check(&deb)) {
-        Ok(d) => tally.pass(what, &d),
-        Err(e) => tally.fail(what, &format!("{e:#}")),
-    }
+    tally.record("host Debian package", package::build().and_then(|deb| package::check(&deb)));
     for (what, r) in fleet::checks(bins, !kprobes) {
-        match r {
-            Ok(d) => tally.pass(&what, &d),
-            Err(e) => tally.fail(&what, &format!("{e:#}")),
-        }
+        tally.record(&what, r);
     }
     if !kprobes {
         // Tracepoint-only mode, for real: a memfd long-term pinned by io_uring and

@@ -46,13 +46,7 @@ pub struct LimitArgs {
 
 impl LimitArgs {
     pub fn rules(&self) -> LimitRules {
-        LimitRules {
-            max_pin_age_ns: self.max_pin_age.map(|d| d.as_nanos().min(u64::MAX as u128) as u64),
-            max_longterm_process: self.max_longterm_process,
-            max_longterm_cgroup: self.max_longterm_cgroup,
-            max_longterm_user: self.max_longterm_user,
-            memlock: !self.no_memlock_rule,
-        }
+        LimitRules::new(self.max_pin_age, self.max_longterm_process, self.max_longterm_cgroup, self.max_longterm_user, !self.no_memlock_rule)
     }
 }
 

@@ -101,6 +101,20 @@ pub struct LimitRules {
     pub memlock: bool,
 }
 
+impl LimitRules {
+    /// The rules from what people set: a duration and sizes, as options or in the daemon's
+    /// configuration say them.
+    pub fn new(max_pin_age: Option<std::time::Duration>, process: Option<u64>, cgroup: Option<u64>, user: Option<u64>, memlock: bool) -> LimitRules {
+        LimitRules {
+            max_pin_age_ns: max_pin_age.map(|d| d.as_nanos().min(u64::MAX as u128) as u64),
+            max_longterm_process: process,
+            max_longterm_cgroup: cgroup,
+            max_longterm_user: user,
+            memlock,
+        }
+    }
+}
+
 /// What /proc said of the processes the limit rules look at, at `ts_ns`.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 pub struct Procs {
