@@ -218,6 +218,26 @@ struct Alerts {
     recent: metrics::Recent,
     /// The local syslog, when the configuration asks for it.
     syslog: Option<Syslog>,
+    /// When each loss reason was last said on stderr, and what was lost since.
+    losses: HashMap<String, (u64, u64)>,
+}
+
+/// A loss reason is said on stderr at most this often; the metric counts every one.
+const LOSS_EVERY_NS: u64 = 60_000_000_000;
+
+/// What a loss means, and what to do about it.
+fn loss_advice(reason: &str) -> &'static str {
+    match reason {
+        "ringbuf_full" => "records came faster than the daemon read them (a stalled or starved daemon); hazards may have been missed",
+        "pin_map_full" => "the kernel-side pin map is full: pins past it are not watched; raise --pin-map-capacity",
+        "pfns_truncated" => "GUP calls of more than 256 pages: their other pages are not watched (README: Limits, today)",
+        "call_map_full" => "more threads inside GUP at once than the call map holds: those calls were not tracked",
+        "read_failed" => "page pointers that could not be read: those pages were not tracked",
+        "stack_lost" => "kernel stacks that could not be walked: those records carry none",
+        "nested_too_deep" => "programs nested deeper than their scratch space on one CPU: the innermost record was dropped",
+        "quiet_gets_full" => "transient FOLL_GET references past the map's room stay counted until their page is freed",
+        _ => "see pinwatch_lost_events_total",
+    }
 }
 
 type Syslog = syslog::Logger<syslog::LoggerBackend, syslog::Formatter5424>;
@@ -260,6 +280,15 @@ impl Alerts {
                     if enforce::action_of(&rules.config, &l.rule, &l.scope) == config::Action::Freeze {
                         self.freeze(rules, metrics, h, l);
                     }
+                }
+            }
+            Event::Lost(l) => {
+                let (said_at, pending) = self.losses.entry(l.reason.clone()).or_insert((0, 0));
+                *pending += l.count;
+                if *said_at == 0 || l.ts_ns.saturating_sub(*said_at) >= LOSS_EVERY_NS {
+                    eprintln!("pinwatch alert: lost {} ({}): {}", *pending, l.reason, loss_advice(&l.reason));
+                    *said_at = l.ts_ns.max(1);
+                    *pending = 0;
                 }
             }
             Event::Pin(p) => {
@@ -494,7 +523,7 @@ pub async fn run(args: AlertArgs) -> Result<i32> {
     let own_cgroup = procs::identity(std::process::id()).1;
     let host = hostname();
     let syslog = open_syslog(&rules.config.alert, &host)?;
-    let mut sink = Alerts { host, collapser: Collapser::new(window_ns(&rules)), identities: HashMap::new(), own_cgroup, names: CgroupNames::default(), recent, syslog };
+    let mut sink = Alerts { host, collapser: Collapser::new(window_ns(&rules)), identities: HashMap::new(), own_cgroup, names: CgroupNames::default(), recent, syslog, losses: HashMap::new() };
     let mut names = CgroupNames::default();
     let mut batch = Vec::new();
     let mut ticks = 0u64;
