@@ -223,7 +223,10 @@ fn daemon(bins: &Binaries, dir: &Path, tracepoint_only: bool) -> Vec<Check> {
         let syslog = std::os::unix::net::UnixDatagram::bind(&syslog_path)?;
         syslog.set_read_timeout(Some(Duration::from_millis(500)))?;
         let alert_section = format!("[alert]\ncollapse_window = \"30s\"\nsyslog = true\nsyslog_socket = \"{}\"\n", syslog_path.display());
-        std::fs::write(&config, &alert_section)?;
+        // The flight recorder triggered by the warning-severity hazard this machine can see.
+        let recorder_section = "[recorder]\ntrigger_severity = \"warning\"\n";
+        let incidents = dir.join("incidents");
+        std::fs::write(&config, format!("{alert_section}{recorder_section}"))?;
         // systemd's side of Type=notify: a datagram socket the daemon must say READY=1 on.
         let notify_path = dir.join("notify.sock");
         let notify = std::os::unix::net::UnixDatagram::bind(&notify_path)?;
@@ -232,6 +235,8 @@ fn daemon(bins: &Binaries, dir: &Path, tracepoint_only: bool) -> Vec<Check> {
             Command::new(&bins.pinwatch)
                 .args(["alert", "--listen", &format!("127.0.0.1:{metrics_port}"), "--config"])
                 .arg(&config)
+                .arg("--incident-dir")
+                .arg(&incidents)
                 .env("NOTIFY_SOCKET", &notify_path),
             dir,
             "alert",
@@ -285,6 +290,7 @@ fn daemon(bins: &Binaries, dir: &Path, tracepoint_only: bool) -> Vec<Check> {
             ensure!(a.is_empty(), "hazard alerts after the control: {a:?}");
             let lines = d.lines();
             ensure!(lines.is_empty(), "alert lines after the control: {lines:?}");
+            ensure!(std::fs::read_dir(&incidents).map(|d| d.count()).unwrap_or(0) == 0, "an incident bundle after the control");
             let n = prometheus_sum(prom_port, "sum(pinwatch_hazards_total)")?;
             ensure!(n == 0.0, "Prometheus holds {n} hazards after the control");
             Ok("no alert line, pinwatch_hazards_total 0, no hazard alert pending or firing after 5 evaluations".to_string())
@@ -298,7 +304,7 @@ fn daemon(bins: &Binaries, dir: &Path, tracepoint_only: bool) -> Vec<Check> {
             let firing = wait_until(Duration::from_secs(60), &format!("{rule} never fired"), || {
                 Ok(hazard_alerts("firing")?.into_iter().find(|a| a.0 == rule && a.1 == "truncate_while_pinned"))
             })?;
-            let lines = d.lines();
+            let lines: Vec<Value> = d.lines().into_iter().filter(|l| l["event"] == "hazard").collect();
             let first = lines.first().context("no alert line on the daemon's stdout")?;
             ensure!(first["event"] == "hazard" && first["kind"] == "truncate_while_pinned" && first["severity"] == sev, "the alert line: {first}");
             ensure!(first["time"].as_str().is_some_and(|t| t.len() >= 20 && t.ends_with('Z')) && first["host"].as_str().is_some_and(|h| !h.is_empty()), "no RFC 3339 time or host: {first}");
@@ -315,6 +321,42 @@ fn daemon(bins: &Binaries, dir: &Path, tracepoint_only: bool) -> Vec<Check> {
             let msg = String::from_utf8_lossy(&buf[..got]).into_owned();
             ensure!(msg.starts_with(pri) && msg.contains(" pinwatch ") && msg.contains("\"kind\":\"truncate_while_pinned\""), "the syslog message is not RFC 5424 from daemon.{sev} with the alert line: {msg}");
             Ok(format!("{} {} ({sev}) firing in Prometheus, pinwatch_hazards_total {n}, 1 alert line (7 repeats collapsed), the same to syslog (RFC 5424, {})", firing.0, firing.1, pri.trim()))
+        })()));
+
+        // The flight recorder: the hazard wrote a bundle (2 s after it, with what
+        // followed), SIGUSR1 writes another; each is private and replays.
+        out.push(("host alert: flight recorder".into(), (|| {
+            let bundle_of = |trigger: &str| -> Result<Option<PathBuf>> {
+                Ok(d.lines().into_iter().find(|l| l["event"] == "incident" && l["trigger"] == trigger).map(|l| {
+                    ensure!(l["result"] == "written", "the bundle was not written: {l}");
+                    Ok(PathBuf::from(l["dir"].as_str().unwrap_or("")))
+                }).transpose()?)
+            };
+            let hazard_bundle = wait_until(Duration::from_secs(15), "no incident line for the hazard", || bundle_of("truncate_while_pinned"))?;
+            signal(&d, libc::SIGUSR1);
+            let usr1_bundle = wait_until(Duration::from_secs(15), "no incident line after SIGUSR1", || bundle_of("sigusr1"))?;
+            use std::os::unix::fs::PermissionsExt as _;
+            for b in [&hazard_bundle, &usr1_bundle] {
+                ensure!(b.starts_with(&incidents), "{} is not under --incident-dir", b.display());
+                let mode = std::fs::metadata(b)?.permissions().mode() & 0o777;
+                ensure!(mode == 0o700, "{} has mode {mode:o}, not 700", b.display());
+                for f in std::fs::read_dir(b)?.flatten() {
+                    let mode = f.metadata()?.permissions().mode() & 0o777;
+                    ensure!(mode == 0o600, "{} has mode {mode:o}, not 600", f.path().display());
+                }
+            }
+            for f in ["trace.jsonl", "hazard.json", "doctor.json", "kernel.txt"] {
+                ensure!(hazard_bundle.join(f).is_file(), "the hazard's bundle has no {f}");
+            }
+            ensure!(std::fs::read_dir(&hazard_bundle)?.flatten().any(|f| f.file_name().to_string_lossy().starts_with("actor-")), "the hazard's bundle has no /proc files of the actor");
+            let r = Command::new(&bins.pinwatch).arg("report").arg(&hazard_bundle).output()?;
+            let t = String::from_utf8_lossy(&r.stdout).into_owned() + &String::from_utf8_lossy(&r.stderr);
+            ensure!(r.status.success() && t.contains("8 hazard(s)"), "pinwatch report on the bundle: exit {:?}:\n{t}", r.status.code());
+            let m = curl(&format!("http://127.0.0.1:{metrics_port}/metrics"))?;
+            for want in ["pinwatch_incidents_total{trigger=\"truncate_while_pinned\",result=\"written\"} 1", "pinwatch_incidents_total{trigger=\"sigusr1\",result=\"written\"} 1"] {
+                ensure!(m.lines().any(|l| l == want), "no {want:?} in the scrape");
+            }
+            Ok("the hazard wrote a bundle (trace, hazard, doctor, kernel, the actor's /proc), SIGUSR1 another; 0700 and 0600; `pinwatch report BUNDLE` replays its 8 hazards; both counted".to_string())
         })()));
 
         // `pinwatch selftest` against the running daemon: its own memfd, truncated while
@@ -337,7 +379,7 @@ fn daemon(bins: &Binaries, dir: &Path, tracepoint_only: bool) -> Vec<Check> {
             wait_until(Duration::from_secs(10), "no word of the invalid configuration", || Ok(d.err().contains("the rules in force stay as they were").then_some(())))?;
             ensure!(d.child.try_wait()?.is_none(), "the daemon ended on an invalid configuration:\n{}", d.err());
             ensure!(d.err().contains("line 2, key `alert.collapse_window`"), "the refusal does not name the line and key:\n{}", d.err());
-            std::fs::write(&config, format!("{alert_section}min_severity = \"critical\"\n"))?;
+            std::fs::write(&config, format!("{alert_section}min_severity = \"critical\"\n{recorder_section}"))?;
             signal(&d, libc::SIGHUP);
             wait_until(Duration::from_secs(10), "the valid configuration was never taken", || Ok(d.err().contains("severity critical and above").then_some(())))?;
             let m = curl(&format!("http://127.0.0.1:{metrics_port}/metrics"))?;

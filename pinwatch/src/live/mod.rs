@@ -26,6 +26,8 @@ pub enum Wake {
     Tick,
     /// SIGHUP, where the mode reloads its configuration (alert) rather than stop.
     Reload,
+    /// SIGUSR1, where the mode asked for it (alert: write an incident bundle now).
+    User1,
     /// The run is over.
     Stop(StopReason),
 }
@@ -54,6 +56,8 @@ pub struct Live {
     deadline: Option<Instant>,
     /// SIGHUP asks for a reload instead of ending the run.
     hangup_reloads: bool,
+    /// SIGUSR1's handler, where the mode wants it.
+    user1: Option<Signal>,
 }
 
 impl Live {
@@ -79,7 +83,14 @@ impl Live {
             child_status: None,
             deadline: deadline.and_then(|d| Instant::now().checked_add(d)),
             hangup_reloads: false,
+            user1: None,
         }
+    }
+
+    /// SIGUSR1 wakes the mode with `Wake::User1`.
+    pub fn on_user1(mut self) -> Result<Live> {
+        self.user1 = Some(signal(SignalKind::user_defined1()).context("installing the SIGUSR1 handler")?);
+        Ok(self)
     }
 
     /// SIGHUP wakes the mode with `Wake::Reload` (a daemon's convention) instead of
@@ -108,6 +119,7 @@ impl Live {
             _ = self.interrupt.recv() => Ok(Wake::Stop(StopReason::Signal(libc::SIGINT))),
             _ = self.terminate.recv() => Ok(Wake::Stop(StopReason::Signal(libc::SIGTERM))),
             _ = self.hangup.recv() => Ok(if self.hangup_reloads { Wake::Reload } else { Wake::Stop(StopReason::Signal(libc::SIGHUP)) }),
+            _ = async { self.user1.as_mut().expect("guarded").recv().await }, if self.user1.is_some() => Ok(Wake::User1),
             status = async { self.child.as_mut().expect("guarded").wait().await }, if child_running => {
                 self.child_status = Some(status.context("waiting for the recorded command")?);
                 Ok(Wake::Stop(StopReason::ChildExited))

@@ -124,8 +124,22 @@ fn enforcement(can_track_pins: bool) -> Enforcement {
 pub fn run(args: DoctorArgs) -> Result<i32> {
     let mut kernel = Kernel::open(args.kernel.attach, args.kernel.pin_map_capacity, Streaming::Monitor)?;
     let mode = kernel.attach()?;
+    let report = report(&kernel, mode);
+    match args.format {
+        Format::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+        Format::Text => print!("{}", text(&report)),
+    }
+    Ok(if mode == Mode::Full { 0 } else { 1 })
+}
+
+/// doctor's JSON for a kernel already attached (the daemon's incident bundles).
+pub fn json(kernel: &Kernel, mode: Mode) -> String {
+    serde_json::to_string_pretty(&report(kernel, mode)).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
+}
+
+fn report(kernel: &Kernel, mode: Mode) -> Report {
     let covered = covered_roles(&kernel.plan);
-    let report = Report {
+    Report {
         kernel: kernel.release.clone(),
         btf: kernel.caps.btf,
         mode,
@@ -147,12 +161,7 @@ pub fn run(args: DoctorArgs) -> Result<i32> {
         roles: Role::ALL.into_iter().map(|r| RoleReport { role: r.name(), visible: covered.contains(&r), what: r.what() }).collect(),
         verdict: verdict(mode, &covered, &kernel.caps),
         enforcement: enforcement(covered.contains(&Role::Acquire)),
-    };
-    match args.format {
-        Format::Json => println!("{}", serde_json::to_string_pretty(&report)?),
-        Format::Text => print!("{}", text(&report)),
     }
-    Ok(if mode == Mode::Full { 0 } else { 1 })
 }
 
 /// What works and what does not, in sentences for someone who does not know eBPF.
@@ -329,6 +338,7 @@ mod tests {
             hooks: crate::kernel::plan::plan(&syms, &caps, crate::kernel::plan::AttachMode::Auto),
             roles: Role::ALL.into_iter().map(|r| RoleReport { role: r.name(), visible: covered.contains(&r), what: r.what() }).collect(),
             verdict: verdict(Mode::TracepointOnly, &covered, &caps),
+            enforcement: Enforcement { send_signal: false, gup_error_injection: Some(false), bpf_lsm: Some(true), cgroup_freeze: true },
         };
         let t = text(&r);
         for line in t.lines() {
@@ -336,6 +346,9 @@ mod tests {
         }
         assert!(t.contains("`record` and `top` work"), "{t}");
         assert!(t.contains("It cannot see: who pins which pages"), "{t}");
+        assert!(t.contains("stop, kill: no, GUP calls cannot be hooked here"), "{t}");
+        let flat = t.split_whitespace().collect::<Vec<_>>().join(" ");
+        assert!(flat.contains("enforcement stops the offender, not the pin"), "{t}");
         let json = serde_json::to_value(&r).unwrap();
         assert_eq!(json["pfns"]["available"], false);
         assert_eq!(json["sees"], serde_json::json!(["truncate", "dirty"]));

@@ -76,6 +76,12 @@ struct BuildLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TriggerResult {
+    trigger: String,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabel {
     result: &'static str,
 }
@@ -116,6 +122,7 @@ pub struct Metrics {
     exempt: Family<Kind, Counter>,
     reloads: Family<ResultLabel, Counter>,
     selftests: Family<ResultLabel, Counter>,
+    incidents: Family<TriggerResult, Counter>,
     gup_calls: Counter,
     gup_pages: Counter,
     bpf_time: Family<Program, Counter<f64>>,
@@ -167,6 +174,8 @@ impl Metrics {
         }
         let selftests = Family::<ResultLabel, Counter>::default();
         r.register("pinwatch_selftests", "Selftests run by the daemon at start ([selftest] at_start): passed or failed", selftests.clone());
+        let incidents = Family::<TriggerResult, Counter>::default();
+        r.register("pinwatch_incidents", "Incident bundles of the flight recorder (trigger: a hazard kind, or sigusr1; result: written, failed, suppressed by min_interval)", incidents.clone());
         let gup_calls = Counter::default();
         r.register("pinwatch_gup_calls", "GUP calls that took pages, as the kernel side counted them", gup_calls.clone());
         let gup_pages = Counter::default();
@@ -193,6 +202,7 @@ impl Metrics {
             exempt,
             reloads,
             selftests,
+            incidents,
             gup_calls,
             gup_pages,
             bpf_time,
@@ -241,6 +251,10 @@ impl Metrics {
 
     pub fn reload(&self, ok: bool) {
         self.reloads.get_or_create(&ResultLabel { result: if ok { "ok" } else { "invalid" } }).inc();
+    }
+
+    pub fn incident(&self, trigger: &str, result: &'static str) {
+        self.incidents.get_or_create(&TriggerResult { trigger: trigger.into(), result }).inc();
     }
 
     /// A handle that counts a selftest's result, for the task that waits for it.

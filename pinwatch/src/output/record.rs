@@ -100,7 +100,7 @@ pub async fn run(args: RecordArgs) -> Result<i32> {
     };
     let why = loop {
         match live.next(&mut batch).await? {
-            Wake::Records | Wake::Reload => {}
+            Wake::Records | Wake::Reload | Wake::User1 => {}
             Wake::Tick => {
                 for e in live.session.tick(&BTreeSet::new(), false)?.events {
                     writer.write(&e)?;

@@ -513,7 +513,7 @@ pub async fn run(args: TopArgs) -> Result<i32> {
     loop {
         tokio::select! {
             wake = live.next(&mut batch) => match wake? {
-                Wake::Records | Wake::Reload => {}
+                Wake::Records | Wake::Reload | Wake::User1 => {}
                 Wake::Tick => {
                     let tick = live.session.tick(&wanted, true)?;
                     for e in &tick.events {

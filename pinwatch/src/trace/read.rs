@@ -32,8 +32,11 @@ pub struct Reader {
     done: bool,
 }
 
-/// Opens a trace file, or standard input for `-`.
+/// Opens a trace file, an incident bundle's directory (its trace.jsonl), or standard
+/// input for `-`.
 pub fn open(path: &Path) -> Result<Reader> {
+    let bundle = path.join("trace.jsonl");
+    let path = if path.is_dir() && bundle.is_file() { bundle.as_path() } else { path };
     let raw: Box<dyn Read> = if path.as_os_str() == "-" {
         Box::new(std::io::stdin())
     } else {

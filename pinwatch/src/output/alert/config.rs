@@ -28,6 +28,84 @@ pub struct Config {
     pub actions: Actions,
     #[serde(default)]
     pub selftest: SelftestConfig,
+    #[serde(default)]
+    pub recorder: RecorderConfig,
+}
+
+/// The flight recorder: the last events, written as an incident bundle on a trigger.
+#[derive(Deserialize, Debug, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RecorderConfig {
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// How far back a bundle's trace reaches.
+    #[serde(default = "sixty_seconds", deserialize_with = "duration")]
+    pub window: Duration,
+    /// The most the window holds, in bytes of trace lines (the daemon's memory for it).
+    #[serde(default = "four_mib", deserialize_with = "size")]
+    pub max_size: u64,
+    #[serde(default = "incident_dir")]
+    pub incident_dir: std::path::PathBuf,
+    /// A hazard of this severity or worse writes a bundle...
+    #[serde(default = "critical")]
+    pub trigger_severity: Severity,
+    /// ...if its kind is in this list (all kinds when absent).
+    pub trigger_kinds: Option<Vec<HazardKind>>,
+    /// No hazard-triggered bundle sooner than this after the last (SIGUSR1 always).
+    #[serde(default = "sixty_seconds", deserialize_with = "duration")]
+    pub min_interval: Duration,
+    /// Bundles kept; the oldest go first.
+    #[serde(default = "twenty", deserialize_with = "max_bundles")]
+    pub max_bundles: usize,
+}
+
+impl Default for RecorderConfig {
+    fn default() -> Self {
+        RecorderConfig {
+            enabled: true,
+            window: sixty_seconds(),
+            max_size: four_mib(),
+            incident_dir: incident_dir(),
+            trigger_severity: Severity::Critical,
+            trigger_kinds: None,
+            min_interval: sixty_seconds(),
+            max_bundles: twenty(),
+        }
+    }
+}
+
+impl RecorderConfig {
+    pub fn triggers_on(&self, kind: HazardKind, severity: Severity) -> bool {
+        self.enabled && severity >= self.trigger_severity && self.trigger_kinds.as_ref().is_none_or(|k| k.contains(&kind))
+    }
+}
+
+fn four_mib() -> u64 {
+    4 << 20
+}
+fn twenty() -> usize {
+    20
+}
+fn critical() -> Severity {
+    Severity::Critical
+}
+/// Where bundles go by default (the unit's StateDirectory).
+pub const DEFAULT_INCIDENT_DIR: &str = "/var/lib/pinwatch/incidents";
+fn incident_dir() -> std::path::PathBuf {
+    DEFAULT_INCIDENT_DIR.into()
+}
+
+fn size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    opt_bytes(d).map(|b| b.unwrap_or(0))
+}
+
+fn max_bundles<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    let n = i64::deserialize(d)?;
+    if (1..=10_000).contains(&n) {
+        Ok(n as usize)
+    } else {
+        Err(serde::de::Error::custom(format!("{n}: between 1 and 10000 bundles")))
+    }
 }
 
 /// `pinwatch selftest` run by the daemon once it is up.
@@ -438,6 +516,9 @@ max_longterm_cgroup = "freeze"
             ("[limits]\nmax_longterm_cgroup = \"1GiB\"\n[actions]\nmax_longterm_cgroup = \"kill\"\n", "line 4", "actions.max_longterm_cgroup"),
             ("[limits]\nmax_pin_age = \"1m\"\n[actions]\nmax_pin_age = \"freeze\"\n", "line 4", "actions.max_pin_age"),
             ("[actions]\n\nmax_longterm_process = \"kill\"\n", "line 3", "actions.max_longterm_process"),
+            ("[recorder]\nmax_size = \"huge\"\n", "line 2", "recorder.max_size"),
+            ("[recorder]\nmax_bundles = 0\n", "line 2", "recorder.max_bundles"),
+            ("[recorder]\ntrigger_severity = \"bad\"\n", "line 2", "recorder.trigger_severity"),
             ("kinds = []\n", "line 1", "key `kinds`"),
             ("[alert\n", "line 1", ""),
         ] {

@@ -6,6 +6,7 @@
 pub mod collapse;
 pub mod config;
 pub mod enforce;
+pub mod recorder;
 
 use std::{
     collections::{BTreeSet, HashMap},
@@ -53,6 +54,10 @@ pub struct AlertArgs {
     /// Serve metrics at http://ADDR:PORT/metrics (default 127.0.0.1:9464: loopback).
     #[arg(long, value_name = "ADDR:PORT")]
     pub listen: Option<SocketAddr>,
+    /// Where the flight recorder writes incident bundles (default
+    /// /var/lib/pinwatch/incidents; recorder.incident_dir in the configuration).
+    #[arg(long, value_name = "DIR")]
+    pub incident_dir: Option<PathBuf>,
     /// The action of the limit rules given as options: report (the default), stop or
     /// kill (from the kernel, at the GUP call that goes over --max-longterm-process),
     /// freeze (the offender's cgroup). The configuration sets one per rule ([actions]).
@@ -63,6 +68,10 @@ pub struct AlertArgs {
     #[command(flatten)]
     pub limits: LimitArgs,
 }
+
+/// A bundle is written this long after its trigger, so that it holds what followed
+/// (the rest of a truncate, the dirtying after an unmap).
+const POST_TRIGGER_NS: u64 = 2_000_000_000;
 
 /// The reader's loss reason, beside the kernel side's counters.
 const UNDECODABLE: &str = "undecodable_record";
@@ -122,10 +131,13 @@ impl Rules {
     }
 
     fn load(path: Option<&PathBuf>, args: &AlertArgs) -> Result<Rules> {
-        let config = match path {
+        let mut config = match path {
             Some(p) => config::load(p)?,
             None => Config::default(),
         };
+        if let Some(d) = &args.incident_dir {
+            config.recorder.incident_dir = d.clone();
+        }
         Rules::new(config, &args.limits, args.enforce)
     }
 
@@ -159,8 +171,20 @@ impl Rules {
         let kinds = a.kinds.as_ref().map(|k| k.iter().map(|k| k.name()).collect::<Vec<_>>().join(",")).unwrap_or_else(|| "all".into());
         let x = &self.config.exempt;
         let exempt = if x.is_empty() { String::new() } else { format!("; exempt: comm {:?} uid {:?} cgroup {:?}", x.comm, x.uid, x.cgroup) };
+        let r = &self.config.recorder;
+        let recorder = if r.enabled {
+            format!(
+                "; flight recorder: last {} (at most {}), bundles in {} on {} hazards",
+                humantime::format_duration(r.window),
+                bytesize::ByteSize::b(r.max_size),
+                r.incident_dir.display(),
+                r.trigger_severity.name()
+            )
+        } else {
+            "; flight recorder off".to_string()
+        };
         format!(
-            "limit rules: {rules}; alerts: kinds {kinds}, severity {} and above, repeats collapsed per {}{exempt}; metrics at http://{listen}/metrics",
+            "limit rules: {rules}; alerts: kinds {kinds}, severity {} and above, repeats collapsed per {}{exempt}{recorder}; metrics at http://{listen}/metrics",
             a.min_severity.name(),
             humantime::format_duration(a.collapse_window),
         )
@@ -220,6 +244,33 @@ struct Alerts {
     syslog: Option<Syslog>,
     /// When each loss reason was last said on stderr, and what was lost since.
     losses: HashMap<String, (u64, u64)>,
+    /// The flight recorder, when on; when it last wrote a bundle for a hazard.
+    recorder: Option<recorder::Recorder>,
+    last_bundle_ns: Option<u64>,
+    /// A bundle triggered and waiting for what follows its trigger, due at that time.
+    pending: Option<(recorder::Incident, u64)>,
+    /// What a bundle carries of the session: its start event and doctor's JSON.
+    start: Event,
+    doctor_json: String,
+}
+
+/// An incident bundle written, as an alert line.
+#[derive(Serialize)]
+struct IncidentLine<'a> {
+    time: String,
+    host: &'a str,
+    event: &'static str,
+    trigger: &'a str,
+    result: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dir: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+    lines: usize,
+}
+
+fn recorder_for(c: &config::RecorderConfig) -> Option<recorder::Recorder> {
+    c.enabled.then(|| recorder::Recorder::new(c.window.as_nanos().min(u64::MAX as u128) as u64, c.max_size.min(usize::MAX as u64) as usize))
 }
 
 /// A loss reason is said on stderr at most this often; the metric counts every one.
@@ -273,9 +324,22 @@ struct EnforcementLine<'a> {
 
 impl Alerts {
     fn event(&mut self, rules: &Rules, metrics: &Metrics, e: &Event) {
+        if let Some(r) = self.recorder.as_mut() {
+            r.push(e, monotonic_ns());
+        }
         match e {
             Event::Hazard(h) => {
                 self.hazard(rules, metrics, h);
+                if rules.config.recorder.triggers_on(h.kind, h.severity) {
+                    let now = monotonic_ns();
+                    let interval = rules.config.recorder.min_interval.as_nanos().min(u64::MAX as u128) as u64;
+                    if self.last_bundle_ns.is_some_and(|t| now.saturating_sub(t) < interval) {
+                        metrics.incident(h.kind.name(), "suppressed");
+                    } else {
+                        self.last_bundle_ns = Some(now);
+                        self.trigger(h.kind.name(), Some(h), now);
+                    }
+                }
                 if let Some(l) = &h.limit {
                     if enforce::action_of(&rules.config, &l.rule, &l.scope) == config::Action::Freeze {
                         self.freeze(rules, metrics, h, l);
@@ -318,6 +382,60 @@ impl Alerts {
                 }
             }
             _ => {}
+        }
+    }
+
+    /// A bundle is due: the pinners' and the actor's /proc files are taken now, the
+    /// trace once what follows the trigger has come in (POST_TRIGGER later).
+    fn trigger(&mut self, trigger: &str, hazard: Option<&Hazard>, now_ns: u64) {
+        if self.recorder.is_none() {
+            eprintln!("pinwatch alert: no incident bundle: the flight recorder is off ([recorder] enabled = false)");
+            return;
+        }
+        if self.pending.is_some() {
+            // One bundle at a time: the one waiting will hold this trigger's events too.
+            return;
+        }
+        let mut processes: Vec<(&str, u32)> = Vec::new();
+        if let Some(h) = hazard {
+            processes.extend(h.pinner_list().iter().filter_map(|p| p.pid).map(|pid| ("pinner", pid)));
+            if h.actor.pid != 0 {
+                processes.push(("actor", h.actor.pid));
+            }
+        }
+        processes.dedup();
+        let incident = recorder::Incident::new(trigger, hazard, self.doctor_json.clone(), &processes);
+        self.pending = Some((incident, now_ns.saturating_add(POST_TRIGGER_NS)));
+    }
+
+    /// Writes the pending bundle if it is due (or `now` is None: at the end).
+    fn flush_bundle(&mut self, rules: &Rules, metrics: &Metrics, now_ns: Option<u64>) {
+        match (&self.pending, now_ns) {
+            (None, _) => return,
+            (Some((_, due)), Some(now)) if now < *due => return,
+            _ => {}
+        }
+        let Some((incident, _)) = self.pending.take() else { return };
+        let Some(r) = self.recorder.as_ref() else { return };
+        let trace = r.trace(&self.start);
+        let trigger = incident.trigger.as_str();
+        let c = &rules.config.recorder;
+        let written = recorder::write_bundle(&c.incident_dir, &trace, &incident, c.max_bundles);
+        let (result, dir, error) = match written {
+            Ok(p) => ("written", Some(p.display().to_string()), None),
+            Err(e) => ("failed", None, Some(format!("{e:#}"))),
+        };
+        metrics.incident(trigger, result);
+        match (&dir, &error) {
+            (Some(d), _) => eprintln!("pinwatch alert: incident bundle ({trigger}, {} trace lines) in {d}", trace.len()),
+            (_, Some(e)) => eprintln!("pinwatch alert: the incident bundle ({trigger}) could not be written: {e}"),
+            _ => {}
+        }
+        let host = self.host.clone();
+        let trigger = trigger.to_string();
+        let line = IncidentLine { time: wall(monotonic_ns()), host: &host, event: "incident", trigger: &trigger, result, dir, error, lines: trace.len() };
+        if rules.config.alert.stdout {
+            self.emit(metrics, &line, crate::trace::Severity::Warning);
         }
     }
 
@@ -503,11 +621,21 @@ pub async fn run(args: AlertArgs) -> Result<i32> {
     }
     let mut rules = Rules::load(args.config.as_ref(), &args)?;
     let listen = args.listen.or(rules.config.metrics.listen).unwrap_or_else(default_listen);
-    // The port before the kernel: a port in use fails in a moment, with nothing attached.
+    // The incident directory and the port before the kernel: either failing fails in a
+    // moment, with nothing attached.
+    if rules.config.recorder.enabled {
+        let d = &rules.config.recorder.incident_dir;
+        use std::os::unix::fs::DirBuilderExt as _;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(d)
+            .with_context(|| format!("creating the incident directory {} (--incident-dir, or recorder.incident_dir; [recorder] enabled = false turns the flight recorder off)", d.display()))?;
+    }
     let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("listening for metrics on {listen} (--listen, or metrics.listen in the configuration)"))?;
     let signals = Live::signals()?;
     let session = Session::open(args.kernel, &LimitArgs::default(), Streaming::Monitor)?;
-    let mut live = Live::new(session, signals, TICK, None).reload_on_hangup();
+    let mut live = Live::new(session, signals, TICK, None).reload_on_hangup().on_user1()?;
     live.session.set_limits(rules.limits.clone());
     enforce::arm(&mut live.session.kernel, &rules.limits, &rules.config)?;
     let reasons: Vec<&str> = Counters::NAMES.iter().copied().chain([UNDECODABLE]).collect();
@@ -523,7 +651,13 @@ pub async fn run(args: AlertArgs) -> Result<i32> {
     let own_cgroup = procs::identity(std::process::id()).1;
     let host = hostname();
     let syslog = open_syslog(&rules.config.alert, &host)?;
-    let mut sink = Alerts { host, collapser: Collapser::new(window_ns(&rules)), identities: HashMap::new(), own_cgroup, names: CgroupNames::default(), recent, syslog, losses: HashMap::new() };
+    let mut sink = Alerts { host, collapser: Collapser::new(window_ns(&rules)), identities: HashMap::new(), own_cgroup, names: CgroupNames::default(), recent, syslog, losses: HashMap::new(),
+        recorder: recorder_for(&rules.config.recorder),
+        last_bundle_ns: None,
+        pending: None,
+        start: live.session.start_event(),
+        doctor_json: crate::output::doctor::json(&live.session.kernel, live.session.mode),
+    };
     let mut names = CgroupNames::default();
     let mut batch = Vec::new();
     let mut ticks = 0u64;
@@ -540,6 +674,10 @@ pub async fn run(args: AlertArgs) -> Result<i32> {
                     sink.write(&rules, &metrics, a);
                 }
                 sink.identities.clear();
+                if let Some(r) = sink.recorder.as_mut() {
+                    r.prune(&live.session.engine.pins);
+                }
+                sink.flush_bundle(&rules, &metrics, Some(monotonic_ns()));
                 let released = enforce::released(&live.session.gup, &tick.accounts);
                 let gone = live.session.gup_gone.clone();
                 if let Err(e) = live.session.kernel.set_longterm_released(&released, &gone) {
@@ -563,6 +701,15 @@ pub async fn run(args: AlertArgs) -> Result<i32> {
                         eprintln!("pinwatch alert: SIGHUP: setting the kernel's enforcement: {e:#}");
                     }
                     sink.collapser.set_window(window_ns(&new));
+                    let (old, newr) = (&rules.config.recorder, &new.config.recorder);
+                    match (sink.recorder.as_mut(), newr.enabled) {
+                        (Some(r), true) => r.set_bounds(newr.window.as_nanos().min(u64::MAX as u128) as u64, newr.max_size.min(usize::MAX as u64) as usize),
+                        (_, false) => sink.recorder = None,
+                        (None, true) => sink.recorder = recorder_for(newr),
+                    }
+                    if old.incident_dir != newr.incident_dir {
+                        eprintln!("pinwatch alert: SIGHUP: incident bundles now go to {}", newr.incident_dir.display());
+                    }
                     if new.config.alert.syslog != rules.config.alert.syslog || new.config.alert.syslog_socket != rules.config.alert.syslog_socket {
                         match open_syslog(&new.config.alert, &sink.host) {
                             Ok(s) => sink.syslog = s,
@@ -578,6 +725,7 @@ pub async fn run(args: AlertArgs) -> Result<i32> {
                     eprintln!("pinwatch alert: SIGHUP: {e:#}; the rules in force stay as they were");
                 }
             },
+            Wake::User1 => sink.trigger("sigusr1", None, monotonic_ns()),
             Wake::Stop(why) => break why,
         }
         for e in &live.session.apply_batch(&mut batch) {
@@ -593,6 +741,7 @@ pub async fn run(args: AlertArgs) -> Result<i32> {
     for a in sink.collapser.flush() {
         sink.write(&rules, &metrics, a);
     }
+    sink.flush_bundle(&rules, &metrics, None);
     let hazards: u64 = session.engine.hazards.counts.values().sum();
     let why = match why {
         StopReason::Signal(s) => format!("signal {s}"),
