@@ -443,6 +443,12 @@ sleep 30
 kill -TERM $AL
 wait $AL
 RC=$?
+# The flight recorder's bundle of the critical hazards, read back as a trace.
+for b in /var/lib/pinwatch/incidents/*/; do
+  pinwatch report "$b" > /tmp/bundle.txt 2>&1
+  echo "PINWATCH-BUNDLE report-rc $? $(grep -o '[0-9]* hazard(s)' /tmp/bundle.txt | head -1)" >> /tmp/alertscen.out
+  echo "PINWATCH-BUNDLE modes $(stat -c '%a' "$b" "$b"/* | sort -u | tr '\n' ' ')" >> /tmp/alertscen.out
+done
 # The daemon's stdout is its alert lines alone; what the scenarios said goes with stderr.
 cat /tmp/alertscen.out >> /tmp/alert.err
 send_back alert $RC /tmp/alert.out /tmp/alert.err
@@ -534,13 +540,29 @@ pub fn check_lab_alert(r: &crate::lab::Recorded) -> Result<String> {
     };
     ensure!(!alerts.iter().any(|a| pids(a).contains(&control)), "alert lines name the control's pid {control:?}");
     let critical: Vec<&Value> = alerts.iter().filter(|a| a["severity"] == "critical" && pids(a).contains(&hazard)).collect();
+    let kinds_of = alerts.iter().filter(|a| a["event"] == "hazard");
     ensure!(!critical.is_empty(), "no critical alert line for the hazard scenario's pid {hazard:?}: {alerts:?}");
-    ensure!(alerts.iter().all(|a| a["time"].is_string() && a["host"].is_string() && a["event"] == "hazard"), "an alert line without time, host or event");
-    let mut kinds: Vec<&str> = alerts.iter().filter_map(|a| a["kind"].as_str()).collect();
+    ensure!(alerts.iter().all(|a| a["time"].is_string() && a["host"].is_string() && (a["event"] == "hazard" || a["event"] == "incident")), "an alert line without time, host or event");
+    let mut kinds: Vec<&str> = kinds_of.filter_map(|a| a["kind"].as_str()).collect();
     kinds.sort();
     kinds.dedup();
     ensure!(r.err.iter().any(|l| l.contains("stopped by signal 15")), "no clean stop on SIGTERM:\n{}", r.err.join("\n"));
-    Ok(format!("{} alert line(s) ({}) for the hazard's pinner, none for the control's; exit 0 on SIGTERM", alerts.len(), kinds.join(", ")))
+    // The flight recorder: one bundle (the later critical hazards fall in its
+    // min_interval), announced, private, and replayed by `pinwatch report`.
+    let incidents: Vec<&Value> = alerts.iter().filter(|a| a["event"] == "incident").collect();
+    ensure!(incidents.len() == 1 && incidents[0]["result"] == "written", "incident lines: {incidents:?}");
+    let bundle: Vec<&str> = r.err.iter().filter_map(|l| l.strip_prefix("PINWATCH-BUNDLE ")).collect();
+    let report = bundle.iter().find_map(|l| l.strip_prefix("report-rc ")).context("no bundle was read back")?;
+    ensure!(report.starts_with("0 ") && !report.contains(" 0 hazard"), "pinwatch report on the bundle: {report}");
+    let modes = bundle.iter().find_map(|l| l.strip_prefix("modes ")).unwrap_or("");
+    ensure!(modes.split_whitespace().collect::<Vec<_>>() == ["600", "700"], "the bundle's modes are {modes:?}, not 700 and 600");
+    Ok(format!(
+        "{} alert line(s) ({}) for the hazard's pinner, none for the control's; an incident bundle ({}, replayed by report: {}); exit 0 on SIGTERM",
+        alerts.len(),
+        kinds.join(", "),
+        incidents[0]["trigger"].as_str().unwrap_or("?"),
+        report.trim_start_matches("0 ")
+    ))
 }
 
 /// Enforcement in a lab guest: a daemon with a 4 MiB per-process cap on long-term pins.

@@ -621,8 +621,9 @@ pub async fn run(args: AlertArgs) -> Result<i32> {
     }
     let mut rules = Rules::load(args.config.as_ref(), &args)?;
     let listen = args.listen.or(rules.config.metrics.listen).unwrap_or_else(default_listen);
-    // The incident directory and the port before the kernel: either failing fails in a
+    // The port and the incident directory before the kernel: either failing fails in a
     // moment, with nothing attached.
+    let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("listening for metrics on {listen} (--listen, or metrics.listen in the configuration)"))?;
     if rules.config.recorder.enabled {
         let d = &rules.config.recorder.incident_dir;
         use std::os::unix::fs::DirBuilderExt as _;
@@ -632,7 +633,6 @@ pub async fn run(args: AlertArgs) -> Result<i32> {
             .create(d)
             .with_context(|| format!("creating the incident directory {} (--incident-dir, or recorder.incident_dir; [recorder] enabled = false turns the flight recorder off)", d.display()))?;
     }
-    let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("listening for metrics on {listen} (--listen, or metrics.listen in the configuration)"))?;
     let signals = Live::signals()?;
     let session = Session::open(args.kernel, &LimitArgs::default(), Streaming::Monitor)?;
     let mut live = Live::new(session, signals, TICK, None).reload_on_hangup().on_user1()?;
