@@ -54,9 +54,11 @@ pub struct RecorderConfig {
     /// No hazard-triggered bundle sooner than this after the last (SIGUSR1 always).
     #[serde(default = "sixty_seconds", deserialize_with = "duration")]
     pub min_interval: Duration,
-    /// Bundles kept; the oldest go first.
+    /// Bundles kept, and the bytes they may take in all; the oldest go first.
     #[serde(default = "twenty", deserialize_with = "max_bundles")]
     pub max_bundles: usize,
+    #[serde(default = "sixty_four_mib", deserialize_with = "size")]
+    pub max_total_size: u64,
 }
 
 impl Default for RecorderConfig {
@@ -70,6 +72,7 @@ impl Default for RecorderConfig {
             trigger_kinds: None,
             min_interval: sixty_seconds(),
             max_bundles: twenty(),
+            max_total_size: sixty_four_mib(),
         }
     }
 }
@@ -82,6 +85,9 @@ impl RecorderConfig {
 
 fn four_mib() -> u64 {
     4 << 20
+}
+fn sixty_four_mib() -> u64 {
+    64 << 20
 }
 fn twenty() -> usize {
     20

@@ -117,8 +117,16 @@ impl Incident {
     }
 }
 
-/// Writes a bundle under `dir`; removes the oldest past `max_bundles`. Returns its path.
-pub fn write_bundle(dir: &Path, trace: &[String], incident: &Incident, max_bundles: usize) -> Result<PathBuf> {
+/// How many bundles `dir` keeps, and how many bytes all of them may take.
+#[derive(Clone, Copy, Debug)]
+pub struct Bounds {
+    pub max_bundles: usize,
+    pub max_total_bytes: u64,
+}
+
+/// Writes a bundle under `dir`; removes the oldest past the bounds (never the new one).
+/// Returns its path.
+pub fn write_bundle(dir: &Path, trace: &[String], incident: &Incident, bounds: Bounds) -> Result<PathBuf> {
     if !dir.exists() {
         std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).with_context(|| format!("creating the incident directory {}", dir.display()))?;
     }
@@ -154,24 +162,38 @@ pub fn write_bundle(dir: &Path, trace: &[String], incident: &Incident, max_bundl
     for (name, body) in &incident.proc_files {
         file(name, body)?;
     }
-    remove_oldest(dir, max_bundles);
+    remove_oldest(dir, &path, bounds);
     Ok(path)
 }
 
-/// Keeps the newest `max` bundles (their names sort by time).
-fn remove_oldest(dir: &Path, max: usize) {
+fn size_of(dir: &Path) -> u64 {
+    std::fs::read_dir(dir).into_iter().flatten().flatten().filter_map(|f| f.metadata().ok()).map(|m| m.len()).sum()
+}
+
+/// Keeps the newest bundles within the bounds (oldest by modification time first);
+/// `newest` always stays.
+fn remove_oldest(dir: &Path, newest: &Path, bounds: Bounds) {
     let Ok(entries) = std::fs::read_dir(dir) else { return };
-    let mut bundles: Vec<PathBuf> = entries
+    let mut bundles: Vec<(std::time::SystemTime, PathBuf, u64)> = entries
         .flatten()
         .filter(|e| e.file_name().to_string_lossy().starts_with("incident-") && e.file_type().is_ok_and(|t| t.is_dir()))
-        .map(|e| e.path())
+        .map(|e| (e.metadata().and_then(|m| m.modified()).unwrap_or(std::time::UNIX_EPOCH), e.path(), size_of(&e.path())))
         .collect();
     bundles.sort();
-    let extra = bundles.len().saturating_sub(max);
-    for old in bundles.into_iter().take(extra) {
+    let mut total: u64 = bundles.iter().map(|b| b.2).sum();
+    let mut count = bundles.len();
+    for (_, old, size) in bundles {
+        if count <= bounds.max_bundles && total <= bounds.max_total_bytes {
+            break;
+        }
+        if old == newest {
+            continue;
+        }
         if let Err(e) = std::fs::remove_dir_all(&old) {
             log::warn!("removing the old incident {}: {e}", old.display());
         }
+        count -= 1;
+        total = total.saturating_sub(size);
     }
 }
 
@@ -233,8 +255,9 @@ mod tests {
         let inc = Incident::new("sigusr1", None, "{}".into(), &[("actor", std::process::id())]);
         let trace = vec![r#"{"event":"lost","ts_ns":1,"count":1,"reason":"x"}"#.to_string()];
         let mut made = Vec::new();
+        let bounds = Bounds { max_bundles: 3, max_total_bytes: u64::MAX };
         for _ in 0..4 {
-            made.push(write_bundle(&dir, &trace, &inc, 3).unwrap());
+            made.push(write_bundle(&dir, &trace, &inc, bounds).unwrap());
         }
         let left: Vec<_> = std::fs::read_dir(&dir).unwrap().flatten().collect();
         assert_eq!(left.len(), 3, "oldest removed first");
@@ -245,6 +268,11 @@ mod tests {
             let m = std::fs::metadata(made[3].join(f)).unwrap();
             assert_eq!(m.permissions().mode() & 0o777, 0o600, "{f}");
         }
+        // The size bound: a bundle is a few KiB here; 1 byte of room keeps the newest only.
+        let tight = Bounds { max_bundles: 100, max_total_bytes: 1 };
+        let last = write_bundle(&dir, &trace, &inc, tight).unwrap();
+        let left: Vec<_> = std::fs::read_dir(&dir).unwrap().flatten().map(|e| e.path()).collect();
+        assert_eq!(left, vec![last], "the newest stays, the rest go");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

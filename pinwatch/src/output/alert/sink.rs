@@ -253,7 +253,8 @@ impl Alerts {
         let trace = r.trace(&self.start);
         let trigger = incident.trigger.as_str();
         let c = &rules.config.recorder;
-        let written = recorder::write_bundle(&c.incident_dir, &trace, &incident, c.max_bundles);
+        let bounds = recorder::Bounds { max_bundles: c.max_bundles, max_total_bytes: c.max_total_size };
+        let written = recorder::write_bundle(&c.incident_dir, &trace, &incident, bounds);
         let (result, dir, error) = match written {
             Ok(p) => ("written", Some(p.display().to_string()), None),
             Err(e) => ("failed", None, Some(format!("{e:#}"))),
