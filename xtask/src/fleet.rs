@@ -444,7 +444,9 @@ kill -TERM $AL
 wait $AL
 RC=$?
 # The flight recorder's bundle of the critical hazards, read back as a trace.
+echo "PINWATCH-BUNDLE count $(ls -d /var/lib/pinwatch/incidents/*/ 2>/dev/null | wc -l)" >> /tmp/alertscen.out
 for b in /var/lib/pinwatch/incidents/*/; do
+  echo "PINWATCH-BUNDLE pinner $(grep -o '"pid": *[0-9]*' "$b/hazard.json" | head -1 | tr -dc 0-9)" >> /tmp/alertscen.out
   pinwatch report "$b" > /tmp/bundle.txt 2>&1
   echo "PINWATCH-BUNDLE report-rc $? $(grep -o '[0-9]* hazard(s)' /tmp/bundle.txt | head -1)" >> /tmp/alertscen.out
   echo "PINWATCH-BUNDLE modes $(stat -c '%a' "$b" "$b"/* | sort -u | tr '\n' ' ')" >> /tmp/alertscen.out
@@ -552,12 +554,15 @@ pub fn check_lab_alert(r: &crate::lab::Recorded) -> Result<String> {
     let incidents: Vec<&Value> = alerts.iter().filter(|a| a["event"] == "incident").collect();
     ensure!(incidents.len() == 1 && incidents[0]["result"] == "written", "incident lines: {incidents:?}");
     let bundle: Vec<&str> = r.err.iter().filter_map(|l| l.strip_prefix("PINWATCH-BUNDLE ")).collect();
+    ensure!(bundle.contains(&"count 1"), "not one bundle on disk: {bundle:?}");
+    let pinner = bundle.iter().find_map(|l| l.strip_prefix("pinner ")).and_then(|p| p.parse::<u64>().ok());
+    ensure!(pinner == hazard, "the bundle's hazard names pinner {pinner:?}, not the hazard scenario's {hazard:?} (the control's is {control:?})");
     let report = bundle.iter().find_map(|l| l.strip_prefix("report-rc ")).context("no bundle was read back")?;
     ensure!(report.starts_with("0 ") && !report.contains(" 0 hazard"), "pinwatch report on the bundle: {report}");
     let modes = bundle.iter().find_map(|l| l.strip_prefix("modes ")).unwrap_or("");
     ensure!(modes.split_whitespace().collect::<Vec<_>>() == ["600", "700"], "the bundle's modes are {modes:?}, not 700 and 600");
     Ok(format!(
-        "{} alert line(s) ({}) for the hazard's pinner, none for the control's; an incident bundle ({}, replayed by report: {}); exit 0 on SIGTERM",
+        "{} alert line(s) ({}) for the hazard's pinner, none for the control's; one incident bundle ({}, of the hazard's pinner, none for the control; replayed by report: {}); exit 0 on SIGTERM",
         alerts.len(),
         kinds.join(", "),
         incidents[0]["trigger"].as_str().unwrap_or("?"),
