@@ -164,15 +164,15 @@ impl Action {
 #[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[serde(deny_unknown_fields)]
 pub struct Actions {
-    #[serde(default, deserialize_with = "report_or_freeze")]
+    #[serde(default, deserialize_with = "memlock_action")]
     pub memlock: Action,
     #[serde(default)]
     pub max_longterm_process: Action,
-    #[serde(default, deserialize_with = "report_or_freeze")]
+    #[serde(default, deserialize_with = "cgroup_action")]
     pub max_longterm_cgroup: Action,
-    #[serde(default, deserialize_with = "report_only")]
+    #[serde(default, deserialize_with = "user_action")]
     pub max_longterm_user: Action,
-    #[serde(default, deserialize_with = "report_only")]
+    #[serde(default, deserialize_with = "pin_age_action")]
     pub max_pin_age: Action,
 }
 
@@ -190,21 +190,38 @@ impl Actions {
     }
 }
 
-fn report_or_freeze<'de, D: Deserializer<'de>>(d: D) -> Result<Action, D::Error> {
-    match Action::deserialize(d)? {
-        a @ (Action::Report | Action::Freeze) => Ok(a),
-        a => Err(serde::de::Error::custom(format!(
-            "{}: stop and kill act in the kernel at the pinning call, which counts long-term pins per process: use them on max_longterm_process (here: report or freeze)",
-            a.name()
-        ))),
+impl Action {
+    /// Whether limit rule `rule` (its key in [actions]) can take this action, and why
+    /// not. The one place that says so, for the configuration and for --enforce alike.
+    pub fn fits(self, rule: &str) -> Result<(), String> {
+        match (self, rule) {
+            (Action::Report, _) | (Action::Stop | Action::Kill, "max_longterm_process") => Ok(()),
+            (Action::Freeze, "memlock" | "max_longterm_process" | "max_longterm_cgroup") => Ok(()),
+            (Action::Stop | Action::Kill, "memlock" | "max_longterm_cgroup") => Err(format!(
+                "{}: stop and kill act in the kernel at the pinning call, which counts long-term pins per process: use them on max_longterm_process (here: report or freeze)",
+                self.name()
+            )),
+            _ => Err(format!("{}: this rule only reports (a user's processes span cgroups; an old pin has no call to stop)", self.name())),
+        }
     }
 }
 
-fn report_only<'de, D: Deserializer<'de>>(d: D) -> Result<Action, D::Error> {
-    match Action::deserialize(d)? {
-        Action::Report => Ok(Action::Report),
-        a => Err(serde::de::Error::custom(format!("{}: this rule only reports (a user's processes span cgroups; an old pin has no call to stop)", a.name()))),
-    }
+/// An action, refused where its rule cannot take it.
+fn action_for<'de, D: Deserializer<'de>>(d: D, rule: &str) -> Result<Action, D::Error> {
+    let a = Action::deserialize(d)?;
+    a.fits(rule).map(|()| a).map_err(serde::de::Error::custom)
+}
+fn memlock_action<'de, D: Deserializer<'de>>(d: D) -> Result<Action, D::Error> {
+    action_for(d, "memlock")
+}
+fn cgroup_action<'de, D: Deserializer<'de>>(d: D) -> Result<Action, D::Error> {
+    action_for(d, "max_longterm_cgroup")
+}
+fn user_action<'de, D: Deserializer<'de>>(d: D) -> Result<Action, D::Error> {
+    action_for(d, "max_longterm_user")
+}
+fn pin_age_action<'de, D: Deserializer<'de>>(d: D) -> Result<Action, D::Error> {
+    action_for(d, "max_pin_age")
 }
 
 /// Which hazards become alert lines, and how repeats are collapsed.
@@ -531,6 +548,23 @@ max_longterm_cgroup = "freeze"
             let e = parse(text).expect_err(text);
             assert!(e.contains(line), "{text:?}: {e}");
             assert!(e.contains(key), "{text:?}: {e}");
+        }
+    }
+
+    /// What each rule takes, the table the configuration and --enforce share.
+    #[test]
+    fn which_rule_takes_which_action() {
+        use Action::*;
+        for (rule, fits) in [
+            ("memlock", [true, false, false, true]),
+            ("max_longterm_process", [true, true, true, true]),
+            ("max_longterm_cgroup", [true, false, false, true]),
+            ("max_longterm_user", [true, false, false, false]),
+            ("max_pin_age", [true, false, false, false]),
+        ] {
+            for (a, want) in [Report, Stop, Kill, Freeze].into_iter().zip(fits) {
+                assert_eq!(a.fits(rule).is_ok(), want, "{rule} {a:?}");
+            }
         }
     }
 

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 
 use anyhow::{bail, Context as _, Result};
 
-use super::config::{Action, Config, Exempt};
+use super::config::{Config, Exempt};
 use crate::{
     engine::account::{Accounts, PAGE_SIZE},
     kernel::{procs, Kernel},
@@ -88,15 +88,10 @@ pub fn freeze(path: &str, own: Option<&str>) -> Result<String> {
     Ok(rel.to_string())
 }
 
-/// The action a breach gets, by its rule and scope.
-pub fn action_of(config: &Config, rule: &str, scope: &str) -> Action {
-    config.actions.of(rule, scope)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::account::ProcUsage;
+    use crate::{engine::account::ProcUsage, output::alert::config::Action};
 
     #[test]
     fn freeze_never_touches_the_root_init_or_itself() {

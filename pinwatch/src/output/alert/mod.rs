@@ -38,7 +38,7 @@ use crate::{
 };
 use collapse::Collapser;
 use config::Config;
-use sink::{hostname, open_syslog, recorder_for, Alerts};
+use sink::{hostname, open_syslog, recorder_bounds, recorder_for, Alerts};
 
 #[derive(clap::Args, Debug)]
 #[command(after_help = "Exit status: 0 when stopped by SIGTERM or SIGINT (or --check-config found the file valid); \
@@ -89,30 +89,19 @@ struct Rules {
 impl Rules {
     fn new(mut config: Config, args: &LimitArgs, enforce: Option<config::Action>) -> Result<Rules> {
         if let Some(action) = enforce {
-            use config::Action;
             let given = [
-                ("--max-longterm-process", args.max_longterm_process.is_some(), &mut config.actions.max_longterm_process, true, true),
-                ("--max-longterm-cgroup", args.max_longterm_cgroup.is_some(), &mut config.actions.max_longterm_cgroup, false, true),
-                ("--max-longterm-user", args.max_longterm_user.is_some(), &mut config.actions.max_longterm_user, false, false),
-                ("--max-pin-age", args.max_pin_age.is_some(), &mut config.actions.max_pin_age, false, false),
+                ("--max-longterm-process", "max_longterm_process", args.max_longterm_process.is_some(), &mut config.actions.max_longterm_process),
+                ("--max-longterm-cgroup", "max_longterm_cgroup", args.max_longterm_cgroup.is_some(), &mut config.actions.max_longterm_cgroup),
+                ("--max-longterm-user", "max_longterm_user", args.max_longterm_user.is_some(), &mut config.actions.max_longterm_user),
+                ("--max-pin-age", "max_pin_age", args.max_pin_age.is_some(), &mut config.actions.max_pin_age),
             ];
             let mut any = false;
-            for (option, on, slot, signals, freezes) in given {
+            for (option, rule, on, slot) in given {
                 if !on {
                     continue;
                 }
                 any = true;
-                let allowed = match action {
-                    Action::Report => true,
-                    Action::Stop | Action::Kill => signals,
-                    Action::Freeze => freezes,
-                };
-                if !allowed {
-                    anyhow::bail!(
-                        "--enforce {} cannot act on {option}: stop and kill act in the kernel at the pinning call, on --max-longterm-process only; freeze on --max-longterm-process and --max-longterm-cgroup",
-                        action.name()
-                    );
-                }
+                action.fits(rule).map_err(|why| anyhow::anyhow!("--enforce with {option}: {why}"))?;
                 *slot = action;
             }
             if !any {
@@ -254,7 +243,6 @@ pub async fn run(args: AlertArgs) -> Result<i32> {
         start: live.session.start_event(),
         doctor_json: crate::output::doctor::json(&live.session.kernel, live.session.mode),
     };
-    let mut names = CgroupNames::default();
     let mut batch = Vec::new();
     let mut ticks = 0u64;
     let why = loop {
@@ -280,7 +268,7 @@ pub async fn run(args: AlertArgs) -> Result<i32> {
                     log::warn!("{e:#}");
                 }
                 let s = &live.session;
-                let pinned = pinned(s, &tick.accounts, rules.config.metrics.top_cgroups, &mut names);
+                let pinned = pinned(s, &tick.accounts, rules.config.metrics.top_cgroups, &mut sink.names);
                 let gup = s.gup_totals();
                 let mut lost = s.lost_by_reason.clone();
                 lost.insert(UNDECODABLE.into(), s.undecodable());
@@ -299,7 +287,10 @@ pub async fn run(args: AlertArgs) -> Result<i32> {
                     sink.collapser.set_window(window_ns(&new));
                     let (old, newr) = (&rules.config.recorder, &new.config.recorder);
                     match (sink.recorder.as_mut(), newr.enabled) {
-                        (Some(r), true) => r.set_bounds(newr.window.as_nanos().min(u64::MAX as u128) as u64, newr.max_size.min(usize::MAX as u64) as usize),
+                        (Some(r), true) => {
+                            let (window_ns, max_bytes) = recorder_bounds(newr);
+                            r.set_bounds(window_ns, max_bytes)
+                        }
                         (_, false) => sink.recorder = None,
                         (None, true) => sink.recorder = recorder_for(newr),
                     }

@@ -102,8 +102,16 @@ struct IncidentLine<'a> {
     lines: usize,
 }
 
+/// The recorder's window in ns and its size in bytes, from the configuration.
+pub(super) fn recorder_bounds(c: &config::RecorderConfig) -> (u64, usize) {
+    (c.window.as_nanos().min(u64::MAX as u128) as u64, c.max_size.min(usize::MAX as u64) as usize)
+}
+
 pub(super) fn recorder_for(c: &config::RecorderConfig) -> Option<recorder::Recorder> {
-    c.enabled.then(|| recorder::Recorder::new(c.window.as_nanos().min(u64::MAX as u128) as u64, c.max_size.min(usize::MAX as u64) as usize))
+    c.enabled.then(|| {
+        let (window_ns, max_bytes) = recorder_bounds(c);
+        recorder::Recorder::new(window_ns, max_bytes)
+    })
 }
 
 /// A loss reason is said on stderr at most this often; the metric counts every one.
@@ -174,7 +182,7 @@ impl Alerts {
                     }
                 }
                 if let Some(l) = &h.limit {
-                    if enforce::action_of(&rules.config, &l.rule, &l.scope) == config::Action::Freeze {
+                    if rules.config.actions.of(&l.rule, &l.scope) == config::Action::Freeze {
                         self.freeze(rules, metrics, h, l);
                     }
                 }
@@ -268,9 +276,7 @@ impl Alerts {
         let host = self.host.clone();
         let trigger = trigger.to_string();
         let line = IncidentLine { time: wall(monotonic_ns()), host: &host, event: "incident", trigger: &trigger, result, dir, error, lines: trace.len() };
-        if rules.config.alert.stdout {
-            self.emit(metrics, &line, crate::trace::Severity::Warning);
-        }
+        self.emit(rules, metrics, &line, crate::trace::Severity::Warning);
     }
 
     /// freeze: the offender's cgroup (a process's own, or the cgroup over its cap).
@@ -313,10 +319,7 @@ impl Alerts {
 
     /// Enforcements are never collapsed: each is its own line.
     fn write_enforcement(&mut self, rules: &Rules, metrics: &Metrics, line: EnforcementLine) {
-        if !rules.config.alert.stdout {
-            return;
-        }
-        self.emit(metrics, &line, crate::trace::Severity::Warning);
+        self.emit(rules, metrics, &line, crate::trace::Severity::Warning);
     }
 
     fn exempt(&mut self, rules: &Rules, h: &Hazard) -> bool {
@@ -358,25 +361,18 @@ impl Alerts {
                 (last, Some(Collapsed { repeats, first_time: wall(first_ns), window_s: window_ns as f64 / 1e9 }))
             }
         };
-        if !rules.config.alert.stdout {
-            return;
-        }
-        let kind = h.kind;
+        let (kind, severity, ts_ns) = (h.kind, h.severity, h.ts_ns);
         let event = Event::Hazard(h);
-        let severity = match &event {
-            Event::Hazard(h) => h.severity,
-            _ => crate::trace::Severity::Warning,
-        };
         let host = self.host.clone();
-        let line = Line { time: wall(event_ts(&event)), host: &host, event: &event, collapsed };
-        if self.emit(metrics, &line, severity) {
+        let line = Line { time: wall(ts_ns), host: &host, event: &event, collapsed };
+        if self.emit(rules, metrics, &line, severity) {
             metrics.alert_written(kind);
         }
     }
 
-    /// One line on stdout (and syslog, when asked), and in /alerts' memory. False when
-    /// stdout refused it (counted as lost).
-    fn emit(&mut self, metrics: &Metrics, line: &impl Serialize, severity: crate::trace::Severity) -> bool {
+    /// One line on stdout and syslog (each where the configuration asks for it), and in
+    /// /alerts' memory. False when stdout refused it (counted as lost).
+    fn emit(&mut self, rules: &Rules, metrics: &Metrics, line: &impl Serialize, severity: crate::trace::Severity) -> bool {
         let text = match serde_json::to_string(line) {
             Ok(t) => t,
             Err(e) => {
@@ -385,11 +381,12 @@ impl Alerts {
                 return false;
             }
         };
-        let written = (|| {
+        let written = if rules.config.alert.stdout {
             let mut out = std::io::stdout().lock();
-            writeln!(out, "{text}")?;
-            out.flush()
-        })();
+            writeln!(out, "{text}").and_then(|()| out.flush())
+        } else {
+            Ok(())
+        };
         if let Some(log) = self.syslog.as_mut() {
             use crate::trace::Severity;
             let msg = (0u32, std::collections::BTreeMap::new(), text.as_str());
@@ -420,10 +417,4 @@ impl Alerts {
     }
 }
 
-pub(super) fn event_ts(e: &Event) -> u64 {
-    match e {
-        Event::Hazard(h) => h.ts_ns,
-        _ => monotonic_ns(),
-    }
-}
 
