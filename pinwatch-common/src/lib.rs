@@ -89,6 +89,44 @@ pub struct Enforce {
     pub _pad: u32,
 }
 
+/// Pages the start-up scan hands the kernel side in one test run of `found_pfns` (map
+/// FOUND, index 0): pins taken before pinwatch started, found from a process's page
+/// table (/proc/PID/pagemap) and the kernel's own pin counts.
+pub const FOUND_BATCH: usize = 256;
+
+/// One batch of the start-up scan: user space fills `tgid`, `gup_flags` (what the found
+/// pins are taken to be), `ts_ns`, `nr` and the pfns of mapped pages; the program
+/// replaces each pfn with a [`found`] answer.
+#[repr(C)]
+#[derive(Copy, Clone)]
+pub struct FoundBatch {
+    pub tgid: u32,
+    pub nr: u32,
+    pub gup_flags: u32,
+    pub _pad: u32,
+    pub ts_ns: u64,
+    pub pfns: [u64; FOUND_BATCH],
+}
+
+/// Answers of `found_pfns`, one u64 per page: 0 when the kernel does not count the
+/// page's folio as DMA-pinned (or it could not be read), else the folio head pfn in
+/// the low bits with the bits below.
+pub mod found {
+    /// The page was taken into PINS as a reference of the process: a found pin.
+    pub const ADOPTED: u64 = 1 << 63;
+    /// Pinned, but PINS already holds the folio (a pin pinwatch saw, or one found on
+    /// another process first): not taken again.
+    pub const KNOWN: u64 = 1 << 62;
+    /// Pinned, but PINS had no room: not tracked (counted as PIN_MAP_FULL).
+    pub const FULL: u64 = 1 << 61;
+    /// The folio is page cache (of a file, shmem included).
+    pub const FILE: u64 = 1 << 60;
+    /// ...of tmpfs/shmem or hugetlbfs.
+    pub const MEMORY_FS: u64 = 1 << 59;
+    /// The low bits: the folio head pfn (52-bit physical addresses: 40-bit pfns).
+    pub const PFN_MASK: u64 = (1 << 48) - 1;
+}
+
 /// Defines [`Hook`] with each kernel function's id and name once: the enum, its names and
 /// the list of all of them cannot drift apart.
 macro_rules! hooks {
@@ -369,6 +407,9 @@ pub mod pin_state {
     /// A hazard hook unmapped, cleaned, wrote back or dropped the folio while pinned:
     /// its dirtying and its releases now matter to user space, whatever the mode.
     pub const EXPOSED: u32 = 1;
+    /// The references were found by the start-up scan, not seen being taken: a page of
+    /// the same process and folio found again adds one, up to the kernel's pin count.
+    pub const FOUND: u32 = 2;
 }
 
 /// GUP activity of one process as the kernel side counts it (map PROC_PINS, by tgid):
@@ -480,6 +521,7 @@ mod user {
     unsafe impl aya::Pod for PinState {}
     unsafe impl aya::Pod for ProcPins {}
     unsafe impl aya::Pod for Enforce {}
+    unsafe impl aya::Pod for FoundBatch {}
     unsafe impl aya::Pod for FileRef {}
 }
 

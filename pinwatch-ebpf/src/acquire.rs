@@ -168,8 +168,9 @@ fn enforce(tgid: u32) -> u16 {
         return 0;
     }
     let Some(p) = (unsafe { PROC_PINS.get(&tgid) }) else { return 0 };
-    let released = unsafe { LONGTERM_RELEASED.get(&tgid) }.copied().unwrap_or(0);
-    if p.longterm_pages.saturating_sub(released) <= e.cap_pages {
+    // Held: taken less what user space says is no longer held (see LONGTERM_RELEASED).
+    let adjust = unsafe { LONGTERM_RELEASED.get(&tgid) }.copied().unwrap_or(0) as i64;
+    if (p.longterm_pages as i64).wrapping_sub(adjust) <= e.cap_pages as i64 {
         return 0;
     }
     let uid = aya_ebpf::helpers::bpf_get_current_uid_gid() as u32;

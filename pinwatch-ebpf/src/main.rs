@@ -23,6 +23,7 @@
 
 mod acquire;
 mod calibrate;
+mod found;
 mod hazard;
 mod maps;
 mod page;
@@ -281,6 +282,14 @@ tp_hazard!(writeback_dirty_page, writeback_dirty_page_kpins, "writeback_dirty_pa
 #[raw_tracepoint(tracepoint = "mm_page_free")]
 pub fn sweep_pfn(ctx: RawTracePointContext) -> i32 {
     hazard::sweep(ctx.arg::<u64>(0));
+    0
+}
+
+/// Run by user space through BPF_PROG_TEST_RUN on a batch in map FOUND (the start-up
+/// scan for pins older than pinwatch); never attached.
+#[raw_tracepoint(tracepoint = "mm_page_free")]
+pub fn found_pfns(_ctx: RawTracePointContext) -> i32 {
+    found::batch();
     0
 }
 

@@ -4,7 +4,7 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
-use pinwatch_common::{calib, counter, Enforce, GupCall, KernelStack, PageRecord, PinRecord, PinState, ProcPins, ReleaseRecord};
+use pinwatch_common::{calib, counter, Enforce, FoundBatch, GupCall, KernelStack, PageRecord, PinRecord, PinState, ProcPins, ReleaseRecord};
 
 /// Records to user space. User space sizes it at load (kernel::load::ring_bytes): 8 MiB
 /// when recording, about 20,000 one-page pin records, several seconds of a heavy
@@ -58,9 +58,12 @@ pub static PIN_FILTER: Array<u32> = Array::with_max_entries(PIN_FILTER_SLOTS, 0)
 #[map]
 pub static ENFORCE: Array<Enforce> = Array::with_max_entries(1, 0);
 
-/// Long-term pinned pages user space has seen released, per tgid: written by user space
-/// only (the kernel side adds to ProcPins::longterm_pages only), so neither side's
-/// writes race the other's. As many processes as PROC_PINS.
+/// Long-term pinned pages of each tgid that the kernel side counted taken
+/// (ProcPins::longterm_pages) but that are no longer held, as user space knows it:
+/// taken minus held. Negative (two's complement) when the process holds long-term pins
+/// found by the start-up scan, which the kernel side never counted. Written by user
+/// space only (the kernel side adds to ProcPins::longterm_pages only), so neither
+/// side's writes race the other's. As many processes as PROC_PINS.
 #[map]
 pub static LONGTERM_RELEASED: HashMap<u32, u64> = HashMap::with_max_entries(16384, 0);
 
@@ -77,6 +80,11 @@ pub static EXEMPT_COMMS: HashMap<[u8; 16], u8> = HashMap::with_max_entries(64, 0
 /// views read it at each refresh; user space deletes the entries of processes gone.
 #[map]
 pub static PROC_PINS: HashMap<u32, ProcPins> = HashMap::with_max_entries(16384, 0);
+
+/// The start-up scan's batch (see found.rs): written and read back by user space around
+/// each test run of found_pfns.
+#[map]
+pub static FOUND: Array<FoundBatch> = Array::with_max_entries(1, 0);
 
 /// Programs of different hooks nest on one CPU under fentry and raw tracepoints (a bio
 /// completing in an interrupt inside a task's unpin, a folio dirtied inside a hazard

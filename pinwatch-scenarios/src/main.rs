@@ -92,6 +92,8 @@ enum Scenario {
         pages: usize,
         #[arg(long)]
         no_pin: bool,
+        #[command(flatten)]
+        held: Held,
     },
     /// Buffered I/O only: must pin nothing.
     Buffered {
@@ -125,6 +127,57 @@ enum Scenario {
         #[arg(long, default_value_t = 2000)]
         hold_ms: u64,
     },
+}
+
+/// How a holder keeps its pins for a pinwatch started after it (the start-up scan).
+#[derive(clap::Args, Default)]
+struct Held {
+    /// After pinning, say `PINWATCH-SCENARIO-READY` and wait until this file exists
+    /// before going on.
+    #[arg(long)]
+    until: Option<String>,
+    /// Lock the mapping (mlock): the kernel charges it to VmLck.
+    #[arg(long)]
+    mlock: bool,
+    /// Drop CAP_IPC_LOCK first: the kernel then charges long-term pins to VmPin as it
+    /// does for an unprivileged job (7.x charges nothing to a holder of CAP_IPC_LOCK).
+    #[arg(long)]
+    no_ipc_lock: bool,
+}
+
+/// Drops `cap` from this process's effective and permitted sets (capset(2)).
+fn drop_capability(cap: u32) -> Result<()> {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const VERSION_3: u32 = 0x2008_0522;
+    let mut h = Header { version: VERSION_3, pid: 0 };
+    let mut d = [Data::default(); 2];
+    check(unsafe { libc::syscall(libc::SYS_capget, &mut h as *mut Header, d.as_mut_ptr()) }, "capget")?;
+    let (word, bit) = ((cap / 32) as usize, 1u32 << (cap % 32));
+    d[word].effective &= !bit;
+    d[word].permitted &= !bit;
+    d[word].inheritable &= !bit;
+    check(unsafe { libc::syscall(libc::SYS_capset, &mut h as *mut Header, d.as_ptr()) }, "capset")?;
+    Ok(())
+}
+
+/// Says the pins are in place, then waits for `until` to exist.
+fn wait_for(until: &str) {
+    println!("PINWATCH-SCENARIO-READY");
+    let _ = std::io::stdout().flush();
+    while !std::path::Path::new(until).exists() {
+        sleep(Duration::from_millis(50));
+    }
 }
 
 /// A slow O_DIRECT read from `dev` into `pages` pages of a MAP_SHARED mapping of `file`.
@@ -343,7 +396,11 @@ fn longterm_file(file: &str, pages: usize) -> Result<()> {
     Ok(())
 }
 
-fn memfd_truncate(pages: usize, no_pin: bool) -> Result<()> {
+fn memfd_truncate(pages: usize, no_pin: bool, held: &Held) -> Result<()> {
+    const CAP_IPC_LOCK: u32 = 14;
+    if held.no_ipc_lock {
+        drop_capability(CAP_IPC_LOCK)?;
+    }
     let len = pages * PAGE;
     let name = CString::new("pinwatch-memfd")?;
     let fd = check(unsafe { libc::memfd_create(name.as_ptr(), 0) } as _, "memfd_create")? as i32;
@@ -355,8 +412,14 @@ fn memfd_truncate(pages: usize, no_pin: bool) -> Result<()> {
     dirty(map as *mut u8, pages, 0x11);
     let ring = uring()?;
     report("memfd-truncate", pages, &format!(",\"pin\":{}", !no_pin));
+    if held.mlock {
+        check(unsafe { libc::mlock(map, len) } as _, "mlock")?;
+    }
     if !no_pin {
         check(register(ring, map as *mut u8, len), "IORING_REGISTER_BUFFERS")?;
+    }
+    if let Some(until) = &held.until {
+        wait_for(until);
     }
     // The device may still write these pages; the file no longer has them.
     check(unsafe { libc::ftruncate(fd, 0) } as _, "ftruncate to 0")?;
@@ -463,7 +526,7 @@ fn main() -> Result<()> {
         Scenario::OdirectHazard { dio, target, no_pin } => odirect_hazard(&dio, target, no_pin),
         Scenario::Released(dio) => released(&dio),
         Scenario::LongtermFile { file, pages } => longterm_file(&file, pages),
-        Scenario::MemfdTruncate { pages, no_pin } => memfd_truncate(pages, no_pin),
+        Scenario::MemfdTruncate { pages, no_pin, held } => memfd_truncate(pages, no_pin, &held),
         Scenario::BenchDio { file, ops } => bench::dio(&file, ops),
         Scenario::BenchWriteback { file, pages, rounds } => bench::writeback(&file, pages, rounds),
         Scenario::BenchFootprint { pages, hold_ms } => bench::footprint(pages, hold_ms),

@@ -16,6 +16,10 @@ pub struct KernelArgs {
     /// bytes of kernel memory). Pins past it are counted (pin_map_full), not watched.
     #[arg(long, default_value_t = PIN_MAP_CAPACITY, value_parser = clap::value_parser!(u32).range(1..=(1 << 26)))]
     pub pin_map_capacity: u32,
+    /// Do not look for pins taken before pinwatch started (the start-up scan of the
+    /// processes charged VmPin or VmLck).
+    #[arg(long)]
+    pub no_start_scan: bool,
 }
 
 /// 262144 folios: 1 GiB of base pages pinned at once, far more with huge folios.

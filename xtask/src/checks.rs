@@ -414,6 +414,48 @@ pub fn check_kill9(killed: &Recorded, whole: &Recorded) -> Result<String> {
     Ok(format!("{n} hazards of every kind the whole run had ({}) were on disk before the kill", want.into_iter().collect::<Vec<_>>().join(", ")))
 }
 
+/// The start-up scan (FOUND_PLAN): the holder's 8 pages found pinned (long-term, of
+/// tmpfs, marked found), named as the pinner of the truncate, released to nothing by
+/// the unregistration; the control's locked memfd neither found nor named.
+pub fn check_found(r: &Recorded) -> Result<String> {
+    ensure!(r.ended, "the guest never finished the run");
+    ensure!(r.rc == Some(0), "record exited {:?}: {}", r.rc, r.err.join(" | "));
+    let said: Vec<Value> = r.out.iter().filter_map(|l| l.strip_prefix("PINWATCH-SCENARIO ")).filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let pid_of = |pin: bool| said.iter().find(|v| v["pin"] == pin).map(|v| u(v, "pid")).context("a scenario never said what it did");
+    let (holder, control) = (pid_of(true)?, pid_of(false)?);
+    ensure!(r.out.iter().filter(|l| l.contains("PINWATCH-SCENARIO-READY")).count() == 2, "the holder and the control did not both get their memory ready: {:?}", r.out);
+    let found: Vec<&Value> = r.trace.iter().filter(|e| e["event"] == "pin" && e["found"] == true).collect();
+    ensure!(found.iter().all(|p| u(p, "pid") == holder), "found pins of another process than the holder {holder}: {:?}", found.iter().map(|p| u(p, "pid")).collect::<Vec<_>>());
+    let pages: u64 = found.iter().map(|p| u(p, "nr_pages")).sum();
+    ensure!(pages == 8, "{pages} page(s) found pinned for the holder, not 8; stderr: {}", r.err.join(" | "));
+    for p in &found {
+        ensure!(p["func"] == "found at start", "found pin's func {}, not \"found at start\"", p["func"]);
+        ensure!(p["flags"] == serde_json::json!(["PIN", "LONGTERM"]), "found pin flags {}, not PIN and LONGTERM (the holder is charged VmPin)", p["flags"]);
+        ensure!(p["file"]["fs"] == "tmpfs", "found pin of {}, not the memfd's tmpfs", p["file"]);
+    }
+    let summary = r.err.iter().find(|l| l.contains("start-up scan:")).context("record never said what the start-up scan found")?;
+    ensure!(summary.contains("8 page(s) pinned before pinwatch started, held by 1 process(es)"), "the scan's summary: {summary}");
+    // No pin of the holder seen being taken: everything it holds came from the scan.
+    ensure!(!r.trace.iter().any(|e| e["event"] == "pin" && e["found"] != true && u(e, "pid") == holder), "a pin of the holder seen being taken: it pinned before pinwatch started");
+    let truncates: Vec<&Value> = hazards(r, "truncate_while_pinned").collect();
+    ensure!(
+        truncates.iter().any(|h| pinner_pids(h).contains(&Some(holder)) && pinners(h).iter().any(|p| p["func"] == "found at start")),
+        "no truncate_while_pinned naming the holder {holder} and its pin as found at start: {truncates:?}"
+    );
+    ensure!(!r.trace.iter().any(|e| e["event"] == "hazard" && pinner_pids(e).contains(&Some(control))), "a hazard names the control {control}");
+    let pfns: BTreeSet<u64> = found.iter().flat_map(|p| p["pfns"].as_array().into_iter().flatten().filter_map(Value::as_u64)).collect();
+    let released: BTreeSet<u64> = r.trace.iter().filter(|e| e["event"] == "unpin").flat_map(|e| e["pfns"].as_array().into_iter().flatten().filter_map(Value::as_u64)).collect();
+    let unreleased: Vec<&u64> = pfns.difference(&released).collect();
+    ensure!(unreleased.is_empty(), "found pfns never released: {unreleased:?}");
+    let stop = r.trace.iter().find(|e| e["event"] == "stop").context("no stop line")?;
+    ensure!(!stop["held"].as_array().into_iter().flatten().any(|h| u(h, "pid") == holder), "the holder still holds pins at the end: {}", stop["held"]);
+    Ok(format!(
+        "holder {holder}: 8 pages found (PIN LONGTERM, tmpfs), {} truncate hazard(s) naming it, every found pfn released, none held at the end; control {control} (VmLck) silent; {}",
+        truncates.len(),
+        summary.trim_start_matches("pinwatch: ")
+    ))
+}
+
 /// The story `pinwatch report --story --file /mnt/hazard` tells of the hazard scenario:
 /// the file named by its path; the pin first, then mkclean, unmap and truncate in the
 /// order the scenario did them (msync, MADV_PAGEOUT, ftruncate), the release last.

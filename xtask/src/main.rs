@@ -145,6 +145,34 @@ wait $PW
 send_back kill9 $? /tmp/kill9.out /tmp/kill9.err /tmp/kill9.jsonl
 "#;
 
+/// Pins older than pinwatch: a holder registers a memfd as io_uring fixed buffers and
+/// waits; a control locks (mlock) a memfd it never pins, so that the kernel charges it
+/// VmLck and the start-up scan reads it too. `record` starts only then, and must find
+/// the holder's 8 pages pinned, name it as the pinner of the truncate that follows, and
+/// see the pins released when the holder unregisters; the control must show nothing.
+/// The holder drops CAP_IPC_LOCK, or 7.x would charge it no VmPin at all.
+const FOUND_PLAN: &str = r#"
+say BEGIN found
+rm -f /tmp/found.go
+pinwatch-scenario memfd-truncate --pages 8 --no-ipc-lock --until /tmp/found.go > /tmp/found_h.out 2>&1 &
+H=$!
+pinwatch-scenario memfd-truncate --pages 8 --no-pin --mlock --until /tmp/found.go > /tmp/found_c.out 2>&1 &
+C=$!
+i=0; while [ "$(cat /tmp/found_h.out /tmp/found_c.out 2> /dev/null | grep -c READY)" -lt 2 ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done
+pinwatch record --output /tmp/found.jsonl > /dev/null 2> /tmp/found.err &
+PW=$!
+i=0; while ! grep -q '"event":"start"' /tmp/found.jsonl 2> /dev/null && [ $i -lt 1200 ]; do sleep 0.1; i=$((i+1)); done
+sleep 1.5
+touch /tmp/found.go
+wait $H; wait $C
+sleep 2.5
+kill -INT $PW
+wait $PW
+RC=$?
+cat /tmp/found_h.out /tmp/found_c.out > /tmp/found.out
+send_back found $RC /tmp/found.out /tmp/found.err /tmp/found.jsonl
+"#;
+
 /// The demo also shows what people read: doctor's text and top's table.
 const DEMO_PLAN: &str = r#"
 say BEGIN doctor_text
@@ -175,6 +203,9 @@ fn plan(only: Option<&[&str]>) -> String {
     s.push_str(TOP_PLAN);
     if only.is_none() {
         s.push_str(KILL9_PLAN);
+    }
+    if only.is_none_or(|o| o.contains(&"found")) {
+        s.push_str(FOUND_PLAN);
     }
     if only.is_none_or(|o| o.contains(&"alert")) {
         s.push_str(fleet::LAB_PLAN);
@@ -328,8 +359,11 @@ fn lab(names: &[String], bins: &lab::Binaries, tally: &mut Tally) -> Result<()> 
                 },
             }
         }
-        let daemon_checks: [(&str, &str, fn(&lab::Recorded) -> Result<String>); 2] =
-            [("alert", "alert daemon", fleet::check_lab_alert), ("enforce", "enforcement (kill, stop, freeze)", fleet::check_lab_enforce)];
+        let daemon_checks: [(&str, &str, fn(&lab::Recorded) -> Result<String>); 3] = [
+            ("alert", "alert daemon", fleet::check_lab_alert),
+            ("enforce", "enforcement (kill, stop, freeze)", fleet::check_lab_enforce),
+            ("found", "pins older than pinwatch (start-up scan)", checks::check_found),
+        ];
         for (name, label, check) in daemon_checks {
             let what = format!("{} {label}", k.release);
             match results.get(name) {

@@ -160,6 +160,7 @@ impl Decoder {
                     caller: String::new(),
                     path: String::new(),
                     signal: signal_result(h.flags),
+                    found: false,
                     kstack: r.stack.frames().unwrap_or_default().to_vec(),
                 },
                 0,

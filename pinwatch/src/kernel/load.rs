@@ -270,6 +270,37 @@ impl Kernel {
         }
     }
 
+    /// Loads the start-up scan's program (attached nowhere, run on request).
+    pub fn finder(&mut self) -> Result<()> {
+        let p: &mut RawTracePoint = self
+            .ebpf
+            .program_mut("found_pfns")
+            .ok_or_else(|| anyhow!("program found_pfns missing from the eBPF object"))?
+            .try_into()?;
+        p.load().map_err(|e| anyhow!("loading found_pfns: {}", error_chain(&e)))?;
+        Ok(())
+    }
+
+    /// One batch of the start-up scan: the kernel side answers each pfn of `tgid`'s
+    /// mapped pages (pinwatch_common::found), taking those it counts as DMA-pinned into
+    /// PINS as references of `tgid` with `gup_flags`. At most FOUND_BATCH pfns.
+    pub fn find_pins(&mut self, tgid: u32, gup_flags: u32, ts_ns: u64, pfns: &[u64]) -> Result<Vec<u64>> {
+        use aya::programs::TestRun as _;
+        use pinwatch_common::{FoundBatch, FOUND_BATCH};
+        let n = pfns.len().min(FOUND_BATCH);
+        let mut batch = FoundBatch { tgid, nr: n as u32, gup_flags, _pad: 0, ts_ns, pfns: [0; FOUND_BATCH] };
+        batch.pfns[..n].copy_from_slice(&pfns[..n]);
+        let map = self.ebpf.map_mut("FOUND").ok_or_else(|| anyhow!("map FOUND missing"))?;
+        let mut a: aya::maps::Array<_, FoundBatch> = aya::maps::Array::try_from(map)?;
+        a.set(0, batch, 0).context("writing a batch of the start-up scan (map FOUND)")?;
+        let Some(Program::RawTracePoint(p)) = self.ebpf.program_mut("found_pfns") else { bail!("program found_pfns missing") };
+        p.test_run(aya::programs::RawTracePointRunOptions::new()).map_err(|e| anyhow!("running found_pfns: {}", error_chain(&e)))?;
+        let map = self.ebpf.map("FOUND").ok_or_else(|| anyhow!("map FOUND missing"))?;
+        let a: aya::maps::Array<_, FoundBatch> = aya::maps::Array::try_from(map)?;
+        let out = a.get(&0, 0).context("reading the start-up scan's answers (map FOUND)")?;
+        Ok(out.pfns[..n].to_vec())
+    }
+
     pub fn take_ring(&mut self) -> Result<RingBuf<MapData>> {
         let map = self.ebpf.take_map("EVENTS").ok_or_else(|| anyhow!("map EVENTS missing from the eBPF object"))?;
         Ok(RingBuf::try_from(map)?)
@@ -349,17 +380,20 @@ impl Kernel {
         Ok(())
     }
 
-    /// Long-term pinned pages user space has seen released, per process; `gone`: the
-    /// processes to forget.
-    pub fn set_longterm_released(&mut self, released: &HashMap<u32, u64>, gone: &[u32]) -> Result<()> {
+    /// Per process, long-term pages the kernel side counted taken less those held, as
+    /// user space knows it (negative with pins found at start). Processes absent from
+    /// `adjust` leave the map.
+    pub fn set_longterm_released(&mut self, adjust: &HashMap<u32, i64>) -> Result<()> {
         let map = self.ebpf.map_mut("LONGTERM_RELEASED").ok_or_else(|| anyhow!("map LONGTERM_RELEASED missing"))?;
         let mut m: aya::maps::HashMap<_, u32, u64> = aya::maps::HashMap::try_from(map)?;
-        for pid in gone {
-            let _ = m.remove(pid);
+        let old: Vec<u32> = m.keys().filter_map(|k| k.ok()).filter(|k| !adjust.contains_key(k)).collect();
+        for pid in old {
+            let _ = m.remove(&pid);
         }
-        for (pid, n) in released {
-            if m.get(pid, 0).ok() != Some(*n) {
-                m.insert(pid, n, 0).context("updating LONGTERM_RELEASED")?;
+        for (pid, n) in adjust {
+            let v = *n as u64;
+            if m.get(pid, 0).ok() != Some(v) {
+                m.insert(pid, v, 0).context("updating LONGTERM_RELEASED")?;
             }
         }
         Ok(())

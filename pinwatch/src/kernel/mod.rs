@@ -5,6 +5,7 @@
 pub mod btf;
 pub mod calibrate;
 pub mod decode;
+pub mod found;
 pub mod load;
 pub mod plan;
 pub mod procs;

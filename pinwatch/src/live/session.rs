@@ -71,8 +71,8 @@ pub struct Session {
     pub gup: HashMap<u32, GupCounts>,
     /// GUP calls and pages of processes that have ended, since the session started.
     pub gup_ended: GupCounts,
-    /// Processes whose PROC_PINS entries went at the last tick.
-    pub gup_gone: Vec<u32>,
+    /// Pins found by the start-up scan, for the first batch or tick to apply.
+    found: Vec<Event>,
 }
 
 /// One process's GUP activity from the kernel's counters (PROC_PINS).
@@ -147,7 +147,38 @@ impl Session {
         // The engine takes its limit rules from the start event, as a replay does.
         let mut engine = Engine::default();
         engine.apply(&start);
-        Ok(Session { kernel, source, sweeper, engine, start, mode, lost_by_reason: BTreeMap::new(), procs: HashMap::new(), gup: HashMap::new(), gup_ended: GupCounts::default(), gup_gone: Vec::new() })
+        // Pins older than pinwatch: looked for once every hook is armed, so that a pin
+        // taken from now on is seen, not found, and a found one's release is seen. Only
+        // where GUP calls and their releases can be seen at all.
+        let found = if args.no_start_scan || mode != Mode::Full {
+            Vec::new()
+        } else {
+            match crate::kernel::found::scan(&mut kernel) {
+                Ok((pins, report)) => {
+                    if report.candidates > 0 {
+                        eprintln!("pinwatch: {}", report.summary());
+                    }
+                    pins.into_iter().map(Event::Pin).collect()
+                }
+                Err(e) => {
+                    eprintln!("pinwatch: pins taken before pinwatch started cannot be looked for: {e:#}");
+                    Vec::new()
+                }
+            }
+        };
+        Ok(Session {
+            kernel,
+            source,
+            sweeper,
+            engine,
+            start,
+            mode,
+            lost_by_reason: BTreeMap::new(),
+            procs: HashMap::new(),
+            gup: HashMap::new(),
+            gup_ended: GupCounts::default(),
+            found,
+        })
     }
 
     /// New limit rules from here on (alert's reloaded configuration).
@@ -183,13 +214,19 @@ impl Session {
         self.start.clone()
     }
 
-    /// Waits for records, then takes all of them.
+    /// Waits for records, then takes all of them. The pins found at start come first,
+    /// before any release of theirs.
     pub async fn next_batch(&mut self, out: &mut Vec<Event>) -> Result<()> {
+        if !self.found.is_empty() {
+            out.append(&mut self.found);
+            return Ok(());
+        }
         self.source.next_batch(out).await
     }
 
     /// Whatever is in the ring now, and calls whose chunks never came.
     pub fn drain(&mut self, out: &mut Vec<Event>) {
+        out.append(&mut self.found);
         self.source.drain(out);
         self.source.flush(out);
     }
@@ -220,6 +257,9 @@ impl Session {
     /// limit rules. `discover` also reads every process charged VmPin or VmLck.
     pub fn tick(&mut self, extra_pids: &BTreeSet<u32>, discover: bool) -> Result<Tick> {
         let mut events = Vec::new();
+        for e in std::mem::take(&mut self.found) {
+            self.apply(e, &mut events);
+        }
         let mut lost = Vec::new();
         self.source.lost(&self.kernel, &mut lost)?;
         for e in lost {
@@ -268,7 +308,6 @@ impl Session {
                 self.gup_ended.pages += g.pages;
             }
         }
-        self.gup_gone = ended;
         let mut pids: BTreeSet<u32> = accounts.processes.keys().copied().collect();
         pids.extend(self.gup.iter().filter(|(_, g)| g.unstreamed_held > 0).map(|(p, _)| *p));
         pids.extend(extra_pids);

@@ -82,7 +82,7 @@ impl Event {
 /// The trace format this pinwatch writes, "major.minor". A reader refuses a newer major
 /// (fields it cannot understand); a newer minor only adds fields it may ignore. Traces
 /// without one are 1.0 (pinwatch before limits were recorded).
-pub const FORMAT: &str = "2.0";
+pub const FORMAT: &str = "2.1";
 pub const FORMAT_MAJOR: u32 = 2;
 
 /// The limit rules a recording ran with: in the `start` event, so that a replay applies
@@ -199,6 +199,9 @@ impl FileRef {
     }
 }
 
+/// The `func` of a pin found by the start-up scan, whose entry point is unknown.
+pub const FOUND_FUNC: &str = "found at start";
+
 /// A GUP call that returned: what it took, or its errno.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 pub struct Pin {
@@ -243,6 +246,12 @@ pub struct Pin {
     /// the kernel: what happened to the signal (README: "Enforcement").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signal: Option<SignalResult>,
+    /// Not a call pinwatch saw: pages of this process that the kernel already counted
+    /// as DMA-pinned when pinwatch started (the start-up scan). Their function
+    /// ([`FOUND_FUNC`] stands in), caller and stack are unknown, and `ts_ns` is when
+    /// they were found.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub found: bool,
     /// Return addresses from the record, symbolized by the live source.
     #[serde(skip)]
     pub kstack: Vec<u64>,

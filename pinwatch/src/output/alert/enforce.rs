@@ -57,15 +57,22 @@ fn exempt_cgroup_ids(x: &Exempt) -> Vec<u64> {
 /// Long-term pages each process has released, as user space knows it: taken (the
 /// kernel's count) minus held (the engine's). Written at each tick; the kernel side
 /// subtracts it from what it counted taken. A release user space has not seen yet only
-/// makes the kernel's figure higher for a moment, never lower than what is held.
-pub fn released(gup: &HashMap<u32, GupCounts>, accounts: &Accounts) -> HashMap<u32, u64> {
-    gup.iter()
+/// makes the kernel's figure higher for a moment, never lower than what is held. Pins
+/// found at start were never counted taken: they make the figure negative, so that the
+/// cap holds them too.
+pub fn released(gup: &HashMap<u32, GupCounts>, accounts: &Accounts) -> HashMap<u32, i64> {
+    let held = |pid: &u32| accounts.processes.get(pid).map(|p| p.usage.longterm_bytes / PAGE_SIZE).unwrap_or(0);
+    let mut out: HashMap<u32, i64> = gup
+        .iter()
         .filter(|(_, g)| g.longterm_pages > 0)
-        .map(|(pid, g)| {
-            let held = accounts.processes.get(pid).map(|p| p.usage.longterm_bytes / PAGE_SIZE).unwrap_or(0);
-            (*pid, g.longterm_pages.saturating_sub(held))
-        })
-        .collect()
+        .map(|(pid, g)| (*pid, g.longterm_pages as i64 - held(pid) as i64))
+        .collect();
+    for (pid, p) in &accounts.processes {
+        if p.usage.longterm_bytes > 0 && !out.contains_key(pid) {
+            out.insert(*pid, -(held(pid) as i64));
+        }
+    }
+    out
 }
 
 /// Freezes a cgroup v2 (writes 1 to its cgroup.freeze); refuses the root, init's and
@@ -130,5 +137,12 @@ mod tests {
         assert_eq!(r.get(&7), Some(&1536));
         assert_eq!(r.get(&8), Some(&10));
         assert_eq!(r.get(&9), None);
+        // Pins found at start, never counted taken: held beyond taken, so negative.
+        let mut p = ProcUsage { pid: 10, ..Default::default() };
+        p.usage.longterm_bytes = 300 * PAGE_SIZE;
+        acc.processes.insert(10, p);
+        let gup: HashMap<u32, GupCounts> = [(10, GupCounts { longterm_pages: 100, ..Default::default() })].into();
+        assert_eq!(released(&gup, &acc).get(&10), Some(&-200));
+        assert_eq!(released(&HashMap::new(), &acc).get(&10), Some(&-300));
     }
 }

@@ -263,8 +263,7 @@ pub async fn run(args: AlertArgs) -> Result<i32> {
                 }
                 sink.flush_bundle(&rules, &metrics, Some(monotonic_ns()));
                 let released = enforce::released(&live.session.gup, &tick.accounts);
-                let gone = live.session.gup_gone.clone();
-                if let Err(e) = live.session.kernel.set_longterm_released(&released, &gone) {
+                if let Err(e) = live.session.kernel.set_longterm_released(&released) {
                     log::warn!("{e:#}");
                 }
                 let s = &live.session;
