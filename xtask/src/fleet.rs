@@ -262,6 +262,16 @@ fn daemon(bins: &Binaries, dir: &Path, tracepoint_only: bool) -> Vec<Check> {
                 return Ok(());
             }
         };
+        // Once started, the daemon holds no CAP_SYS_ADMIN: only the start-up scan needed it.
+        out.push(("host alert: CAP_SYS_ADMIN dropped after start".into(), (|| {
+            let status = std::fs::read_to_string(format!("/proc/{}/status", d.child.id()))?;
+            let set = |name: &str| status.lines().find_map(|l| l.strip_prefix(name)).and_then(|h| u64::from_str_radix(h.trim(), 16).ok()).context("no capability line");
+            let (eff, prm) = (set("CapEff:")?, set("CapPrm:")?);
+            const SYS_ADMIN: u64 = 1 << 21;
+            ensure!(eff & SYS_ADMIN == 0 && prm & SYS_ADMIN == 0, "CapEff {eff:#x} CapPrm {prm:#x} still hold CAP_SYS_ADMIN");
+            ensure!(eff & (1 << 39) != 0, "CapEff {eff:#x} lost CAP_BPF too");
+            Ok(format!("CapEff {eff:#x}, CapPrm {prm:#x}: no CAP_SYS_ADMIN, CAP_BPF kept"))
+        })()));
         // A second daemon on the same port: refused at once, naming the port.
         out.push(("host alert: port in use".into(), (|| {
             let o = Command::new(&bins.pinwatch).args(["alert", "--listen", &format!("127.0.0.1:{metrics_port}")]).stdin(Stdio::null()).output()?;

@@ -63,6 +63,44 @@ pub fn kallsyms_hint(cap_eff: u64) -> Option<String> {
     ))
 }
 
+/// Gives up what only the start-up scan needed (kernel::found): CAP_SYS_ADMIN, without
+/// which /proc/PID/pagemap shows no pfns. The daemon then runs for months without it:
+/// loaded programs, test runs and map access need CAP_BPF and CAP_PERFMON at most.
+/// CAP_SYS_PTRACE stays: reading another process's mappings (the paths of pinned files)
+/// needs it whenever that process holds capabilities pinwatch does not.
+pub fn drop_sys_admin() -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    // capget(2)/capset(2), _LINUX_CAPABILITY_VERSION_3: two 32-bit words of each set.
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct Sets {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    let mut header = Header { version: 0x2008_0522, pid: 0 };
+    let mut sets = [Sets::default(); 2];
+    // SAFETY: the kernel writes two Sets for version 3, as sized here.
+    if unsafe { libc::syscall(libc::SYS_capget, &mut header as *mut Header, sets.as_mut_ptr()) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("capget");
+    }
+    // CAP_SYS_ADMIN is in the first word.
+    let keep = !(1u32 << CAP_SYS_ADMIN);
+    sets[0].effective &= keep;
+    sets[0].permitted &= keep;
+    sets[0].inheritable &= keep;
+    // SAFETY: as above; lowering permitted lowers the ambient set with it.
+    if unsafe { libc::syscall(libc::SYS_capset, &mut header as *mut Header, sets.as_ptr()) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("capset");
+    }
+    Ok(())
+}
+
 /// Refuses to go on without the capabilities to load programs, naming those missing.
 pub fn check_privileges() -> anyhow::Result<()> {
     let eff = effective_capabilities()?;

@@ -223,6 +223,10 @@ pub async fn run(args: AlertArgs) -> Result<i32> {
     let mut live = Live::new(session, signals, TICK, None).reload_on_hangup().on_user1()?;
     live.session.set_limits(rules.limits.clone());
     enforce::arm(&mut live.session.kernel, &rules.limits, &rules.config)?;
+    // The start-up scan is done: the capability only it needed goes.
+    if let Err(e) = crate::kernel::drop_sys_admin() {
+        log::warn!("keeping CAP_SYS_ADMIN: {e:#}");
+    }
     let reasons: Vec<&str> = Counters::NAMES.iter().copied().chain([UNDECODABLE]).collect();
     let mut metrics = Metrics::new(env!("CARGO_PKG_VERSION"), &live.session.kernel.release, live.session.mode.name(), &reasons);
     let recent: metrics::Recent = Default::default();
