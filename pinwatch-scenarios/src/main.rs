@@ -59,6 +59,8 @@ enum Scenario {
         /// by folio size.
         #[arg(long)]
         no_huge: bool,
+        #[command(flatten)]
+        held: Held,
     },
     /// The 2018 sequence on demand: a slow O_DIRECT read pins the first `pages` pages of
     /// a MAP_SHARED ext4 mapping of 2 * `pages`, and while the pin is held msync,
@@ -143,6 +145,16 @@ struct Held {
     /// does for an unprivileged job (7.x charges nothing to a holder of CAP_IPC_LOCK).
     #[arg(long)]
     no_ipc_lock: bool,
+}
+
+impl Held {
+    fn drop_ipc_lock(&self) -> Result<()> {
+        const CAP_IPC_LOCK: u32 = 14;
+        if self.no_ipc_lock {
+            drop_capability(CAP_IPC_LOCK)?;
+        }
+        Ok(())
+    }
 }
 
 /// Drops `cap` from this process's effective and permitted sets (capset(2)).
@@ -397,10 +409,7 @@ fn longterm_file(file: &str, pages: usize) -> Result<()> {
 }
 
 fn memfd_truncate(pages: usize, no_pin: bool, held: &Held) -> Result<()> {
-    const CAP_IPC_LOCK: u32 = 14;
-    if held.no_ipc_lock {
-        drop_capability(CAP_IPC_LOCK)?;
-    }
+    held.drop_ipc_lock()?;
     let len = pages * PAGE;
     let name = CString::new("pinwatch-memfd")?;
     let fd = check(unsafe { libc::memfd_create(name.as_ptr(), 0) } as _, "memfd_create")? as i32;
@@ -485,16 +494,23 @@ fn pvm_writev(pages: usize) -> Result<()> {
 #[repr(C)]
 struct IoUringParams([u8; 120]);
 
-fn iouring_fixed(pages: usize, hold_ms: u64, memlock: Option<u64>, buffers: usize, no_huge: bool) -> Result<()> {
+fn iouring_fixed(pages: usize, hold_ms: u64, memlock: Option<u64>, buffers: usize, no_huge: bool, held: &Held) -> Result<()> {
     if let Some(bytes) = memlock {
         let lim = libc::rlimit { rlim_cur: bytes, rlim_max: bytes };
         check(unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim) } as _, "setrlimit(RLIMIT_MEMLOCK)")?;
     }
+    held.drop_ipc_lock()?;
     let buf = if no_huge { map_anon_small(pages)? } else { map_anon(pages)? };
+    if held.mlock {
+        check(unsafe { libc::mlock(buf as *const _, pages * PAGE) } as _, "mlock")?;
+    }
     let ring = uring()?;
     report("iouring-fixed", pages, "");
     check(register_split(ring, buf, pages * PAGE, buffers), "IORING_REGISTER_BUFFERS")?;
-    sleep(Duration::from_millis(hold_ms));
+    match &held.until {
+        Some(until) => wait_for(until),
+        None => sleep(Duration::from_millis(hold_ms)),
+    }
     check(unsafe { libc::syscall(libc::SYS_io_uring_register, ring, IORING_UNREGISTER_BUFFERS, std::ptr::null::<u8>(), 0u32) }, "IORING_UNREGISTER_BUFFERS")?;
     unsafe { libc::close(ring as i32) };
     Ok(())
@@ -521,7 +537,7 @@ fn main() -> Result<()> {
         Scenario::OdirectSlow(dio) => odirect_slow(&dio),
         Scenario::Vmsplice { pages, hold_ms } => vmsplice(pages, hold_ms),
         Scenario::PvmWritev { pages } => pvm_writev(pages),
-        Scenario::IouringFixed { pages, hold_ms, memlock, buffers, no_huge } => iouring_fixed(pages, hold_ms, memlock, buffers, no_huge),
+        Scenario::IouringFixed { pages, hold_ms, memlock, buffers, no_huge, held } => iouring_fixed(pages, hold_ms, memlock, buffers, no_huge, &held),
         Scenario::Buffered { file, pages } => buffered(&file, pages),
         Scenario::OdirectHazard { dio, target, no_pin } => odirect_hazard(&dio, target, no_pin),
         Scenario::Released(dio) => released(&dio),

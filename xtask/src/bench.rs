@@ -160,7 +160,46 @@ sh /tmp/work.sh > /dev/null 2>&1
     p += "echo 0 > /proc/sys/kernel/bpf_stats_enabled\n";
     p += "bench_mode footprint monitor-fentry /tmp/hold-pins.sh\n";
     p += "bench_mode footprint-record record-fentry /tmp/hold-pins.sh\n";
+    p += &format!(
+        r#"
+# What the start-up scan costs: a process holds 1 GiB of io_uring buffers, pinned
+# before pinwatch starts (charged VmPin: CAP_IPC_LOCK dropped), and top's one refresh
+# says what its scan found and how long it took.
+say BEGIN startscan
+rm -f /tmp/scan.go
+pinwatch-scenario iouring-fixed --pages {SCAN_PAGES} --buffers 256 --no-huge --memlock 4294967296 --no-ipc-lock --until /tmp/scan.go > /tmp/startscan.out 2>&1 &
+H=$!
+i=0; while ! grep -q READY /tmp/startscan.out && [ $i -lt 6000 ]; do sleep 0.1; kill -0 $H 2> /dev/null || break; i=$((i+1)); done
+echo "PINWATCH-VMPIN $(grep VmPin /proc/$H/status)" >> /tmp/startscan.out
+pinwatch top -b -n 1 -d 1 --format json --pin-map-capacity {SCAN_CAPACITY} > /dev/null 2> /tmp/startscan.err; rc=$?
+touch /tmp/scan.go
+wait $H
+send_back startscan $rc /tmp/startscan.out /tmp/startscan.err
+"#
+    );
     p
+}
+
+/// The start-up scan's holder: 1 GiB of base pages, and a pin map with room for them.
+const SCAN_PAGES: usize = 262_144;
+const SCAN_CAPACITY: usize = 393_216;
+
+/// What top's start-up scan line says: pages found, pages read, milliseconds.
+fn start_scan(results: &BTreeMap<String, Recorded>) -> Result<Value, String> {
+    let r = results.get("startscan").ok_or("startscan: never ran")?;
+    if r.rc != Some(0) {
+        return Err(format!("startscan: top exited {:?}: {}", r.rc, r.err.join(" | ")));
+    }
+    let line = r.err.iter().find(|l| l.contains("start-up scan:")).ok_or_else(|| format!("startscan: top never said what its scan found: {}", r.err.join(" | ")))?;
+    let number_before = |marker: &str| -> Option<u64> {
+        let head = &line[..line.find(marker)?];
+        head.rsplit(|c: char| !c.is_ascii_digit()).find(|w| !w.is_empty())?.parse().ok()
+    };
+    let (Some(found), Some(read), Some(ms)) = (number_before(" page(s) pinned before"), number_before(" page(s) in "), number_before(" ms")) else {
+        return Err(format!("startscan: unexpected line {line}"));
+    };
+    let vmpin_kb = r.out.iter().find_map(|l| l.strip_prefix("PINWATCH-VMPIN VmPin:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok());
+    Ok(json!({"pages_found": found, "pages_read": read, "millis": ms, "vmpin_kb": vmpin_kb, "holder_pages": SCAN_PAGES}))
 }
 
 /// The bench lines of one run, by workload: PINWATCH-BENCH from our workloads (ns for
@@ -416,6 +455,18 @@ fn readme_block(report: &Value) -> String {
             );
         }
     }
+    let scan = &report["start_scan"];
+    if scan.is_object() {
+        s += &format!(
+            "
+Start-up scan (pins older than pinwatch): a process holding {} MiB of io_uring buffers (VmPin {} MiB) before top started; top's scan read {} pages and found {} pinned in {} ms.\n",
+            scan["holder_pages"].as_u64().unwrap_or(0) * 4 / 1024,
+            scan["vmpin_kb"].as_u64().map(|k| (k / 1024).to_string()).unwrap_or_else(|| "?".into()),
+            scan["pages_read"],
+            scan["pages_found"],
+            scan["millis"],
+        );
+    }
     if let Some(r) = report["replay"]["events_per_second"].as_f64() {
         s += &format!("\n`pinwatch report` replays {:.2}M events per second on one core of the machine that ran the bench.\n", r / 1e6);
     }
@@ -489,6 +540,10 @@ pub fn report(kernel: &str, rounds: usize, results: &BTreeMap<String, Recorded>)
             Ok(f) => report[key] = f,
             Err(p) => problems.push(p),
         }
+    }
+    match start_scan(results) {
+        Ok(v) => report["start_scan"] = v,
+        Err(p) => problems.push(p),
     }
     report["problems"] = json!(problems);
     (report, problems)
@@ -615,6 +670,18 @@ mod tests {
 
     fn rec(out: &[&str], rc: i32, last: Option<Value>) -> Recorded {
         Recorded { rc: Some(rc), out: out.iter().map(|s| s.to_string()).collect(), err: vec![], trace: last.into_iter().collect(), ended: true }
+    }
+
+    #[test]
+    fn the_start_scan_line_gives_pages_and_time() {
+        let mut r = rec(&["PINWATCH-VMPIN VmPin:\t 1048576 kB"], 0, None);
+        r.err = vec!["pinwatch: start-up scan: 262144 page(s) pinned before pinwatch started, held by 1 process(es); 1 of 1 process(es) charged VmPin or VmLck read (262400 page(s) in 5123 ms)".into()];
+        let results: BTreeMap<String, Recorded> = [("startscan".to_string(), r)].into();
+        let v = start_scan(&results).unwrap();
+        assert_eq!((v["pages_found"].as_u64(), v["pages_read"].as_u64(), v["millis"].as_u64(), v["vmpin_kb"].as_u64()), (Some(262144), Some(262400), Some(5123), Some(1048576)));
+        let mut bad = results;
+        bad.get_mut("startscan").unwrap().err = vec!["pinwatch: nothing".into()];
+        assert!(start_scan(&bad).is_err());
     }
 
     #[test]
