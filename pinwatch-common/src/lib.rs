@@ -6,7 +6,7 @@
 #![no_std]
 
 /// Bumped whenever a record layout below changes.
-pub const RECORD_VERSION: u16 = 5;
+pub const RECORD_VERSION: u16 = 6;
 
 /// Folio head pfns carried by one record. A GUP call that takes more pages is sent as
 /// several records (chunks) of the same call.
@@ -123,6 +123,8 @@ pub mod found {
     pub const FILE: u64 = 1 << 60;
     /// ...of tmpfs/shmem or hugetlbfs.
     pub const MEMORY_FS: u64 = 1 << 59;
+    /// The folio's order, 6 bits from here.
+    pub const ORDER_SHIFT: u64 = 52;
     /// The low bits: the folio head pfn (52-bit physical addresses: 40-bit pfns).
     pub const PFN_MASK: u64 = (1 << 48) - 1;
 }
@@ -279,6 +281,7 @@ pub struct PinRecord {
     pub file: FileRef,
     /// The GUP call's kernel stack: who called GUP (io_uring, direct I/O, a driver).
     pub stack: KernelStack,
+    /// Folio head pfn of each page, its folio's order above [`PFN_ORDER_SHIFT`].
     pub pfns: [u64; PFNS_PER_RECORD],
 }
 
@@ -362,8 +365,18 @@ pub struct ReleaseRecord {
     /// make_dirty of the unpin_*_dirty_lock calls.
     pub dirty: u16,
     pub call_id: u64,
+    /// References each listed pfn loses: 1, except for a release of many references on
+    /// one folio (unpin_user_folio of what io_uring coalesced: 511 of a 2 MiB folio),
+    /// sent as its one pfn with the count.
+    pub refs_each: u32,
+    pub _pad: u32,
     pub pfns: [u64; PFNS_PER_RECORD],
 }
+
+/// A pin record's pfns carry their folio's order above this bit (6 bits), below the
+/// bit 63 of "not tracked": pfns fit in 52 bits with 5-level paging.
+pub const PFN_ORDER_SHIFT: u64 = 56;
+pub const PFN_MASK: u64 = (1 << PFN_ORDER_SHIFT) - 1;
 
 /// Bytes of a pin record before its pfns: a record is sent cut after its last pfn.
 pub const PIN_FIXED: usize = core::mem::offset_of!(PinRecord, pfns);

@@ -8,7 +8,7 @@ use aya_ebpf::{
 };
 use pinwatch_common::{
     backing as bk, counter, kind, GupCall, KernelStack, PinState, ProcPins, Hook, MAX_CHUNKS, PFNS_PER_RECORD,
-    PIN_FIXED, RECORD_FAILED, RECORD_SIGNALED, RECORD_SIGNAL_EXEMPT, RECORD_SIGNAL_REFUSED, RECORD_TRUNCATED,
+    PFN_ORDER_SHIFT, PIN_FIXED, RECORD_FAILED, RECORD_SIGNALED, RECORD_SIGNAL_EXEMPT, RECORD_SIGNAL_REFUSED, RECORD_TRUNCATED,
 };
 
 use crate::{
@@ -16,7 +16,7 @@ use crate::{
         atomic_add, count, pins_insert, ARMED, ENFORCE, EXEMPT_CGROUPS, EXEMPT_COMMS, EXEMPT_UIDS, GUP_CALLS, GUP_STACKS, LONGTERM_RELEASED, PINS,
         PIN_SCRATCH, PROC_PINS, QUIET_GETS, QUIET_TALLY, STACK_SCRATCH,
     },
-    page::{backing, file_of, folio_head, mapping, PfnMath},
+    page::{backing, file_of, folio_head, folio_order, mapping, PfnMath},
     record::{current, fill_header, fill_stack, is_self, send, stream_all, Nest},
 };
 
@@ -304,8 +304,8 @@ fn record(call: &GupCall, ret: i64, tgid: u32, tid: u32) {
     }
 }
 
-/// One page of a GUP call: its folio head pfn, counted in PINS (with UNTRACKED set when
-/// it was not; u64::MAX when unreadable). `flags` is gup_flags with PIN_REF and
+/// One page of a GUP call: its folio head pfn and the folio's order, counted in PINS
+/// (with UNTRACKED set when it was not; u64::MAX when unreadable). `flags` is gup_flags with PIN_REF and
 /// QUIET_REF above it; `base` is vmemmap_base, read once per call. A
 /// global function, so the verifier checks it once rather than at each unrolled call site.
 #[no_mangle]
@@ -326,7 +326,9 @@ pub extern "C" fn pin_page(slot: u64, base: u64, tgid: u64, flags: u64, ts: u64)
         return pfn | UNTRACKED;
     }
     track_pin(pfn, flags & PIN_REF != 0, quiet, tgid as u32, flags as u32, ts);
-    pfn
+    // The folio's order rides above the pfn: what a pin holds in place is the whole
+    // folio, whatever the references (pinwatch_common::PFN_ORDER_SHIFT).
+    pfn | folio_order(head) << PFN_ORDER_SHIFT
 }
 
 /// pin_page's answer for a page it did not take into PINS (bit 63; u64::MAX has it too).

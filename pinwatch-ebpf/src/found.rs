@@ -52,7 +52,7 @@ pub extern "C" fn found_pfn(pfn: u64, base: u64, tgid: u64, flags: u64, ts: u64)
         return 0;
     }
     let m = mapping(head);
-    let mut answer = head_pfn & found::PFN_MASK;
+    let mut answer = head_pfn & found::PFN_MASK | (l.order as u64 & 63) << found::ORDER_SHIFT;
     if backing(m) == bk::FILE {
         answer |= found::FILE;
         let magic = file_of(m).fs_magic;

@@ -129,6 +129,7 @@ fn send_gone(hook: u16, pfn: u64) {
     r.chunk = 0;
     r.nr_pfns = 1;
     r.call_id = (r.header.ts_ns << 16) ^ r.header.tid as u64;
+    r.refs_each = 1;
     r.pfns[0] = pfn;
     send(r, RELEASE_FIXED + 8, false);
 }

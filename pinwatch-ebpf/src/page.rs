@@ -174,6 +174,19 @@ impl Live {
     }
 }
 
+/// The order of the folio at `head` (0: a small folio), read as live() reads it.
+#[inline(always)]
+pub fn folio_order(head: u64) -> u64 {
+    let bit = global(&PG_HEAD_BIT);
+    let flags: u64 = read(head + global(&PAGE_FLAGS_OFF));
+    let large = bit < 64 && flags & (1u64 << (bit & 63)) != 0;
+    if large {
+        (read::<u8>(head + global(&FOLIO_ORDER_OFF)) & 63) as u64
+    } else {
+        0
+    }
+}
+
 #[inline(always)]
 pub fn live(head: u64) -> Live {
     let refcount: i32 = read(head + global(&PAGE_REFCOUNT_OFF));

@@ -31,7 +31,7 @@ const MAX_PAGES: u64 = (PFNS_PER_RECORD * RELEASE_MAX_CHUNKS) as u64;
 #[no_mangle]
 #[inline(never)]
 pub extern "C" fn release_pfn(pfn: u64, release: u64, level: u64) -> u64 {
-    if pfn != u64::MAX && maybe_pinned(pfn) && track_release(pfn, release as u16, level as u32) {
+    if pfn != u64::MAX && maybe_pinned(pfn) && track_release(pfn, release as u16, level as u32, 1) != 0 {
         pfn
     } else {
         u64::MAX
@@ -46,13 +46,16 @@ pub extern "C" fn slot_pfn(slot: u64) -> u64 {
     PfnMath::new().head_pfn(page)
 }
 
-/// Quiet references (never streamed) are dropped first: transient pins come and go
-/// while the long-term ones user space knows stay. A quiet reference released leaves
-/// its process's quiet_held count.
+/// Drops `n` references of kind `release` from the pin state of `pfn`. Quiet
+/// references (never streamed) are dropped first: transient pins come and go while the
+/// long-term ones user space knows stay. A quiet reference released leaves its
+/// process's quiet_held count. Returns how many of the dropped references user space
+/// must hear of: those it was sent, or all of them on a folio a hazard exposed (a free
+/// or a `gone` says 1: all of them).
 #[inline(always)]
-fn track_release(pfn: u64, release: u16, level: u32) -> bool {
+fn track_release(pfn: u64, release: u16, level: u32, n: u32) -> u32 {
     let Some(s) = PINS.get_ptr_mut(&pfn) else {
-        return false;
+        return 0;
     };
     let s = unsafe { &mut *s };
     let exposed = s.state & pin_state::EXPOSED != 0;
@@ -62,25 +65,30 @@ fn track_release(pfn: u64, release: u16, level: u32) -> bool {
         }
     }
     if release == release::FREED || release == release::GONE {
-        return forget(pfn, s) || exposed;
+        return (forget(pfn, s) || exposed) as u32;
     }
     let refs = if release == release::UNPIN { &mut s.pin_refs } else { &mut s.get_refs };
-    if *refs == 0 {
-        return false;
+    let take = n.min(*refs);
+    if take == 0 {
+        return 0;
     }
-    *refs -= 1;
-    let quiet = s.quiet_refs > 0;
-    if quiet {
-        s.quiet_refs -= 1;
-        unquiet(s.tgid, 1);
+    *refs -= take;
+    let quiet = take.min(s.quiet_refs);
+    if quiet > 0 {
+        s.quiet_refs -= quiet;
+        unquiet(s.tgid, quiet as u64);
     }
-    if s.get_refs == 0 && quiet && release == release::PUT {
+    if s.get_refs == 0 && quiet > 0 && release == release::PUT {
         let _ = QUIET_GETS.remove(&pfn);
     }
     if s.pin_refs == 0 && s.get_refs == 0 {
         pins_remove(pfn);
     }
-    !quiet || exposed
+    if exposed {
+        take
+    } else {
+        take - quiet
+    }
 }
 
 /// Every reference on `pfn` is gone (freed, or found gone by a hazard hook or the
@@ -125,6 +133,7 @@ fn release_items(hook: u16, release: u16, dirty: u16, n: u64, pfn_of: impl Fn(u6
     r.release = release;
     r.dirty = dirty;
     r.call_id = (r.header.ts_ns << 16) ^ r.header.tid as u64;
+    r.refs_each = 1;
     for chunk in 0..RELEASE_MAX_CHUNKS {
         let base = (chunk * PFNS_PER_RECORD) as u64;
         if base >= n {
@@ -219,7 +228,26 @@ pub fn folio_refs(hook: u16, release: u16, page: u64, refs: u64, leaf: bool) {
     if pfn == u64::MAX || !maybe_pinned(pfn) || (leaf && nested()) {
         return;
     }
-    release_items(hook, release, 0, refs.min(MAX_PAGES), |_| pfn);
+    let Some(nest) = Nest::enter() else { return };
+    if let Some(k) = KNOWN.get_ptr_mut(nest.level) {
+        unsafe { *k = 0 };
+    }
+    // All `refs` at once, however many: one record with the count.
+    let heard = track_release(pfn, release, nest.level, refs.min(u32::MAX as u64) as u32);
+    if heard == 0 {
+        return;
+    }
+    let Some(rec) = RELEASE_SCRATCH.get_ptr_mut(nest.level) else { return };
+    let r = unsafe { &mut *rec };
+    fill_header(&mut r.header, kind::RELEASE, hook);
+    r.release = release;
+    r.dirty = 0;
+    r.chunk = 0;
+    r.nr_pfns = 1;
+    r.call_id = (r.header.ts_ns << 16) ^ r.header.tid as u64;
+    r.refs_each = heard;
+    r.pfns[0] = pfn;
+    send(r, RELEASE_FIXED + 8, false);
 }
 
 /// Pages per bio_vec looked at. A bvec spans several pages when they are physically

@@ -59,8 +59,16 @@ enum Scenario {
         /// by folio size.
         #[arg(long)]
         no_huge: bool,
+        /// Back the buffer with transparent huge pages (2 MiB aligned, MADV_HUGEPAGE),
+        /// and say how much of it is (PINWATCH-SCENARIO-THP, kB).
+        #[arg(long, conflicts_with = "no_huge")]
+        huge: bool,
         #[command(flatten)]
         held: Held,
+        /// Once --until's file exists, register this many more pages on a second ring,
+        /// in calls of 1 MiB, then hold for --hold-ms: new pins on top of old ones.
+        #[arg(long)]
+        then_pages: Option<usize>,
     },
     /// The 2018 sequence on demand: a slow O_DIRECT read pins the first `pages` pages of
     /// a MAP_SHARED ext4 mapping of 2 * `pages`, and while the pin is held msync,
@@ -259,6 +267,23 @@ fn map_anon(pages: usize) -> Result<*mut u8> {
         unsafe { *(p as *mut u8).add(i * PAGE) = i as u8 + 1 };
     }
     Ok(p as *mut u8)
+}
+
+/// Anonymous memory meant for transparent huge pages: 2 MiB aligned, MADV_HUGEPAGE
+/// before the first touch (Debian's kernels default to THP on madvise).
+fn map_anon_huge(pages: usize) -> Result<*mut u8> {
+    const HUGE: usize = 2 << 20;
+    let len = pages * PAGE;
+    let p = unsafe { libc::mmap(std::ptr::null_mut(), len + HUGE, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0) };
+    if p == libc::MAP_FAILED {
+        bail!("mmap: {}", std::io::Error::last_os_error());
+    }
+    let aligned = (p as usize).div_ceil(HUGE) * HUGE;
+    check(unsafe { libc::madvise(aligned as *mut _, len, libc::MADV_HUGEPAGE) } as _, "madvise(MADV_HUGEPAGE)")?;
+    for i in 0..pages {
+        unsafe { *(aligned as *mut u8).add(i * PAGE) = i as u8 + 1 };
+    }
+    Ok(aligned as *mut u8)
 }
 
 fn open(path: &str, flags: i32) -> Result<i32> {
@@ -494,22 +519,44 @@ fn pvm_writev(pages: usize) -> Result<()> {
 #[repr(C)]
 struct IoUringParams([u8; 120]);
 
-fn iouring_fixed(pages: usize, hold_ms: u64, memlock: Option<u64>, buffers: usize, no_huge: bool, held: &Held) -> Result<()> {
+fn iouring_fixed(pages: usize, hold_ms: u64, memlock: Option<u64>, buffers: usize, no_huge: bool, huge: bool, held: &Held, then_pages: Option<usize>) -> Result<()> {
     if let Some(bytes) = memlock {
         let lim = libc::rlimit { rlim_cur: bytes, rlim_max: bytes };
         check(unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim) } as _, "setrlimit(RLIMIT_MEMLOCK)")?;
     }
     held.drop_ipc_lock()?;
-    let buf = if no_huge { map_anon_small(pages)? } else { map_anon(pages)? };
+    let buf = if no_huge {
+        map_anon_small(pages)?
+    } else if huge {
+        map_anon_huge(pages)?
+    } else {
+        map_anon(pages)?
+    };
     if held.mlock {
         check(unsafe { libc::mlock(buf as *const _, pages * PAGE) } as _, "mlock")?;
     }
     let ring = uring()?;
     report("iouring-fixed", pages, "");
     check(register_split(ring, buf, pages * PAGE, buffers), "IORING_REGISTER_BUFFERS")?;
+    if huge {
+        let kb = |file: &str, key: &str| -> u64 {
+            std::fs::read_to_string(file).ok().and_then(|t| t.lines().find_map(|l| l.strip_prefix(key).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok()))).unwrap_or(0)
+        };
+        println!("PINWATCH-SCENARIO-THP {} {}", kb("/proc/self/smaps_rollup", "AnonHugePages:"), kb("/proc/self/status", "VmPin:"));
+        let _ = std::io::stdout().flush();
+    }
     match &held.until {
         Some(until) => wait_for(until),
         None => sleep(Duration::from_millis(hold_ms)),
+    }
+    if let Some(more) = then_pages {
+        let buf = if no_huge { map_anon_small(more)? } else { map_anon(more)? };
+        let second = uring()?;
+        check(register_split(second, buf, more * PAGE, more.div_ceil(256)), "IORING_REGISTER_BUFFERS (second ring)")?;
+        println!("PINWATCH-SCENARIO-MORE {more}");
+        let _ = std::io::stdout().flush();
+        sleep(Duration::from_millis(hold_ms));
+        unsafe { libc::close(second as i32) };
     }
     check(unsafe { libc::syscall(libc::SYS_io_uring_register, ring, IORING_UNREGISTER_BUFFERS, std::ptr::null::<u8>(), 0u32) }, "IORING_UNREGISTER_BUFFERS")?;
     unsafe { libc::close(ring as i32) };
@@ -537,7 +584,7 @@ fn main() -> Result<()> {
         Scenario::OdirectSlow(dio) => odirect_slow(&dio),
         Scenario::Vmsplice { pages, hold_ms } => vmsplice(pages, hold_ms),
         Scenario::PvmWritev { pages } => pvm_writev(pages),
-        Scenario::IouringFixed { pages, hold_ms, memlock, buffers, no_huge, held } => iouring_fixed(pages, hold_ms, memlock, buffers, no_huge, &held),
+        Scenario::IouringFixed { pages, hold_ms, memlock, buffers, no_huge, huge, held, then_pages } => iouring_fixed(pages, hold_ms, memlock, buffers, no_huge, huge, &held, then_pages),
         Scenario::Buffered { file, pages } => buffered(&file, pages),
         Scenario::OdirectHazard { dio, target, no_pin } => odirect_hazard(&dio, target, no_pin),
         Scenario::Released(dio) => released(&dio),

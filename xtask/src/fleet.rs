@@ -591,10 +591,22 @@ ip link set lo up
 mkdir -p /sys/fs/cgroup && mount -t cgroup2 none /sys/fs/cgroup 2>/dev/null
 E=/tmp/enfscen.out
 printf '[limits]\nmax_longterm_process = "4MiB"\nmemlock = false\n[actions]\nmax_longterm_process = "kill"\n[selftest]\nat_start = true\n' > /tmp/enforce.toml
+# Pins older than the daemon count against its cap: 3 MiB registered before it starts
+# (found by its start-up scan), then 2 MiB more once it runs; the call that takes the
+# holder past 4 MiB is killed, though the daemon saw only 2 MiB being taken.
+rm -f /tmp/enf.go
+pinwatch-scenario iouring-fixed --pages 768 --buffers 3 --no-huge --memlock 67108864 --no-ipc-lock --until /tmp/enf.go --then-pages 512 --hold-ms 3000 > /tmp/enf_found.out 2>&1 &
+FH=$!
+i=0; while ! grep -q READY /tmp/enf_found.out && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done
 pinwatch alert --config /tmp/enforce.toml --listen 127.0.0.1:9465 > /tmp/enf.out 2> /tmp/enf.err &
 EN=$!
 i=0; while ! grep -q 'selftest: passed\|selftest: FAILED\|could not run' /tmp/enf.err && [ $i -lt 1800 ]; do sleep 0.1; i=$((i+1)); done
-pinwatch-scenario iouring-fixed --pages 2048 --buffers 8 --no-huge --hold-ms 3000 > $E 2>&1
+sleep 2
+touch /tmp/enf.go
+wait $FH
+echo "PINWATCH-ENFORCE found-rc $?" >> $E
+cat /tmp/enf_found.out >> $E
+pinwatch-scenario iouring-fixed --pages 2048 --buffers 8 --no-huge --hold-ms 3000 >> $E 2>&1
 echo "PINWATCH-ENFORCE kill-rc $?" >> $E
 pinwatch-scenario iouring-fixed --pages 512 --buffers 2 --no-huge --hold-ms 1000 >> $E 2>&1
 echo "PINWATCH-ENFORCE control-rc $?" >> $E
@@ -633,13 +645,19 @@ pub fn check_lab_enforce(r: &crate::lab::Recorded) -> Result<String> {
     ensure!(r.rc == Some(0), "the daemon exited {:?}:\n{}", r.rc, r.err.join("\n"));
     let mark = |k: &str| -> Vec<String> { r.err.iter().filter_map(|l| l.strip_prefix("PINWATCH-ENFORCE ")?.strip_prefix(k).map(|v| v.trim().to_string())).collect() };
     let pids: Vec<u64> = r.err.iter().filter_map(|l| l.strip_prefix("PINWATCH-SCENARIO ")).filter_map(|l| serde_json::from_str::<Value>(l).ok()?["pid"].as_u64()).collect();
-    ensure!(pids.len() == 4, "not every scenario of the run reported its pid: {:?}", r.err);
-    let (killed, control, stopped) = (pids[0], pids[1], pids[2]);
+    ensure!(pids.len() == 5, "not every scenario of the run reported its pid: {:?}", r.err);
+    let (holder, killed, control, stopped) = (pids[0], pids[1], pids[2], pids[3]);
     let lines: Vec<Value> = r.out.iter().map(|l| serde_json::from_str(l).with_context(|| format!("an alert line that is not JSON: {l}"))).collect::<Result<_>>()?;
     let enforced = |action: &str, pid: u64| lines.iter().any(|l| l["event"] == "enforcement" && l["action"] == action && l["result"] == "sent" && l["pid"] == pid);
     // the selftest the configuration asked for at start
     ensure!(r.err.iter().any(|l| l.contains("pinwatch alert: selftest: passed")), "the selftest at start did not pass:\n{}", r.err.iter().filter(|l| l.contains("selftest")).cloned().collect::<Vec<_>>().join("\n"));
     ensure!(r.err.iter().any(|l| l.contains("the alert names this selftest")), "the selftest did not check its pinner here");
+    // pins found at start count against the cap
+    let found = r.err.iter().find(|l| l.contains("start-up scan:")).context("the daemon never said what its start-up scan found")?;
+    ensure!(found.contains("768 page(s) pinned before pinwatch started"), "the start-up scan did not find the holder's 3 MiB: {found}");
+    ensure!(mark("found-rc") == ["137"], "the holder of 3 MiB found at start, registering 2 MiB more, was not killed: exit {:?}", mark("found-rc"));
+    ensure!(enforced("kill", holder), "no `kill` enforcement line (result sent) for the holder {holder}: {lines:?}");
+    ensure!(!r.err.iter().any(|l| l.starts_with("PINWATCH-SCENARIO-MORE")), "the holder's second registration returned before the kill took it");
     // kill
     ensure!(mark("kill-rc") == ["137"], "the 8 MiB process was not killed: exit {:?}", mark("kill-rc"));
     ensure!(enforced("kill", killed), "no `kill` enforcement line (result sent) for pid {killed}: {lines:?}");
@@ -658,5 +676,5 @@ pub fn check_lab_enforce(r: &crate::lab::Recorded) -> Result<String> {
     ensure!(mark("freeze-events") == ["frozen 1"], "the offender's cgroup was not frozen: {:?}", mark("freeze-events"));
     ensure!(lines.iter().any(|l| l["event"] == "enforcement" && l["action"] == "freeze" && l["result"] == "frozen" && l["cgroup"] == "/victim"), "no `freeze` line for /victim: {lines:?}");
     ensure!(mark("freeze-rc") == ["0"], "the frozen process did not finish once thawed: exit {:?}", mark("freeze-rc"));
-    Ok(format!("selftest at start passed (metric, alert line naming it); kill: pid {killed} killed at the call past 4 MiB ({kills} call(s) signalled), pins back to 0; control {control} at 2 MiB ran to its end; stop: pid {stopped} in state T; freeze: /victim frozen, then thawed and finished"))
+    Ok(format!("selftest at start passed (metric, alert line naming it); found: pid {holder} (3 MiB pinned before the daemon started) killed at 2 MiB more; kill: pid {killed} killed at the call past 4 MiB ({kills} call(s) signalled), pins back to 0; control {control} at 2 MiB ran to its end; stop: pid {stopped} in state T; freeze: /victim frozen, then thawed and finished"))
 }

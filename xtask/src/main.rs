@@ -173,6 +173,24 @@ cat /tmp/found_h.out /tmp/found_c.out > /tmp/found.out
 send_back found $RC /tmp/found.out /tmp/found.err /tmp/found.jsonl
 "#;
 
+/// Huge folios: 8 MiB of transparent huge pages registered as eight 1 MiB io_uring
+/// buffers while top watches. From 6.10 io_uring keeps one reference per huge folio (it
+/// unpins the others at once, 255 or 511 in one call): top must still show the 8 MiB
+/// the pins hold in place, beside VmPin, and nothing once they are unregistered. The
+/// holder drops CAP_IPC_LOCK so that 7.x charges VmPin too.
+const HUGE_PLAN: &str = r#"
+say BEGIN huge
+cat /sys/kernel/mm/transparent_hugepage/enabled > /tmp/huge.err
+pinwatch top -b -n 40 -d 1 --format json > /tmp/huge.json 2>> /tmp/huge.err &
+TOP=$!
+i=0; while [ ! -s /tmp/huge.json ] && [ $i -lt 900 ]; do sleep 0.1; i=$((i+1)); done
+pinwatch-scenario iouring-fixed --pages 2048 --buffers 8 --huge --memlock 67108864 --no-ipc-lock --hold-ms 3000 > /tmp/huge.out 2>&1
+sleep 2.5
+kill -TERM $TOP
+wait $TOP
+send_back huge $? /tmp/huge.out /tmp/huge.err /tmp/huge.json
+"#;
+
 /// The demo also shows what people read: doctor's text and top's table.
 const DEMO_PLAN: &str = r#"
 say BEGIN doctor_text
@@ -206,6 +224,9 @@ fn plan(only: Option<&[&str]>) -> String {
     }
     if only.is_none_or(|o| o.contains(&"found")) {
         s.push_str(FOUND_PLAN);
+    }
+    if only.is_none_or(|o| o.contains(&"huge")) {
+        s.push_str(HUGE_PLAN);
     }
     if only.is_none_or(|o| o.contains(&"alert")) {
         s.push_str(fleet::LAB_PLAN);
@@ -359,10 +380,11 @@ fn lab(names: &[String], bins: &lab::Binaries, tally: &mut Tally) -> Result<()> 
                 },
             }
         }
-        let daemon_checks: [(&str, &str, fn(&lab::Recorded) -> Result<String>); 3] = [
+        let daemon_checks: [(&str, &str, fn(&lab::Recorded) -> Result<String>); 4] = [
             ("alert", "alert daemon", fleet::check_lab_alert),
             ("enforce", "enforcement (kill, stop, freeze)", fleet::check_lab_enforce),
             ("found", "pins older than pinwatch (start-up scan)", checks::check_found),
+            ("huge", "huge folios pinned by io_uring (top)", checks::check_huge),
         ];
         for (name, label, check) in daemon_checks {
             let what = format!("{} {label}", k.release);

@@ -33,19 +33,20 @@ pub struct Usage {
 }
 
 impl Usage {
-    fn add(&mut self, h: &HeldPin) {
-        self.pinned_bytes += PAGE_SIZE;
+    /// One reference, holding `bytes` in place.
+    fn add(&mut self, h: &HeldPin, bytes: u64) {
+        self.pinned_bytes += bytes;
         let has = |f: Flag| h.flags.contains(&f);
-        self.pin_bytes += PAGE_SIZE * has(Flag::Pin) as u64;
-        self.longterm_bytes += PAGE_SIZE * has(Flag::Longterm) as u64;
-        self.write_bytes += PAGE_SIZE * has(Flag::Write) as u64;
-        self.file_bytes += PAGE_SIZE * h.file as u64;
+        self.pin_bytes += bytes * has(Flag::Pin) as u64;
+        self.longterm_bytes += bytes * has(Flag::Longterm) as u64;
+        self.write_bytes += bytes * has(Flag::Write) as u64;
+        self.file_bytes += bytes * h.file as u64;
         self.oldest_since_ns = Some(self.oldest_since_ns.map_or(h.since_ns, |o| o.min(h.since_ns)));
-        *self.by_func.entry(h.func.clone()).or_default() += PAGE_SIZE;
+        *self.by_func.entry(h.func.clone()).or_default() += bytes;
         let caller = if h.caller.is_empty() { "unknown" } else { h.caller.as_str() };
-        *self.by_caller.entry(caller.to_string()).or_default() += PAGE_SIZE;
+        *self.by_caller.entry(caller.to_string()).or_default() += bytes;
         let path = if h.path.is_empty() { "unknown" } else { h.path.as_str() };
-        *self.by_path.entry(path.to_string()).or_default() += PAGE_SIZE;
+        *self.by_path.entry(path.to_string()).or_default() += bytes;
     }
 
     pub fn oldest_age_ns(&self, now_ns: u64) -> Option<u64> {
@@ -78,22 +79,46 @@ pub fn account(pins: &PinTable) -> Accounts {
     // pins exec takes of its arguments carry the parent's name). Chosen by time, not by
     // the order the pin table iterates in, so that a replay names it as the live run did.
     let mut latest: HashMap<u32, (u64, &str)> = HashMap::new();
-    for (_, h) in pins.iter() {
-        let p = a.processes.entry(h.pid).or_insert_with(|| ProcUsage { pid: h.pid, ..Default::default() });
-        let key = (h.since_ns, h.comm.as_str());
-        let l = latest.entry(h.pid).or_insert((0, ""));
-        if key > *l || p.comm.is_empty() {
-            *l = key;
-            p.comm = h.comm.clone();
-            p.uid = h.uid;
-            p.cgroup_id = h.cgroup_id;
+    for (pfn, list) in pins.by_folio() {
+        let bytes = held_in_place(list, PAGE_SIZE << pins.order(pfn));
+        for (h, bytes) in list.iter().zip(bytes) {
+            let p = a.processes.entry(h.pid).or_insert_with(|| ProcUsage { pid: h.pid, ..Default::default() });
+            let key = (h.since_ns, h.comm.as_str());
+            let l = latest.entry(h.pid).or_insert((0, ""));
+            if key > *l || p.comm.is_empty() {
+                *l = key;
+                p.comm = h.comm.clone();
+                p.uid = h.uid;
+                p.cgroup_id = h.cgroup_id;
+            }
+            p.usage.add(h, bytes);
+            a.cgroups.entry(h.cgroup_id).or_default().add(h, bytes);
+            a.users.entry(h.uid).or_default().add(h, bytes);
+            a.totals.add(h, bytes);
         }
-        p.usage.add(h);
-        a.cgroups.entry(h.cgroup_id).or_default().add(h);
-        a.users.entry(h.uid).or_default().add(h);
-        a.totals.add(h);
     }
     a
+}
+
+/// The bytes each reference on one folio of `folio_bytes` is charged. A pin holds its
+/// whole folio in place, however few of its pages were asked for: each process holding
+/// references there is charged at least the folio (io_uring keeps one reference for a
+/// whole huge folio from 6.10), and one page per reference where it holds more (a page
+/// registered twice). The first reference of each process carries what the folio adds.
+fn held_in_place(list: &[HeldPin], folio_bytes: u64) -> Vec<u64> {
+    if folio_bytes <= PAGE_SIZE {
+        return vec![PAGE_SIZE; list.len()];
+    }
+    let mut refs: HashMap<u32, u64> = HashMap::new();
+    for h in list {
+        *refs.entry(h.pid).or_default() += 1;
+    }
+    list.iter()
+        .map(|h| match refs.remove(&h.pid) {
+            Some(n) => folio_bytes.saturating_sub((n - 1) * PAGE_SIZE).max(PAGE_SIZE),
+            None => PAGE_SIZE,
+        })
+        .collect()
 }
 
 /// Rules like mlock's, set by the user; the memlock rule is on by default.
@@ -260,6 +285,43 @@ mod tests {
             let total: u64 = want.iter().map(|(_, b)| b[0]).sum();
             assert_eq!(a.totals.pinned_bytes, total, "{name}");
         }
+    }
+
+    /// A pin holds its whole folio in place: io_uring from 6.10 keeps one reference per
+    /// huge folio and unpins the rest in one call; the process is still charged the
+    /// folio, once, and one page per reference beyond it.
+    #[test]
+    fn a_pin_holds_its_whole_folio() {
+        use Flag::*;
+        const P: u64 = PAGE_SIZE;
+        let huge = |pid: u32, pfns: &[u64]| match pin(pid, 0, 9, 5, &[Pin, Longterm], pfns, 0) {
+            Event::Pin(mut p) => {
+                p.orders = vec![9; pfns.len()];
+                Event::Pin(p)
+            }
+            e => e,
+        };
+        let bytes = |events: &[Event]| {
+            let mut t = PinTable::default();
+            events.iter().for_each(|e| t.apply(e));
+            account(&t).processes.values().map(|p| (p.pid, p.usage.pinned_bytes, p.usage.longterm_bytes)).collect::<Vec<_>>()
+        };
+        let whole = 512 * P;
+        // 512 references, then 511 unpinned in one call (coalescing): 2 MiB all along.
+        let mut ev = vec![huge(1, &[100; 512])];
+        assert_eq!(bytes(&ev), vec![(1, whole, whole)]);
+        ev.push(unpin(&[100; 511]));
+        assert_eq!(bytes(&ev), vec![(1, whole, whole)]);
+        // the last reference goes: nothing
+        ev.push(unpin(&[100]));
+        assert_eq!(bytes(&ev), vec![]);
+        // one page of a huge folio: the folio; 600 references: 600 pages
+        assert_eq!(bytes(&[huge(1, &[100])]), vec![(1, whole, whole)]);
+        assert_eq!(bytes(&[huge(1, &[100; 600])]), vec![(1, 600 * P, 600 * P)]);
+        // two processes on one folio: each is charged what it holds in place
+        assert_eq!(bytes(&[huge(1, &[100]), huge(2, &[100; 2])]), vec![(1, whole, whole), (2, whole, whole)]);
+        // a single page stays a page
+        assert_eq!(bytes(&[pin(1, 0, 9, 5, &[Pin], &[7], 0)]), vec![(1, P, 0)]);
     }
 
     /// exec's pins carry the parent's name; the process is named by its latest pin, whatever

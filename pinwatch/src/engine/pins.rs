@@ -59,6 +59,8 @@ impl Deref for HeldPin {
 #[derive(Default, Debug)]
 pub struct PinTable {
     by_pfn: HashMap<u64, Vec<HeldPin>>,
+    /// The order of each large folio held (absent: a single page).
+    orders: HashMap<u64, u8>,
     /// Releases of pfns with no matching pin (pins taken before pinwatch started, or
     /// records lost); counted, never guessed at.
     pub unmatched_releases: u64,
@@ -97,6 +99,9 @@ impl PinTable {
         });
         // file_pages is known per call, not per page: the first file_pages pages count.
         for (i, pfn) in p.pfns.iter().enumerate() {
+            if let Some(o) = p.orders.get(i).filter(|o| **o != 0) {
+                self.orders.insert(*pfn, *o);
+            }
             self.by_pfn.entry(*pfn).or_default().push(HeldPin {
                 call: call.clone(),
                 file: (i as u64) < p.file_pages,
@@ -135,8 +140,19 @@ impl PinTable {
         };
         if list.is_empty() {
             self.by_pfn.remove(&pfn);
+            self.orders.remove(&pfn);
         }
         matched
+    }
+
+    /// Every folio with a reference held: its pfn and its references.
+    pub fn by_folio(&self) -> impl Iterator<Item = (u64, &[HeldPin])> {
+        self.by_pfn.iter().map(|(pfn, v)| (*pfn, v.as_slice()))
+    }
+
+    /// The order of the folio at `pfn` (0: a single page, or not held).
+    pub fn order(&self, pfn: u64) -> u8 {
+        self.orders.get(&pfn).copied().unwrap_or(0)
     }
 
     pub fn pins_on(&self, pfn: u64) -> &[HeldPin] {

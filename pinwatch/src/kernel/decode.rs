@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use anyhow::{bail, Result};
 use pinwatch_common::{
     backing, kind, page_op, release, seen, Hook, PageRecord, PinRecord, RecordHeader, ReleaseRecord,
-    MAX_CHUNKS, PFNS_PER_RECORD, PIN_FIXED, RECORD_FAILED, RECORD_SIGNALED, RECORD_SIGNAL_EXEMPT, RECORD_SIGNAL_REFUSED, RECORD_TRUNCATED, RECORD_VERSION, RELEASE_FIXED,
+    MAX_CHUNKS, PFNS_PER_RECORD, PFN_MASK, PFN_ORDER_SHIFT, PIN_FIXED, RECORD_FAILED, RECORD_SIGNALED, RECORD_SIGNAL_EXEMPT, RECORD_SIGNAL_REFUSED, RECORD_TRUNCATED, RECORD_VERSION, RELEASE_FIXED,
 };
 
 use super::btf::FollFlags;
@@ -131,7 +131,7 @@ impl Decoder {
         };
         let h = &r.header;
         let n = (r.nr_pfns as usize).min(PFNS_PER_RECORD);
-        let pfns = r.pfns[..n].iter().copied().filter(|p| *p != u64::MAX);
+        let pfns: Vec<(u64, u8)> = r.pfns[..n].iter().copied().filter(|p| *p != u64::MAX).map(|p| (p & PFN_MASK, ((p >> PFN_ORDER_SHIFT) & 63) as u8)).collect();
         let failed = h.flags & RECORD_FAILED != 0;
         let taken = if r.ret > 0 { r.ret as u64 } else { 0 };
         let chunks = (taken as usize).div_ceil(PFNS_PER_RECORD).clamp(1, MAX_CHUNKS);
@@ -152,6 +152,7 @@ impl Decoder {
                     start: r.start,
                     end: r.start.saturating_add(taken.saturating_mul(4096)),
                     pfns: Vec::with_capacity(taken.min(512) as usize),
+                    orders: Vec::new(),
                     errno: failed.then_some(r.ret.saturating_neg().clamp(0, i32::MAX as i64) as i32),
                     truncated: h.flags & RECORD_TRUNCATED != 0,
                     incomplete: false,
@@ -166,7 +167,13 @@ impl Decoder {
                 0,
             )
         });
-        entry.0.pfns.extend(pfns);
+        let pin = &mut entry.0;
+        if !pin.orders.is_empty() || pfns.iter().any(|(_, o)| *o != 0) {
+            // Orders are listed beside every pfn once any folio is large.
+            pin.orders.resize(pin.pfns.len(), 0);
+            pin.orders.extend(pfns.iter().map(|(_, o)| *o));
+        }
+        pin.pfns.extend(pfns.iter().map(|(p, _)| *p));
         entry.0.file_pages = entry.0.file_pages.saturating_add(r.file_pages as u64);
         if entry.0.file.is_none() {
             entry.0.file = file_ref(&r.file, None);
@@ -222,9 +229,21 @@ fn release_event(r: &ReleaseRecord) -> Event {
             _ => Release::Freed,
         },
         dirty: r.dirty != 0,
-        pfns: r.pfns[..n].iter().copied().filter(|p| *p != u64::MAX).collect(),
+        // A release of many references on one folio comes as its pfn and a count; the
+        // trace lists a pfn once per reference, as for pins. A free or a `gone` drops
+        // every reference whatever the count.
+        pfns: r.pfns[..n]
+            .iter()
+            .copied()
+            .filter(|p| *p != u64::MAX)
+            .flat_map(|p| std::iter::repeat_n(p, (r.refs_each as usize).clamp(1, MAX_REFS_EACH)))
+            .collect(),
     })
 }
+
+/// References one release record may name per pfn: a folio's pages at most (1 GiB of
+/// 4 KiB pages); a larger count from the kernel side would be a bug, not a release.
+const MAX_REFS_EACH: usize = 1 << 18;
 
 fn page_event(r: &PageRecord, foll: &FollFlags) -> Event {
     let h = &r.header;
@@ -423,7 +442,7 @@ mod tests {
         assert!(e.contains("counts 3 pfns"), "{e}");
         // shorter than the fixed part
         assert!(d.push(&full[..PIN_FIXED - 8]).is_err());
-        let mut rel = ReleaseRecord { header: header(kind::RELEASE, Hook::UnpinUserPages), release: release::UNPIN, chunk: 0, nr_pfns: 1, dirty: 0, call_id: 1, pfns: [0; PFNS_PER_RECORD] };
+        let mut rel = ReleaseRecord { header: header(kind::RELEASE, Hook::UnpinUserPages), release: release::UNPIN, chunk: 0, nr_pfns: 1, dirty: 0, call_id: 1, refs_each: 1, _pad: 0, pfns: [0; PFNS_PER_RECORD] };
         rel.pfns[0] = 9;
         let Some(Event::Unpin(u)) = d.push(&bytes(&rel)[..RELEASE_FIXED + 8]).unwrap() else { panic!("no release") };
         assert_eq!(u.pfns, vec![9]);
@@ -442,12 +461,21 @@ mod tests {
             nr_pfns: 3,
             dirty: 1,
             call_id: 1,
+            refs_each: 1,
+            _pad: 0,
             pfns,
         };
         let mut d = Decoder::new(FollFlags::BEFORE_6_3);
         let Some(Event::Unpin(u)) = d.push(&bytes(&r)).unwrap() else { panic!() };
         assert_eq!(u.pfns, vec![7, 8]);
         assert!(u.dirty);
+        // 511 references of one folio (io_uring coalescing a 2 MiB buffer): its pfn once
+        // per reference, all of them.
+        let mut many = r;
+        many.nr_pfns = 1;
+        many.refs_each = 511;
+        let Some(Event::Unpin(u)) = d.push(&bytes(&many)).unwrap() else { panic!() };
+        assert_eq!(u.pfns, vec![7; 511]);
         assert_eq!(u.func, "unpin_user_pages_dirty_lock");
         assert_eq!(u.release, Release::Unpin);
     }

@@ -194,9 +194,10 @@ fn scan_process(kernel: &mut Kernel, c: &Candidate, gup_flags: u32, report: &mut
                         let is_file = a & found::FILE != 0;
                         if !run.extends(*vaddr, is_file) {
                             run.close(c, gup_flags, ts_ns, mapping_file(run.memory_fs), pins);
-                            run = Run { start: *vaddr, file: is_file, memory_fs: a & found::MEMORY_FS != 0, pfns: Vec::new() };
+                            run = Run { start: *vaddr, file: is_file, memory_fs: a & found::MEMORY_FS != 0, ..Default::default() };
                         }
                         run.pfns.push(a & found::PFN_MASK);
+                        run.orders.push(((a >> found::ORDER_SHIFT) & 63) as u8);
                     } else if a & found::KNOWN != 0 {
                         report.pages_known += 1;
                     } else if a & found::FULL != 0 {
@@ -227,6 +228,7 @@ struct Run {
     file: bool,
     memory_fs: bool,
     pfns: Vec<u64>,
+    orders: Vec<u8>,
 }
 
 impl Run {
@@ -239,6 +241,7 @@ impl Run {
             return;
         }
         let n = self.pfns.len() as u64;
+        let orders = std::mem::take(&mut self.orders);
         let mut flags = vec![Flag::Pin];
         if c.longterm {
             flags.push(Flag::Longterm);
@@ -258,6 +261,8 @@ impl Run {
             start: self.start,
             end: self.start + n * PAGE,
             pfns: std::mem::take(&mut self.pfns),
+            // Listed only when a folio is large, as the kernel side's pins are.
+            orders: if orders.iter().any(|o| *o != 0) { orders } else { Vec::new() },
             file_pages: if self.file { n } else { 0 },
             file: if self.file { file } else { None },
             found: true,

@@ -221,6 +221,10 @@ pub struct Pin {
     pub end: u64,
     /// Folio head pfn of each page taken, in order.
     pub pfns: Vec<u64>,
+    /// The order of each page's folio, beside `pfns`; absent when every folio is a
+    /// single page. A pin holds its whole folio in place.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub orders: Vec<u8>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub errno: Option<i32>,
     /// More pages were taken than the kernel side sends pfns for.
