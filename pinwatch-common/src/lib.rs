@@ -562,10 +562,10 @@ mod tests {
         assert_eq!(core::mem::size_of::<RecordHeader>(), 56);
         assert_eq!(core::mem::size_of::<PinRecord>(), 56 + 40 + 8 + 24 + STACK + 8 * PFNS_PER_RECORD);
         assert_eq!(core::mem::size_of::<PageRecord>(), 56 + 8 + 16 + 24 + 8 + STACK + 24);
-        assert_eq!(core::mem::size_of::<ReleaseRecord>(), 56 + 16 + 8 * PFNS_PER_RECORD);
+        assert_eq!(core::mem::size_of::<ReleaseRecord>(), 56 + 24 + 8 * PFNS_PER_RECORD);
         // Pin and release records are sent cut after their last pfn.
         assert_eq!(PIN_FIXED + 8 * PFNS_PER_RECORD, core::mem::size_of::<PinRecord>());
-        assert_eq!(RELEASE_FIXED, 56 + 16);
+        assert_eq!(RELEASE_FIXED, 56 + 24);
         assert_eq!(core::mem::size_of::<PinState>(), 32);
     }
 }
