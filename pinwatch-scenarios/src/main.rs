@@ -149,46 +149,21 @@ struct Held {
     /// Lock the mapping (mlock): the kernel charges it to VmLck.
     #[arg(long)]
     mlock: bool,
-    /// Drop CAP_IPC_LOCK first: the kernel then charges long-term pins to VmPin as it
-    /// does for an unprivileged job (7.x charges nothing to a holder of CAP_IPC_LOCK).
+    /// Run as nobody (uid 65534) once the limits are set, as an unprivileged job does:
+    /// without CAP_IPC_LOCK the kernel charges long-term pins to VmPin on every version
+    /// (7.x charges nothing to a holder of CAP_IPC_LOCK).
     #[arg(long)]
-    no_ipc_lock: bool,
+    as_nobody: bool,
 }
 
 impl Held {
-    fn drop_ipc_lock(&self) -> Result<()> {
-        const CAP_IPC_LOCK: u32 = 14;
-        if self.no_ipc_lock {
-            drop_capability(CAP_IPC_LOCK)?;
+    fn drop_privileges(&self) -> Result<()> {
+        if self.as_nobody {
+            check(unsafe { libc::setgid(65534) } as _, "setgid(65534)")?;
+            check(unsafe { libc::setuid(65534) } as _, "setuid(65534)")?;
         }
         Ok(())
     }
-}
-
-/// Drops `cap` from this process's effective and permitted sets (capset(2)).
-fn drop_capability(cap: u32) -> Result<()> {
-    #[repr(C)]
-    struct Header {
-        version: u32,
-        pid: i32,
-    }
-    #[repr(C)]
-    #[derive(Clone, Copy, Default)]
-    struct Data {
-        effective: u32,
-        permitted: u32,
-        inheritable: u32,
-    }
-    const VERSION_3: u32 = 0x2008_0522;
-    let mut h = Header { version: VERSION_3, pid: 0 };
-    let mut d = [Data::default(); 2];
-    check(unsafe { libc::syscall(libc::SYS_capget, &mut h as *mut Header, d.as_mut_ptr()) }, "capget")?;
-    let (word, bit) = ((cap / 32) as usize, 1u32 << (cap % 32));
-    d[word].effective &= !bit;
-    d[word].permitted &= !bit;
-    d[word].inheritable &= !bit;
-    check(unsafe { libc::syscall(libc::SYS_capset, &mut h as *mut Header, d.as_ptr()) }, "capset")?;
-    Ok(())
 }
 
 /// Says the pins are in place, then waits for `until` to exist.
@@ -434,7 +409,7 @@ fn longterm_file(file: &str, pages: usize) -> Result<()> {
 }
 
 fn memfd_truncate(pages: usize, no_pin: bool, held: &Held) -> Result<()> {
-    held.drop_ipc_lock()?;
+    held.drop_privileges()?;
     let len = pages * PAGE;
     let name = CString::new("pinwatch-memfd")?;
     let fd = check(unsafe { libc::memfd_create(name.as_ptr(), 0) } as _, "memfd_create")? as i32;
@@ -524,7 +499,7 @@ fn iouring_fixed(pages: usize, hold_ms: u64, memlock: Option<u64>, buffers: usiz
         let lim = libc::rlimit { rlim_cur: bytes, rlim_max: bytes };
         check(unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim) } as _, "setrlimit(RLIMIT_MEMLOCK)")?;
     }
-    held.drop_ipc_lock()?;
+    held.drop_privileges()?;
     let buf = if no_huge {
         map_anon_small(pages)?
     } else if huge {

@@ -163,11 +163,11 @@ sh /tmp/work.sh > /dev/null 2>&1
     p += &format!(
         r#"
 # What the start-up scan costs: a process holds 1 GiB of io_uring buffers, pinned
-# before pinwatch starts (charged VmPin: CAP_IPC_LOCK dropped), and top's one refresh
+# before pinwatch starts (charged VmPin: it runs as nobody), and top's one refresh
 # says what its scan found and how long it took.
 say BEGIN startscan
 rm -f /tmp/scan.go
-pinwatch-scenario iouring-fixed --pages {SCAN_PAGES} --buffers 256 --no-huge --memlock 4294967296 --no-ipc-lock --until /tmp/scan.go > /tmp/startscan.out 2>&1 &
+pinwatch-scenario iouring-fixed --pages {SCAN_PAGES} --buffers 256 --no-huge --memlock 4294967296 --as-nobody --until /tmp/scan.go > /tmp/startscan.out 2>&1 &
 H=$!
 i=0; while ! grep -q READY /tmp/startscan.out && [ $i -lt 6000 ]; do sleep 0.1; kill -0 $H 2> /dev/null || break; i=$((i+1)); done
 echo "PINWATCH-VMPIN $(grep VmPin /proc/$H/status)" >> /tmp/startscan.out

@@ -150,11 +150,11 @@ send_back kill9 $? /tmp/kill9.out /tmp/kill9.err /tmp/kill9.jsonl
 /// VmLck and the start-up scan reads it too. `record` starts only then, and must find
 /// the holder's 8 pages pinned, name it as the pinner of the truncate that follows, and
 /// see the pins released when the holder unregisters; the control must show nothing.
-/// The holder drops CAP_IPC_LOCK, or 7.x would charge it no VmPin at all.
+/// The holder runs as nobody, without CAP_IPC_LOCK, or 7.x would charge it no VmPin.
 const FOUND_PLAN: &str = r#"
 say BEGIN found
 rm -f /tmp/found.go
-pinwatch-scenario memfd-truncate --pages 8 --no-ipc-lock --until /tmp/found.go > /tmp/found_h.out 2>&1 &
+pinwatch-scenario memfd-truncate --pages 8 --as-nobody --until /tmp/found.go > /tmp/found_h.out 2>&1 &
 H=$!
 pinwatch-scenario memfd-truncate --pages 8 --no-pin --mlock --until /tmp/found.go > /tmp/found_c.out 2>&1 &
 C=$!
@@ -177,14 +177,14 @@ send_back found $RC /tmp/found.out /tmp/found.err /tmp/found.jsonl
 /// buffers while top watches. From 6.10 io_uring keeps one reference per huge folio (it
 /// unpins the others at once, 255 or 511 in one call): top must still show the 8 MiB
 /// the pins hold in place, beside VmPin, and nothing once they are unregistered. The
-/// holder drops CAP_IPC_LOCK so that 7.x charges VmPin too.
+/// holder runs as nobody (no CAP_IPC_LOCK) so that 7.x charges VmPin too.
 const HUGE_PLAN: &str = r#"
 say BEGIN huge
 cat /sys/kernel/mm/transparent_hugepage/enabled > /tmp/huge.err
 pinwatch top -b -n 40 -d 1 --format json > /tmp/huge.json 2>> /tmp/huge.err &
 TOP=$!
 i=0; while [ ! -s /tmp/huge.json ] && [ $i -lt 900 ]; do sleep 0.1; i=$((i+1)); done
-pinwatch-scenario iouring-fixed --pages 2048 --buffers 8 --huge --memlock 67108864 --no-ipc-lock --hold-ms 3000 > /tmp/huge.out 2>&1
+pinwatch-scenario iouring-fixed --pages 2048 --buffers 8 --huge --memlock 67108864 --as-nobody --hold-ms 3000 > /tmp/huge.out 2>&1
 sleep 2.5
 kill -TERM $TOP
 wait $TOP

@@ -242,14 +242,15 @@ impl Kernel {
         }
     }
 
-    /// Loads the sweep program (attached nowhere, run on request).
+    /// Loads a program that is attached nowhere and run on request (BPF_PROG_TEST_RUN).
+    fn load_test_run(&mut self, name: &str) -> Result<()> {
+        let p: &mut RawTracePoint = self.ebpf.program_mut(name).ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?.try_into()?;
+        p.load().map_err(|e| anyhow!("loading {name}: {}", error_chain(&e)))
+    }
+
+    /// Loads the sweep program.
     pub fn sweeper(&mut self) -> Result<Sweeper> {
-        let p: &mut RawTracePoint = self
-            .ebpf
-            .program_mut("sweep_pfn")
-            .ok_or_else(|| anyhow!("program sweep_pfn missing from the eBPF object"))?
-            .try_into()?;
-        p.load().map_err(|e| anyhow!("loading sweep_pfn: {}", error_chain(&e)))?;
+        self.load_test_run("sweep_pfn")?;
         Ok(Sweeper { ok: true })
     }
 
@@ -270,15 +271,9 @@ impl Kernel {
         }
     }
 
-    /// Loads the start-up scan's program (attached nowhere, run on request).
+    /// Loads the start-up scan's program.
     pub fn finder(&mut self) -> Result<()> {
-        let p: &mut RawTracePoint = self
-            .ebpf
-            .program_mut("found_pfns")
-            .ok_or_else(|| anyhow!("program found_pfns missing from the eBPF object"))?
-            .try_into()?;
-        p.load().map_err(|e| anyhow!("loading found_pfns: {}", error_chain(&e)))?;
-        Ok(())
+        self.load_test_run("found_pfns")
     }
 
     /// One batch of the start-up scan: the kernel side answers each pfn of `tgid`'s
