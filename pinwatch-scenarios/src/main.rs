@@ -60,9 +60,13 @@ enum Scenario {
         #[arg(long)]
         no_huge: bool,
         /// Back the buffer with transparent huge pages (2 MiB aligned, MADV_HUGEPAGE),
-        /// and say how much of it is (PINWATCH-SCENARIO-THP, kB).
+        /// and say how much of it is (PINWATCH-SCENARIO-HUGE, kB).
         #[arg(long, conflicts_with = "no_huge")]
         huge: bool,
+        /// Back the buffer with hugetlbfs pages (MAP_HUGETLB: vm.nr_hugepages must have
+        /// them), and say how much of it is.
+        #[arg(long, conflicts_with_all = ["no_huge", "huge"])]
+        hugetlb: bool,
         #[command(flatten)]
         held: Held,
         /// Once --until's file exists, register this many more pages on a second ring,
@@ -494,7 +498,8 @@ fn pvm_writev(pages: usize) -> Result<()> {
 #[repr(C)]
 struct IoUringParams([u8; 120]);
 
-fn iouring_fixed(pages: usize, hold_ms: u64, memlock: Option<u64>, buffers: usize, no_huge: bool, huge: bool, held: &Held, then_pages: Option<usize>) -> Result<()> {
+#[allow(clippy::too_many_arguments)]
+fn iouring_fixed(pages: usize, hold_ms: u64, memlock: Option<u64>, buffers: usize, no_huge: bool, huge: bool, hugetlb: bool, held: &Held, then_pages: Option<usize>) -> Result<()> {
     if let Some(bytes) = memlock {
         let lim = libc::rlimit { rlim_cur: bytes, rlim_max: bytes };
         check(unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim) } as _, "setrlimit(RLIMIT_MEMLOCK)")?;
@@ -504,6 +509,13 @@ fn iouring_fixed(pages: usize, hold_ms: u64, memlock: Option<u64>, buffers: usiz
         map_anon_small(pages)?
     } else if huge {
         map_anon_huge(pages)?
+    } else if hugetlb {
+        let p = unsafe { libc::mmap(std::ptr::null_mut(), pages * PAGE, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_HUGETLB, -1, 0) };
+        if p == libc::MAP_FAILED {
+            bail!("mmap(MAP_HUGETLB): {} (vm.nr_hugepages too low?)", std::io::Error::last_os_error());
+        }
+        dirty(p as *mut u8, pages, 1);
+        p as *mut u8
     } else {
         map_anon(pages)?
     };
@@ -513,11 +525,12 @@ fn iouring_fixed(pages: usize, hold_ms: u64, memlock: Option<u64>, buffers: usiz
     let ring = uring()?;
     report("iouring-fixed", pages, "");
     check(register_split(ring, buf, pages * PAGE, buffers), "IORING_REGISTER_BUFFERS")?;
-    if huge {
+    if huge || hugetlb {
         let kb = |file: &str, key: &str| -> u64 {
             std::fs::read_to_string(file).ok().and_then(|t| t.lines().find_map(|l| l.strip_prefix(key).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok()))).unwrap_or(0)
         };
-        println!("PINWATCH-SCENARIO-THP {} {}", kb("/proc/self/smaps_rollup", "AnonHugePages:"), kb("/proc/self/status", "VmPin:"));
+        let backed = if huge { kb("/proc/self/smaps_rollup", "AnonHugePages:") } else { kb("/proc/self/status", "HugetlbPages:") };
+        println!("PINWATCH-SCENARIO-HUGE {} {}", backed, kb("/proc/self/status", "VmPin:"));
         let _ = std::io::stdout().flush();
     }
     match &held.until {
@@ -559,7 +572,7 @@ fn main() -> Result<()> {
         Scenario::OdirectSlow(dio) => odirect_slow(&dio),
         Scenario::Vmsplice { pages, hold_ms } => vmsplice(pages, hold_ms),
         Scenario::PvmWritev { pages } => pvm_writev(pages),
-        Scenario::IouringFixed { pages, hold_ms, memlock, buffers, no_huge, huge, held, then_pages } => iouring_fixed(pages, hold_ms, memlock, buffers, no_huge, huge, &held, then_pages),
+        Scenario::IouringFixed { pages, hold_ms, memlock, buffers, no_huge, huge, hugetlb, held, then_pages } => iouring_fixed(pages, hold_ms, memlock, buffers, no_huge, huge, hugetlb, &held, then_pages),
         Scenario::Buffered { file, pages } => buffered(&file, pages),
         Scenario::OdirectHazard { dio, target, no_pin } => odirect_hazard(&dio, target, no_pin),
         Scenario::Released(dio) => released(&dio),

@@ -456,26 +456,36 @@ pub fn check_found(r: &Recorded) -> Result<String> {
     ))
 }
 
-/// HUGE_PLAN: 8 MiB of transparent huge pages pinned by io_uring, seen by top as the
-/// 8 MiB they hold in place (beside VmPin), then as nothing.
+/// HUGE_PLAN: 8 MiB of transparent huge pages, then 8 MiB of hugetlbfs pages, pinned by
+/// io_uring, each seen by top as the 8 MiB they hold in place (beside VmPin), then as
+/// nothing.
 pub fn check_huge(r: &Recorded) -> Result<String> {
     ensure!(r.ended, "the guest never finished the run");
     ensure!(r.rc == Some(0), "top exited {:?}: {}", r.rc, r.err.join(" | "));
-    let (pid, pages, _) = basics(r)?;
-    let bytes = pages * 4096;
-    let thp = r.out.iter().find_map(|l| l.strip_prefix("PINWATCH-SCENARIO-THP ")).context("the scenario never said how much of its buffer is huge pages")?;
-    let (thp_kb, vmpin_kb) = thp.split_once(' ').map(|(a, b)| (a.parse::<u64>().unwrap_or(0), b.parse::<u64>().unwrap_or(0))).unwrap_or((0, 0));
-    ensure!(thp_kb * 1024 >= bytes, "only {thp_kb} kB of the buffer are transparent huge pages (THP: {}), not the {bytes} bytes the check needs", r.err.first().map(String::as_str).unwrap_or("?"));
-    ensure!(vmpin_kb * 1024 == bytes, "the kernel charges VmPin {vmpin_kb} kB for the {bytes} bytes registered");
-    let row = |doc: &Value| doc["processes"].as_array().and_then(|ps| ps.iter().find(|p| p["pid"].as_u64() == Some(pid)).cloned());
-    let seen: Vec<u64> = r.trace.iter().filter_map(row).map(|p| p["longterm_bytes"].as_u64().unwrap_or(0)).collect();
-    ensure!(seen.contains(&bytes), "no refresh shows pid {pid} with {bytes} bytes long-term pinned (what VmPin says): {seen:?}");
-    ensure!(seen.iter().all(|b| *b <= bytes), "a refresh shows more than the {bytes} bytes pinned: {seen:?}");
+    let said: Vec<Value> = r.out.iter().filter_map(|l| l.strip_prefix("PINWATCH-SCENARIO ")).filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let huge: Vec<(u64, u64)> = r
+        .out
+        .iter()
+        .filter_map(|l| l.strip_prefix("PINWATCH-SCENARIO-HUGE "))
+        .filter_map(|l| l.split_once(' ').map(|(a, b)| (a.parse().unwrap_or(0), b.parse().unwrap_or(0))))
+        .collect();
+    ensure!(said.len() == 2 && huge.len() == 2, "the two scenarios (THP, hugetlbfs) did not both run: {:?}", r.out);
+    let row = |doc: &Value, pid: u64| doc["processes"].as_array().and_then(|ps| ps.iter().find(|p| p["pid"].as_u64() == Some(pid)).cloned());
     let last = r.trace.last().context("no refresh")?;
-    let after = row(last).map(|p| p["pinned_bytes"].as_u64().unwrap_or(0)).unwrap_or(0);
-    ensure!(after == 0, "pid {pid} still shows {after} bytes pinned after unregistering");
+    let mut done = Vec::new();
+    for ((s, (huge_kb, vmpin_kb)), what) in said.iter().zip(huge).zip(["transparent huge pages", "hugetlbfs pages"]) {
+        let (pid, bytes) = (u(s, "pid"), u(s, "pages") * 4096);
+        ensure!(huge_kb * 1024 >= bytes, "only {huge_kb} kB of the buffer are {what} (THP: {}), not the {bytes} bytes the check needs", r.err.first().map(String::as_str).unwrap_or("?"));
+        ensure!(vmpin_kb * 1024 == bytes, "the kernel charges VmPin {vmpin_kb} kB for the {bytes} bytes of {what} registered");
+        let seen: Vec<u64> = r.trace.iter().filter_map(|d| row(d, pid)).map(|p| p["longterm_bytes"].as_u64().unwrap_or(0)).collect();
+        ensure!(seen.contains(&bytes), "{what}: no refresh shows pid {pid} with {bytes} bytes long-term pinned (what VmPin says): {seen:?}");
+        ensure!(seen.iter().all(|b| *b <= bytes), "{what}: a refresh shows more than the {bytes} bytes pinned: {seen:?}");
+        let after = row(last, pid).map(|p| p["pinned_bytes"].as_u64().unwrap_or(0)).unwrap_or(0);
+        ensure!(after == 0, "{what}: pid {pid} still shows {after} bytes pinned after unregistering");
+        done.push(format!("{what} (pid {pid}): {bytes} bytes long-term beside VmPin {vmpin_kb} kB, then 0"));
+    }
     ensure!(last["lost_events"].as_u64() == Some(0), "top lost {} events: {}", last["lost_events"], last["lost_by_reason"]);
-    Ok(format!("pid {pid}: {thp_kb} kB of huge pages registered; top shows {bytes} bytes long-term pinned beside VmPin {vmpin_kb} kB, then 0"))
+    Ok(done.join("; "))
 }
 
 /// The story `pinwatch report --story --file /mnt/hazard` tells of the hazard scenario:

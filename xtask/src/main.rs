@@ -173,8 +173,8 @@ cat /tmp/found_h.out /tmp/found_c.out > /tmp/found.out
 send_back found $RC /tmp/found.out /tmp/found.err /tmp/found.jsonl
 "#;
 
-/// Huge folios: 8 MiB of transparent huge pages registered as eight 1 MiB io_uring
-/// buffers while top watches. From 6.10 io_uring keeps one reference per huge folio (it
+/// Huge folios: 8 MiB of transparent huge pages, then 8 MiB of hugetlbfs pages,
+/// registered as eight 1 MiB io_uring buffers while top watches. From 6.10 io_uring keeps one reference per huge folio (it
 /// unpins the others at once, 255 or 511 in one call): top must still show the 8 MiB
 /// the pins hold in place, beside VmPin, and nothing once they are unregistered. The
 /// holder runs as nobody (no CAP_IPC_LOCK) so that 7.x charges VmPin too.
@@ -185,6 +185,9 @@ pinwatch top -b -n 40 -d 1 --format json > /tmp/huge.json 2>> /tmp/huge.err &
 TOP=$!
 i=0; while [ ! -s /tmp/huge.json ] && [ $i -lt 900 ]; do sleep 0.1; i=$((i+1)); done
 pinwatch-scenario iouring-fixed --pages 2048 --buffers 8 --huge --memlock 67108864 --as-nobody --hold-ms 3000 > /tmp/huge.out 2>&1
+sleep 2.5
+echo 8 > /proc/sys/vm/nr_hugepages
+pinwatch-scenario iouring-fixed --pages 2048 --buffers 8 --hugetlb --memlock 67108864 --as-nobody --hold-ms 3000 >> /tmp/huge.out 2>&1
 sleep 2.5
 kill -TERM $TOP
 wait $TOP
