@@ -488,6 +488,9 @@ pub mod globals {
     pub const STRUCT_PAGE_SIZE: &str = "STRUCT_PAGE_SIZE";
     /// Offset of compound_head (compound_info on 7.1+) in struct page.
     pub const PAGE_COMPOUND_HEAD_OFF: &str = "PAGE_COMPOUND_HEAD_OFF";
+    /// 1 where a tail page's compound_info is a mask on its own address (7.1+ with the
+    /// HugeTLB vmemmap optimization), 0 where it points to the head.
+    pub const COMPOUND_INFO_MASK: &str = "COMPOUND_INFO_MASK";
     pub const BIO_IO_VEC_OFF: &str = "BIO_IO_VEC_OFF";
     pub const BIO_VCNT_OFF: &str = "BIO_VCNT_OFF";
     pub const PIPE_BUFFER_PAGE_OFF: &str = "PIPE_BUFFER_PAGE_OFF";

@@ -11,6 +11,8 @@ static VMEMMAP_BASE: u64 = 0;
 static STRUCT_PAGE_SIZE: u64 = 64;
 #[no_mangle]
 static PAGE_COMPOUND_HEAD_OFF: u64 = 8;
+#[no_mangle]
+static COMPOUND_INFO_MASK: u64 = 0;
 
 #[inline(always)]
 fn global(v: &'static u64) -> u64 {
@@ -23,7 +25,9 @@ pub fn struct_page_size() -> u64 {
 }
 
 /// The folio head of a (sub)page: compound_head has bit 0 set on tail pages and then
-/// points one byte past the head. An unreadable field leaves the page as its own head.
+/// points one byte past the head, or, on 7.1+ with the HugeTLB vmemmap optimization,
+/// holds a mask that gives the head from the tail's own address (COMPOUND_INFO_MASK).
+/// An unreadable field leaves the page as its own head.
 #[inline(always)]
 pub fn folio_head(page: u64) -> u64 {
     head_at(page, global(&PAGE_COMPOUND_HEAD_OFF))
@@ -31,11 +35,14 @@ pub fn folio_head(page: u64) -> u64 {
 
 /// folio_head with the offset at hand. Written without branches on the data: it runs in
 /// loops the verifier walks page by page, where each branch would double the paths.
+/// The branch on the encoding is on a constant the verifier knows (a frozen global).
 #[inline(always)]
 fn head_at(page: u64, head_off: u64) -> u64 {
     let ch: u64 = unsafe { bpf_probe_read_kernel((page + head_off) as *const u64) }.unwrap_or(0);
     let tail = 0u64.wrapping_sub(ch & 1);
-    (page & !tail) | (ch.wrapping_sub(1) & tail)
+    // A struct page address has bit 0 clear, so the mask's bit 0 changes nothing.
+    let head = if global(&COMPOUND_INFO_MASK) != 0 { page & ch } else { ch.wrapping_sub(1) };
+    (page & !tail) | (head & tail)
 }
 
 /// pfn of a struct page pointer: (page - vmemmap_base) / sizeof(struct page).

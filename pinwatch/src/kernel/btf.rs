@@ -28,6 +28,10 @@ pub struct Layouts {
     /// compound_head, or compound_info on 7.1+.
     pub compound_head_field: &'static str,
     pub compound_head_off: u64,
+    /// A tail page's compound_info holds a mask to apply to its own address, not a
+    /// pointer to its head (7.1+, where struct page's size is a power of 2 and the
+    /// kernel has the HugeTLB vmemmap optimization): what _compound_head() then does.
+    pub compound_info_mask: bool,
     pub bio_io_vec_off: u64,
     pub bio_vcnt_off: u64,
     pub pipe_buffer_page_off: u64,
@@ -219,7 +223,13 @@ pub fn read_layouts(btf: &Btf) -> Result<Layouts> {
         _ => (FollFlags::BEFORE_6_3, "5.10-6.2 defines"),
     };
     let struct_page_size = page.size() as u64;
+    // compound_info_has_mask(): CONFIG_HUGETLB_PAGE_OPTIMIZE_VMEMMAP (its sysctl exists)
+    // and a power-of-2 struct page, on kernels whose field says compound_info.
+    let compound_info_mask = compound_head_field == "compound_info"
+        && struct_page_size.is_power_of_two()
+        && std::path::Path::new("/proc/sys/vm/hugetlb_optimize_vmemmap").exists();
     Ok(Layouts {
+        compound_info_mask,
         folio: folio_layout(btf, struct_page_size).context("struct folio / page fields for the hazard hooks")?,
         struct_page_size,
         compound_head_field,

@@ -257,8 +257,15 @@ fn text(r: &Report) -> String {
     wrap(
         &mut out,
         &format!(
-            "struct page: {} bytes, {} at +{}; FOLL_WRITE={:#x} FOLL_LONGTERM={:#x} FOLL_PIN={:#x} (from {})",
-            l.struct_page_size, l.compound_head_field, l.compound_head_off, l.foll.write, l.foll.longterm, l.foll.pin, l.foll_source
+            "struct page: {} bytes, {} at +{}{}; FOLL_WRITE={:#x} FOLL_LONGTERM={:#x} FOLL_PIN={:#x} (from {})",
+            l.struct_page_size,
+            l.compound_head_field,
+            l.compound_head_off,
+            if l.compound_info_mask { " (a mask on tail pages)" } else { "" },
+            l.foll.write,
+            l.foll.longterm,
+            l.foll.pin,
+            l.foll_source
         ),
         "  ",
     );
