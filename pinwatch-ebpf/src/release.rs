@@ -3,10 +3,10 @@
 //! page free, after which no reference of any kind can be left.
 
 use aya_ebpf::helpers::bpf_probe_read_kernel;
-use pinwatch_common::{kind, pin_state, release, PinState, PFNS_PER_RECORD, RELEASE_FIXED, RELEASE_MAX_CHUNKS};
+use pinwatch_common::{counter, kind, pin_state, release, PinState, PFNS_PER_RECORD, RELEASE_FIXED, RELEASE_MAX_CHUNKS};
 
 use crate::{
-    maps::{atomic_add, maybe_pinned, pins_remove, GUP_CALLS, KNOWN, PINS, PROC_PINS, QUIET_GETS, RELEASE_DEPTH, RELEASE_SCRATCH},
+    maps::{atomic_add, count, maybe_pinned, pins_remove, GUP_CALLS, KNOWN, PINS, PROC_PINS, QUIET_GETS, RELEASE_DEPTH, RELEASE_SCRATCH},
     page::{head_pfn, page_to_pfn, struct_page_size, PfnMath},
     record::{current, fill_header, send, Nest},
 };
@@ -210,6 +210,31 @@ pub fn exit() {
 #[inline(always)]
 pub fn page_array(hook: u16, release: u16, pages: u64, npages: u64, dirty: u16) {
     release_items(hook, release, dirty, npages.min(MAX_PAGES), |i| slot_pfn(pages + i * 8));
+    if npages > MAX_PAGES {
+        array_rest(hook, release, pages, npages);
+    }
+}
+
+/// The pages of an array past what the records carry. When they are the rest of one
+/// folio (consecutive struct pages from the first to the last, one head), they go in
+/// one count, exactly: io_uring's coalescing unpins 255 or 511 pages of one huge folio
+/// in one unpin_user_pages (6.10 to 7.0). Otherwise they are left to the page-free
+/// safety net and the sweep, and counted.
+#[inline(always)]
+fn array_rest(hook: u16, release: u16, pages: u64, npages: u64) {
+    let read_u64 = |a: u64| unsafe { bpf_probe_read_kernel(a as *const u64) }.unwrap_or(0);
+    let n = npages - MAX_PAGES;
+    let (first, last) = (read_u64(pages + MAX_PAGES * 8), read_u64(pages + (npages - 1) * 8));
+    let math = PfnMath::new();
+    let pfn = math.head_pfn(first);
+    let one_folio = first != 0 && last == first + (n - 1) * struct_page_size() && math.head_pfn(last) == pfn;
+    if pfn == u64::MAX || !one_folio {
+        count(counter::PFNS_TRUNCATED, n);
+        return;
+    }
+    if maybe_pinned(pfn) {
+        release_refs(hook, release, pfn, n);
+    }
 }
 
 /// unpin_user_page_range_dirty_lock: npages consecutive struct pages from `page`.
@@ -228,6 +253,13 @@ pub fn folio_refs(hook: u16, release: u16, page: u64, refs: u64, leaf: bool) {
     if pfn == u64::MAX || !maybe_pinned(pfn) || (leaf && nested()) {
         return;
     }
+    release_refs(hook, release, pfn, refs);
+}
+
+/// `refs` references on the folio at `pfn`, all at once however many: one record with
+/// the count, when user space must hear of any.
+#[inline(always)]
+fn release_refs(hook: u16, release: u16, pfn: u64, refs: u64) {
     let Some(nest) = Nest::enter() else { return };
     if let Some(k) = KNOWN.get_ptr_mut(nest.level) {
         unsafe { *k = 0 };

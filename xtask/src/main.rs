@@ -181,6 +181,7 @@ send_back found $RC /tmp/found.out /tmp/found.err /tmp/found.jsonl
 const HUGE_PLAN: &str = r#"
 say BEGIN huge
 cat /sys/kernel/mm/transparent_hugepage/enabled > /tmp/huge.err
+echo "hugetlb_optimize_vmemmap: $(cat /proc/sys/vm/hugetlb_optimize_vmemmap 2>&1)" >> /tmp/huge.err
 pinwatch top -b -n 40 -d 1 --format json > /tmp/huge.json 2>> /tmp/huge.err &
 TOP=$!
 i=0; while [ ! -s /tmp/huge.json ] && [ $i -lt 900 ]; do sleep 0.1; i=$((i+1)); done
