@@ -16,6 +16,13 @@ pub struct KernelArgs {
     /// bytes of kernel memory). Pins past it are counted (pin_map_full), not watched.
     #[arg(long, default_value_t = PIN_MAP_CAPACITY, value_parser = clap::value_parser!(u32).range(1..=(1 << 26)))]
     pub pin_map_capacity: u32,
+}
+
+/// How to load, for the modes that watch the live kernel (record, top, alert).
+#[derive(clap::Args, Debug, Clone, Copy)]
+pub struct LiveArgs {
+    #[command(flatten)]
+    pub kernel: KernelArgs,
     /// Do not look for pins taken before pinwatch started (the start-up scan of the
     /// processes charged VmPin or VmLck).
     #[arg(long)]

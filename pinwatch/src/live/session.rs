@@ -8,7 +8,7 @@ use std::{collections::{BTreeMap, BTreeSet, HashMap}, time::Duration};
 use anyhow::{bail, Result};
 
 use crate::{
-    args::KernelArgs,
+    args::LiveArgs,
     kernel::Streaming,
     engine::{
         account::{account, Accounts},
@@ -97,7 +97,8 @@ pub struct Tick {
 
 impl Session {
     /// Loads and attaches; refuses to run blind, explains tracepoint-only mode.
-    pub fn open(args: KernelArgs, limits: &LimitArgs, streaming: Streaming) -> Result<Session> {
+    pub fn open(live: LiveArgs, limits: &LimitArgs, streaming: Streaming) -> Result<Session> {
+        let args = live.kernel;
         let mut kernel = Kernel::open(args.attach, args.pin_map_capacity, streaming)?;
         crate::kernel::plan::check_mode(&kernel.caps, args.attach).map_err(anyhow::Error::msg)?;
         let mode = kernel.attach()?;
@@ -150,7 +151,7 @@ impl Session {
         // Pins older than pinwatch: looked for once every hook is armed, so that a pin
         // taken from now on is seen, not found, and a found one's release is seen. Only
         // where GUP calls and their releases can be seen at all.
-        let found = if args.no_start_scan || mode != Mode::Full {
+        let found = if live.no_start_scan || mode != Mode::Full {
             Vec::new()
         } else {
             match crate::kernel::found::scan(&mut kernel) {

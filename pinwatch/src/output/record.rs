@@ -30,7 +30,7 @@ pub struct RecordArgs {
     #[arg(short, long, value_parser = args::duration)]
     pub duration: Option<Duration>,
     #[command(flatten)]
-    pub kernel: crate::args::KernelArgs,
+    pub kernel: crate::args::LiveArgs,
     #[command(flatten)]
     pub limits: LimitArgs,
     /// The bench's floor: attach every hook with programs that return at once (the

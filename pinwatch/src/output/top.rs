@@ -143,7 +143,7 @@ pub struct TopArgs {
     #[arg(long)]
     pub user: Option<String>,
     #[command(flatten)]
-    pub kernel: crate::args::KernelArgs,
+    pub kernel: crate::args::LiveArgs,
     #[command(flatten)]
     pub limits: LimitArgs,
 }

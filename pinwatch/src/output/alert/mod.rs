@@ -21,7 +21,7 @@ use std::{
 use anyhow::{Context as _, Result};
 
 use crate::{
-    args::KernelArgs,
+    args::LiveArgs,
     engine::account::{Accounts, PAGE_SIZE},
     kernel::{
         load::Counters,
@@ -66,7 +66,7 @@ pub struct AlertArgs {
     #[arg(long, value_enum, value_name = "ACTION")]
     pub enforce: Option<config::Action>,
     #[command(flatten)]
-    pub kernel: KernelArgs,
+    pub kernel: LiveArgs,
     #[command(flatten)]
     pub limits: LimitArgs,
 }
