@@ -11,9 +11,11 @@ use crate::{
     record::{current, fill_header, send, Nest},
 };
 
-/// KNOWN bits: the chunk names a pfn user space must hear of; one of them was exposed.
+/// KNOWN bits: the chunk names a pfn user space must hear of; one of them was exposed;
+/// and, from bit 32, the references each named pfn loses (see release_pfn).
 const KNOWN_SEND: u64 = 1;
 const KNOWN_EXPOSED: u64 = 2;
+const KNOWN_HEARD_SHIFT: u64 = 32;
 
 #[no_mangle]
 static BIO_IO_VEC_OFF: u64 = 0;
@@ -30,12 +32,20 @@ const MAX_PAGES: u64 = (PFNS_PER_RECORD * RELEASE_MAX_CHUNKS) as u64;
 /// A global function: the verifier checks it once, not at every unrolled call site.
 #[no_mangle]
 #[inline(never)]
-pub extern "C" fn release_pfn(pfn: u64, release: u64, level: u64) -> u64 {
-    if pfn != u64::MAX && maybe_pinned(pfn) && track_release(pfn, release as u16, level as u32, 1) != 0 {
-        pfn
-    } else {
-        u64::MAX
+pub extern "C" fn release_pfn(pfn: u64, release: u64, level: u64, refs: u64) -> u64 {
+    if pfn == u64::MAX || !maybe_pinned(pfn) {
+        return u64::MAX;
     }
+    let heard = track_release(pfn, release as u16, level as u32, refs as u32);
+    if heard == 0 {
+        return u64::MAX;
+    }
+    // How many references user space must drop, above the KNOWN bits: 1 for an item
+    // of an array (its items release one each), the count for one folio's many.
+    if let Some(k) = KNOWN.get_ptr_mut(level as u32) {
+        unsafe { *k |= (heard as u64) << KNOWN_HEARD_SHIFT };
+    }
+    pfn
 }
 
 /// Folio head pfn of the page pointer stored at `slot` (u64::MAX if unreadable).
@@ -121,7 +131,7 @@ fn unquiet(tgid: u32, n: u64) {
 /// so the verifier sees one shape per iteration; pfns pinwatch did not know are sent as
 /// u64::MAX and skipped by user space.
 #[inline(always)]
-fn release_items(hook: u16, release: u16, dirty: u16, n: u64, pfn_of: impl Fn(u64) -> u64) {
+fn release_items(hook: u16, release: u16, dirty: u16, n: u64, refs: u64, pfn_of: impl Fn(u64) -> u64) {
     let Some(nest) = Nest::enter() else { return };
     let Some(rec) = RELEASE_SCRATCH.get_ptr_mut(nest.level) else {
         return;
@@ -133,7 +143,6 @@ fn release_items(hook: u16, release: u16, dirty: u16, n: u64, pfn_of: impl Fn(u6
     r.release = release;
     r.dirty = dirty;
     r.call_id = (r.header.ts_ns << 16) ^ r.header.tid as u64;
-    r.refs_each = 1;
     for chunk in 0..RELEASE_MAX_CHUNKS {
         let base = (chunk * PFNS_PER_RECORD) as u64;
         if base >= n {
@@ -148,7 +157,7 @@ fn release_items(hook: u16, release: u16, dirty: u16, n: u64, pfn_of: impl Fn(u6
             if j as u16 >= used {
                 break;
             }
-            let pfn = release_pfn(pfn_of(base + j as u64), release as u64, nest.level as u64);
+            let pfn = release_pfn(pfn_of(base + j as u64), release as u64, nest.level as u64, refs);
             // The mask makes the slot bound explicit to the verifier. (It did not win the
             // fentry twins of unpin_user_pages on 5.10 and 6.1; kprobe serves them there.)
             r.pfns[j & (PFNS_PER_RECORD - 1)] = pfn;
@@ -158,6 +167,7 @@ fn release_items(hook: u16, release: u16, dirty: u16, n: u64, pfn_of: impl Fn(u6
         if k & KNOWN_SEND != 0 {
             r.chunk = chunk as u16;
             r.nr_pfns = used;
+            r.refs_each = (k >> KNOWN_HEARD_SHIFT) as u32;
             // A dirtying release of an exposed page is a hazard: user space hears now.
             send(r, RELEASE_FIXED + used as usize * 8, k & KNOWN_EXPOSED != 0 && dirty != 0);
         }
@@ -209,7 +219,7 @@ pub fn exit() {
 /// unpin_user_pages and friends: an array of page pointers.
 #[inline(always)]
 pub fn page_array(hook: u16, release: u16, pages: u64, npages: u64, dirty: u16) {
-    release_items(hook, release, dirty, npages.min(MAX_PAGES), |i| slot_pfn(pages + i * 8));
+    release_items(hook, release, dirty, npages.min(MAX_PAGES), 1, |i| slot_pfn(pages + i * 8));
     if npages > MAX_PAGES {
         array_rest(hook, release, pages, npages);
     }
@@ -241,7 +251,7 @@ fn array_rest(hook: u16, release: u16, pages: u64, npages: u64) {
 #[inline(always)]
 pub fn page_range(hook: u16, page: u64, npages: u64, dirty: u16) {
     let size = struct_page_size();
-    release_items(hook, release::UNPIN, dirty, npages.min(MAX_PAGES), |i| head_pfn(page + i * size));
+    release_items(hook, release::UNPIN, dirty, npages.min(MAX_PAGES), 1, |i| head_pfn(page + i * size));
 }
 
 /// `refs` references on one folio (unpin_user_folio, unpin_folio, unpin_user_page,
@@ -256,30 +266,11 @@ pub fn folio_refs(hook: u16, release: u16, page: u64, refs: u64, leaf: bool) {
     release_refs(hook, release, pfn, refs);
 }
 
-/// `refs` references on the folio at `pfn`, all at once however many: one record with
-/// the count, when user space must hear of any.
+/// `refs` references on the folio at `pfn`, all at once however many: one record
+/// naming the pfn once, with the count user space must drop.
 #[inline(always)]
 fn release_refs(hook: u16, release: u16, pfn: u64, refs: u64) {
-    let Some(nest) = Nest::enter() else { return };
-    if let Some(k) = KNOWN.get_ptr_mut(nest.level) {
-        unsafe { *k = 0 };
-    }
-    // All `refs` at once, however many: one record with the count.
-    let heard = track_release(pfn, release, nest.level, refs.min(u32::MAX as u64) as u32);
-    if heard == 0 {
-        return;
-    }
-    let Some(rec) = RELEASE_SCRATCH.get_ptr_mut(nest.level) else { return };
-    let r = unsafe { &mut *rec };
-    fill_header(&mut r.header, kind::RELEASE, hook);
-    r.release = release;
-    r.dirty = 0;
-    r.chunk = 0;
-    r.nr_pfns = 1;
-    r.call_id = (r.header.ts_ns << 16) ^ r.header.tid as u64;
-    r.refs_each = heard;
-    r.pfns[0] = pfn;
-    send(r, RELEASE_FIXED + 8, false);
+    release_items(hook, release, 0, 1, refs.clamp(1, u32::MAX as u64), |_| pfn);
 }
 
 /// Pages per bio_vec looked at. A bvec spans several pages when they are physically
@@ -302,7 +293,7 @@ pub fn bio(hook: u16, bio: u64, dirty: u16) {
         return;
     }
     let n = (vcnt * PAGES_PER_BVEC).min(MAX_PAGES);
-    release_items(hook, release::PUT, dirty, n, |i| bvec_page_pfn(vec + (i / PAGES_PER_BVEC) * 16, i % PAGES_PER_BVEC));
+    release_items(hook, release::PUT, dirty, n, 1, |i| bvec_page_pfn(vec + (i / PAGES_PER_BVEC) * 16, i % PAGES_PER_BVEC));
 }
 
 /// Folio head pfn of page `p` of the bio_vec at `bv` (u64::MAX past its end).
@@ -342,5 +333,5 @@ pub fn page_free(hook: u16, page: u64) {
     if !maybe_pinned(pfn) {
         return;
     }
-    release_items(hook, release::FREED, 0, 1, |_| pfn);
+    release_items(hook, release::FREED, 0, 1, 1, |_| pfn);
 }

@@ -185,14 +185,19 @@ echo "hugetlb_optimize_vmemmap: $(cat /proc/sys/vm/hugetlb_optimize_vmemmap 2>&1
 pinwatch top -b -n 40 -d 1 --format json > /tmp/huge.json 2>> /tmp/huge.err &
 TOP=$!
 i=0; while [ ! -s /tmp/huge.json ] && [ $i -lt 900 ]; do sleep 0.1; i=$((i+1)); done
-pinwatch-scenario iouring-fixed --pages 2048 --buffers 8 --huge --memlock 67108864 --as-nobody --hold-ms 3000 > /tmp/huge.out 2>&1
+timeout -s KILL 120 pinwatch-scenario iouring-fixed --pages 2048 --buffers 8 --huge --memlock 67108864 --as-nobody --hold-ms 3000 > /tmp/huge.out 2>&1
+echo "PINWATCH-HUGE thp-rc $?" >> /tmp/huge.err
 sleep 2.5
 echo 8 > /proc/sys/vm/nr_hugepages
-pinwatch-scenario iouring-fixed --pages 2048 --buffers 8 --hugetlb --memlock 67108864 --as-nobody --hold-ms 3000 >> /tmp/huge.out 2>&1
+echo "PINWATCH-HUGE nr_hugepages $(cat /proc/sys/vm/nr_hugepages)" >> /tmp/huge.err
+timeout -s KILL 120 pinwatch-scenario iouring-fixed --pages 2048 --buffers 8 --hugetlb --memlock 67108864 --as-nobody --hold-ms 3000 >> /tmp/huge.out 2>&1
+echo "PINWATCH-HUGE hugetlb-rc $?" >> /tmp/huge.err
 sleep 2.5
 kill -TERM $TOP
 wait $TOP
-send_back huge $? /tmp/huge.out /tmp/huge.err /tmp/huge.json
+RC=$?
+dmesg | tail -n 20 | sed 's/^/PINWATCH-HUGE dmesg /' >> /tmp/huge.err
+send_back huge $RC /tmp/huge.out /tmp/huge.err /tmp/huge.json
 "#;
 
 /// The demo also shows what people read: doctor's text and top's table.
