@@ -219,32 +219,32 @@ pub fn exit() {
 /// unpin_user_pages and friends: an array of page pointers.
 #[inline(always)]
 pub fn page_array(hook: u16, release: u16, pages: u64, npages: u64, dirty: u16) {
-    release_items(hook, release, dirty, npages.min(MAX_PAGES), 1, |i| slot_pfn(pages + i * 8));
-    if npages > MAX_PAGES {
-        array_rest(hook, release, pages, npages);
+    // An array longer than the records carry that is one folio's pages (io_uring's
+    // coalescing unpins 255 or 511 pages of one huge folio at once, 6.10 to 7.0) goes
+    // as its first page with the count; any other is cut, and what is cut counted.
+    // One call of release_items either way: two in one program cost 5.10's and 6.1's
+    // verifiers the bound of the record's length.
+    let one_folio = npages > MAX_PAGES && is_one_folio(pages, npages);
+    let (n, refs) = if one_folio { (1, npages) } else { (npages.min(MAX_PAGES), 1) };
+    if !one_folio && npages > MAX_PAGES {
+        count(counter::PFNS_TRUNCATED, npages - MAX_PAGES);
     }
+    release_items(hook, release, dirty, n, refs, |i| slot_pfn(pages + i * 8));
 }
 
-/// The pages of an array past what the records carry. When they are the rest of one
-/// folio (consecutive struct pages from the first to the last, one head), they go in
-/// one count, exactly: io_uring's coalescing unpins 255 or 511 pages of one huge folio
-/// in one unpin_user_pages (6.10 to 7.0). Otherwise they are left to the page-free
-/// safety net and the sweep, and counted.
-#[inline(always)]
-fn array_rest(hook: u16, release: u16, pages: u64, npages: u64) {
+/// Whether the `npages` page pointers at `pages` are consecutive struct pages of one
+/// folio: the first and the last have one head, and as many struct pages lie between.
+#[no_mangle]
+#[inline(never)]
+pub extern "C" fn is_one_folio(pages: u64, npages: u64) -> bool {
     let read_u64 = |a: u64| unsafe { bpf_probe_read_kernel(a as *const u64) }.unwrap_or(0);
-    let n = npages - MAX_PAGES;
-    let (first, last) = (read_u64(pages + MAX_PAGES * 8), read_u64(pages + (npages - 1) * 8));
+    if npages == 0 {
+        return false;
+    }
+    let (first, last) = (read_u64(pages), read_u64(pages + (npages - 1) * 8));
     let math = PfnMath::new();
-    let pfn = math.head_pfn(first);
-    let one_folio = first != 0 && last == first + (n - 1) * struct_page_size() && math.head_pfn(last) == pfn;
-    if pfn == u64::MAX || !one_folio {
-        count(counter::PFNS_TRUNCATED, n);
-        return;
-    }
-    if maybe_pinned(pfn) {
-        release_refs(hook, release, pfn, n);
-    }
+    let head = math.head_pfn(first);
+    first != 0 && head != u64::MAX && last == first + (npages - 1) * struct_page_size() && math.head_pfn(last) == head
 }
 
 /// unpin_user_page_range_dirty_lock: npages consecutive struct pages from `page`.
