@@ -263,13 +263,8 @@ pub fn folio_refs(hook: u16, release: u16, page: u64, refs: u64, leaf: bool) {
     if pfn == u64::MAX || !maybe_pinned(pfn) || (leaf && nested()) {
         return;
     }
-    release_refs(hook, release, pfn, refs);
-}
-
-/// `refs` references on the folio at `pfn`, all at once however many: one record
-/// naming the pfn once, with the count user space must drop.
-#[inline(always)]
-fn release_refs(hook: u16, release: u16, pfn: u64, refs: u64) {
+    // All `refs` at once, however many: one record naming the pfn once, with the count
+    // user space must drop.
     release_items(hook, release, 0, 1, refs.clamp(1, u32::MAX as u64), |_| pfn);
 }
 

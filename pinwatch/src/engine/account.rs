@@ -80,8 +80,9 @@ pub fn account(pins: &PinTable) -> Accounts {
     // the order the pin table iterates in, so that a replay names it as the live run did.
     let mut latest: HashMap<u32, (u64, &str)> = HashMap::new();
     for (pfn, list) in pins.by_folio() {
-        let bytes = held_in_place(list, PAGE_SIZE << pins.order(pfn));
-        for (h, bytes) in list.iter().zip(bytes) {
+        let mut in_place = HeldInPlace::new(list, PAGE_SIZE << pins.order(pfn));
+        for h in list {
+            let bytes = in_place.charge(h);
             let p = a.processes.entry(h.pid).or_insert_with(|| ProcUsage { pid: h.pid, ..Default::default() });
             let key = (h.since_ns, h.comm.as_str());
             let l = latest.entry(h.pid).or_insert((0, ""));
@@ -100,25 +101,35 @@ pub fn account(pins: &PinTable) -> Accounts {
     a
 }
 
-/// The bytes each reference on one folio of `folio_bytes` is charged. A pin holds its
-/// whole folio in place, however few of its pages were asked for: each process holding
-/// references there is charged at least the folio (io_uring keeps one reference for a
-/// whole huge folio from 6.10), and one page per reference where it holds more (a page
-/// registered twice). The first reference of each process carries what the folio adds.
-fn held_in_place(list: &[HeldPin], folio_bytes: u64) -> Vec<u64> {
-    if folio_bytes <= PAGE_SIZE {
-        return vec![PAGE_SIZE; list.len()];
+/// The bytes each reference on one folio is charged. A pin holds its whole folio in
+/// place, however few of its pages were asked for: each process holding references
+/// there is charged at least the folio (io_uring keeps one reference for a whole huge
+/// folio from 6.10), and one page per reference where it holds more (a page registered
+/// twice). The first reference of each process carries what the folio adds. A single
+/// page costs no allocation: account() runs at every tick over every folio held.
+struct HeldInPlace {
+    folio_bytes: u64,
+    /// References per process on a large folio, until its first is charged.
+    refs: HashMap<u32, u64>,
+}
+
+impl HeldInPlace {
+    fn new(list: &[HeldPin], folio_bytes: u64) -> HeldInPlace {
+        let mut refs = HashMap::new();
+        if folio_bytes > PAGE_SIZE {
+            for h in list {
+                *refs.entry(h.pid).or_default() += 1;
+            }
+        }
+        HeldInPlace { folio_bytes, refs }
     }
-    let mut refs: HashMap<u32, u64> = HashMap::new();
-    for h in list {
-        *refs.entry(h.pid).or_default() += 1;
-    }
-    list.iter()
-        .map(|h| match refs.remove(&h.pid) {
-            Some(n) => folio_bytes.saturating_sub((n - 1) * PAGE_SIZE).max(PAGE_SIZE),
+
+    fn charge(&mut self, h: &HeldPin) -> u64 {
+        match self.refs.remove(&h.pid) {
+            Some(n) => self.folio_bytes.saturating_sub((n - 1) * PAGE_SIZE).max(PAGE_SIZE),
             None => PAGE_SIZE,
-        })
-        .collect()
+        }
+    }
 }
 
 /// Rules like mlock's, set by the user; the memlock rule is on by default.
