@@ -13,6 +13,7 @@ use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod vfio;
 
 const PAGE: usize = 4096;
 
@@ -115,6 +116,16 @@ enum Scenario {
         file: String,
         #[arg(long, default_value_t = 8)]
         pages: usize,
+    },
+    /// VFIO type1: map anonymous memory for DMA through IOMMU group `group` (a device
+    /// bound to vfio-pci): a long-term pin of every page, charged to VmLck.
+    VfioMap {
+        #[arg(long)]
+        group: u32,
+        #[arg(long, default_value_t = 256)]
+        pages: usize,
+        #[arg(long, default_value_t = 3000)]
+        hold_ms: u64,
     },
     /// Bench: `ops` one-page O_DIRECT reads of an ext4 file (the pin hot path).
     BenchDio {
@@ -578,6 +589,7 @@ fn main() -> Result<()> {
         Scenario::Released(dio) => released(&dio),
         Scenario::LongtermFile { file, pages } => longterm_file(&file, pages),
         Scenario::MemfdTruncate { pages, no_pin, held } => memfd_truncate(pages, no_pin, &held),
+        Scenario::VfioMap { group, pages, hold_ms } => vfio::map(group, pages, hold_ms),
         Scenario::BenchDio { file, ops } => bench::dio(&file, ops),
         Scenario::BenchWriteback { file, pages, rounds } => bench::writeback(&file, pages, rounds),
         Scenario::BenchFootprint { pages, hold_ms } => bench::footprint(pages, hold_ms),

@@ -394,7 +394,7 @@ pub fn run(kernel_names: &[String], rounds: usize, check: bool, bins: &mut lab::
         std::fs::create_dir_all(&work)?;
         println!("bench: Debian {} under QEMU TCG, {rounds} rounds (mode order rotated), medians", k.release);
         let img = lab::build_initramfs(&k, bins, &plan(rounds), &work)?;
-        let boot = lab::boot_with_memory(&k, &img, &work, BENCH_LIMIT, "3G", None)?;
+        let boot = lab::boot_with_memory(&k, &img, &work, BENCH_LIMIT, "3G", None, false)?;
         let results = lab::parse(&boot.results);
         let (mut report, problems) = report(&k.release, rounds, &results);
         report["replay"] = replay.clone();

@@ -256,7 +256,7 @@ pub fn check_hazards(scenario: &str, r: &Recorded, v: (u32, u32)) -> Result<Stri
 pub fn check_top(r: &Recorded, v: (u32, u32)) -> Result<String> {
     let (pid, pages, _) = basics(r)?;
     let bytes = pages * 4096;
-    let row = |doc: &Value| doc["processes"].as_array().and_then(|ps| ps.iter().find(|p| p["pid"].as_u64() == Some(pid)).cloned());
+    let row = |doc: &Value| row(doc, pid);
     // exec's own FOLL_GET references show for a moment, until the sweep finds them gone:
     // some refresh must show the buffers alone.
     let during = r.trace.iter().filter_map(row).find(|p| p["longterm_bytes"].as_u64() == Some(bytes) && p["pinned_bytes"].as_u64() == Some(bytes));
@@ -462,15 +462,9 @@ pub fn check_found(r: &Recorded) -> Result<String> {
 pub fn check_huge(r: &Recorded) -> Result<String> {
     ensure!(r.ended, "the guest never finished the run");
     ensure!(r.rc == Some(0), "top exited {:?}: {}", r.rc, r.err.join(" | "));
-    let said: Vec<Value> = r.out.iter().filter_map(|l| l.strip_prefix("PINWATCH-SCENARIO ")).filter_map(|l| serde_json::from_str(l).ok()).collect();
-    let huge: Vec<(u64, u64)> = r
-        .out
-        .iter()
-        .filter_map(|l| l.strip_prefix("PINWATCH-SCENARIO-HUGE "))
-        .filter_map(|l| l.split_once(' ').map(|(a, b)| (a.parse().unwrap_or(0), b.parse().unwrap_or(0))))
-        .collect();
+    let said = scenario_lines(r, "iouring-fixed");
+    let huge = kb_pairs(r, "PINWATCH-SCENARIO-HUGE ");
     ensure!(said.len() == 2 && huge.len() == 2, "the two scenarios (THP, hugetlbfs) did not both run: {:?}", r.out);
-    let row = |doc: &Value, pid: u64| doc["processes"].as_array().and_then(|ps| ps.iter().find(|p| p["pid"].as_u64() == Some(pid)).cloned());
     let last = r.trace.last().context("no refresh")?;
     let mut done = Vec::new();
     for ((s, (huge_kb, vmpin_kb)), what) in said.iter().zip(huge).zip(["transparent huge pages", "hugetlbfs pages"]) {
@@ -486,6 +480,62 @@ pub fn check_huge(r: &Recorded) -> Result<String> {
     }
     ensure!(last["lost_events"].as_u64() == Some(0), "top lost {} events: {}", last["lost_events"], last["lost_by_reason"]);
     Ok(done.join("; "))
+}
+
+/// What the scenarios of a run said they did (`PINWATCH-SCENARIO {json}`), of one kind.
+fn scenario_lines(r: &Recorded, scenario: &str) -> Vec<Value> {
+    r.out
+        .iter()
+        .filter_map(|l| l.strip_prefix("PINWATCH-SCENARIO "))
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["scenario"] == scenario)
+        .collect()
+}
+
+/// Pairs of kilobyte figures a scenario printed after `prefix`.
+fn kb_pairs(r: &Recorded, prefix: &str) -> Vec<(u64, u64)> {
+    r.out
+        .iter()
+        .filter_map(|l| l.strip_prefix(prefix))
+        .filter_map(|l| l.split_once(' ').map(|(a, b)| (a.trim().parse().unwrap_or(0), b.trim().parse().unwrap_or(0))))
+        .collect()
+}
+
+/// One process's row in one of top's JSON refreshes.
+fn row(doc: &Value, pid: u64) -> Option<Value> {
+    doc["processes"].as_array().and_then(|ps| ps.iter().find(|p| p["pid"].as_u64() == Some(pid)).cloned())
+}
+
+/// VFIO (in the huge part's top session): QEMU's `edu` device bound to vfio-pci behind
+/// the emulated Intel IOMMU, 4 MiB of anonymous memory mapped for DMA through its group.
+/// top must show the 4 MiB long-term pinned by path VFIO, beside the kernel's VmLck
+/// (type1 charges VmLck, not VmPin), say so, and show nothing once it is unmapped.
+pub fn check_vfio(r: &Recorded) -> Result<String> {
+    ensure!(r.ended, "the guest never finished the run");
+    let setup: Vec<&str> = r.err.iter().filter(|l| l.contains("PINWATCH-HUGE vfio")).map(String::as_str).collect();
+    let said = scenario_lines(r, "vfio-map");
+    let s = said.first().with_context(|| format!("the VFIO scenario did not map: {setup:?}; {:?}", r.out.iter().filter(|l| !l.starts_with("PINWATCH")).collect::<Vec<_>>()))?;
+    let (vmlck_kb, vmpin_kb) = *kb_pairs(r, "PINWATCH-SCENARIO-VMLCK ").first().context("the VFIO scenario did not say its VmLck")?;
+    ensure!(setup.iter().any(|l| l.contains("vfio-rc 0")), "the VFIO scenario failed: {setup:?}");
+    let (pid, bytes) = (u(s, "pid"), u(s, "pages") * 4096);
+    ensure!(vmlck_kb * 1024 == bytes && vmpin_kb == 0, "the kernel charges VmLck {vmlck_kb} kB, VmPin {vmpin_kb} kB for {bytes} bytes mapped: not type1's accounting");
+    let rows: Vec<Value> = r.trace.iter().filter_map(|d| row(d, pid)).collect();
+    let full = rows
+        .iter()
+        .find(|p| p["longterm_bytes"].as_u64() == Some(bytes))
+        .with_context(|| format!("no refresh shows pid {pid} with {bytes} bytes long-term pinned: {:?}", rows.iter().map(|p| &p["longterm_bytes"]).collect::<Vec<_>>()))?;
+    ensure!(rows.iter().all(|p| p["pinned_bytes"].as_u64().unwrap_or(0) <= bytes), "a refresh shows more than the {bytes} bytes mapped");
+    ensure!(full["by_path"]["VFIO"].as_u64() == Some(bytes), "the {bytes} bytes are not all by path VFIO: {}", full["by_path"]);
+    ensure!(full["vmlck_bytes"].as_u64() == Some(bytes), "top's row does not show VmLck {bytes}: {}", full["vmlck_bytes"]);
+    let said_why = full["disagreement"].as_str().unwrap_or("");
+    ensure!(said_why.contains("VmLck"), "top does not say the pins are charged to VmLck: {said_why:?}");
+    let last = r.trace.last().context("no refresh")?;
+    let after = row(last, pid).map(|p| p["pinned_bytes"].as_u64().unwrap_or(0)).unwrap_or(0);
+    ensure!(after == 0, "pid {pid} still shows {after} bytes pinned after VFIO_IOMMU_UNMAP_DMA");
+    Ok(format!(
+        "pid {pid}: {bytes} bytes long-term by path VFIO beside VmLck {vmlck_kb} kB (VmPin 0): \"{said_why}\", then 0; {}",
+        setup.first().copied().unwrap_or("").trim_start_matches("PINWATCH-HUGE ")
+    ))
 }
 
 /// The story `pinwatch report --story --file /mnt/hazard` tells of the hazard scenario:

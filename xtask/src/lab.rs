@@ -28,6 +28,11 @@ const MODULES: &[(&str, &str)] = &[
     // A network card, for Prometheus on the host to scrape the daemon in the guest.
     ("virtio_pci", ""),
     ("virtio_net", ""),
+    // VFIO's type1 container over the emulated Intel IOMMU (lab boots with `iommu`).
+    // QEMU's IOMMU here remaps no interrupts, which type1 refuses unless told.
+    ("vfio", ""),
+    ("vfio_iommu_type1", "allow_unsafe_interrupts=1"),
+    ("vfio_pci", ""),
 ];
 
 /// Modules a kernel may have built in without saying so: 7.x's package ships no
@@ -228,7 +233,7 @@ pub struct Boot {
 }
 
 pub fn boot(k: &Kernel, initramfs: &Path, work: &Path, limit: Duration) -> Result<Boot> {
-    boot_with_memory(k, initramfs, work, limit, "1G", None)
+    boot_with_memory(k, initramfs, work, limit, "1G", None, false)
 }
 
 /// Where a boot's results port is written, as it runs.
@@ -241,10 +246,19 @@ pub fn results_path(work: &Path) -> PathBuf {
 /// `forward`: QEMU's user network, with 127.0.0.1:PORT here forwarded to the guest's
 /// port 9464 (the daemon's metrics); without it, QEMU's default card, which the guest
 /// leaves alone.
-pub fn boot_with_memory(k: &Kernel, initramfs: &Path, work: &Path, limit: Duration, memory: &str, forward: Option<u16>) -> Result<Boot> {
+/// `iommu`: a q35 machine with an emulated Intel IOMMU (the guest's `intel_iommu=on`,
+/// other devices passed through) and QEMU's `edu` PCI device for the guest to bind to
+/// vfio-pci: VFIO's DMA mappings pin memory as on a host with a real device.
+pub fn boot_with_memory(k: &Kernel, initramfs: &Path, work: &Path, limit: Duration, memory: &str, forward: Option<u16>, iommu: bool) -> Result<Boot> {
     let console = work.join("console.log");
     let results = results_path(work);
     let mut qemu = Command::new("qemu-system-x86_64");
+    let mut append = String::from("console=ttyS0 panic=-1 oops=panic quiet");
+    if iommu {
+        // The IOMMU must come before every other PCI device.
+        qemu.args(["-machine", "q35", "-device", "intel-iommu", "-device", "edu"]);
+        append.push_str(" intel_iommu=on iommu=pt");
+    }
     match forward {
         Some(port) => qemu.args(["-netdev", &format!("user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:9464"), "-device", "virtio-net-pci,netdev=n0"]),
         None => &mut qemu,
@@ -255,7 +269,8 @@ pub fn boot_with_memory(k: &Kernel, initramfs: &Path, work: &Path, limit: Durati
         .arg(&k.vmlinuz)
         .arg("-initrd")
         .arg(initramfs)
-        .args(["-append", "console=ttyS0 panic=-1 oops=panic quiet"])
+        .arg("-append")
+        .arg(&append)
         .arg("-serial")
         .arg(format!("file:{}", console.display()))
         .arg("-serial")

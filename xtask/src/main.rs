@@ -182,7 +182,7 @@ const HUGE_PLAN: &str = r#"
 say BEGIN huge
 cat /sys/kernel/mm/transparent_hugepage/enabled > /tmp/huge.err
 echo "hugetlb_optimize_vmemmap: $(cat /proc/sys/vm/hugetlb_optimize_vmemmap 2>&1)" >> /tmp/huge.err
-pinwatch top -b -n 40 -d 1 --format json > /tmp/huge.json 2>> /tmp/huge.err &
+pinwatch top -b -n 60 -d 1 --format json > /tmp/huge.json 2>> /tmp/huge.err &
 TOP=$!
 i=0; while [ ! -s /tmp/huge.json ] && [ $i -lt 900 ]; do sleep 0.1; i=$((i+1)); done
 timeout -s KILL 120 pinwatch-scenario iouring-fixed --pages 2048 --buffers 8 --huge --memlock 67108864 --as-nobody --hold-ms 3000 > /tmp/huge.out 2>&1
@@ -193,6 +193,18 @@ echo "PINWATCH-HUGE nr_hugepages $(cat /proc/sys/vm/nr_hugepages)" >> /tmp/huge.
 timeout -s KILL 120 pinwatch-scenario iouring-fixed --pages 2048 --buffers 8 --hugetlb --memlock 67108864 --as-nobody --hold-ms 3000 >> /tmp/huge.out 2>&1
 echo "PINWATCH-HUGE hugetlb-rc $?" >> /tmp/huge.err
 sleep 2.5
+for d in /sys/bus/pci/devices/*; do [ "$(cat $d/vendor):$(cat $d/device)" = "0x1234:0x11e8" ] && EDU=${d##*/}; done
+if [ -n "$EDU" ]; then
+  echo vfio-pci > /sys/bus/pci/devices/$EDU/driver_override
+  echo $EDU > /sys/bus/pci/drivers_probe
+  G=$(readlink /sys/bus/pci/devices/$EDU/iommu_group); G=${G##*/}
+  echo "PINWATCH-HUGE vfio device $EDU group $G driver $(readlink /sys/bus/pci/devices/$EDU/driver)" >> /tmp/huge.err
+  timeout -s KILL 120 pinwatch-scenario vfio-map --group "$G" --pages 1024 --hold-ms 3000 >> /tmp/huge.out 2>&1
+  echo "PINWATCH-HUGE vfio-rc $?" >> /tmp/huge.err
+  sleep 2.5
+else
+  echo "PINWATCH-HUGE vfio no edu device" >> /tmp/huge.err
+fi
 kill -TERM $TOP
 wait $TOP
 RC=$?
@@ -324,7 +336,7 @@ fn lab(names: &[String], bins: &lab::Binaries, tally: &mut Tally) -> Result<()> 
         let (boot, scraped) = std::thread::scope(|scope| {
             let watcher = prometheus.as_ref().ok().map(|p| scope.spawn(|| p.watch(&lab::results_path(&work), &done)));
             let boot = lab::build_initramfs(&k, bins, &script, &work).and_then(|img| {
-                lab::boot_with_memory(&k, &img, &work, BOOT_LIMIT, "1G", prometheus.as_ref().ok().map(|p| p.metrics_port))
+                lab::boot_with_memory(&k, &img, &work, BOOT_LIMIT, "1G", prometheus.as_ref().ok().map(|p| p.metrics_port), true)
             });
             done.store(true, std::sync::atomic::Ordering::Relaxed);
             (boot, watcher.map(|w| w.join().unwrap_or_default()))
@@ -389,11 +401,12 @@ fn lab(names: &[String], bins: &lab::Binaries, tally: &mut Tally) -> Result<()> 
                 },
             }
         }
-        let daemon_checks: [(&str, &str, fn(&lab::Recorded) -> Result<String>); 4] = [
+        let daemon_checks: [(&str, &str, fn(&lab::Recorded) -> Result<String>); 5] = [
             ("alert", "alert daemon", fleet::check_lab_alert),
             ("enforce", "enforcement (kill, stop, freeze)", fleet::check_lab_enforce),
             ("found", "pins older than pinwatch (start-up scan)", checks::check_found),
             ("huge", "huge folios pinned by io_uring (top)", checks::check_huge),
+            ("huge", "VFIO DMA mapping behind an emulated IOMMU (top)", checks::check_vfio),
         ];
         for (name, label, check) in daemon_checks {
             let what = format!("{} {label}", k.release);

@@ -210,6 +210,8 @@ fn disagreement(u: &Usage, k: Option<&ProcInfo>) -> Option<String> {
     }
     Some(if vmpin > lt {
         format!("VmPin {} more than seen: pins older than pinwatch, or not visible here", human(vmpin - lt))
+    } else if vmpin == 0 && k.is_some_and(|k| k.kernel.vmlck_bytes >= lt) {
+        "long-term pins not charged to VmPin; VmLck covers them (VFIO charges VmLck)".to_string()
     } else if vmpin == 0 {
         "long-term pins not charged to VmPin (CAP_IPC_LOCK on 7.x, VFIO charges VmLck, or the caller charges nothing)".to_string()
     } else {
@@ -741,6 +743,16 @@ mod tests {
         assert_eq!(by_diff[0].pid, 3);
         // Direct I/O charges nothing to VmPin and takes no long-term pins: no disagreement.
         assert_eq!(r[1].disagreement, None);
+    }
+
+    #[test]
+    fn vfio_pins_are_said_to_be_charged_to_vmlck() {
+        let acc = table(&[(1, &[Flag::Pin, Flag::Longterm, Flag::Write], 256), (2, &[Flag::Pin, Flag::Longterm, Flag::Write], 256)]);
+        let vfio = ProcInfo { kernel: KernelProc { vmlck_bytes: 1 << 20, ..info(0, None).kernel }, ..info(0, None) };
+        let procs: HashMap<u32, ProcInfo> = [(1, vfio), (2, info(0, None))].into();
+        let r = rows(&acc, &procs, &HashMap::new(), &HashMap::new(), 0, &mut |u| u.to_string());
+        assert!(r[0].disagreement.as_deref().unwrap().contains("VmLck covers them"), "{:?}", r[0].disagreement);
+        assert!(r[1].disagreement.as_deref().unwrap().contains("caller charges nothing"), "{:?}", r[1].disagreement);
     }
 
     #[test]
