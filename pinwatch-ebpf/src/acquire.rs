@@ -14,7 +14,7 @@ use pinwatch_common::{
 use crate::{
     maps::{
         atomic_add, count, pins_insert, ARMED, ENFORCE, EXEMPT_CGROUPS, EXEMPT_COMMS, EXEMPT_UIDS, GUP_CALLS, GUP_STACKS, LONGTERM_RELEASED, PINS,
-        PIN_SCRATCH, PROC_PINS, QUIET_GETS, QUIET_TALLY, STACK_SCRATCH,
+        PIN_SCRATCH, PROC_PINS, QUIET_GETS, STACK_SCRATCH,
     },
     page::{backing, file_of, folio_head, folio_order, mapping, PfnMath},
     record::{current, fill_header, fill_stack, is_self, send, stream_all, Nest},
@@ -197,23 +197,44 @@ fn track_quietly(call: &GupCall, ret: i64, tgid: u32, ts: u64) {
     if ret <= 0 {
         return;
     }
-    let Some(nest) = Nest::enter() else { return };
-    let Some(tally) = QUIET_TALLY.get_ptr_mut(nest.level) else { return };
-    unsafe { *tally = 0 };
-    let n = (ret as u64).min((PFNS_PER_RECORD * MAX_CHUNKS) as u64);
+    let n = (ret as u64).min(MAX_PAGES);
     if ret as u64 > n {
         count(counter::PFNS_TRUNCATED, ret as u64 - n);
     }
-    let math = PfnMath::new();
     let flags = call.gup_flags as u64 | QUIET_REF | if is_pin(call.hook) { PIN_REF } else { 0 };
-    for i in 0..(PFNS_PER_RECORD * MAX_CHUNKS) as u64 {
-        if i >= n {
+    let mut tracked = 0;
+    for chunk in 0..MAX_CHUNKS as u64 {
+        let base = chunk * PFNS_PER_RECORD as u64;
+        if base >= n {
             break;
         }
-        let r = pin_page(call.pages + i * 8, math.base(), tgid as u64, flags, ts);
-        unsafe { *tally += (r & UNTRACKED == 0) as u64 };
+        tracked += quiet_chunk(call.pages + base * 8, n - base, tgid as u64, flags, ts);
     }
-    count_call(tgid, n, Some(unsafe { *tally }), 0);
+    count_call(tgid, n, Some(tracked), 0);
+}
+
+/// Pages one GUP call may have tracked: MAX_CHUNKS records of PFNS_PER_RECORD.
+const MAX_PAGES: u64 = (PFNS_PER_RECORD * MAX_CHUNKS) as u64;
+
+/// Up to PFNS_PER_RECORD pages of an unstreamed call, from the page pointer at `slots`
+/// on (`left`: pages of the call from there); returns how many went into PINS.
+/// A global function, like pin_page: the verifier checks it once, and a call of any
+/// size costs it one call site per chunk.
+#[no_mangle]
+#[inline(never)]
+pub extern "C" fn quiet_chunk(slots: u64, left: u64, tgid: u64, flags: u64, ts: u64) -> u64 {
+    let math = PfnMath::new();
+    let mut tracked = 0;
+    for j in 0..PFNS_PER_RECORD as u64 {
+        if j >= left {
+            break;
+        }
+        let r = pin_page(slots + j * 8, math.base(), tgid, flags, ts);
+        // Bit 63 is UNTRACKED (u64::MAX has it too): counted without a branch, which
+        // would fork the verifier's states at every page.
+        tracked += !r >> 63;
+    }
+    tracked
 }
 
 #[inline(always)]
@@ -259,49 +280,61 @@ fn record(call: &GupCall, ret: i64, tgid: u32, tid: u32) {
         return;
     }
     let n = ret as u64;
-    let max = (PFNS_PER_RECORD * MAX_CHUNKS) as u64;
-    if n > max {
+    if n > MAX_PAGES {
         rec.header.flags = RECORD_TRUNCATED;
-        count(counter::PFNS_TRUNCATED, n - max);
+        count(counter::PFNS_TRUNCATED, n - MAX_PAGES);
     }
-    let math = PfnMath::new();
     let flags = call.gup_flags as u64 | if is_pin(call.hook) { PIN_REF } else { 0 };
     let longterm = call.gup_flags as u64 & unsafe { core::ptr::read_volatile(&FOLL_LONGTERM) } != 0;
-    count_call(tgid, n.min(max), None, if longterm { n } else { 0 });
+    count_call(tgid, n.min(MAX_PAGES), None, if longterm { n } else { 0 });
     if longterm {
         rec.header.flags |= enforce(tgid);
     }
-    for chunk in 0..MAX_CHUNKS {
-        let base = (chunk * PFNS_PER_RECORD) as u64;
+    for chunk in 0..MAX_CHUNKS as u64 {
+        let base = chunk * PFNS_PER_RECORD as u64;
         if base >= n {
             break;
         }
-        // Pages in this chunk, known before the loop: a count kept inside it would make
-        // each exit a state of its own for the verifier.
-        let k = (n - base).min(PFNS_PER_RECORD as u64) as u16;
-        for j in 0..PFNS_PER_RECORD {
-            if j as u16 >= k {
-                break;
-            }
-            let i = base + j as u64;
-            rec.pfns[j & (PFNS_PER_RECORD - 1)] = pin_page(call.pages + i * 8, math.base(), tgid as u64, flags, ts);
-        }
-        rec.chunk = chunk as u16;
-        rec.nr_pfns = k;
-        // Whether the pages are page cache, judged by the chunk's first page: a branch
-        // per page in the loop above multiplies the verifier's paths past its limit,
-        // and a GUP call rarely spans more than one mapping.
-        let first = unsafe { bpf_probe_read_kernel((call.pages + base * 8) as *const u64) }.unwrap_or(0);
-        let m = if first == 0 { 0 } else { mapping(folio_head(first)) };
-        if backing(m) == bk::FILE {
-            rec.file_pages = k;
-            rec.file = file_of(m);
-        } else {
-            rec.file_pages = 0;
-            rec.file = Default::default();
-        }
-        send(rec, PIN_FIXED + k as usize * 8, false);
+        pin_chunk(call.pages + base * 8, n - base, nest.level as u64, chunk, flags);
     }
+}
+
+/// One chunk of a streamed call: up to PFNS_PER_RECORD pages from the page pointer at
+/// `slots` on (`left`: pages of the call from there) into the scratch record of nesting
+/// level `level`, whose header and call fields are filled, then sent as chunk `chunk`.
+/// A global function: the verifier checks it once, and a call of any size costs it
+/// one call site per chunk (VFIO and RDMA pin 512 pages per call, io_uring a whole
+/// buffer in one).
+#[no_mangle]
+#[inline(never)]
+pub extern "C" fn pin_chunk(slots: u64, left: u64, level: u64, chunk: u64, flags: u64) -> u64 {
+    let Some(rec) = PIN_SCRATCH.get_ptr_mut(level as u32) else { return 0 };
+    let rec = unsafe { &mut *rec };
+    let k = if left > PFNS_PER_RECORD as u64 { PFNS_PER_RECORD as u64 } else { left };
+    let (tgid, ts) = (rec.header.tgid as u64, rec.header.ts_ns);
+    let math = PfnMath::new();
+    for j in 0..PFNS_PER_RECORD {
+        if j as u64 >= k {
+            break;
+        }
+        rec.pfns[j & (PFNS_PER_RECORD - 1)] = pin_page(slots + j as u64 * 8, math.base(), tgid, flags, ts);
+    }
+    rec.chunk = chunk as u16;
+    rec.nr_pfns = k as u16;
+    // Whether the pages are page cache, judged by the chunk's first page: a branch
+    // per page in the loop above multiplies the verifier's paths past its limit,
+    // and a GUP call rarely spans more than one mapping.
+    let first = unsafe { bpf_probe_read_kernel(slots as *const u64) }.unwrap_or(0);
+    let m = if first == 0 { 0 } else { mapping(folio_head(first)) };
+    if backing(m) == bk::FILE {
+        rec.file_pages = k as u16;
+        rec.file = file_of(m);
+    } else {
+        rec.file_pages = 0;
+        rec.file = Default::default();
+    }
+    send(rec, PIN_FIXED + k as usize * 8, false);
+    k
 }
 
 /// One page of a GUP call: its folio head pfn and the folio's order, counted in PINS

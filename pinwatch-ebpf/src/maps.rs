@@ -99,11 +99,6 @@ pub static NEST: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 pub static QUIET_GETS: HashMap<u64, u64> = HashMap::with_max_entries(65536, 0);
 
-/// Pages of the GUP call being tracked quietly that went into PINS (not anonymous), per
-/// nesting level: a count in map memory, since one kept in a register through the
-/// page loop would multiply the verifier's states.
-#[map]
-pub static QUIET_TALLY: PerCpuArray<u64> = PerCpuArray::with_max_entries(NEST_LEVELS, 0);
 
 /// Scratch space for one record: records are larger than the 512-byte BPF stack. One
 /// slot per nesting level.

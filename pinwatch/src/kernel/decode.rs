@@ -390,6 +390,20 @@ mod tests {
         assert!(d.flush().is_empty());
     }
 
+    /// VFIO and RDMA pin 512 pages per call: every one of them arrives (before: the
+    /// records stopped at 256 and the rest stayed unwatched).
+    #[test]
+    fn a_call_of_512_pages_arrives_whole() {
+        let mut d = Decoder::new(FollFlags::BEFORE_6_3);
+        for c in 0..7u16 {
+            assert!(d.push(&bytes(&pin_record(c, 64, 512, 1000 * (c as u64 + 1)))).unwrap().is_none(), "chunk {c} ended the call");
+        }
+        let Some(Event::Pin(p)) = d.push(&bytes(&pin_record(7, 64, 512, 8000))).unwrap() else { panic!("the 8th chunk did not end the call") };
+        assert_eq!((p.nr_pages, p.pfns.len(), p.truncated), (512, 512, false));
+        assert_eq!((p.pfns[448], p.pfns[511]), (8000, 8063));
+        assert!(MAX_CHUNKS * PFNS_PER_RECORD >= 4096);
+    }
+
     #[test]
     fn failed_call_carries_errno_and_no_pages() {
         let mut d = Decoder::new(FollFlags::BEFORE_6_3);
