@@ -94,6 +94,7 @@ record() {
 }
 "#;
 
+#[derive(Clone)]
 pub struct Binaries {
     pub pinwatch: PathBuf,
     pub scenario: PathBuf,
@@ -191,7 +192,7 @@ pub fn build_initramfs(k: &Kernel, bins: &Binaries, plan: &str, work: &Path) -> 
     copy(Path::new("/bin/busybox"), &root.join("bin/busybox")).context("busybox-static is needed (`cargo xtask setup`)")?;
     let mkfs = [Path::new("/sbin/mkfs.xfs"), Path::new("/sbin/mkfs.btrfs")];
     for bin in [bins.pinwatch.as_path(), bins.scenario.as_path()].into_iter().chain(mkfs).chain(bins.extra.iter().map(PathBuf::as_path)) {
-        let bin = &fs::canonicalize(bin).with_context(|| format!("{} (xfsprogs and btrfs-progs: `cargo xtask setup`)", bin.display()))?;
+        let bin = &fs::canonicalize(bin).with_context(|| format!("{} (`cargo xtask setup` installs it)", bin.display()))?;
         copy(bin, &root.join("bin").join(bin.file_name().expect("file")))?;
         for lib in libraries(bin)? {
             copy(&lib, &root.join(lib.strip_prefix("/").expect("absolute")))?;

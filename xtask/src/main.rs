@@ -10,6 +10,7 @@ mod postmortem;
 mod browser;
 mod resilience;
 mod setup;
+mod storm;
 mod util;
 
 use std::{
@@ -70,6 +71,10 @@ enum Cmd {
 /// under TCG, take 5 to 7 minutes; a hang shows as running past this.
 const BOOT_LIMIT: Duration = Duration::from_secs(900);
 
+/// Programs of this machine the lab guest runs, copied in with their libraries: fio
+/// makes the GUP storm, bpftool lists what pinwatch leaves in the kernel.
+const LAB_TOOLS: [&str; 2] = ["/usr/bin/fio", "/usr/sbin/bpftool"];
+
 /// (name, `pinwatch record` options, scenario command). The default attach mode is
 /// auto, which takes fentry where the kernel allows it (every lab kernel does).
 pub const SCENARIOS: &[(&str, &str, &str)] = &[
@@ -124,8 +129,8 @@ pinwatch-scenario iouring-fixed --pages 256 --hold-ms 2500 > /tmp/top.out
 pinwatch-scenario bench-dio --file /mnt/topdio --ops 300 > /dev/null
 pinwatch-scenario odirect-hazard --file /mnt/tophz --dev /dev/nullb0 --pages 8 > /dev/null
 sleep 2.5
-# Debug runs (PINWATCH_LAB_ONLY) carry bpftool: the kernel side's maps go to stderr.
-command -v bpftool > /dev/null && for m in PROC_PINS QUIET_GETS PINS; do echo "map $m"; bpftool map dump name $m; done >> /tmp/top.err 2>&1
+# Debug runs (PINWATCH_LAB_ONLY): the kernel side's maps go to stderr.
+[ -n "$RUST_LOG" ] && for m in PROC_PINS QUIET_GETS PINS; do echo "map $m"; bpftool map dump name $m; done >> /tmp/top.err 2>&1
 kill -TERM $TOP
 wait $TOP
 send_back top $? /tmp/top.out /tmp/top.err /tmp/top.json
@@ -255,6 +260,9 @@ fn plan(only: Option<&[&str]>) -> String {
     if only.is_none_or(|o| o.contains(&"enforce")) {
         s.push_str(fleet::ENFORCE_PLAN);
     }
+    if only.is_none_or(|o| o.contains(&"storm")) {
+        s.push_str(storm::STORM_PLAN);
+    }
     s
 }
 
@@ -319,15 +327,8 @@ fn lab(names: &[String], bins: &lab::Binaries, tally: &mut Tally) -> Result<()> 
             Some(_) => format!("export RUST_LOG=pinwatch=debug\n{}", plan(Some(&names))),
             None => plan(None),
         };
-        let mut debug_bins;
-        let bins = match &only {
-            Some(_) => {
-                debug_bins = lab::Binaries { pinwatch: bins.pinwatch.clone(), scenario: bins.scenario.clone(), extra: vec!["/usr/sbin/bpftool".into()] };
-                debug_bins.extra.retain(|p| p.exists());
-                &debug_bins
-            }
-            None => bins,
-        };
+        let with_tools = lab::Binaries { extra: LAB_TOOLS.iter().map(std::path::PathBuf::from).collect(), ..bins.clone() };
+        let bins = &with_tools;
         // Prometheus here scrapes the daemon in the guest while the guest runs; the
         // last boot's results go first, or the watcher would read their marks.
         let _ = std::fs::remove_file(lab::results_path(&work));
@@ -401,12 +402,13 @@ fn lab(names: &[String], bins: &lab::Binaries, tally: &mut Tally) -> Result<()> 
                 },
             }
         }
-        let daemon_checks: [(&str, &str, fn(&lab::Recorded) -> Result<String>); 5] = [
+        let daemon_checks: [(&str, &str, fn(&lab::Recorded) -> Result<String>); 6] = [
             ("alert", "alert daemon", fleet::check_lab_alert),
             ("enforce", "enforcement (kill, stop, freeze)", fleet::check_lab_enforce),
             ("found", "pins older than pinwatch (start-up scan)", checks::check_found),
             ("huge", "huge folios pinned by io_uring (top)", checks::check_huge),
             ("huge", "VFIO DMA mapping behind an emulated IOMMU (top)", checks::check_vfio),
+            ("storm", "GUP storm (fio) under the daemon, top and record at once; SIGKILL; restart", storm::check_storm),
         ];
         for (name, label, check) in daemon_checks {
             let what = format!("{} {label}", k.release);

@@ -16,6 +16,14 @@ pub fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// Records taken from the ring in one go: more than the 8 MiB ring holds (about 9000
+/// records of a one-page call), so a quiet ring is emptied at once; under a GUP storm,
+/// where the kernel refills the ring as fast as it is read, a batch without a bound
+/// grew until the kernel killed the process (the lab's storm: record reached 468 MB
+/// and the OOM killer). A bounded batch goes through the engine and out, and what the
+/// ring cannot hold meanwhile is counted as lost.
+const MAX_BATCH: usize = 16384;
+
 pub struct LiveSource {
     ring: AsyncFd<RingBuf<MapData>>,
     decoder: Decoder,
@@ -33,21 +41,31 @@ impl LiveSource {
         Ok(LiveSource { ring, decoder: Decoder::new(kernel.layouts.foll), symbols: Symbols::load(), last: Counters::default(), undecodable: 0 })
     }
 
-    /// Waits until records are ready, then takes all of them.
+    /// Waits until records are ready, then takes them, at most MAX_BATCH. When more
+    /// are left, the ring stays marked ready, so that the next call takes them at once.
     pub async fn next_batch(&mut self, out: &mut Vec<Event>) -> Result<()> {
         let mut guard = self.ring.readable_mut().await?;
-        Self::take_all(guard.get_inner_mut(), &mut self.decoder, &mut self.symbols, &mut self.undecodable, out);
-        guard.clear_ready();
+        if !Self::take_all(guard.get_inner_mut(), &mut self.decoder, &mut self.symbols, &mut self.undecodable, out) {
+            guard.clear_ready();
+        }
         Ok(())
     }
 
-    /// Takes whatever is in the ring now, without waiting.
+    /// Takes what is in the ring now (at most MAX_BATCH), without waiting.
     pub fn drain(&mut self, out: &mut Vec<Event>) {
         Self::take_all(self.ring.get_mut(), &mut self.decoder, &mut self.symbols, &mut self.undecodable, out);
     }
 
-    fn take_all(ring: &mut RingBuf<MapData>, decoder: &mut Decoder, symbols: &mut Symbols, bad: &mut u64, out: &mut Vec<Event>) {
-        while let Some(item) = ring.next() {
+    /// Takes records until the ring is empty or MAX_BATCH were taken; returns whether
+    /// it stopped at the bound.
+    fn take_all(ring: &mut RingBuf<MapData>, decoder: &mut Decoder, symbols: &mut Symbols, bad: &mut u64, out: &mut Vec<Event>) -> bool {
+        let mut taken = 0;
+        loop {
+            if taken == MAX_BATCH {
+                return true;
+            }
+            let Some(item) = ring.next() else { return false };
+            taken += 1;
             match decoder.push(&item) {
                 Ok(Some(Event::Page(mut p))) => {
                     p.actor.stack = symbols.frames(&p.kstack);
