@@ -127,6 +127,16 @@ enum Scenario {
         #[arg(long, default_value_t = 3000)]
         hold_ms: u64,
     },
+    /// A freed page reused by another owner: FOLL_GET references through /proc/self/mem
+    /// (access_remote_vm, whose put_page pinwatch does not see) on anonymous pages, the
+    /// pages freed (munmap), new memfd pages taken at once on the same CPU (the free
+    /// lists hand back the pages just freed), then that memfd truncated. Says
+    /// `PINWATCH-SCENARIO-REUSE {json}` with both sets of pfns per attempt; stops at the
+    /// first attempt that reused any (at most 5).
+    ReuseFreed {
+        #[arg(long, default_value_t = 64)]
+        pages: usize,
+    },
     /// Bench: `ops` one-page O_DIRECT reads of an ext4 file (the pin hot path).
     BenchDio {
         #[arg(long)]
@@ -562,6 +572,74 @@ fn iouring_fixed(pages: usize, hold_ms: u64, memlock: Option<u64>, buffers: usiz
     Ok(())
 }
 
+/// The pfns of `pages` pages from `addr` on, from /proc/self/pagemap (root: other
+/// users read zeros); absent pages are left out.
+fn pfns_at(addr: usize, pages: usize) -> Result<Vec<u64>> {
+    use std::os::unix::fs::FileExt as _;
+    let f = std::fs::File::open("/proc/self/pagemap").context("/proc/self/pagemap")?;
+    let mut out = Vec::with_capacity(pages);
+    let mut b = [0u8; 8];
+    for i in 0..pages {
+        f.read_exact_at(&mut b, ((addr / PAGE + i) * 8) as u64).context("reading /proc/self/pagemap")?;
+        let v = u64::from_le_bytes(b);
+        if v >> 63 == 1 && v & ((1 << 55) - 1) != 0 {
+            out.push(v & ((1 << 55) - 1));
+        }
+    }
+    Ok(out)
+}
+
+fn reuse_freed(pages: usize) -> Result<()> {
+    // One CPU: pages freed here go to its free lists, which the next allocation here
+    // takes from first.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    unsafe { libc::CPU_SET(0, &mut set) };
+    check(unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) } as _, "sched_setaffinity")?;
+    let mem = open("/proc/self/mem", libc::O_RDONLY)?;
+    report("reuse-freed", pages, "");
+    let len = pages * PAGE;
+    let mut copy = vec![0u8; len];
+    for attempt in 1..=5 {
+        let old = map_anon_small(pages)?;
+        let old_pfns = pfns_at(old as usize, pages)?;
+        // FOLL_GET references taken and put one page at a time by the kernel.
+        let n = check(unsafe { libc::pread(mem, copy.as_mut_ptr() as *mut _, len, old as libc::off_t) } as _, "pread /proc/self/mem")?;
+        if n as usize != len {
+            bail!("read {n} of {len} bytes of /proc/self/mem");
+        }
+        check(unsafe { libc::munmap(old as *mut _, len) } as _, "munmap")?;
+        let name = CString::new("pinwatch-reuse")?;
+        let fd = check(unsafe { libc::memfd_create(name.as_ptr(), 0) } as _, "memfd_create")? as i32;
+        check(unsafe { libc::ftruncate(fd, len as _) } as _, "ftruncate")?;
+        let map = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd, 0) };
+        if map == libc::MAP_FAILED {
+            bail!("mmap memfd: {}", std::io::Error::last_os_error());
+        }
+        dirty(map as *mut u8, pages, 0x77);
+        let new_pfns = pfns_at(map as usize, pages)?;
+        let reused = new_pfns.iter().filter(|p| old_pfns.contains(p)).count();
+        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+        println!(
+            "PINWATCH-SCENARIO-REUSE {{\"attempt\":{attempt},\"old\":{old_pfns:?},\"new\":{new_pfns:?},\"reused\":{reused},\"ts_ns\":{}}}",
+            ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+        );
+        let _ = std::io::stdout().flush();
+        // The new owner's pages leave its page cache: a hazard if pinwatch still
+        // took them for the old pin.
+        check(unsafe { libc::ftruncate(fd, 0) } as _, "ftruncate to 0")?;
+        unsafe {
+            libc::munmap(map, len);
+            libc::close(fd);
+        }
+        if reused > 0 {
+            break;
+        }
+    }
+    unsafe { libc::close(mem) };
+    Ok(())
+}
+
 fn buffered(file: &str, pages: usize) -> Result<()> {
     let len = pages * PAGE;
     let fd = open(file, libc::O_RDWR | libc::O_CREAT | libc::O_TRUNC)?;
@@ -590,6 +668,7 @@ fn main() -> Result<()> {
         Scenario::LongtermFile { file, pages } => longterm_file(&file, pages),
         Scenario::MemfdTruncate { pages, no_pin, held } => memfd_truncate(pages, no_pin, &held),
         Scenario::VfioMap { group, pages, hold_ms } => vfio::map(group, pages, hold_ms),
+        Scenario::ReuseFreed { pages } => reuse_freed(pages),
         Scenario::BenchDio { file, ops } => bench::dio(&file, ops),
         Scenario::BenchWriteback { file, pages, rounds } => bench::writeback(&file, pages, rounds),
         Scenario::BenchFootprint { pages, hold_ms } => bench::footprint(pages, hold_ms),

@@ -215,7 +215,7 @@ pub fn check_hazards(scenario: &str, r: &Recorded, v: (u32, u32)) -> Result<Stri
             let hs: Vec<&Value> = hazards(r, "truncate_while_pinned").collect();
             if scenario == "memfd_nopin" {
                 ensure!(all.is_empty(), "control reported {} hazard(s), first: {}", all.len(), all[0]);
-                return Ok("no hazard".into());
+                return Ok(format!("no hazard; {}", check_reuse(r)?));
             }
             ensure!(pinned.len() as u64 == pages, "{} pinned pfns, expected {pages}", pinned.len());
             let got: BTreeSet<u64> = hs.iter().filter_map(|h| h["pfn"].as_u64()).collect();
@@ -378,6 +378,36 @@ pub fn check(scenario: &str, r: &Recorded, v: (u32, u32)) -> Result<String> {
         want.release
     );
     Ok(format!("pid {pid}: {total} pages via {} {:?} for {}, all released by {}", want.func, want.flags, want.path, want.release))
+}
+
+/// The second half of the memfd control: pages held by FOLL_GET references whose
+/// put pinwatch cannot see (/proc/self/mem), freed, and taken by a memfd that is then
+/// truncated (`reuse-freed`). Some page must have been reused, or nothing was tested;
+/// each reused page's old references must have been dropped (`freed` at the page
+/// free, or `gone`) before the new owner's truncate, and no hazard reported (checked
+/// by the caller for the whole trace).
+fn check_reuse(r: &Recorded) -> Result<String> {
+    let said = scenario_lines(r, "reuse-freed");
+    let pid = u(said.first().context("the reuse scenario did not run")?, "pid");
+    let tries: Vec<Value> = r.out.iter().filter_map(|l| l.strip_prefix("PINWATCH-SCENARIO-REUSE ")).filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let hit = tries.iter().find(|t| u(t, "reused") > 0).with_context(|| format!("in {} attempt(s) no freed page went to the memfd: nothing was tested", tries.len()))?;
+    let pfns = |k: &str| -> BTreeSet<u64> { hit[k].as_array().into_iter().flatten().filter_map(Value::as_u64).collect() };
+    let reused: BTreeSet<u64> = pfns("old").intersection(&pfns("new")).copied().collect();
+    let at = u(hit, "ts_ns");
+    let pinned = pfns_of(r.trace.iter().filter(|e| e["event"] == "pin" && u(e, "pid") == pid && u(e, "ts_ns") < at));
+    let missing: Vec<&u64> = reused.iter().filter(|p| !pinned.contains(p)).collect();
+    ensure!(missing.is_empty(), "reused pfns {missing:?} were never seen pinned through /proc/self/mem");
+    let mut kinds = BTreeSet::new();
+    for p in &reused {
+        let release = r
+            .trace
+            .iter()
+            .filter(|e| e["event"] == "unpin" && u(e, "ts_ns") < at)
+            .find(|e| e["pfns"].as_array().is_some_and(|a| a.iter().any(|x| x.as_u64() == Some(*p))))
+            .with_context(|| format!("pfn {p} was reused before pinwatch dropped its old reference"))?;
+        kinds.insert(release["release"].as_str().unwrap_or("?").to_string());
+    }
+    Ok(format!("{} of {} freed pages reused by a memfd (attempt {}), truncated: no hazard; old references dropped by {kinds:?}", reused.len(), pfns("old").len(), u(hit, "attempt")))
 }
 
 /// A pin map too small for 64 pinned pages: the pages it could not hold are counted as

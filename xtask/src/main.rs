@@ -100,7 +100,8 @@ pub const SCENARIOS: &[(&str, &str, &str)] = &[
     ("released", "", "pinwatch-scenario released --file /mnt/released --dev /dev/nullb0 --pages 8"),
     ("longterm", "", "pinwatch-scenario longterm-file --file /mnt/longterm --pages 8"),
     ("memfd", "", "pinwatch-scenario memfd-truncate --pages 8"),
-    ("memfd_nopin", "", "pinwatch-scenario memfd-truncate --pages 8 --no-pin"),
+    // The control, then a freed page reused by another owner: both must stay silent.
+    ("memfd_nopin", "", "sh -c 'pinwatch-scenario memfd-truncate --pages 8 --no-pin && pinwatch-scenario reuse-freed --pages 64'"),
     // Limits: root keeps CAP_IPC_LOCK, so the kernel lets it pin past RLIMIT_MEMLOCK.
     ("memlock", "", "pinwatch-scenario iouring-fixed --pages 256 --hold-ms 2500 --memlock 65536"),
     ("memlock_ctl", "", "pinwatch-scenario iouring-fixed --pages 8 --hold-ms 2500 --memlock 65536"),

@@ -322,6 +322,14 @@ impl Kernel {
         Ok(m.iter().filter_map(|r| r.ok()).filter(|(_, ts)| now_ns.saturating_sub(*ts) > age_ns).map(|(pfn, _)| pfn).take(max).collect())
     }
 
+    /// Of `pfns`, those PINS no longer holds: the kernel side saw their last release
+    /// (or page free) even when its record was lost to a full ring.
+    pub fn pins_absent(&self, pfns: impl Iterator<Item = u64>) -> Result<Vec<u64>> {
+        let map = self.ebpf.map("PINS").ok_or_else(|| anyhow!("map PINS missing"))?;
+        let m: aya::maps::HashMap<_, u64, pinwatch_common::PinState> = aya::maps::HashMap::try_from(map)?;
+        Ok(pfns.filter(|pfn| matches!(m.get(pfn, 0), Err(aya::maps::MapError::KeyNotFound))).collect())
+    }
+
     /// Every process's GUP counts (PROC_PINS), and which of them were deleted now:
     /// processes that are gone and hold nothing unstreamed, so the map holds the living.
     pub fn proc_pins(&mut self) -> Result<(HashMap<u32, ProcPins>, Vec<u32>)> {

@@ -6,6 +6,7 @@
 use std::{collections::{BTreeMap, BTreeSet, HashMap}, time::Duration};
 
 use anyhow::{bail, Result};
+use pinwatch_common::ProcPins;
 
 use crate::{
     args::LiveArgs,
@@ -21,7 +22,7 @@ use crate::{
         stream::{monotonic_ns, LiveSource},
         Kernel,
     },
-    trace::{self, Event, Flag, LimitRules, ProcFigures, Procs, Start},
+    trace::{self, Event, Flag, LimitRules, ProcFigures, Procs, Release, Start, Unpin},
 };
 
 /// Limit rules, as options of every live mode.
@@ -73,6 +74,9 @@ pub struct Session {
     pub gup_ended: GupCounts,
     /// Pins found by the start-up scan, for the first batch or tick to apply.
     found: Vec<Event>,
+    /// Ticks left that compare the engine's pins with the kernel's PINS: set when the
+    /// ring overflowed, since a lost release would leave its pin held here forever.
+    reconcile_ticks: u8,
 }
 
 /// One process's GUP activity from the kernel's counters (PROC_PINS).
@@ -95,7 +99,46 @@ pub struct Tick {
     pub accounts: Accounts,
 }
 
+/// Quiet (unstreamed) references are charged back, at release, to the folio's latest
+/// pinner: when processes share a page, one's release can be charged to another,
+/// leaving the first above zero and the other below. The sum stays right; the excess
+/// (what the figures below zero add up to) is taken from processes that have exited
+/// first, which hold no direct I/O in flight (a pipe's references they left behind are
+/// what this gets wrong).
+fn charge_back(counts: &mut HashMap<u32, ProcPins>, alive: impl Fn(u32) -> bool) {
+    let mut excess: u64 = counts.values().map(|p| (p.quiet_held as i64).min(0).unsigned_abs()).sum();
+    let mut pids: Vec<u32> = counts.iter().filter(|(_, p)| (p.quiet_held as i64) > 0).map(|(pid, _)| *pid).collect();
+    pids.sort_unstable();
+    for pid in pids {
+        if excess == 0 {
+            break;
+        }
+        if alive(pid) {
+            continue;
+        }
+        if let Some(p) = counts.get_mut(&pid) {
+            let take = excess.min(p.quiet_held);
+            p.quiet_held -= take;
+            excess -= take;
+        }
+    }
+}
+
 impl Session {
+    /// Pins the engine holds that the kernel side no longer does: their release record
+    /// was lost to a full ring. Each becomes a `gone` release, so that what is held
+    /// comes back to what the kernel holds once a storm ends.
+    fn reconcile(&mut self, events: &mut Vec<Event>) -> Result<()> {
+        let held: BTreeSet<u64> = self.engine.pins.iter().map(|(pfn, _)| pfn).collect();
+        let pfns = self.kernel.pins_absent(held.into_iter())?;
+        log::debug!("reconcile: {} pinned folio(s) the kernel side no longer holds", pfns.len());
+        if !pfns.is_empty() {
+            let gone = Unpin { ts_ns: monotonic_ns(), pid: 0, tid: 0, comm: String::new(), func: "reconcile".into(), release: Release::Gone, dirty: false, pfns };
+            self.apply(Event::Unpin(gone), events);
+        }
+        Ok(())
+    }
+
     /// Loads and attaches; refuses to run blind, explains tracepoint-only mode.
     pub fn open(live: LiveArgs, limits: &LimitArgs, streaming: Streaming) -> Result<Session> {
         let args = live.kernel;
@@ -179,6 +222,7 @@ impl Session {
             gup: HashMap::new(),
             gup_ended: GupCounts::default(),
             found,
+            reconcile_ticks: 0,
         })
     }
 
@@ -263,6 +307,10 @@ impl Session {
         }
         let mut lost = Vec::new();
         self.source.lost(&self.kernel, &mut lost)?;
+        if lost.iter().any(|e| matches!(e, Event::Lost(l) if l.reason == "ringbuf_full")) {
+            // This tick and the next, when the ring may have emptied.
+            self.reconcile_ticks = 2;
+        }
         for e in lost {
             self.apply(e, &mut events);
         }
@@ -292,13 +340,16 @@ impl Session {
                 self.apply(e, &mut events);
             }
         }
+        if self.reconcile_ticks > 0 {
+            self.reconcile_ticks -= 1;
+            self.reconcile(&mut events)?;
+        }
         let accounts = account(&self.engine.pins);
-        let (counts, ended) = self.kernel.proc_pins()?;
+        let (mut counts, ended) = self.kernel.proc_pins()?;
+        charge_back(&mut counts, |pid| std::path::Path::new(&format!("/proc/{pid}")).exists());
         self.gup = counts
             .into_iter()
             .map(|(pid, p)| {
-                // Counts are atomic adds; a release charged to another pinner of the
-                // same folio can take one below zero: read as nothing held.
                 let held = (p.quiet_held as i64).max(0) as u64;
                 (pid, GupCounts { calls: p.calls, pages: p.pages, unstreamed_held: held, longterm_pages: p.longterm_pages })
             })
@@ -326,5 +377,27 @@ impl Session {
             self.apply(Event::Procs(Procs { ts_ns: monotonic_ns(), procs: figures }), &mut events);
         }
         Ok(Tick { events, accounts })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn held(q: i64) -> ProcPins {
+        ProcPins { quiet_held: q as u64, ..Default::default() }
+    }
+
+    /// Two fio processes share a page: the release of the exited one's reference was
+    /// charged to the living one. The exited one shows nothing, the living one none
+    /// below zero, and an exited holder beyond the excess keeps its figure.
+    #[test]
+    fn a_release_charged_to_another_pinner_is_charged_back() {
+        let mut c: HashMap<u32, ProcPins> = [(10, held(1)), (11, held(-1)), (12, held(3)), (13, held(2))].into();
+        charge_back(&mut c, |pid| pid == 11 || pid == 13);
+        let q = |pid: u32| c[&pid].quiet_held as i64;
+        assert_eq!((q(10), q(11), q(12), q(13)), (0, -1, 3, 2));
+        let sum: i64 = c.values().map(|p| (p.quiet_held as i64).max(0)).sum();
+        assert_eq!(sum, 5, "what is shown is what the kernel holds (1 - 1 + 3 + 2)");
     }
 }
