@@ -55,9 +55,8 @@ enum Scenario {
         /// with its own GUP call.
         #[arg(long, default_value_t = 1)]
         buffers: usize,
-        /// Keep transparent huge pages out of the buffer (MADV_NOHUGEPAGE): from 6.10
-        /// io_uring keeps one reference per huge folio, which pinwatch does not yet count
-        /// by folio size.
+        /// Keep transparent huge pages out of the buffer (MADV_NOHUGEPAGE): base pages
+        /// only, one reference each (from 6.10 io_uring keeps one per huge folio).
         #[arg(long)]
         no_huge: bool,
         /// Back the buffer with transparent huge pages (2 MiB aligned, MADV_HUGEPAGE),

@@ -20,6 +20,7 @@ const MAX_HWM_KB: u64 = 128 << 10;
 /// and stop lines come back.
 pub const STORM_PLAN: &str = r#"
 say BEGIN storm
+ip link set lo up 2> /dev/null
 bpf_ids() { for k in prog map link; do echo "PINWATCH-BPF $1 $k $(bpftool -j $k show 2> /dev/null | tr -d '\n')"; done >> /tmp/storm.out; }
 : > /tmp/storm.out
 bpf_ids before
@@ -38,7 +39,9 @@ echo "PINWATCH-STORM fio-rc $?" >> /tmp/storm.out
 sed 's/^/PINWATCH-FIO /' /tmp/storm_fio.out >> /tmp/storm.out
 sleep 4
 for p in $AL $TOP $PW; do echo "PINWATCH-STORM alive $p $(kill -0 $p 2> /dev/null && echo yes || echo no) $(grep VmHWM /proc/$p/status 2> /dev/null | tr -dc 0-9)"; done >> /tmp/storm.out
-wget -q -O - http://127.0.0.1:9465/metrics 2> /dev/null | grep -E '^pinwatch_(lost_events_total|pinned_bytes|gup_calls_total)' | sed 's/^/PINWATCH-METRIC /' >> /tmp/storm.out
+wget -q -O /tmp/storm.metrics http://127.0.0.1:9465/metrics 2>> /tmp/storm_alert.err
+echo "PINWATCH-STORM wget-rc $?" >> /tmp/storm.out
+grep -E '^pinwatch_(lost_events_total|pinned_bytes|gup_calls_total)' /tmp/storm.metrics | sed 's/^/PINWATCH-METRIC /' >> /tmp/storm.out
 kill -INT $PW
 wait $PW
 echo "PINWATCH-STORM record-rc $?" >> /tmp/storm.out
