@@ -16,8 +16,9 @@ pub fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-/// Records taken from the ring in one go: more than the 8 MiB ring holds (about 9000
-/// records of a one-page call), so a quiet ring is emptied at once; under a GUP storm,
+/// Records taken from the ring in one go: near what the 8 MiB ring holds of one-page
+/// pin records (about 400 bytes each, so some 20,000), so a quiet ring is emptied in
+/// one or two batches; under a GUP storm,
 /// where the kernel refills the ring as fast as it is read, a batch without a bound
 /// grew until the kernel killed the process (the lab's storm: record reached 468 MB
 /// and the OOM killer). A bounded batch goes through the engine and out, and what the
