@@ -230,14 +230,41 @@ fn check(ret: libc::c_long, what: &str) -> Result<libc::c_long> {
 /// Says what the scenario is about to do. ts_ns is CLOCK_MONOTONIC, the clock of
 /// pinwatch's events, so the lab can tell the scenario's own pins from exec's.
 fn report(name: &str, pages: usize, extra: &str) {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    let ts_ns = ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64;
     println!(
-        "PINWATCH-SCENARIO {{\"scenario\":\"{name}\",\"pid\":{},\"pages\":{pages},\"ts_ns\":{ts_ns}{extra}}}",
-        std::process::id()
+        "PINWATCH-SCENARIO {{\"scenario\":\"{name}\",\"pid\":{},\"pages\":{pages},\"ts_ns\":{}{extra}}}",
+        std::process::id(),
+        monotonic_ns()
     );
     let _ = std::io::stdout().flush();
+}
+
+/// CLOCK_MONOTONIC in ns.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Kilobytes given for `key` in a /proc file of "Key:   N kB" lines (0 if absent).
+fn kb_of(file: &str, key: &str) -> u64 {
+    std::fs::read_to_string(file)
+        .ok()
+        .and_then(|t| t.lines().find_map(|l| l.strip_prefix(key).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())))
+        .unwrap_or(0)
+}
+
+/// A memfd of `pages` pages named `name`, mapped MAP_SHARED, every page written `v`.
+fn memfd_mapped(name: &str, pages: usize, v: u8) -> Result<(i32, *mut u8)> {
+    let len = pages * PAGE;
+    let name = CString::new(name)?;
+    let fd = check(unsafe { libc::memfd_create(name.as_ptr(), 0) } as _, "memfd_create")? as i32;
+    check(unsafe { libc::ftruncate(fd, len as _) } as _, "ftruncate")?;
+    let map = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd, 0) };
+    if map == libc::MAP_FAILED {
+        bail!("mmap memfd: {}", std::io::Error::last_os_error());
+    }
+    dirty(map as *mut u8, pages, v);
+    Ok((fd, map as *mut u8))
 }
 
 /// Anonymous memory in base pages only: MADV_NOHUGEPAGE before the first touch.
@@ -435,14 +462,8 @@ fn longterm_file(file: &str, pages: usize) -> Result<()> {
 fn memfd_truncate(pages: usize, no_pin: bool, held: &Held) -> Result<()> {
     held.drop_privileges()?;
     let len = pages * PAGE;
-    let name = CString::new("pinwatch-memfd")?;
-    let fd = check(unsafe { libc::memfd_create(name.as_ptr(), 0) } as _, "memfd_create")? as i32;
-    check(unsafe { libc::ftruncate(fd, len as _) } as _, "ftruncate")?;
-    let map = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd, 0) };
-    if map == libc::MAP_FAILED {
-        bail!("mmap memfd: {}", std::io::Error::last_os_error());
-    }
-    dirty(map as *mut u8, pages, 0x11);
+    let (fd, map) = memfd_mapped("pinwatch-memfd", pages, 0x11)?;
+    let map = map as *mut libc::c_void;
     let ring = uring()?;
     report("memfd-truncate", pages, &format!(",\"pin\":{}", !no_pin));
     if held.mlock {
@@ -546,11 +567,8 @@ fn iouring_fixed(pages: usize, hold_ms: u64, memlock: Option<u64>, buffers: usiz
     report("iouring-fixed", pages, "");
     check(register_split(ring, buf, pages * PAGE, buffers), "IORING_REGISTER_BUFFERS")?;
     if huge || hugetlb {
-        let kb = |file: &str, key: &str| -> u64 {
-            std::fs::read_to_string(file).ok().and_then(|t| t.lines().find_map(|l| l.strip_prefix(key).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok()))).unwrap_or(0)
-        };
-        let backed = if huge { kb("/proc/self/smaps_rollup", "AnonHugePages:") } else { kb("/proc/self/status", "HugetlbPages:") };
-        println!("PINWATCH-SCENARIO-HUGE {} {}", backed, kb("/proc/self/status", "VmPin:"));
+        let backed = if huge { kb_of("/proc/self/smaps_rollup", "AnonHugePages:") } else { kb_of("/proc/self/status", "HugetlbPages:") };
+        println!("PINWATCH-SCENARIO-HUGE {} {}", backed, kb_of("/proc/self/status", "VmPin:"));
         let _ = std::io::stdout().flush();
     }
     match &held.until {
@@ -607,28 +625,19 @@ fn reuse_freed(pages: usize) -> Result<()> {
             bail!("read {n} of {len} bytes of /proc/self/mem");
         }
         check(unsafe { libc::munmap(old as *mut _, len) } as _, "munmap")?;
-        let name = CString::new("pinwatch-reuse")?;
-        let fd = check(unsafe { libc::memfd_create(name.as_ptr(), 0) } as _, "memfd_create")? as i32;
-        check(unsafe { libc::ftruncate(fd, len as _) } as _, "ftruncate")?;
-        let map = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd, 0) };
-        if map == libc::MAP_FAILED {
-            bail!("mmap memfd: {}", std::io::Error::last_os_error());
-        }
-        dirty(map as *mut u8, pages, 0x77);
+        let (fd, map) = memfd_mapped("pinwatch-reuse", pages, 0x77)?;
         let new_pfns = pfns_at(map as usize, pages)?;
         let reused = new_pfns.iter().filter(|p| old_pfns.contains(p)).count();
-        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
         println!(
             "PINWATCH-SCENARIO-REUSE {{\"attempt\":{attempt},\"old\":{old_pfns:?},\"new\":{new_pfns:?},\"reused\":{reused},\"ts_ns\":{}}}",
-            ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+            monotonic_ns()
         );
         let _ = std::io::stdout().flush();
         // The new owner's pages leave its page cache: a hazard if pinwatch still
         // took them for the old pin.
         check(unsafe { libc::ftruncate(fd, 0) } as _, "ftruncate to 0")?;
         unsafe {
-            libc::munmap(map, len);
+            libc::munmap(map as *mut _, len);
             libc::close(fd);
         }
         if reused > 0 {

@@ -8,7 +8,7 @@ use std::{ffi::CString, io::Write, thread::sleep, time::Duration};
 
 use anyhow::{bail, Result};
 
-use crate::{check, map_anon_small, report, PAGE};
+use crate::{check, kb_of, map_anon_small, report, PAGE};
 
 // linux/vfio.h: _IO(VFIO_TYPE, VFIO_BASE + n), VFIO_TYPE ';', VFIO_BASE 100.
 const fn vfio_io(n: u64) -> u64 {
@@ -63,14 +63,6 @@ fn ioctl(fd: i32, req: u64, arg: u64, what: &str) -> Result<i64> {
     Ok(check(unsafe { libc::ioctl(fd, req as _, arg) } as _, what)? as i64)
 }
 
-/// Kilobytes of `key` in /proc/self/status.
-fn status_kb(key: &str) -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|t| t.lines().find_map(|l| l.strip_prefix(key).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())))
-        .unwrap_or(0)
-}
-
 /// Maps `pages` pages of anonymous memory for DMA through IOMMU group `group`, holds
 /// them for `hold_ms`, unmaps them. Says `PINWATCH-SCENARIO-VMLCK <kB> <kB>`: VmLck
 /// and VmPin while mapped.
@@ -102,7 +94,7 @@ pub fn map(group: u32, pages: usize, hold_ms: u64) -> Result<()> {
     };
     report("vfio-map", pages, &format!(",\"group\":{group}"));
     ioctl(container, VFIO_IOMMU_MAP_DMA, &dma as *const _ as u64, "VFIO_IOMMU_MAP_DMA")?;
-    println!("PINWATCH-SCENARIO-VMLCK {} {}", status_kb("VmLck:"), status_kb("VmPin:"));
+    println!("PINWATCH-SCENARIO-VMLCK {} {}", kb_of("/proc/self/status", "VmLck:"), kb_of("/proc/self/status", "VmPin:"));
     let _ = std::io::stdout().flush();
     sleep(Duration::from_millis(hold_ms));
     let mut unmap = DmaUnmap { argsz: std::mem::size_of::<DmaUnmap>() as u32, flags: 0, iova: IOVA, size };

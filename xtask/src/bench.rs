@@ -372,7 +372,7 @@ fn replay_speed(pinwatch: &std::path::Path) -> Result<Value> {
 }
 
 fn extra_binaries() -> Vec<PathBuf> {
-    ["/usr/bin/fio", "/usr/bin/bpftrace", "/usr/sbin/bpftool"].iter().map(PathBuf::from).filter(|p| p.exists()).collect()
+    crate::LAB_TOOLS.iter().chain(&["/usr/bin/bpftrace"]).map(PathBuf::from).filter(|p| p.exists()).collect()
 }
 
 pub fn run(kernel_names: &[String], rounds: usize, check: bool, bins: &mut lab::Binaries) -> Result<bool> {

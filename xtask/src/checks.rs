@@ -41,7 +41,7 @@ pub fn expect(scenario: &str, v: (u32, u32)) -> Option<Expect> {
 }
 
 fn scenario_line(r: &Recorded) -> Result<Value> {
-    let line = r.out.iter().find_map(|l| l.strip_prefix("PINWATCH-SCENARIO ")).context("the scenario never said what it did")?;
+    let line = r.tagged("PINWATCH-SCENARIO ").next().context("the scenario never said what it did")?;
     Ok(serde_json::from_str(line)?)
 }
 
@@ -389,7 +389,7 @@ pub fn check(scenario: &str, r: &Recorded, v: (u32, u32)) -> Result<String> {
 fn check_reuse(r: &Recorded) -> Result<String> {
     let said = scenario_lines(r, "reuse-freed");
     let pid = u(said.first().context("the reuse scenario did not run")?, "pid");
-    let tries: Vec<Value> = r.out.iter().filter_map(|l| l.strip_prefix("PINWATCH-SCENARIO-REUSE ")).filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let tries = r.tagged_json("PINWATCH-SCENARIO-REUSE ");
     let hit = tries.iter().find(|t| u(t, "reused") > 0).with_context(|| format!("in {} attempt(s) no freed page went to the memfd: nothing was tested", tries.len()))?;
     let pfns = |k: &str| -> BTreeSet<u64> { hit[k].as_array().into_iter().flatten().filter_map(Value::as_u64).collect() };
     let reused: BTreeSet<u64> = pfns("old").intersection(&pfns("new")).copied().collect();
@@ -450,7 +450,7 @@ pub fn check_kill9(killed: &Recorded, whole: &Recorded) -> Result<String> {
 pub fn check_found(r: &Recorded) -> Result<String> {
     ensure!(r.ended, "the guest never finished the run");
     ensure!(r.rc == Some(0), "record exited {:?}: {}", r.rc, r.err.join(" | "));
-    let said: Vec<Value> = r.out.iter().filter_map(|l| l.strip_prefix("PINWATCH-SCENARIO ")).filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let said = scenario_lines(r, "memfd-truncate");
     let pid_of = |pin: bool| said.iter().find(|v| v["pin"] == pin).map(|v| u(v, "pid")).context("a scenario never said what it did");
     let (holder, control) = (pid_of(true)?, pid_of(false)?);
     ensure!(r.out.iter().filter(|l| l.contains("PINWATCH-SCENARIO-READY")).count() == 2, "the holder and the control did not both get their memory ready: {:?}", r.out);
@@ -514,19 +514,12 @@ pub fn check_huge(r: &Recorded) -> Result<String> {
 
 /// What the scenarios of a run said they did (`PINWATCH-SCENARIO {json}`), of one kind.
 fn scenario_lines(r: &Recorded, scenario: &str) -> Vec<Value> {
-    r.out
-        .iter()
-        .filter_map(|l| l.strip_prefix("PINWATCH-SCENARIO "))
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|v| v["scenario"] == scenario)
-        .collect()
+    r.tagged_json("PINWATCH-SCENARIO ").into_iter().filter(|v| v["scenario"] == scenario).collect()
 }
 
 /// Pairs of kilobyte figures a scenario printed after `prefix`.
 fn kb_pairs(r: &Recorded, prefix: &str) -> Vec<(u64, u64)> {
-    r.out
-        .iter()
-        .filter_map(|l| l.strip_prefix(prefix))
+    r.tagged(prefix)
         .filter_map(|l| l.split_once(' ').map(|(a, b)| (a.trim().parse().unwrap_or(0), b.trim().parse().unwrap_or(0))))
         .collect()
 }

@@ -328,6 +328,19 @@ pub struct Recorded {
     pub ended: bool,
 }
 
+impl Recorded {
+    /// What the run printed on stdout after `prefix`, line by line (the scenarios'
+    /// `PINWATCH-...` marks).
+    pub fn tagged<'a>(&'a self, prefix: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        self.out.iter().filter_map(move |l| l.strip_prefix(prefix))
+    }
+
+    /// The JSON of each line after `prefix` that parses.
+    pub fn tagged_json(&self, prefix: &str) -> Vec<serde_json::Value> {
+        self.tagged(prefix).filter_map(|l| serde_json::from_str(l).ok()).collect()
+    }
+}
+
 pub fn parse(results: &[String]) -> BTreeMap<String, Recorded> {
     let mut m: BTreeMap<String, Recorded> = BTreeMap::new();
     for l in results {

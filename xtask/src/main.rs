@@ -73,7 +73,7 @@ const BOOT_LIMIT: Duration = Duration::from_secs(900);
 
 /// Programs of this machine the lab guest runs, copied in with their libraries: fio
 /// makes the GUP storm, bpftool lists what pinwatch leaves in the kernel.
-const LAB_TOOLS: [&str; 2] = ["/usr/bin/fio", "/usr/sbin/bpftool"];
+pub const LAB_TOOLS: [&str; 2] = ["/usr/bin/fio", "/usr/sbin/bpftool"];
 
 /// (name, `pinwatch record` options, scenario command). The default attach mode is
 /// auto, which takes fentry where the kernel allows it (every lab kernel does).
@@ -184,6 +184,8 @@ send_back found $RC /tmp/found.out /tmp/found.err /tmp/found.jsonl
 /// unpins the others at once, 255 or 511 in one call): top must still show the 8 MiB
 /// the pins hold in place, beside VmPin, and nothing once they are unregistered. The
 /// holder runs as nobody (no CAP_IPC_LOCK) so that 7.x charges VmPin too.
+/// In the same top session, VFIO: QEMU's edu device bound to vfio-pci, 4 MiB mapped for
+/// DMA through its IOMMU group (`vfio-map`, checked by check_vfio).
 const HUGE_PLAN: &str = r#"
 say BEGIN huge
 cat /sys/kernel/mm/transparent_hugepage/enabled > /tmp/huge.err

@@ -61,16 +61,11 @@ cat /tmp/storm_alert.err /tmp/storm_top.err /tmp/storm_rec.err /tmp/storm_again.
 send_back storm 0 /tmp/storm.out /tmp/storm.err /tmp/storm.json
 "#;
 
-/// Lines of the storm's out file after `prefix`.
-fn tagged<'a>(r: &'a Recorded, prefix: &'a str) -> impl Iterator<Item = &'a str> + 'a {
-    r.out.iter().filter_map(move |l| l.strip_prefix(prefix))
-}
-
 /// BPF objects bpftool listed at `when`, as (kind, id).
 fn bpf_ids(r: &Recorded, when: &str) -> Result<BTreeSet<(String, u64)>> {
     let mut out = BTreeSet::new();
     for kind in ["prog", "map", "link"] {
-        let json = tagged(r, "PINWATCH-BPF ")
+        let json = r.tagged("PINWATCH-BPF ")
             .find_map(|l| l.strip_prefix(&format!("{when} {kind} ")))
             .with_context(|| format!("bpftool listed no {kind}s {when}"))?;
         let v: Value = serde_json::from_str(json.trim()).with_context(|| format!("bpftool's {kind} list {when}: {json}"))?;
@@ -82,7 +77,7 @@ fn bpf_ids(r: &Recorded, when: &str) -> Result<BTreeSet<(String, u64)>> {
 }
 
 fn storm_value(r: &Recorded, key: &str) -> Option<String> {
-    tagged(r, "PINWATCH-STORM ").find_map(|l| l.strip_prefix(key).map(|v| v.trim().to_string()))
+    r.tagged("PINWATCH-STORM ").find_map(|l| l.strip_prefix(key).map(|v| v.trim().to_string()))
 }
 
 pub fn check_storm(r: &Recorded) -> Result<String> {
@@ -90,14 +85,14 @@ pub fn check_storm(r: &Recorded) -> Result<String> {
     let pids: Vec<String> = storm_value(r, "pids").context("the live modes never started")?.split_whitespace().map(str::to_string).collect();
     ensure!(pids.len() == 3, "not three live modes: {pids:?}; stderr: {:?}", r.err);
     // fio ran the storm.
-    ensure!(storm_value(r, "fio-rc").as_deref() == Some("0"), "fio failed: {:?}", tagged(r, "PINWATCH-FIO ").collect::<Vec<_>>());
+    ensure!(storm_value(r, "fio-rc").as_deref() == Some("0"), "fio failed: {:?}", r.tagged("PINWATCH-FIO ").collect::<Vec<_>>());
     // --minimal: field 7 is the read IOPS of a group.
-    let iops: f64 = tagged(r, "PINWATCH-FIO ").filter_map(|l| l.split(';').nth(7)?.parse::<f64>().ok()).sum();
-    ensure!(iops > 0.0, "fio read nothing: {:?}", tagged(r, "PINWATCH-FIO ").collect::<Vec<_>>());
+    let iops: f64 = r.tagged("PINWATCH-FIO ").filter_map(|l| l.split(';').nth(7)?.parse::<f64>().ok()).sum();
+    ensure!(iops > 0.0, "fio read nothing: {:?}", r.tagged("PINWATCH-FIO ").collect::<Vec<_>>());
     // Every mode alive after it, within its memory.
     let mut hwm = Vec::new();
     for (pid, mode) in pids.iter().zip(["alert", "top", "record"]) {
-        let line = tagged(r, "PINWATCH-STORM alive ").find(|l| l.split_whitespace().next() == Some(pid.as_str())).with_context(|| format!("{mode} not looked at"))?;
+        let line = r.tagged("PINWATCH-STORM alive ").find(|l| l.split_whitespace().next() == Some(pid.as_str())).with_context(|| format!("{mode} not looked at"))?;
         let f: Vec<&str> = line.split_whitespace().collect();
         ensure!(f.get(1) == Some(&"yes"), "{mode} (pid {pid}) died in the storm; stderr: {:?}", r.err);
         let kb: u64 = f.get(2).and_then(|k| k.parse().ok()).context("no VmHWM")?;
@@ -117,7 +112,7 @@ pub fn check_storm(r: &Recorded) -> Result<String> {
     let top_lost = last["lost_events"].as_u64().unwrap_or(0);
     // record: its stop line's loss is the sum of its lost lines, and nothing held.
     ensure!(matches!(storm_value(r, "record-rc").as_deref(), Some("0") | Some("130")), "record exited {:?} on SIGINT", storm_value(r, "record-rc"));
-    let rec: Vec<Value> = tagged(r, "PINWATCH-REC ").filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let rec = r.tagged_json("PINWATCH-REC ");
     let stop = rec.iter().find(|e| e["event"] == "stop").context("record's trace has no stop line")?;
     let lost_lines: u64 = rec.iter().filter(|e| e["event"] == "lost").map(|e| e["count"].as_u64().unwrap_or(0)).sum();
     let rec_lost = stop["lost_total"].as_u64().context("no lost_total in the stop line")?;
@@ -125,7 +120,7 @@ pub fn check_storm(r: &Recorded) -> Result<String> {
     let fio_held: Vec<&Value> = stop["held"].as_array().into_iter().flatten().filter(|h| h["comm"].as_str().is_some_and(|c| c.starts_with("fio"))).collect();
     ensure!(fio_held.is_empty(), "record's stop line still has fio holding pins: {fio_held:?}");
     // the daemon: loss by reason in the metrics, nothing pinned.
-    let metrics: Vec<&str> = tagged(r, "PINWATCH-METRIC ").collect();
+    let metrics: Vec<&str> = r.tagged("PINWATCH-METRIC ").collect();
     ensure!(metrics.iter().any(|l| l.starts_with("pinwatch_lost_events_total{reason=\"ringbuf_full\"}")), "the daemon's metrics show no loss counter: {metrics:?}");
     let metric_sum = |name: &str| -> f64 { metrics.iter().filter(|l| l.starts_with(name)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum() };
     ensure!(metric_sum("pinwatch_pinned_bytes") == 0.0, "the daemon still reports {} bytes pinned after the storm", metric_sum("pinwatch_pinned_bytes"));

@@ -18,11 +18,10 @@ pub fn monotonic_ns() -> u64 {
 
 /// Records taken from the ring in one go: near what the 8 MiB ring holds of one-page
 /// pin records (about 400 bytes each, so some 20,000), so a quiet ring is emptied in
-/// one or two batches; under a GUP storm,
-/// where the kernel refills the ring as fast as it is read, a batch without a bound
-/// grew until the kernel killed the process (the lab's storm: record reached 468 MB
-/// and the OOM killer). A bounded batch goes through the engine and out, and what the
-/// ring cannot hold meanwhile is counted as lost.
+/// one or two batches. Under a GUP storm the kernel refills the ring as fast as it is
+/// read, and a batch without a bound grew until the kernel killed the process (the
+/// lab's storm: record reached 468 MB and the OOM killer). A bounded batch goes through
+/// the engine and out, and what the ring cannot hold meanwhile is counted as lost.
 const MAX_BATCH: usize = 16384;
 
 pub struct LiveSource {
