@@ -502,6 +502,10 @@ pub mod globals {
     pub const STREAM_ALL: &str = "STREAM_ALL";
     /// FOLL_LONGTERM's value on this kernel (it moved in 6.3).
     pub const FOLL_LONGTERM: &str = "FOLL_LONGTERM";
+    /// 1 where no hooked GUP function calls another (6.2+; before, the GUP-fast slow
+    /// path and pin_user_pages_unlocked call get_user_pages_unlocked): an fexit
+    /// program then handles a monitored call from its own arguments, with no call map.
+    pub const GUP_UNNESTED: &str = "GUP_UNNESTED";
     /// 1: every program returns at once (the bench's floor: the cost of the hooks alone).
     pub const FLOOR: &str = "FLOOR";
     /// Unread bytes in the ring past which every record wakes the reader.

@@ -40,6 +40,8 @@ use acquire::{Layout, LAYOUT_PLAIN, LAYOUT_REMOTE, LAYOUT_UNLOCKED};
 
 /// Argument n of the hooked function as a u64, whichever way the program attached.
 trait Args {
+    /// Whether the return program paired with this entry sees the arguments (fexit).
+    const ARGS_AT_RETURN: bool;
     fn a(&self, n: usize) -> u64;
     /// The first five arguments at once.
     #[inline(always)]
@@ -48,12 +50,14 @@ trait Args {
     }
 }
 impl Args for ProbeContext {
+    const ARGS_AT_RETURN: bool = false;
     #[inline(always)]
     fn a(&self, n: usize) -> u64 {
         self.arg::<u64>(n).unwrap_or(0)
     }
 }
 impl Args for FEntryContext {
+    const ARGS_AT_RETURN: bool = true;
     /// Read as raw memory, not through the BTF-typed context: the verifier refuses
     /// loads of `struct page **` arguments and arithmetic on typed `folio *` ones,
     /// while a scalar copy of the same slot is fine on every kernel from 5.10.
@@ -66,9 +70,15 @@ impl Args for FEntryContext {
     /// words of the trampoline's frame, read harmlessly and never used.
     #[inline(always)]
     fn first5(&self) -> [u64; 5] {
-        let ctx = aya_ebpf::EbpfContext::as_ptr(self) as *const [u64; 5];
-        unsafe { aya_ebpf::helpers::bpf_probe_read_kernel(ctx) }.unwrap_or([0; 5])
+        frame5(aya_ebpf::EbpfContext::as_ptr(self))
     }
+}
+
+/// The first five words of an fentry or fexit trampoline's frame: the arguments, the
+/// return value after them (fexit). One helper call.
+#[inline(always)]
+fn frame5(ctx: *mut core::ffi::c_void) -> [u64; 5] {
+    unsafe { aya_ebpf::helpers::bpf_probe_read_kernel(ctx as *const [u64; 5]) }.unwrap_or([0; 5])
 }
 
 /// A kprobe and its fentry twin with one body; `$c` is the context in the body.
@@ -98,7 +108,7 @@ macro_rules! twins {
 #[inline(always)]
 fn gup_enter<C: Args + aya_ebpf::EbpfContext>(c: &C, hook: Hook, l: Layout) {
     let a = c.first5();
-    acquire::enter(c, hook, a[l.start], a[l.nr_pages], a[l.gup_flags], a[l.pages]);
+    acquire::enter(c, hook, a[l.start], a[l.nr_pages], a[l.gup_flags], a[l.pages], C::ARGS_AT_RETURN);
 }
 
 // ---- acquire: one entry program per hook (the hook id is its identity).
@@ -123,30 +133,31 @@ pub fn gup_return(ctx: RetProbeContext) -> u32 {
 
 /// fexit of a GUP function with `$n` arguments: the return value is slot `$n`.
 macro_rules! gup_fexit {
-    ($name:ident, $sym:literal, $n:literal) => {
+    ($name:ident, $sym:literal, $n:literal, $hook:expr, $layout:expr) => {
         #[fexit(function = $sym)]
         pub fn $name(ctx: FExitContext) -> u32 {
             if record::floor() {
                 return 0;
             }
-            acquire::exit(ctx.arg::<u64>($n));
+            let a = frame5(aya_ebpf::EbpfContext::as_ptr(&ctx));
+            acquire::exit_with_args($hook, a, $layout, ctx.arg::<u64>($n));
             0
         }
     };
 }
 // get_user_pages and pin_user_pages lost `vmas` in 6.5; *_remote went from 7 arguments
 // to 6 then, and fentry refuses more than 6 before 6.6, so there is no `_7`.
-gup_fexit!(fexit_get_user_pages_4, "get_user_pages", 4);
-gup_fexit!(fexit_get_user_pages_5, "get_user_pages", 5);
-gup_fexit!(fexit_pin_user_pages_4, "pin_user_pages", 4);
-gup_fexit!(fexit_pin_user_pages_5, "pin_user_pages", 5);
-gup_fexit!(fexit_get_user_pages_fast_4, "get_user_pages_fast", 4);
-gup_fexit!(fexit_pin_user_pages_fast_4, "pin_user_pages_fast", 4);
-gup_fexit!(fexit_get_user_pages_fast_only_4, "get_user_pages_fast_only", 4);
-gup_fexit!(fexit_get_user_pages_remote_6, "get_user_pages_remote", 6);
-gup_fexit!(fexit_pin_user_pages_remote_6, "pin_user_pages_remote", 6);
-gup_fexit!(fexit_get_user_pages_unlocked_4, "get_user_pages_unlocked", 4);
-gup_fexit!(fexit_pin_user_pages_unlocked_4, "pin_user_pages_unlocked", 4);
+gup_fexit!(fexit_get_user_pages_4, "get_user_pages", 4, Hook::GetUserPages, LAYOUT_PLAIN);
+gup_fexit!(fexit_get_user_pages_5, "get_user_pages", 5, Hook::GetUserPages, LAYOUT_PLAIN);
+gup_fexit!(fexit_pin_user_pages_4, "pin_user_pages", 4, Hook::PinUserPages, LAYOUT_PLAIN);
+gup_fexit!(fexit_pin_user_pages_5, "pin_user_pages", 5, Hook::PinUserPages, LAYOUT_PLAIN);
+gup_fexit!(fexit_get_user_pages_fast_4, "get_user_pages_fast", 4, Hook::GetUserPagesFast, LAYOUT_PLAIN);
+gup_fexit!(fexit_pin_user_pages_fast_4, "pin_user_pages_fast", 4, Hook::PinUserPagesFast, LAYOUT_PLAIN);
+gup_fexit!(fexit_get_user_pages_fast_only_4, "get_user_pages_fast_only", 4, Hook::GetUserPagesFastOnly, LAYOUT_PLAIN);
+gup_fexit!(fexit_get_user_pages_remote_6, "get_user_pages_remote", 6, Hook::GetUserPagesRemote, LAYOUT_REMOTE);
+gup_fexit!(fexit_pin_user_pages_remote_6, "pin_user_pages_remote", 6, Hook::PinUserPagesRemote, LAYOUT_REMOTE);
+gup_fexit!(fexit_get_user_pages_unlocked_4, "get_user_pages_unlocked", 4, Hook::GetUserPagesUnlocked, LAYOUT_UNLOCKED);
+gup_fexit!(fexit_pin_user_pages_unlocked_4, "pin_user_pages_unlocked", 4, Hook::PinUserPagesUnlocked, LAYOUT_UNLOCKED);
 
 // ---- release: the unpin family. unpin_user_pages and unpin_user_pages_dirty_lock call
 // other release functions (unpin_user_pages, and unpin_user_page up to 5.18): they keep

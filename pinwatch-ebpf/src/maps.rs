@@ -120,6 +120,11 @@ pub static CALIB_PAGE: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 pub static CALIB: Array<u64> = Array::with_max_entries(calib::NR, 0);
 
+/// vmemmap_base as read from its symbol, kept after the first read (see
+/// page::vmemmap_base): one array load instead of a helper call in every program.
+#[map]
+pub static VMEMMAP: Array<u64> = Array::with_max_entries(1, 0);
+
 #[inline(always)]
 pub fn count(index: u32, n: u64) {
     if let Some(c) = COUNTERS.get_ptr_mut(index) {

@@ -3,6 +3,8 @@
 
 use aya_ebpf::helpers::bpf_probe_read_kernel;
 
+use crate::maps::VMEMMAP;
+
 #[no_mangle]
 static VMEMMAP_BASE_ADDR: u64 = 0;
 #[no_mangle]
@@ -57,6 +59,27 @@ pub fn head_pfn(page: u64) -> u64 {
     PfnMath::new().head_pfn(page)
 }
 
+/// vmemmap_base: calibrated by user space at load, or read from its symbol the first
+/// time and kept in map VMEMMAP (it does not move after boot), so that the programs on
+/// every page free, dirtying and release load it rather than call a helper. A global
+/// function: its branches are checked once, not in every loop that calls it.
+#[no_mangle]
+#[inline(never)]
+pub extern "C" fn vmemmap_base() -> u64 {
+    let calibrated = global(&VMEMMAP_BASE);
+    if calibrated != 0 {
+        return calibrated;
+    }
+    let Some(kept) = VMEMMAP.get_ptr_mut(0) else { return 0 };
+    let v = unsafe { *kept };
+    if v != 0 {
+        return v;
+    }
+    let v = unsafe { bpf_probe_read_kernel(global(&VMEMMAP_BASE_ADDR) as *const u64) }.unwrap_or(0);
+    unsafe { *kept = v };
+    v
+}
+
 /// vmemmap_base and the struct page layout, read once for a loop over many pages.
 #[derive(Clone, Copy)]
 pub struct PfnMath {
@@ -68,11 +91,7 @@ pub struct PfnMath {
 impl PfnMath {
     #[inline(always)]
     pub fn new() -> PfnMath {
-        let base = match global(&VMEMMAP_BASE) {
-            0 => unsafe { bpf_probe_read_kernel(global(&VMEMMAP_BASE_ADDR) as *const u64) }.unwrap_or(0),
-            calibrated => calibrated,
-        };
-        PfnMath::with_base(base)
+        PfnMath::with_base(vmemmap_base())
     }
 
     /// With vmemmap_base already read (once per call, not once per page).

@@ -118,6 +118,9 @@ impl Kernel {
         let stream_all = (streaming == Streaming::All) as u64;
         let floor = (streaming == Streaming::Floor) as u64;
         let foll_longterm = layouts.foll.longterm as u64;
+        // Hooked GUP functions nest until 6.2 (KERNEL-NOTES): only then may a monitored
+        // call skip the call map.
+        let gup_unnested = super::release_at_least(&release, 6, 2) as u64;
         let ring = ring_bytes(streaming);
         let wake_above = ring as u64 / 4;
         let f = &layouts.folio;
@@ -150,6 +153,7 @@ impl Kernel {
             .override_global(globals::STREAM_ALL, &stream_all, true)
             .override_global(globals::FLOOR, &floor, true)
             .override_global(globals::FOLL_LONGTERM, &foll_longterm, true)
+            .override_global(globals::GUP_UNNESTED, &gup_unnested, true)
             .override_global(globals::WAKE_ABOVE, &wake_above, true)
             .map_max_entries("PINS", pin_map_capacity)
             .map_max_entries("EVENTS", ring)

@@ -20,6 +20,17 @@ pub fn release() -> String {
     std::fs::read_to_string("/proc/sys/kernel/osrelease").map(|s| s.trim().to_string()).unwrap_or_else(|_| "unknown".into())
 }
 
+/// Whether a release string ("6.12.117+deb13-cloud-amd64") is at least major.minor;
+/// false when it cannot be read, so that a caller keeps the choice that works everywhere.
+pub fn release_at_least(release: &str, major: u32, minor: u32) -> bool {
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    let num = |p: Option<&str>| p.and_then(|p| p.parse::<u32>().ok());
+    match (num(parts.next()), num(parts.next())) {
+        (Some(a), Some(b)) => (a, b) >= (major, minor),
+        _ => false,
+    }
+}
+
 const CAP_SYS_ADMIN: u32 = 21;
 const CAP_SYSLOG: u32 = 34;
 const CAP_PERFMON: u32 = 38;
@@ -130,5 +141,16 @@ mod tests {
         // Root's full set (what `sudo` gives on a 6.x kernel).
         assert!(missing_capabilities(0x1ff_ffff_ffff).is_empty());
         assert_eq!(kallsyms_hint(bit(CAP_SYSLOG)), None);
+    }
+
+    #[test]
+    fn release_strings_compare_by_major_and_minor() {
+        assert!(release_at_least("6.12.117+deb13-cloud-amd64", 6, 2));
+        assert!(release_at_least("7.2.0-1-cloud-amd64", 6, 2));
+        assert!(release_at_least("6.2", 6, 2));
+        assert!(!release_at_least("6.1.0-50-cloud-amd64", 6, 2));
+        assert!(!release_at_least("5.10.0-32-cloud-amd64", 6, 2));
+        assert!(!release_at_least("unknown", 6, 2));
+        assert!(!release_at_least("", 6, 2));
     }
 }
