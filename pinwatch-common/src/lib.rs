@@ -487,6 +487,8 @@ pub mod globals {
     /// Offset of `pfn` in the kmem:mm_page_free tracepoint record (tracefs format).
     pub const MM_PAGE_FREE_PFN_OFF: &str = "MM_PAGE_FREE_PFN_OFF";
     pub const STRUCT_PAGE_SIZE: &str = "STRUCT_PAGE_SIZE";
+    /// log2 of STRUCT_PAGE_SIZE when it is a power of two (64 on x86-64), else 0.
+    pub const STRUCT_PAGE_SHIFT: &str = "STRUCT_PAGE_SHIFT";
     /// Offset of compound_head (compound_info on 7.1+) in struct page.
     pub const PAGE_COMPOUND_HEAD_OFF: &str = "PAGE_COMPOUND_HEAD_OFF";
     /// 1 where a tail page's compound_info is a mask on its own address (7.1+ with the

@@ -26,12 +26,13 @@ static FOLL_LONGTERM: u64 = 0;
 #[no_mangle]
 static GUP_UNNESTED: u64 = 0;
 
-/// Whether a call that is not streamed skips the call map: its return program is an
-/// fexit program, which sees the arguments, and no GUP call it could nest in exists.
-/// Two hash-map operations fewer on the commonest call of all (a direct-I/O read).
+/// Whether a call that is not streamed skips the call map, when its return program is
+/// an fexit program (which sees the arguments): where no GUP call it could nest in
+/// exists. Two hash-map operations fewer on the commonest call of all (a direct-I/O
+/// read).
 #[inline(always)]
-fn mapless(args_at_return: bool, gup_flags: u64) -> bool {
-    args_at_return && unsafe { core::ptr::read_volatile(&GUP_UNNESTED) } != 0 && !streamed(gup_flags)
+pub fn mapless(gup_flags: u64) -> bool {
+    (unsafe { core::ptr::read_volatile(&GUP_UNNESTED) } != 0) && !streamed(gup_flags)
 }
 
 /// Whether a call is sent to user space as it happens: every call while recording;
@@ -66,13 +67,10 @@ pub const LAYOUT_PLAIN: Layout = Layout { start: 0, nr_pages: 1, gup_flags: 2, p
 pub const LAYOUT_REMOTE: Layout = Layout { start: 1, nr_pages: 2, gup_flags: 3, pages: 4 };
 pub const LAYOUT_UNLOCKED: Layout = Layout { start: 0, nr_pages: 1, gup_flags: 3, pages: 2 };
 
-/// Called on entry with the arguments already read at `Layout` positions;
-/// `args_at_return`: the return program is fexit (see mapless).
+/// Called on entry with the arguments already read at `Layout` positions (for a call
+/// that goes through the call map: not a mapless one under fentry).
 #[inline(always)]
-pub fn enter<C: EbpfContext>(ctx: &C, hook: Hook, start: u64, nr_pages: u64, gup_flags: u64, pages: u64, args_at_return: bool) {
-    if mapless(args_at_return, gup_flags) {
-        return;
-    }
+pub fn enter<C: EbpfContext>(ctx: &C, hook: Hook, start: u64, nr_pages: u64, gup_flags: u64, pages: u64) {
     let (tgid, tid) = current();
     if is_self(tgid) || !armed() {
         return;
@@ -132,7 +130,7 @@ fn is_pin(hook: u16) -> bool {
 #[inline(always)]
 pub fn exit_with_args(hook: Hook, a: [u64; 5], l: Layout, raw_ret: u64) {
     let gup_flags = a[l.gup_flags];
-    if !mapless(true, gup_flags) {
+    if !mapless(gup_flags) {
         exit(raw_ret);
         return;
     }

@@ -9,7 +9,7 @@ use aya_ebpf::EbpfContext;
 use pinwatch_common::{backing, kind, page_op, pin_state, release, seen, PinState, RELEASE_FIXED};
 
 use crate::{
-    maps::{maybe_pinned, PAGE_SCRATCH, PINS, RELEASE_SCRATCH},
+    maps::{maybe_pinned_head, PAGE_SCRATCH, PINS, RELEASE_SCRATCH},
     page::{backing as backing_of, file_of, folio_head, live, mapping, page_index, page_to_pfn},
     record::{fill_header, fill_stack, send, Nest},
 };
@@ -23,12 +23,12 @@ pub fn page_op<C: EbpfContext>(ctx: &C, hook: u16, op: u16, page: u64, kernel_pi
         return;
     }
     let head = folio_head(page);
-    let pfn = page_to_pfn(head);
     // Most folios the kernel writes back, cleans or frees are pinned by no one: the
     // filter says so without hashing.
-    if !kernel_pins && !maybe_pinned(pfn) {
+    if !kernel_pins && !maybe_pinned_head(head) {
         return;
     }
+    let pfn = page_to_pfn(head);
     let state = match PINS.get_ptr_mut(&pfn) {
         Some(s) => unsafe {
             // Dirtying matters only after the folio was exposed (unmapped, cleaned,

@@ -43,6 +43,11 @@ trait Args {
     /// Whether the return program paired with this entry sees the arguments (fexit).
     const ARGS_AT_RETURN: bool;
     fn a(&self, n: usize) -> u64;
+    /// A scalar argument (an integer, not a pointer) n, the cheapest way there is.
+    #[inline(always)]
+    fn scalar(&self, n: usize) -> u64 {
+        self.a(n)
+    }
     /// The first five arguments at once.
     #[inline(always)]
     fn first5(&self) -> [u64; 5] {
@@ -65,6 +70,12 @@ impl Args for FEntryContext {
     fn a(&self, n: usize) -> u64 {
         let slot = unsafe { (aya_ebpf::EbpfContext::as_ptr(self) as *const u64).add(n) };
         unsafe { aya_ebpf::helpers::bpf_probe_read_kernel(slot) }.unwrap_or(0)
+    }
+    /// A load from the context, which the verifier allows for integer arguments: no
+    /// helper call.
+    #[inline(always)]
+    fn scalar(&self, n: usize) -> u64 {
+        unsafe { *(aya_ebpf::EbpfContext::as_ptr(self) as *const u64).add(n) }
     }
     /// One helper call instead of five. Slots past the function's arguments are other
     /// words of the trampoline's frame, read harmlessly and never used.
@@ -107,8 +118,12 @@ macro_rules! twins {
 
 #[inline(always)]
 fn gup_enter<C: Args + aya_ebpf::EbpfContext>(c: &C, hook: Hook, l: Layout) {
+    // A call its fexit program handles alone costs its entry one load.
+    if C::ARGS_AT_RETURN && acquire::mapless(c.scalar(l.gup_flags)) {
+        return;
+    }
     let a = c.first5();
-    acquire::enter(c, hook, a[l.start], a[l.nr_pages], a[l.gup_flags], a[l.pages], C::ARGS_AT_RETURN);
+    acquire::enter(c, hook, a[l.start], a[l.nr_pages], a[l.gup_flags], a[l.pages]);
 }
 
 // ---- acquire: one entry program per hook (the hook id is its identity).

@@ -4,6 +4,7 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
+use crate::page::{struct_page_index, PfnMath};
 use pinwatch_common::{calib, counter, Enforce, FoundBatch, GupCall, KernelStack, PageRecord, PinRecord, PinState, ProcPins, ReleaseRecord};
 
 /// Records to user space. User space sizes it at load (kernel::load::ring_bytes): 8 MiB
@@ -45,7 +46,9 @@ pub static RELEASE_DEPTH: HashMap<u32, u32> = HashMap::with_max_entries(16384, 0
 #[map]
 pub static PINS: HashMap<u64, PinState> = HashMap::with_max_entries(262144, 0);
 
-/// How many PINS entries have a pfn in each slot (pfn % PIN_FILTER_SLOTS), kept with
+/// How many PINS entries have their head struct page in each slot (its address over
+/// the size of struct page, modulo PIN_FILTER_SLOTS: the pfn modulo it, as vmemmap_base
+/// is 1 GiB aligned, but known without vmemmap_base), kept with
 /// every insert and remove: a slot at 0 says "not pinned" with one array load, where a
 /// PINS lookup hashes. Every page freed, dirtied, cleaned, written back or unpinned asks
 /// here first. 1 MiB; a slot shared by many pfns only costs the lookup it saves.
@@ -132,15 +135,23 @@ pub fn count(index: u32, n: u64) {
     }
 }
 
-/// Whether `pfn` may be in PINS (false: certainly not).
+/// Whether the folio whose head struct page is at `head` may be in PINS (false:
+/// certainly not). The filter is keyed by the struct page's address, so that the hooks
+/// on every page freed or dirtied answer before any pfn arithmetic.
+#[inline(always)]
+pub fn maybe_pinned_head(head: u64) -> bool {
+    PIN_FILTER.get(filter_slot(head)).is_some_and(|n| *n != 0)
+}
+
+/// maybe_pinned_head by folio head pfn.
 #[inline(always)]
 pub fn maybe_pinned(pfn: u64) -> bool {
-    PIN_FILTER.get(filter_slot(pfn)).is_some_and(|n| *n != 0)
+    maybe_pinned_head(PfnMath::new().page(pfn))
 }
 
 #[inline(always)]
-fn filter_slot(pfn: u64) -> u32 {
-    (pfn % PIN_FILTER_SLOTS as u64) as u32
+fn filter_slot(head: u64) -> u32 {
+    (struct_page_index(head) % PIN_FILTER_SLOTS as u64) as u32
 }
 
 /// A new PINS entry for `pfn`, counted in its filter slot.
@@ -164,7 +175,7 @@ pub fn pins_remove(pfn: u64) {
 
 #[inline(always)]
 fn filter_add(pfn: u64, v: u32) {
-    if let Some(n) = PIN_FILTER.get_ptr_mut(filter_slot(pfn)) {
+    if let Some(n) = PIN_FILTER.get_ptr_mut(filter_slot(PfnMath::new().page(pfn))) {
         atomic_add(n, v);
     }
 }

@@ -12,6 +12,8 @@ static VMEMMAP_BASE: u64 = 0;
 #[no_mangle]
 static STRUCT_PAGE_SIZE: u64 = 64;
 #[no_mangle]
+static STRUCT_PAGE_SHIFT: u64 = 0;
+#[no_mangle]
 static PAGE_COMPOUND_HEAD_OFF: u64 = 8;
 #[no_mangle]
 static COMPOUND_INFO_MASK: u64 = 0;
@@ -45,6 +47,16 @@ fn head_at(page: u64, head_off: u64) -> u64 {
     // A struct page address has bit 0 clear, so the mask's bit 0 changes nothing.
     let head = if global(&COMPOUND_INFO_MASK) != 0 { page & ch } else { ch.wrapping_sub(1) };
     (page & !tail) | (head & tail)
+}
+
+/// A struct page's address divided by the size of struct page: which of all possible
+/// struct pages it is, without vmemmap_base (the pin filter's key, maps::filter_slot).
+/// A shift where the size is a power of two: the branch is on a frozen global, which
+/// the verifier resolves.
+#[inline(always)]
+pub fn struct_page_index(page: u64) -> u64 {
+    let shift = global(&STRUCT_PAGE_SHIFT);
+    if shift != 0 { page >> shift } else { page / struct_page_size().max(1) }
 }
 
 /// pfn of a struct page pointer: (page - vmemmap_base) / sizeof(struct page).

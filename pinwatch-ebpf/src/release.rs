@@ -6,8 +6,8 @@ use aya_ebpf::helpers::bpf_probe_read_kernel;
 use pinwatch_common::{counter, kind, pin_state, release, PinState, PFNS_PER_RECORD, RELEASE_FIXED, RELEASE_MAX_CHUNKS};
 
 use crate::{
-    maps::{atomic_add, count, maybe_pinned, pins_remove, GUP_CALLS, KNOWN, PINS, PROC_PINS, QUIET_GETS, RELEASE_DEPTH, RELEASE_SCRATCH},
-    page::{head_pfn, page_to_pfn, struct_page_size, PfnMath},
+    maps::{atomic_add, count, maybe_pinned, maybe_pinned_head, pins_remove, GUP_CALLS, KNOWN, PINS, PROC_PINS, QUIET_GETS, RELEASE_DEPTH, RELEASE_SCRATCH},
+    page::{folio_head, head_pfn, page_to_pfn, struct_page_size, PfnMath},
     record::{current, fill_header, send, Nest},
 };
 
@@ -259,8 +259,12 @@ pub fn page_range(hook: u16, page: u64, npages: u64, dirty: u16) {
 /// program, which asks whether it is nested only once the folio may be pinned.
 #[inline(always)]
 pub fn folio_refs(hook: u16, release: u16, page: u64, refs: u64, leaf: bool) {
-    let pfn = head_pfn(page);
-    if pfn == u64::MAX || !maybe_pinned(pfn) || (leaf && nested()) {
+    let head = folio_head(page);
+    if page == 0 || !maybe_pinned_head(head) || (leaf && nested()) {
+        return;
+    }
+    let pfn = page_to_pfn(head);
+    if pfn == u64::MAX {
         return;
     }
     // All `refs` at once, however many: one record naming the pfn once, with the count
@@ -324,9 +328,9 @@ pub fn pipe_buf(hook: u16, buf: u64) {
 /// filter slot at 0.
 #[inline(always)]
 pub fn page_free(hook: u16, page: u64) {
-    let pfn = page_to_pfn(page);
-    if !maybe_pinned(pfn) {
+    if !maybe_pinned_head(page) {
         return;
     }
+    let pfn = page_to_pfn(page);
     release_items(hook, release::FREED, 0, 1, 1, |_| pfn);
 }

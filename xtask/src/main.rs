@@ -244,6 +244,9 @@ fn plan(only: Option<&[&str]>) -> String {
     let mut s = String::from(
         "pinwatch doctor --format json > /tmp/doctor.json 2>&1; say RC doctor $?\nsed \"s/^/PINWATCH-LAB OUT doctor /\" /tmp/doctor.json > $R\nsay END doctor\n",
     );
+    // The page tables the guest runs on: whether the CPU offers 5-level paging (la57)
+    // and the vmalloc area's size, which says whether the kernel uses it.
+    s.push_str("say OUT paging $(grep -m1 -ow la57 /proc/cpuinfo || echo no-la57) $(awk '/VmallocTotal/{print $2}' /proc/meminfo)\nsay END paging\n");
     for (name, opts, cmd) in SCENARIOS.iter().filter(|(n, _, _)| only.is_none_or(|o| o.contains(n))) {
         s.push_str(&format!("record {name} {opts} -- {cmd}\n"));
     }
@@ -305,7 +308,10 @@ fn selected(names: &[String]) -> Result<Vec<kernels::Series>> {
 
 fn lab(names: &[String], bins: &lab::Binaries, tally: &mut Tally) -> Result<()> {
     let series = selected(names)?;
+    let every_series = series.len() == kernels::SERIES.len();
     let conf = kernels::update()?;
+    // Page-table levels each boot ran on: pfns must come out right on both.
+    let mut levels: BTreeMap<u8, Vec<String>> = BTreeMap::new();
     for s in series {
         println!("lab: kernel {} ({})", s.name, s.suite);
         let k = match kernels::fetch(&conf, &s) {
@@ -392,6 +398,15 @@ fn lab(names: &[String], bins: &lab::Binaries, tally: &mut Tally) -> Result<()> 
             }
             other => tally.fail(&format!("{} doctor", k.release), &format!("{:?}", other.map(|d| (&d.rc, &d.out)))),
         }
+        let what = format!("{} paging", k.release);
+        match results.get("paging").map(checks::paging) {
+            Some(Ok((n, detail))) => {
+                levels.entry(n).or_default().push(k.release.clone());
+                tally.pass(&what, &detail)
+            }
+            Some(Err(e)) => tally.fail(&what, &format!("{e:#}")),
+            None => tally.fail(&what, "no result from the guest"),
+        }
         for name in SCENARIOS.iter().map(|s| s.0).chain(["top"]) {
             let what = format!("{} {name}", k.release);
             match results.get(name) {
@@ -432,6 +447,15 @@ fn lab(names: &[String], bins: &lab::Binaries, tally: &mut Tally) -> Result<()> 
         match postmortem::round_trip(bins, &work, &results) {
             Ok(d) => tally.pass(&what, &d),
             Err(e) => tally.fail(&what, &format!("{e:#}")),
+        }
+    }
+    // Every pfn check (pagemap against pinwatch's pfns in the reuse scenario, the
+    // hazards' pfns against the pins') ran on 4-level and on 5-level page tables.
+    if every_series {
+        let what = "lab paging: 4-level and 5-level page tables both covered";
+        match (levels.get(&4), levels.get(&5)) {
+            (Some(four), Some(five)) => tally.pass(what, &format!("4-level: {}; 5-level (la57): {}", four.join(", "), five.join(", "))),
+            _ => tally.fail(what, &format!("boots by levels: {levels:?}")),
         }
     }
     Ok(())

@@ -58,6 +58,11 @@ pub struct Kernel {
     pub pin_map_capacity: u32,
 }
 
+/// log2 of sizeof(struct page) when it is a power of two, else 0 (the programs divide).
+fn struct_page_shift(size: u64) -> u64 {
+    if size.is_power_of_two() { size.trailing_zeros() as u64 } else { 0 }
+}
+
 fn short(e: impl std::fmt::Display) -> String {
     e.to_string()
 }
@@ -121,6 +126,7 @@ impl Kernel {
         // Hooked GUP functions nest until 6.2 (KERNEL-NOTES): only then may a monitored
         // call skip the call map.
         let gup_unnested = super::release_at_least(&release, 6, 2) as u64;
+        let struct_page_shift = struct_page_shift(layouts.struct_page_size);
         let ring = ring_bytes(streaming);
         let wake_above = ring as u64 / 4;
         let f = &layouts.folio;
@@ -144,6 +150,7 @@ impl Kernel {
             .override_global(globals::VMEMMAP_BASE_ADDR, &vmemmap_base_addr, true)
             .override_global(globals::VMEMMAP_BASE, &vmemmap_base, true)
             .override_global(globals::STRUCT_PAGE_SIZE, &layouts.struct_page_size, true)
+            .override_global(globals::STRUCT_PAGE_SHIFT, &struct_page_shift, true)
             .override_global(globals::PAGE_COMPOUND_HEAD_OFF, &layouts.compound_head_off, true)
             .override_global(globals::COMPOUND_INFO_MASK, &compound_info_mask, true)
             .override_global(globals::BIO_IO_VEC_OFF, &layouts.bio_io_vec_off, true)
