@@ -487,6 +487,9 @@ pub mod globals {
     /// Offset of `pfn` in the kmem:mm_page_free tracepoint record (tracefs format).
     pub const MM_PAGE_FREE_PFN_OFF: &str = "MM_PAGE_FREE_PFN_OFF";
     pub const STRUCT_PAGE_SIZE: &str = "STRUCT_PAGE_SIZE";
+    /// 1 where a struct page at the start of a vmemmap page may be a fake head (before
+    /// 7.1, with the HugeTLB vmemmap optimization built in).
+    pub const FAKE_HEADS: &str = "FAKE_HEADS";
     /// log2 of STRUCT_PAGE_SIZE when it is a power of two (64 on x86-64), else 0.
     pub const STRUCT_PAGE_SHIFT: &str = "STRUCT_PAGE_SHIFT";
     /// Offset of compound_head (compound_info on 7.1+) in struct page.

@@ -32,6 +32,12 @@ pub struct Layouts {
     /// pointer to its head (7.1+, where struct page's size is a power of 2 and the
     /// kernel has the HugeTLB vmemmap optimization): what _compound_head() then does.
     pub compound_info_mask: bool,
+    /// Before 7.1, on a kernel with the HugeTLB vmemmap optimization: the tails of an
+    /// optimized huge page whose struct pages lie past its first vmemmap page read as
+    /// heads ("fake heads"), and the next struct page names the real one
+    /// (page_fixed_fake_head). The optimization can be switched on at any time, so the
+    /// programs always check.
+    pub fake_heads: bool,
     pub bio_io_vec_off: u64,
     pub bio_vcnt_off: u64,
     pub pipe_buffer_page_off: u64,
@@ -225,11 +231,11 @@ pub fn read_layouts(btf: &Btf) -> Result<Layouts> {
     let struct_page_size = page.size() as u64;
     // compound_info_has_mask(): CONFIG_HUGETLB_PAGE_OPTIMIZE_VMEMMAP (its sysctl exists)
     // and a power-of-2 struct page, on kernels whose field says compound_info.
-    let compound_info_mask = compound_head_field == "compound_info"
-        && struct_page_size.is_power_of_two()
-        && std::path::Path::new("/proc/sys/vm/hugetlb_optimize_vmemmap").exists();
+    let hvo = std::path::Path::new("/proc/sys/vm/hugetlb_optimize_vmemmap").exists();
+    let compound_info_mask = compound_head_field == "compound_info" && struct_page_size.is_power_of_two() && hvo;
     Ok(Layouts {
         compound_info_mask,
+        fake_heads: compound_head_field == "compound_head" && hvo,
         folio: folio_layout(btf, struct_page_size).context("struct folio / page fields for the hazard hooks")?,
         struct_page_size,
         compound_head_field,

@@ -131,6 +131,7 @@ impl Kernel {
         let wake_above = ring as u64 / 4;
         let f = &layouts.folio;
         let compound_info_mask = layouts.compound_info_mask as u64;
+        let fake_heads = layouts.fake_heads as u64;
         let mut ebpf = EbpfLoader::new()
             .override_global(globals::PAGE_FLAGS_OFF, &f.flags_off, true)
             .override_global(globals::PG_HEAD_BIT, &f.pg_head_bit, true)
@@ -153,6 +154,7 @@ impl Kernel {
             .override_global(globals::STRUCT_PAGE_SHIFT, &struct_page_shift, true)
             .override_global(globals::PAGE_COMPOUND_HEAD_OFF, &layouts.compound_head_off, true)
             .override_global(globals::COMPOUND_INFO_MASK, &compound_info_mask, true)
+            .override_global(globals::FAKE_HEADS, &fake_heads, true)
             .override_global(globals::BIO_IO_VEC_OFF, &layouts.bio_io_vec_off, true)
             .override_global(globals::BIO_VCNT_OFF, &layouts.bio_vcnt_off, true)
             .override_global(globals::PIPE_BUFFER_PAGE_OFF, &layouts.pipe_buffer_page_off, true)
