@@ -13,10 +13,11 @@ use pinwatch_common::{
 
 use crate::{
     maps::{
-        atomic_add, count, pins_insert, ARMED, ENFORCE, EXEMPT_CGROUPS, EXEMPT_COMMS, EXEMPT_UIDS, GUP_CALLS, GUP_STACKS, LONGTERM_RELEASED, PINS,
+        atomic_add, count, ARMED, ENFORCE, EXEMPT_CGROUPS, EXEMPT_COMMS, EXEMPT_UIDS, GUP_CALLS, GUP_STACKS, LONGTERM_RELEASED, PINS,
         PIN_SCRATCH, PROC_PINS, QUIET_GETS, STACK_SCRATCH,
     },
     page::{backing, file_of, folio_head, folio_order, mapping, PfnMath},
+    pins::pins_insert,
     record::{current, fill_header, fill_stack, is_self, send, stream_all, Nest},
 };
 

@@ -7,7 +7,8 @@
 use pinwatch_common::{backing as bk, counter, found, pin_state, PinState, FOUND_BATCH, GUP_PIN_COUNTING_BIAS};
 
 use crate::{
-    maps::{atomic_add, count, pins_insert, FOUND, PINS},
+    maps::{atomic_add, count, FOUND, PINS},
+    pins::pins_insert,
     page::{backing, file_of, live, mapping, PfnMath},
 };
 

@@ -9,8 +9,9 @@ use aya_ebpf::EbpfContext;
 use pinwatch_common::{backing, kind, page_op, pin_state, release, seen, PinState, RELEASE_FIXED};
 
 use crate::{
-    maps::{maybe_pinned_head, PAGE_SCRATCH, PINS, RELEASE_SCRATCH},
+    maps::{PAGE_SCRATCH, PINS, RELEASE_SCRATCH},
     page::{backing as backing_of, file_of, folio_head, live, mapping, page_index, page_to_pfn},
+    pins::maybe_pinned_head,
     record::{fill_header, fill_stack, send, Nest},
 };
 

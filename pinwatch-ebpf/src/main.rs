@@ -27,6 +27,7 @@ mod found;
 mod hazard;
 mod maps;
 mod page;
+mod pins;
 mod record;
 mod release;
 

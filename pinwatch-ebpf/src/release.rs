@@ -6,8 +6,9 @@ use aya_ebpf::helpers::bpf_probe_read_kernel;
 use pinwatch_common::{counter, kind, pin_state, release, PinState, PFNS_PER_RECORD, RELEASE_FIXED, RELEASE_MAX_CHUNKS};
 
 use crate::{
-    maps::{atomic_add, count, maybe_pinned, maybe_pinned_head, pins_remove, GUP_CALLS, KNOWN, PINS, PROC_PINS, QUIET_GETS, RELEASE_DEPTH, RELEASE_SCRATCH},
+    maps::{atomic_add, count, GUP_CALLS, KNOWN, PINS, PROC_PINS, QUIET_GETS, RELEASE_DEPTH, RELEASE_SCRATCH},
     page::{folio_head, head_pfn, page_to_pfn, struct_page_size, PfnMath},
+    pins::{maybe_pinned, maybe_pinned_head, pins_remove},
     record::{current, fill_header, send, Nest},
 };
 
