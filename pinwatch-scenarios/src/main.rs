@@ -351,12 +351,8 @@ fn dirty(map: *mut u8, pages: usize, v: u8) {
 }
 
 /// msync, MADV_PAGEOUT, then ftruncate down to `keep` pages: what the kernel does to a
-/// file's pages anyway, done on purpose to the pages from `first` on. The pages are
-/// dirtied again first, so that msync has each of them to clean: once on xfs one of
-/// two large folios was already clean by then (no mkclean, no writeback of it, while
-/// its unmap and truncate were seen).
+/// file's pages anyway, done on purpose to the pages from `first` on.
 fn clean_unmap_truncate(fd: i32, map: *mut u8, first: usize, pages: usize, keep: usize) -> Result<()> {
-    dirty(unsafe { map.add(first * PAGE) }, pages, 0xee);
     let at = unsafe { map.add(first * PAGE) } as *mut libc::c_void;
     check(unsafe { libc::msync(at, pages * PAGE, libc::MS_SYNC) } as _, "msync")?;
     check(unsafe { libc::madvise(at, pages * PAGE, libc::MADV_PAGEOUT) } as _, "madvise(MADV_PAGEOUT)")?;
