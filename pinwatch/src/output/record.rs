@@ -119,6 +119,7 @@ pub async fn run(args: RecordArgs) -> Result<i32> {
     let session = &mut live.session;
     session.drain(&mut batch);
     write(session, &mut batch, &mut writer)?;
+    session.reconcile_at_end();
     for e in session.tick(&BTreeSet::new(), false)?.events {
         writer.write(&e)?;
     }
