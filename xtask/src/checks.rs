@@ -593,6 +593,22 @@ pub fn story_order(story: &str) -> Result<()> {
     Ok(())
 }
 
+/// The guest's page tables from its `paging` line: whether the CPU offers la57, and
+/// the vmalloc area's size (/proc/meminfo's VmallocTotal), 32 TiB under 4-level paging
+/// and 12800 TiB under 5-level. Returns the levels and what to say.
+pub fn paging(r: &Recorded) -> Result<(u8, String)> {
+    let line = r.out.first().context("the guest printed no paging line")?;
+    let mut it = line.split_whitespace();
+    let (Some(flag), Some(kb)) = (it.next(), it.next().and_then(|v| v.parse::<u64>().ok())) else {
+        bail!("unreadable paging line {line:?}");
+    };
+    // Anything past 4-level's 32 TiB is 5-level's.
+    let levels = if kb > 1 << 35 { 5 } else { 4 };
+    ensure!(levels == 4 || flag == "la57", "a vmalloc area of {kb} kB without la57: {line:?}");
+    let offered = if flag == "la57" { "the CPU offers la57" } else { "la57 not in use" };
+    Ok((levels, format!("{levels}-level page tables ({offered}; VmallocTotal {kb} kB): every pfn check of this boot ran on them")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -770,18 +786,3 @@ mod tests {
     }
 }
 
-/// The guest's page tables from its `paging` line: whether the CPU offers la57, and
-/// the vmalloc area's size (/proc/meminfo's VmallocTotal), 32 TiB under 4-level paging
-/// and 12800 TiB under 5-level. Returns the levels and what to say.
-pub fn paging(r: &Recorded) -> Result<(u8, String)> {
-    let line = r.out.first().context("the guest printed no paging line")?;
-    let mut it = line.split_whitespace();
-    let (Some(flag), Some(kb)) = (it.next(), it.next().and_then(|v| v.parse::<u64>().ok())) else {
-        bail!("unreadable paging line {line:?}");
-    };
-    // Anything past 4-level's 32 TiB is 5-level's.
-    let levels = if kb > 1 << 35 { 5 } else { 4 };
-    ensure!(levels == 4 || flag == "la57", "a vmalloc area of {kb} kB without la57: {line:?}");
-    let offered = if flag == "la57" { "the CPU offers la57" } else { "la57 not in use" };
-    Ok((levels, format!("{levels}-level page tables ({offered}; VmallocTotal {kb} kB): every pfn check of this boot ran on them")))
-}

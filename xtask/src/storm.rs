@@ -1,7 +1,7 @@
 //! Under load and faults, in the lab: a GUP storm with every live mode attached at
 //! once, then SIGKILL, then a restart. Folded into each kernel's one boot.
 
-use std::collections::BTreeMap;
+use std::collections::BTreeSet;
 
 use anyhow::{ensure, Context as _, Result};
 use serde_json::Value;
@@ -61,16 +61,16 @@ cat /tmp/storm_alert.err /tmp/storm_top.err /tmp/storm_rec.err /tmp/storm_again.
 send_back storm 0 /tmp/storm.out /tmp/storm.err /tmp/storm.json
 "#;
 
-/// BPF objects bpftool listed at `when`, as (kind, id) and name (links have none).
-fn bpf_ids(r: &Recorded, when: &str) -> Result<BTreeMap<(String, u64), String>> {
-    let mut out = BTreeMap::new();
+/// BPF objects bpftool listed at `when`, as (kind, id).
+fn bpf_ids(r: &Recorded, when: &str) -> Result<BTreeSet<(String, u64)>> {
+    let mut out = BTreeSet::new();
     for kind in ["prog", "map", "link"] {
         let json = r.tagged("PINWATCH-BPF ")
             .find_map(|l| l.strip_prefix(&format!("{when} {kind} ")))
             .with_context(|| format!("bpftool listed no {kind}s {when}"))?;
         let v: Value = serde_json::from_str(json.trim()).with_context(|| format!("bpftool's {kind} list {when}: {json}"))?;
         for o in v.as_array().into_iter().flatten() {
-            out.insert((kind.to_string(), o["id"].as_u64().unwrap_or(0)), o["name"].as_str().unwrap_or("").to_string());
+            out.insert((kind.to_string(), o["id"].as_u64().unwrap_or(0)));
         }
     }
     Ok(out)
@@ -128,9 +128,9 @@ pub fn check_storm(r: &Recorded) -> Result<String> {
     let alert_lost = metric_sum("pinwatch_lost_events_total");
     // SIGKILL: nothing of top or the daemon stays in the kernel; a restart works.
     let (before, running, after) = (bpf_ids(r, "before")?, bpf_ids(r, "running")?, bpf_ids(r, "after")?);
-    let made = running.keys().filter(|k| !before.contains_key(*k)).count();
+    let made = running.difference(&before).count();
     ensure!(made > 0, "bpftool saw nothing of the three live modes while they ran");
-    let left: Vec<_> = after.keys().filter(|k| !before.contains_key(*k)).collect();
+    let left: Vec<_> = after.difference(&before).collect();
     ensure!(left.is_empty(), "left in the kernel after record stopped and top and the daemon were killed with SIGKILL: {left:?}");
     let again = storm_value(r, "again-rc").unwrap_or_default();
     ensure!(again.split_whitespace().next() == Some("0") && again.split_whitespace().nth(1).is_some_and(|n| n != "0"), "top did not start again after the kill: {again:?}");
