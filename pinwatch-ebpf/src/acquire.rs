@@ -126,15 +126,11 @@ fn is_pin(hook: u16) -> bool {
         || hook == Hook::PinUserPagesUnlocked as u16
 }
 
-/// An fexit program's return: the arguments `a` at `l` positions and the raw return
-/// value. A mapless call is handled here, as its entry program left nothing.
+/// An fexit program's return of a mapless call (see mapless), which its entry program
+/// left to it: the arguments `a` at `l` positions and the raw return value.
 #[inline(always)]
-pub fn exit_with_args(hook: Hook, a: [u64; 5], l: Layout, raw_ret: u64) {
+pub fn exit_mapless(hook: Hook, a: [u64; 5], l: Layout, raw_ret: u64) {
     let gup_flags = a[l.gup_flags];
-    if !mapless(gup_flags) {
-        exit(raw_ret);
-        return;
-    }
     let (tgid, _) = current();
     if a[l.pages] == 0 || is_self(tgid) || !armed() {
         return;

@@ -72,11 +72,9 @@ impl Args for FEntryContext {
         let slot = unsafe { (aya_ebpf::EbpfContext::as_ptr(self) as *const u64).add(n) };
         unsafe { aya_ebpf::helpers::bpf_probe_read_kernel(slot) }.unwrap_or(0)
     }
-    /// A load from the context, which the verifier allows for integer arguments: no
-    /// helper call.
     #[inline(always)]
     fn scalar(&self, n: usize) -> u64 {
-        unsafe { *(aya_ebpf::EbpfContext::as_ptr(self) as *const u64).add(n) }
+        frame_word(aya_ebpf::EbpfContext::as_ptr(self), n)
     }
     /// One helper call instead of five. Slots past the function's arguments are other
     /// words of the trampoline's frame, read harmlessly and never used.
@@ -84,6 +82,13 @@ impl Args for FEntryContext {
     fn first5(&self) -> [u64; 5] {
         frame5(aya_ebpf::EbpfContext::as_ptr(self))
     }
+}
+
+/// Word n of an fentry or fexit trampoline's frame, loaded from the context, which the
+/// verifier allows for integer arguments: no helper call.
+#[inline(always)]
+fn frame_word(ctx: *mut core::ffi::c_void, n: usize) -> u64 {
+    unsafe { *(ctx as *const u64).add(n) }
 }
 
 /// The first five words of an fentry or fexit trampoline's frame: the arguments, the
@@ -147,7 +152,8 @@ pub fn gup_return(ctx: RetProbeContext) -> u32 {
     0
 }
 
-/// fexit of a GUP function with `$n` arguments: the return value is slot `$n`.
+/// fexit of a GUP function with `$n` arguments: the return value is slot `$n`. The
+/// frame is read whole only for a mapless call, which has nothing in the call map.
 macro_rules! gup_fexit {
     ($name:ident, $sym:literal, $n:literal, $hook:expr, $layout:expr) => {
         #[fexit(function = $sym)]
@@ -155,8 +161,13 @@ macro_rules! gup_fexit {
             if record::floor() {
                 return 0;
             }
-            let a = frame5(aya_ebpf::EbpfContext::as_ptr(&ctx));
-            acquire::exit_with_args($hook, a, $layout, ctx.arg::<u64>($n));
+            let frame = aya_ebpf::EbpfContext::as_ptr(&ctx);
+            let ret = ctx.arg::<u64>($n);
+            if acquire::mapless(frame_word(frame, $layout.gup_flags)) {
+                acquire::exit_mapless($hook, frame5(frame), $layout, ret);
+            } else {
+                acquire::exit(ret);
+            }
             0
         }
     };

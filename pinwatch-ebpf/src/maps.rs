@@ -101,7 +101,6 @@ pub static NEST: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 pub static QUIET_GETS: HashMap<u64, u64> = HashMap::with_max_entries(65536, 0);
 
-
 /// Scratch space for one record: records are larger than the 512-byte BPF stack. One
 /// slot per nesting level.
 #[map]

@@ -70,7 +70,7 @@ pub extern "C" fn unfake(page: u64, head_off: u64) -> u64 {
 }
 
 /// A struct page's address divided by the size of struct page: which of all possible
-/// struct pages it is, without vmemmap_base (the pin filter's key, maps::filter_slot).
+/// struct pages it is, without vmemmap_base (the pin filter's key, pins::filter_slot).
 /// A shift where the size is a power of two: the branch is on a frozen global, which
 /// the verifier resolves.
 #[inline(always)]
