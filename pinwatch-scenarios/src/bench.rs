@@ -74,6 +74,7 @@ pub fn footprint(pages: usize, hold_ms: u64) -> Result<()> {
     // Let pinwatch settle (its first tick, the sweep) before the idle reading.
     std::thread::sleep(Duration::from_millis(hold_ms));
     let idle = vm_rss_kb(parent)?;
+    let parts = rss_parts_kb(parent);
     let maps = maps_memlock(parent);
     let ring = uring()?;
     let iov: Vec<libc::iovec> = (0..buffers)
@@ -88,8 +89,9 @@ pub fn footprint(pages: usize, hold_ms: u64) -> Result<()> {
     check(unsafe { libc::syscall(libc::SYS_io_uring_register, ring, IORING_UNREGISTER_BUFFERS, std::ptr::null::<u8>(), 0u32) }, "IORING_UNREGISTER_BUFFERS")?;
     unsafe { libc::close(ring as i32) };
     say(&format!(
-        "{{\"bench\":\"footprint\",\"pages\":{},\"rss_idle_kb\":{idle},\"rss_held_kb\":{held},\"maps_memlock_bytes\":{maps}}}",
-        buffers * PER_BUFFER
+        "{{\"bench\":\"footprint\",\"pages\":{},\"rss_idle_kb\":{idle},\"rss_held_kb\":{held},\"maps_memlock_bytes\":{maps},\"rss_idle_parts_kb\":{{{}}}}}",
+        buffers * PER_BUFFER,
+        parts.iter().map(|(k, v)| format!("\"{k}\":{v}")).collect::<Vec<_>>().join(",")
     ));
     Ok(())
 }
@@ -119,6 +121,33 @@ fn vm_rss_kb(pid: i32) -> Result<u64> {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .context("VmRSS missing from /proc/PID/status")
+}
+
+/// Where a process's RSS is, from /proc/PID/smaps, by kind of mapping: its heap, the BPF
+/// ring (mapped by the kernel whole, its data twice), its own binary, shared libraries,
+/// other anonymous memory (thread stacks, large allocations), the rest.
+fn rss_parts_kb(pid: i32) -> std::collections::BTreeMap<&'static str, u64> {
+    let mut parts = std::collections::BTreeMap::new();
+    let Ok(smaps) = std::fs::read_to_string(format!("/proc/{pid}/smaps")) else { return parts };
+    let mut kind = "other";
+    for line in smaps.lines() {
+        let mut words = line.split_whitespace();
+        let first = words.next().unwrap_or("");
+        if first.contains('-') && first.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+            let name = words.nth(4).unwrap_or("");
+            kind = match name {
+                "[heap]" => "heap",
+                "" => "anon",
+                n if n.starts_with("anon_inode:bpf") => "bpf",
+                n if n.ends_with("/pinwatch") => "binary",
+                n if n.contains(".so") => "libraries",
+                _ => "other",
+            };
+        } else if first == "Rss:" {
+            *parts.entry(kind).or_insert(0) += words.next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        }
+    }
+    parts
 }
 
 /// Sum of `memlock:` over the process's BPF map fds (what the kernel charges for them).

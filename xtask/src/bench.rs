@@ -453,6 +453,12 @@ fn readme_block(report: &Value) -> String {
                 f["maps_memlock_bytes"].as_f64().unwrap_or(0.0) / (1 << 20) as f64,
                 f["kernel_bytes_per_pinned_page"].as_f64().unwrap_or(0.0),
             );
+            if let Some(parts) = f["rss_idle_parts_kb"].as_object().filter(|p| !p.is_empty()) {
+                let mut parts: Vec<(&String, f64)> = parts.iter().map(|(k, v)| (k, v.as_f64().unwrap_or(0.0) / 1024.0)).collect();
+                parts.sort_by(|a, b| b.1.total_cmp(&a.1));
+                let list: Vec<String> = parts.iter().map(|(k, v)| format!("{k} {v:.1}")).collect();
+                s += &format!("Idle RSS by mapping, MiB: {}.\n", list.join(", "));
+            }
         }
     }
     let scan = &report["start_scan"];
