@@ -144,7 +144,7 @@ pub fn exit_mapless(hook: Hook, a: [u64; 5], l: Layout, raw_ret: u64) {
         nr_requested: a[l.nr_pages],
     };
     let ret = if returns_int(call.hook) { raw_ret as i32 as i64 } else { raw_ret as i64 };
-    track_quietly(&call, ret, tgid, crate::record::now());
+    track_quietly(&call, ret, tgid, CLOCK_LATER);
 }
 
 /// Called on return with the raw return register.
@@ -221,6 +221,10 @@ fn enforce(tgid: u32) -> u16 {
     }
 }
 
+/// The time of a quiet call, read only when one of its pages goes into PINS: the
+/// commonest call (a direct-I/O read into anonymous memory) never needs it.
+const CLOCK_LATER: u64 = 0;
+
 /// A call that is not streamed: no stack, no record. Its process counts the call and
 /// its pages; pages of files (page cache, shmem) go into PINS as quiet references, for
 /// the hazard hooks. Anonymous pages do not: nothing writes them back or truncates
@@ -275,7 +279,7 @@ pub extern "C" fn quiet_chunk(slots: u64, left: u64, tgid: u64, flags: u64, ts: 
 #[inline(always)]
 fn record(call: &GupCall, ret: i64, tgid: u32, tid: u32) {
     if !streamed(call.gup_flags as u64) {
-        track_quietly(call, ret, tgid, crate::record::now());
+        track_quietly(call, ret, tgid, CLOCK_LATER);
         return;
     }
     let Some(nest) = Nest::enter() else { return };
@@ -409,6 +413,7 @@ const MAPPING_ANON: u64 = 1;
 /// entry goes in with its first reference, in one map operation.
 #[inline(always)]
 fn track_pin(pfn: u64, pin: bool, quiet: bool, tgid: u32, gup_flags: u32, ts: u64) {
+    let ts = if ts != CLOCK_LATER { ts } else { crate::record::now() };
     let first = PinState {
         tgid,
         gup_flags,

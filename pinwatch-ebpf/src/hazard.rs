@@ -10,20 +10,20 @@ use pinwatch_common::{backing, kind, page_op, pin_state, release, seen, PinState
 
 use crate::{
     maps::{PAGE_SCRATCH, PINS, RELEASE_SCRATCH},
-    page::{backing as backing_of, file_of, folio_head, live, mapping, page_index, page_to_pfn},
+    page::{backing as backing_of, file_of, live, mapping, page_index, page_to_pfn, PageArg},
     pins::maybe_pinned_head,
     record::{fill_header, fill_stack, send, Nest},
 };
 
-/// `page` is any page of the folio. With `kernel_pins`, folios missing from PINS are
+/// `page` is the folio, or any page of it. With `kernel_pins`, folios missing from PINS are
 /// still reported when the kernel counts them as DMA-pinned: the tracepoint-only mode,
 /// where GUP calls cannot be seen at all.
 #[inline(always)]
-pub fn page_op<C: EbpfContext>(ctx: &C, hook: u16, op: u16, page: u64, kernel_pins: bool) {
-    if page == 0 {
+pub fn page_op<C: EbpfContext>(ctx: &C, hook: u16, op: u16, page: PageArg, kernel_pins: bool) {
+    if page.addr() == 0 {
         return;
     }
-    let head = folio_head(page);
+    let head = page.head();
     // Most folios the kernel writes back, cleans or frees are pinned by no one: the
     // filter says so without hashing.
     if !kernel_pins && !maybe_pinned_head(head) {

@@ -38,6 +38,7 @@ use aya_ebpf::{
 use pinwatch_common::{page_op, release as rel, Hook};
 
 use acquire::{Layout, LAYOUT_PLAIN, LAYOUT_REMOTE, LAYOUT_UNLOCKED};
+use page::PageArg;
 
 /// Argument n of the hooked function as a u64, whichever way the program attached.
 trait Args {
@@ -206,7 +207,7 @@ fn unpin_leaf(f: impl FnOnce()) {
 }
 
 twins!(unpin_user_page, fentry_unpin_user_page, "unpin_user_page", |c| {
-    release::folio_refs(Hook::UnpinUserPage as u16, rel::UNPIN, c.a(0), 1, true)
+    release::folio_refs(Hook::UnpinUserPage as u16, rel::UNPIN, PageArg::Page(c.a(0)), 1, true)
 });
 twins!(unpin_user_pages, fentry_unpin_user_pages, "unpin_user_pages", |c| unpin(|| {
     release::page_array(Hook::UnpinUserPages as u16, rel::UNPIN, c.a(0), c.a(1), 0)
@@ -220,13 +221,13 @@ twins!(unpin_user_page_range_dirty_lock, fentry_unpin_user_page_range_dirty_lock
     release::page_range(Hook::UnpinUserPageRangeDirtyLock as u16, c.a(0), c.a(1), dirty)
 }));
 twins!(unpin_folio, fentry_unpin_folio, "unpin_folio", |c| {
-    release::folio_refs(Hook::UnpinFolio as u16, rel::UNPIN, c.a(0), 1, true)
+    release::folio_refs(Hook::UnpinFolio as u16, rel::UNPIN, PageArg::Folio(c.a(0)), 1, true)
 });
 twins!(unpin_folios, fentry_unpin_folios, "unpin_folios", |c| unpin_leaf(|| {
     release::page_array(Hook::UnpinFolios as u16, rel::UNPIN, c.a(0), c.a(1), 0)
 }));
 twins!(unpin_user_folio, fentry_unpin_user_folio, "unpin_user_folio", |c| {
-    release::folio_refs(Hook::UnpinUserFolio as u16, rel::UNPIN, c.a(0), c.a(1) & 0xffff_ffff, true)
+    release::folio_refs(Hook::UnpinUserFolio as u16, rel::UNPIN, PageArg::Folio(c.a(0)), c.a(1) & 0xffff_ffff, true)
 });
 
 #[kretprobe]
@@ -274,20 +275,22 @@ pub fn mm_page_free(ctx: RawTracePointContext) -> i32 {
 }
 
 // ---- hazards: the kernel treating a pinned folio as an ordinary one.
-/// A hazard function hook: the folio (or page) is argument `$arg`.
+/// A hazard function hook: argument `$arg` is a `Folio` (its own head) or a `Page` (any
+/// page of the folio: try_to_unmap_one and page_mkclean_one took pages before 5.18 and
+/// 6.0).
 macro_rules! fn_hazard {
-    ($kprobe:ident, $fentry:ident, $sym:literal, $hook:expr, $op:expr, $arg:literal) => {
-        twins!($kprobe, $fentry, $sym, |c| hazard::page_op(c, $hook as u16, $op, c.a($arg), false));
+    ($kprobe:ident, $fentry:ident, $sym:literal, $hook:expr, $op:expr, $kind:ident($arg:literal)) => {
+        twins!($kprobe, $fentry, $sym, |c| hazard::page_op(c, $hook as u16, $op, PageArg::$kind(c.a($arg)), false));
     };
 }
-fn_hazard!(try_to_unmap_one, fentry_try_to_unmap_one, "try_to_unmap_one", Hook::TryToUnmapOne, page_op::UNMAP, 0);
-fn_hazard!(page_mkclean_one, fentry_page_mkclean_one, "page_mkclean_one", Hook::PageMkcleanOne, page_op::MKCLEAN, 0);
-fn_hazard!(__folio_start_writeback, fentry___folio_start_writeback, "__folio_start_writeback", Hook::FolioStartWriteback, page_op::WRITEBACK, 0);
-fn_hazard!(__test_set_page_writeback, fentry___test_set_page_writeback, "__test_set_page_writeback", Hook::TestSetPageWriteback, page_op::WRITEBACK, 0);
-fn_hazard!(ext4_bio_write_page, fentry_ext4_bio_write_page, "ext4_bio_write_page", Hook::Ext4BioWritePage, page_op::WRITEBACK, 1);
-fn_hazard!(ext4_bio_write_folio, fentry_ext4_bio_write_folio, "ext4_bio_write_folio", Hook::Ext4BioWriteFolio, page_op::WRITEBACK, 1);
-fn_hazard!(folio_mark_dirty, fentry_folio_mark_dirty, "folio_mark_dirty", Hook::FolioMarkDirty, page_op::DIRTY, 0);
-fn_hazard!(set_page_dirty, fentry_set_page_dirty, "set_page_dirty", Hook::SetPageDirty, page_op::DIRTY, 0);
+fn_hazard!(try_to_unmap_one, fentry_try_to_unmap_one, "try_to_unmap_one", Hook::TryToUnmapOne, page_op::UNMAP, Page(0));
+fn_hazard!(page_mkclean_one, fentry_page_mkclean_one, "page_mkclean_one", Hook::PageMkcleanOne, page_op::MKCLEAN, Page(0));
+fn_hazard!(__folio_start_writeback, fentry___folio_start_writeback, "__folio_start_writeback", Hook::FolioStartWriteback, page_op::WRITEBACK, Folio(0));
+fn_hazard!(__test_set_page_writeback, fentry___test_set_page_writeback, "__test_set_page_writeback", Hook::TestSetPageWriteback, page_op::WRITEBACK, Page(0));
+fn_hazard!(ext4_bio_write_page, fentry_ext4_bio_write_page, "ext4_bio_write_page", Hook::Ext4BioWritePage, page_op::WRITEBACK, Page(1));
+fn_hazard!(ext4_bio_write_folio, fentry_ext4_bio_write_folio, "ext4_bio_write_folio", Hook::Ext4BioWriteFolio, page_op::WRITEBACK, Folio(1));
+fn_hazard!(folio_mark_dirty, fentry_folio_mark_dirty, "folio_mark_dirty", Hook::FolioMarkDirty, page_op::DIRTY, Folio(0));
+fn_hazard!(set_page_dirty, fentry_set_page_dirty, "set_page_dirty", Hook::SetPageDirty, page_op::DIRTY, Page(0));
 
 /// Tracepoint hazard programs come in two kinds: `<tp>` reports folios in PINS only,
 /// `<tp>_kpins` also folios the kernel counts as DMA-pinned (tracepoint-only mode).
@@ -298,7 +301,7 @@ macro_rules! tp_hazard {
             if record::floor() {
                 return 0;
             }
-            hazard::page_op(&ctx, $hook as u16, $op, ctx.arg::<u64>(0), false);
+            hazard::page_op(&ctx, $hook as u16, $op, PageArg::Page(ctx.arg::<u64>(0)), false);
             0
         }
         #[raw_tracepoint(tracepoint = $tp)]
@@ -306,7 +309,7 @@ macro_rules! tp_hazard {
             if record::floor() {
                 return 0;
             }
-            hazard::page_op(&ctx, $hook as u16, $op, ctx.arg::<u64>(0), true);
+            hazard::page_op(&ctx, $hook as u16, $op, PageArg::Page(ctx.arg::<u64>(0)), true);
             0
         }
     };

@@ -39,6 +39,31 @@ pub fn folio_head(page: u64) -> u64 {
     head_at(page, global(&PAGE_COMPOUND_HEAD_OFF))
 }
 
+/// A hook's page argument: a folio is its own head (no read); a page may be a tail.
+#[derive(Clone, Copy)]
+pub enum PageArg {
+    Page(u64),
+    Folio(u64),
+}
+
+impl PageArg {
+    #[inline(always)]
+    pub fn addr(self) -> u64 {
+        match self {
+            PageArg::Page(p) | PageArg::Folio(p) => p,
+        }
+    }
+
+    /// The folio head: one read of compound_head for a page, none for a folio.
+    #[inline(always)]
+    pub fn head(self) -> u64 {
+        match self {
+            PageArg::Page(p) => folio_head(p),
+            PageArg::Folio(f) => f,
+        }
+    }
+}
+
 /// folio_head with the offset at hand. Written without branches on the data: it runs in
 /// loops the verifier walks page by page, where each branch would double the paths.
 /// The branch on the encoding is on a constant the verifier knows (a frozen global).

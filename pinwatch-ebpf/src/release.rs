@@ -7,7 +7,7 @@ use pinwatch_common::{counter, kind, pin_state, release, PinState, PFNS_PER_RECO
 
 use crate::{
     maps::{atomic_add, count, GUP_CALLS, KNOWN, PINS, PROC_PINS, QUIET_GETS, RELEASE_DEPTH, RELEASE_SCRATCH},
-    page::{folio_head, head_pfn, page_to_pfn, struct_page_size, PfnMath},
+    page::{head_pfn, page_to_pfn, struct_page_size, PageArg, PfnMath},
     pins::{maybe_pinned, maybe_pinned_head, pins_remove},
     record::{current, fill_header, send, Nest},
 };
@@ -259,9 +259,9 @@ pub fn page_range(hook: u16, page: u64, npages: u64, dirty: u16) {
 /// and the put_page of a pipe buffer). `leaf`: a release function without a return
 /// program, which asks whether it is nested only once the folio may be pinned.
 #[inline(always)]
-pub fn folio_refs(hook: u16, release: u16, page: u64, refs: u64, leaf: bool) {
-    let head = folio_head(page);
-    if page == 0 || !maybe_pinned_head(head) || (leaf && nested()) {
+pub fn folio_refs(hook: u16, release: u16, page: PageArg, refs: u64, leaf: bool) {
+    let head = page.head();
+    if page.addr() == 0 || !maybe_pinned_head(head) || (leaf && nested()) {
         return;
     }
     let pfn = page_to_pfn(head);
@@ -321,7 +321,7 @@ pub fn pipe_buf(hook: u16, buf: u64) {
     let off = unsafe { core::ptr::read_volatile(&PIPE_BUFFER_PAGE_OFF) };
     let page = unsafe { bpf_probe_read_kernel((buf + off) as *const u64) }.unwrap_or(0);
     if page != 0 {
-        folio_refs(hook, release::PUT, page, 1, false);
+        folio_refs(hook, release::PUT, PageArg::Page(page), 1, false);
     }
 }
 
