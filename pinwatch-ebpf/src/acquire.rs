@@ -16,7 +16,7 @@ use crate::{
         atomic_add, count, ARMED, ENFORCE, EXEMPT_CGROUPS, EXEMPT_COMMS, EXEMPT_UIDS, GUP_CALLS, GUP_STACKS, LONGTERM_RELEASED, PINS,
         PIN_SCRATCH, PROC_PINS, QUIET_GETS, STACK_SCRATCH,
     },
-    page::{backing, file_of, folio_head, folio_order, mapping, PfnMath},
+    page::{backing, file_of, folio_head, folio_order, mapping, vmemmap_base, PfnMath},
     pins::pins_insert,
     record::{current, fill_header, fill_stack, is_self, send, stream_all, Nest},
 };
@@ -262,13 +262,12 @@ const MAX_PAGES: u64 = (PFNS_PER_RECORD * MAX_CHUNKS) as u64;
 #[no_mangle]
 #[inline(never)]
 pub extern "C" fn quiet_chunk(slots: u64, left: u64, tgid: u64, flags: u64, ts: u64) -> u64 {
-    let math = PfnMath::new();
     let mut tracked = 0;
     for j in 0..PFNS_PER_RECORD as u64 {
         if j >= left {
             break;
         }
-        let r = pin_page(slots + j * 8, math.base(), tgid, flags, ts);
+        let r = pin_page(slots + j * 8, BASE_LATER, tgid, flags, ts);
         // Bit 63 is UNTRACKED (u64::MAX has it too): counted without a branch, which
         // would fork the verifier's states at every page.
         tracked += !r >> 63;
@@ -377,31 +376,36 @@ pub extern "C" fn pin_chunk(slots: u64, left: u64, level: u64, chunk: u64, flags
 }
 
 /// One page of a GUP call: its folio head pfn and the folio's order, counted in PINS
-/// (with UNTRACKED set when it was not; u64::MAX when unreadable). `flags` is gup_flags with PIN_REF and
-/// QUIET_REF above it; `base` is vmemmap_base, read once per call. A
-/// global function, so the verifier checks it once rather than at each unrolled call site.
+/// (UNTRACKED alone for a quiet anonymous page, which is counted, not watched; u64::MAX
+/// when unreadable). `flags` is gup_flags with PIN_REF and QUIET_REF above it; `base`
+/// is vmemmap_base, read once per call, or BASE_LATER: read here, only for a page that
+/// goes into PINS. A global function, so the verifier checks it once rather than at
+/// each unrolled call site.
 #[no_mangle]
 #[inline(never)]
 pub extern "C" fn pin_page(slot: u64, base: u64, tgid: u64, flags: u64, ts: u64) -> u64 {
     let page = unsafe { bpf_probe_read_kernel(slot as *const u64) }.unwrap_or(0);
-    let math = PfnMath::with_base(base);
-    let head = math.head(page);
-    let pfn = math.pfn(head);
-    if pfn == u64::MAX {
-        count(counter::READ_FAILED, 1);
-        return u64::MAX;
-    }
+    let head = PfnMath::with_base(base).head(page);
     let quiet = flags & QUIET_REF != 0;
     // A transient pin of anonymous memory has no file behind it to tear: while
     // monitoring it is counted, not watched (see track_quietly).
     if quiet && mapping(head) & MAPPING_ANON != 0 {
-        return pfn | UNTRACKED;
+        return UNTRACKED;
+    }
+    let base = if base != BASE_LATER { base } else { vmemmap_base() };
+    let pfn = PfnMath::with_base(base).pfn(head);
+    if pfn == u64::MAX {
+        count(counter::READ_FAILED, 1);
+        return u64::MAX;
     }
     track_pin(pfn, flags & PIN_REF != 0, quiet, tgid as u32, flags as u32, ts);
     // The folio's order rides above the pfn: what a pin holds in place is the whole
     // folio, whatever the references (pinwatch_common::PFN_ORDER_SHIFT).
     pfn | folio_order(head) << PFN_ORDER_SHIFT
 }
+
+/// pin_page's `base` when the caller has not read vmemmap_base.
+const BASE_LATER: u64 = 0;
 
 /// pin_page's answer for a page it did not take into PINS (bit 63; u64::MAX has it too).
 const UNTRACKED: u64 = 1 << 63;
