@@ -379,11 +379,6 @@ fn read_direct(dfd: i32, addr: usize, pages: usize) -> Result<()> {
 
 fn odirect_hazard(Dio { file, dev, pages }: &Dio, target: Target, no_pin: bool) -> Result<()> {
     let pages = *pages;
-    // A page just faulted in waits in its CPU's LRU batch, where MADV_PAGEOUT cannot
-    // isolate it; MADV_PAGEOUT drains its own CPU's batch only. Faulting and paging out
-    // on one CPU, every page is on the LRU when it is paged out (a top run on 6.1 once
-    // saw 7 of 8 pages unmapped).
-    one_cpu()?;
     let (fd, map) = map_file(file, 2 * pages)?;
     report("odirect-hazard", pages, &format!(",\"target\":\"{target:?}\",\"pin\":{}", !no_pin));
     let reader = if no_pin { None } else { Some(slow_read(dev, map, pages)?) };
@@ -413,8 +408,6 @@ fn odirect_hazard(Dio { file, dev, pages }: &Dio, target: Target, no_pin: bool) 
 
 fn released(Dio { file, dev, pages }: &Dio) -> Result<()> {
     let pages = *pages;
-    // As in odirect_hazard: the control pages out every page it faulted in.
-    one_cpu()?;
     let (fd, map) = map_file(file, pages)?;
     report("released", pages, "");
     slow_read(dev, map, pages)?.join().map_err(|_| anyhow::anyhow!("reader panicked"))??;
@@ -613,18 +606,12 @@ fn pfns_at(addr: usize, pages: usize) -> Result<Vec<u64>> {
     Ok(out)
 }
 
-/// This thread, and the threads it starts from now on, run on CPU 0 only.
-fn one_cpu() -> Result<()> {
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    unsafe { libc::CPU_SET(0, &mut set) };
-    check(unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) } as _, "sched_setaffinity")?;
-    Ok(())
-}
-
 fn reuse_freed(pages: usize) -> Result<()> {
     // One CPU: pages freed here go to its free lists, which the next allocation here
     // takes from first.
-    one_cpu()?;
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    unsafe { libc::CPU_SET(0, &mut set) };
+    check(unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) } as _, "sched_setaffinity")?;
     let mem = open("/proc/self/mem", libc::O_RDONLY)?;
     report("reuse-freed", pages, "");
     let len = pages * PAGE;
