@@ -65,7 +65,7 @@ pub fn writeback(file: &str, pages: usize, rounds: usize) -> Result<()> {
 /// 1 MiB each (one GUP call per buffer, within what one call's records carry). Run as
 /// the command of `pinwatch record`, or beside the one pinwatch running (`top`): its
 /// VmRSS before and while the pages are held, and the memory its BPF maps charge
-/// (fdinfo memlock).
+/// (fdinfo memlock) before and while held.
 pub fn footprint(pages: usize, hold_ms: u64) -> Result<()> {
     const PER_BUFFER: usize = 256;
     let parent = pinwatch_pid()?;
@@ -86,10 +86,12 @@ pub fn footprint(pages: usize, hold_ms: u64) -> Result<()> {
     )?;
     std::thread::sleep(Duration::from_millis(hold_ms));
     let held = vm_rss_kb(parent)?;
+    // Maps that grow as they fill (6.1+) charge what they hold: read them while held.
+    let maps_held = maps_memlock(parent);
     check(unsafe { libc::syscall(libc::SYS_io_uring_register, ring, IORING_UNREGISTER_BUFFERS, std::ptr::null::<u8>(), 0u32) }, "IORING_UNREGISTER_BUFFERS")?;
     unsafe { libc::close(ring as i32) };
     say(&format!(
-        "{{\"bench\":\"footprint\",\"pages\":{},\"rss_idle_kb\":{idle},\"rss_held_kb\":{held},\"maps_memlock_bytes\":{maps},\"rss_idle_parts_kb\":{{{}}}}}",
+        "{{\"bench\":\"footprint\",\"pages\":{},\"rss_idle_kb\":{idle},\"rss_held_kb\":{held},\"maps_memlock_idle_bytes\":{maps},\"maps_memlock_bytes\":{maps_held},\"rss_idle_parts_kb\":{{{}}}}}",
         buffers * PER_BUFFER,
         parts.iter().map(|(k, v)| format!("\"{k}\":{v}")).collect::<Vec<_>>().join(",")
     ));

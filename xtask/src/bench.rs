@@ -445,13 +445,15 @@ fn readme_block(report: &Value) -> String {
         let f = &report[key];
         if f.is_object() {
             s += &format!(
-                "\nFootprint {who}: RSS {:.1} MiB idle, {:.1} MiB while io_uring holds {} MiB pinned ({:.0} user bytes per pinned page); the BPF maps charge {:.1} MiB ({:.0} bytes per pinned page at that size).\n",
+                "\nFootprint {who}: RSS {:.1} MiB idle, {:.1} MiB while io_uring holds {} MiB pinned ({:.0} user bytes per pinned page); the BPF maps charge {:.1} MiB idle and {:.1} MiB while held ({:.0} bytes per pinned page at that size, {:.0} of them added by the pins).\n",
                 f["rss_idle_kb"].as_f64().unwrap_or(0.0) / 1024.0,
                 f["rss_held_kb"].as_f64().unwrap_or(0.0) / 1024.0,
                 f["pages"].as_u64().unwrap_or(0) * 4 / 1024,
                 f["user_bytes_per_pinned_page"].as_f64().unwrap_or(0.0),
+                f["maps_memlock_idle_bytes"].as_f64().unwrap_or(0.0) / (1 << 20) as f64,
                 f["maps_memlock_bytes"].as_f64().unwrap_or(0.0) / (1 << 20) as f64,
                 f["kernel_bytes_per_pinned_page"].as_f64().unwrap_or(0.0),
+                f["kernel_added_bytes_per_pinned_page"].as_f64().unwrap_or(0.0),
             );
             if let Some(parts) = f["rss_idle_parts_kb"].as_object().filter(|p| !p.is_empty()) {
                 let mut parts: Vec<(&String, f64)> = parts.iter().map(|(k, v)| (k, v.as_f64().unwrap_or(0.0) / 1024.0)).collect();
@@ -510,6 +512,8 @@ fn footprint(results: &BTreeMap<String, Recorded>, run: &str, mode: &str) -> Res
     let kernel = m["maps_memlock_bytes"].as_f64().unwrap_or(0.0) / pages as f64;
     out["user_bytes_per_pinned_page"] = json!(user);
     out["kernel_bytes_per_pinned_page"] = json!(kernel);
+    let idle_maps = m["maps_memlock_idle_bytes"].as_f64().unwrap_or(0.0);
+    out["kernel_added_bytes_per_pinned_page"] = json!((m["maps_memlock_bytes"].as_f64().unwrap_or(0.0) - idle_maps).max(0.0) / pages as f64);
     out["bytes_per_pinned_page"] = json!(user + kernel);
     Ok(out)
 }
