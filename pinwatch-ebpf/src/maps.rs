@@ -4,7 +4,7 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
-use pinwatch_common::{calib, counter, Enforce, FoundBatch, GupCall, KernelStack, PageRecord, PinBlock, PinRecord, PinState, ProcPins, ReleaseRecord};
+use pinwatch_common::{calib, counter, Enforce, FoundBatch, GupCall, KernelStack, PageRecord, PinRecord, PinState, ProcPins, ReleaseRecord};
 
 /// Records to user space. User space sizes it at load (kernel::load::ring_bytes): 8 MiB
 /// when recording, about 20,000 one-page pin records, several seconds of a heavy
@@ -24,17 +24,14 @@ pub static ARMED: Array<u32> = Array::with_max_entries(1, 0);
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::NR, 0);
 
 /// GUP calls in flight, keyed by thread id. A thread is in at most one outermost GUP
-/// call, so this bounds the threads inside GUP at once: 4096 (a call lasts microseconds
-/// unless it faults; past that a call is counted as CALL_MAP_FULL). Preallocated: it
-/// takes an element on every call.
+/// call, so this bounds the threads inside GUP at once.
 #[map]
-pub static GUP_CALLS: HashMap<u32, GupCall> = HashMap::with_max_entries(4096, 0);
+pub static GUP_CALLS: HashMap<u32, GupCall> = HashMap::with_max_entries(16384, 0);
 
-/// The kernel stack of each streamed GUP call in flight, taken on entry (see
-/// acquire::enter). 2048 threads inside a streamed call at once (320 bytes each); past
-/// that a call goes without its stack, counted as STACK_LOST.
+/// The kernel stack of each GUP call in flight, taken on entry (see acquire::enter).
+/// 8192 threads inside GUP at once; past that a call goes without its stack, counted.
 #[map]
-pub static GUP_STACKS: HashMap<u32, KernelStack> = HashMap::with_max_entries(2048, 0);
+pub static GUP_STACKS: HashMap<u32, KernelStack> = HashMap::with_max_entries(8192, 0);
 #[map]
 pub static STACK_SCRATCH: PerCpuArray<KernelStack> = PerCpuArray::with_max_entries(NEST_LEVELS, 0);
 
@@ -48,17 +45,7 @@ pub static RELEASE_DEPTH: HashMap<u32, u32> = HashMap::with_max_entries(16384, 0
 #[map]
 pub static PINS: HashMap<u64, PinState> = HashMap::with_max_entries(262144, 0);
 
-/// Long-term FOLL_PIN references on small folios, 32 pfns an entry (see
-/// pinwatch_common::PinBlock): the dense form of PINS for what RDMA, VFIO and io_uring
-/// hold for hours. User space sizes it from the host's memory at load
-/// (kernel::load::block_capacity); a block that finds no room goes into PINS instead.
-#[map]
-pub static PIN_BLOCKS: HashMap<u64, PinBlock> = HashMap::with_max_entries(4096, 0);
-/// A new block is built here before it is inserted (see pins::block_pin).
-#[map]
-pub static BLOCK_SCRATCH: PerCpuArray<PinBlock> = PerCpuArray::with_max_entries(1, 0);
-
-/// How many PINS entries (and PIN_BLOCKS references) have their head struct page in each slot (its address over
+/// How many PINS entries have their head struct page in each slot (its address over
 /// the size of struct page, modulo PIN_FILTER_SLOTS: the pfn modulo it, as vmemmap_base
 /// is 1 GiB aligned, but known without vmemmap_base), kept with
 /// every insert and remove: a slot at 0 says "not pinned" with one array load, where a
