@@ -86,7 +86,7 @@ pub fn footprint(pages: usize, hold_ms: u64) -> Result<()> {
     )?;
     std::thread::sleep(Duration::from_millis(hold_ms));
     let held = vm_rss_kb(parent)?;
-    // Maps that grow as they fill (6.1+) charge what they hold: read them while held.
+    // A map that is not preallocated charges what it holds: read them while held too.
     let maps_held = maps_memlock(parent);
     check(unsafe { libc::syscall(libc::SYS_io_uring_register, ring, IORING_UNREGISTER_BUFFERS, std::ptr::null::<u8>(), 0u32) }, "IORING_UNREGISTER_BUFFERS")?;
     unsafe { libc::close(ring as i32) };

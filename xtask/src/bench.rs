@@ -509,11 +509,11 @@ fn footprint(results: &BTreeMap<String, Recorded>, run: &str, mode: &str) -> Res
     let mut out = m.clone();
     out["mode"] = json!(mode);
     let user = (held.saturating_sub(idle) * 1024) as f64 / pages as f64;
-    let kernel = m["maps_memlock_bytes"].as_f64().unwrap_or(0.0) / pages as f64;
+    let (maps_held, maps_idle) = (m["maps_memlock_bytes"].as_f64().unwrap_or(0.0), m["maps_memlock_idle_bytes"].as_f64().unwrap_or(0.0));
+    let kernel = maps_held / pages as f64;
     out["user_bytes_per_pinned_page"] = json!(user);
     out["kernel_bytes_per_pinned_page"] = json!(kernel);
-    let idle_maps = m["maps_memlock_idle_bytes"].as_f64().unwrap_or(0.0);
-    out["kernel_added_bytes_per_pinned_page"] = json!((m["maps_memlock_bytes"].as_f64().unwrap_or(0.0) - idle_maps).max(0.0) / pages as f64);
+    out["kernel_added_bytes_per_pinned_page"] = json!((maps_held - maps_idle).max(0.0) / pages as f64);
     out["bytes_per_pinned_page"] = json!(user + kernel);
     Ok(out)
 }
