@@ -368,6 +368,22 @@ fn slow_read(dev: &str, map: *mut u8, pages: usize) -> Result<std::thread::JoinH
     Ok(std::thread::spawn(move || read_direct(dfd, addr, pages)))
 }
 
+/// Waits until the block device `dev` has a read in flight (its sysfs `inflight`), at
+/// most 5 s; where the kernel does not say, 300 ms, as long as the read takes to start.
+fn wait_in_flight(dev: &str) {
+    let name = dev.rsplit('/').next().unwrap_or(dev);
+    let path = format!("/sys/block/{name}/inflight");
+    let reads = || -> Option<u64> { std::fs::read_to_string(&path).ok()?.split_whitespace().next()?.parse().ok() };
+    if reads().is_none() {
+        sleep(Duration::from_millis(300));
+        return;
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while reads().unwrap_or(0) == 0 && std::time::Instant::now() < deadline {
+        sleep(Duration::from_millis(5));
+    }
+}
+
 fn read_direct(dfd: i32, addr: usize, pages: usize) -> Result<()> {
     let n = check(unsafe { libc::pread(dfd, addr as *mut _, pages * PAGE, 0) } as _, "O_DIRECT pread")?;
     unsafe { libc::close(dfd) };
@@ -382,8 +398,13 @@ fn odirect_hazard(Dio { file, dev, pages }: &Dio, target: Target, no_pin: bool) 
     let (fd, map) = map_file(file, 2 * pages)?;
     report("odirect-hazard", pages, &format!(",\"target\":\"{target:?}\",\"pin\":{}", !no_pin));
     let reader = if no_pin { None } else { Some(slow_read(dev, map, pages)?) };
-    // Let the read reach the device: the pages are pinned from then on.
-    sleep(Duration::from_millis(300));
+    // Let the read reach the device: its pages are pinned before the bio is submitted.
+    // A fixed wait could end first, and msync then clean the pages still unpinned.
+    if no_pin {
+        sleep(Duration::from_millis(300));
+    } else {
+        wait_in_flight(dev);
+    }
     match target {
         Target::Pinned => clean_unmap_truncate(fd, map, 0, pages, 0)?,
         Target::Other => clean_unmap_truncate(fd, map, pages, pages, pages)?,

@@ -231,6 +231,36 @@ pub fn build_initramfs(k: &Kernel, bins: &Binaries, plan: &str, work: &Path) -> 
 /// What came back from one boot (the console stays in console.log beside it).
 pub struct Boot {
     pub results: Vec<String>,
+    /// How long the boot ran, and when each part of the plan began (its BEGIN mark, as
+    /// the host saw it, to a second): the verifier and the emulator decide most of it.
+    pub took: Duration,
+    pub began: Vec<(String, Duration)>,
+}
+
+impl Boot {
+    /// "612 s of 900 (doctor 41, memfd 12, ...)": each part's seconds up to the next.
+    pub fn timing(&self, limit: Duration) -> String {
+        format!("{} s of {} ({})", self.took.as_secs(), limit.as_secs(), parts_timing(&self.began, self.took))
+    }
+}
+
+fn parts_timing(began: &[(String, Duration)], end: Duration) -> String {
+    let mut parts = Vec::new();
+    for (i, (name, at)) in began.iter().enumerate() {
+        let next = began.get(i + 1).map(|(_, t)| *t).unwrap_or(end);
+        parts.push(format!("{name} {}", next.saturating_sub(*at).as_secs()));
+    }
+    parts.join(", ")
+}
+
+/// The BEGIN marks of the results port not yet in `began`, stamped with `at`.
+fn note_begins(results: &Path, began: &mut Vec<(String, Duration)>, at: Duration) {
+    let Ok(text) = fs::read_to_string(results) else { return };
+    let names: Vec<&str> = text.lines().filter_map(|l| l.trim_end_matches('\r').strip_prefix("PINWATCH-LAB BEGIN ")).collect();
+    // began[0] is the boot itself, up to the first mark (doctor runs there).
+    for name in names.iter().skip(began.len().saturating_sub(1)) {
+        began.push((name.to_string(), at));
+    }
 }
 
 pub fn boot(k: &Kernel, initramfs: &Path, work: &Path, limit: Duration) -> Result<Boot> {
@@ -281,6 +311,8 @@ pub fn boot_with_memory(k: &Kernel, initramfs: &Path, work: &Path, limit: Durati
         .context("starting qemu-system-x86_64 (`cargo xtask setup` installs it)")?;
     let start = Instant::now();
     let mut hung = false;
+    let mut began = vec![("boot and doctor".to_string(), Duration::ZERO)];
+    let mut polls = 0u64;
     loop {
         if child.try_wait()?.is_some() {
             break;
@@ -291,8 +323,14 @@ pub fn boot_with_memory(k: &Kernel, initramfs: &Path, work: &Path, limit: Durati
             hung = true;
             break;
         }
+        polls += 1;
+        if polls % 5 == 0 {
+            note_begins(&results, &mut began, start.elapsed());
+        }
         std::thread::sleep(Duration::from_millis(200));
     }
+    let took = start.elapsed();
+    note_begins(&results, &mut began, took);
     let console = fs::read_to_string(&console).unwrap_or_default();
     let results: Vec<String> = fs::read_to_string(&results).unwrap_or_default().lines().map(|l| l.trim_end_matches('\r').to_string()).collect();
     if console.contains("Kernel panic") || console.contains("BUG:") {
@@ -300,7 +338,13 @@ pub fn boot_with_memory(k: &Kernel, initramfs: &Path, work: &Path, limit: Durati
         bail!("kernel {} crashed:\n{}", k.release, &console[at.saturating_sub(2000)..(at + 1500).min(console.len())]);
     }
     if hung {
-        bail!("kernel {} did not finish within {:?} (hang); last console lines:\n{}", k.release, limit, tail(&console, 30));
+        bail!(
+            "kernel {} did not finish within {:?} (hang); the plan's parts in seconds: {}; last console lines:\n{}",
+            k.release,
+            limit,
+            parts_timing(&began, took),
+            tail(&console, 30)
+        );
     }
     if !results.iter().any(|l| l == "PINWATCH-LAB DONE") {
         bail!("kernel {} powered off without reporting DONE; console:\n{}", k.release, tail(&console, 40));
@@ -310,7 +354,7 @@ pub fn boot_with_memory(k: &Kernel, initramfs: &Path, work: &Path, limit: Durati
             return Err(anyhow!("guest set-up failed on {}: {e}", k.release));
         }
     }
-    Ok(Boot { results })
+    Ok(Boot { results, took, began })
 }
 
 fn tail(s: &str, n: usize) -> String {

@@ -375,6 +375,7 @@ fn lab(names: &[String], bins: &lab::Binaries, tally: &mut Tally) -> Result<()> 
                 continue;
             }
         };
+        println!("  time {}: {}", k.release, boot.timing(BOOT_LIMIT));
         let results = lab::parse(&boot.results);
         let v = checks::version(&k.release);
         match results.get("doctor") {

@@ -214,7 +214,12 @@ impl Kernel {
             let mut failures = Vec::new();
             for attach in ladder {
                 let nargs = self.nargs.get(spec.symbol).copied();
-                match attach_hook(&mut self.ebpf, self.btf.as_ref(), &mut loads, &spec, attach, nargs, kernel_pins.unwrap_or(false)) {
+                // The verifier's time is most of the start-up under emulation: debug
+                // runs say what each hook cost.
+                let t0 = std::time::Instant::now();
+                let r = attach_hook(&mut self.ebpf, self.btf.as_ref(), &mut loads, &spec, attach, nargs, kernel_pins.unwrap_or(false));
+                log::debug!("{} by {}: {} in {} ms", spec.symbol, attach.name(), if r.is_ok() { "attached" } else { "failed" }, t0.elapsed().as_millis());
+                match r {
                     Ok(()) => {
                         let note = (!failures.is_empty()).then(|| failures.join("; "));
                         self.plan[i].choice = Choice::Use { attach, note };
