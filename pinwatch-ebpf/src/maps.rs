@@ -24,14 +24,17 @@ pub static ARMED: Array<u32> = Array::with_max_entries(1, 0);
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::NR, 0);
 
 /// GUP calls in flight, keyed by thread id. A thread is in at most one outermost GUP
-/// call, so this bounds the threads inside GUP at once.
+/// call, so this bounds the threads inside GUP at once: 4096, far more than run at once
+/// on the hosts we know; past that a call is counted (CALL_MAP_FULL), not tracked.
+/// Preallocated, like every hash map here: each entry costs its bytes from the start.
 #[map]
-pub static GUP_CALLS: HashMap<u32, GupCall> = HashMap::with_max_entries(16384, 0);
+pub static GUP_CALLS: HashMap<u32, GupCall> = HashMap::with_max_entries(4096, 0);
 
-/// The kernel stack of each GUP call in flight, taken on entry (see acquire::enter).
-/// 8192 threads inside GUP at once; past that a call goes without its stack, counted.
+/// The kernel stack of each streamed GUP call in flight, taken on entry (see
+/// acquire::enter): 2048 threads inside a streamed call at once (264 bytes each); past
+/// that a call goes without its stack, counted.
 #[map]
-pub static GUP_STACKS: HashMap<u32, KernelStack> = HashMap::with_max_entries(8192, 0);
+pub static GUP_STACKS: HashMap<u32, KernelStack> = HashMap::with_max_entries(2048, 0);
 #[map]
 pub static STACK_SCRATCH: PerCpuArray<KernelStack> = PerCpuArray::with_max_entries(NEST_LEVELS, 0);
 
@@ -98,8 +101,10 @@ pub static NEST: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
 /// Folios holding unstreamed FOLL_GET references (monitoring), with when the latest was
 /// taken: user space has them re-checked (sweep_pfn) when they grow old, since an
 /// inline put_page releases them unseen. Direct I/O's come and go within a read.
+/// Only file pages come here (anonymous ones are counted, not watched): 16384 folios
+/// at once; past that counted (QUIET_GETS_FULL).
 #[map]
-pub static QUIET_GETS: HashMap<u64, u64> = HashMap::with_max_entries(65536, 0);
+pub static QUIET_GETS: HashMap<u64, u64> = HashMap::with_max_entries(16384, 0);
 
 /// Scratch space for one record: records are larger than the 512-byte BPF stack. One
 /// slot per nesting level.

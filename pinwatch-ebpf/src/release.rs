@@ -159,8 +159,7 @@ fn release_items(hook: u16, release: u16, dirty: u16, n: u64, refs: u64, pfn_of:
                 break;
             }
             let pfn = release_pfn(pfn_of(base + j as u64), release as u64, nest.level as u64, refs);
-            // The mask makes the slot bound explicit to the verifier. (It did not win the
-            // fentry twins of unpin_user_pages on 5.10 and 6.1; kprobe serves them there.)
+            // The mask makes the slot bound explicit to the verifier.
             r.pfns[j & (PFNS_PER_RECORD - 1)] = pfn;
             unsafe { *known |= (pfn != u64::MAX) as u64 * KNOWN_SEND };
         }
@@ -169,8 +168,14 @@ fn release_items(hook: u16, release: u16, dirty: u16, n: u64, refs: u64, pfn_of:
             r.chunk = chunk as u16;
             r.nr_pfns = used;
             r.refs_each = (k >> KNOWN_HEARD_SHIFT) as u32;
+            // The length from the count just stored in the record, read back from map
+            // memory: a fresh bound. `used` itself can reach the call with the bounds of
+            // a path that cannot happen (5.10's and 6.1's verifiers walk some, and keep
+            // a spilled scalar's bounds), which refused the fentry twins of
+            // unpin_user_pages there.
+            let used = unsafe { core::ptr::read_volatile(&r.nr_pfns) } as usize;
             // A dirtying release of an exposed page is a hazard: user space hears now.
-            send(r, RELEASE_FIXED + used as usize * 8, k & KNOWN_EXPOSED != 0 && dirty != 0);
+            send(r, RELEASE_FIXED + used * 8, k & KNOWN_EXPOSED != 0 && dirty != 0);
         }
     }
 }
