@@ -416,6 +416,34 @@ pub struct PinState {
     pub state: u32,
 }
 
+/// Pages of one PIN_BLOCKS entry: 32 consecutive pfns, the block's key being the first
+/// pfn over 32.
+pub const BLOCK_PAGES: usize = 32;
+pub const BLOCK_SHIFT: u64 = 5;
+
+/// What the kernel side knows of the long-term FOLL_PIN references on 32 consecutive
+/// small folios (map PIN_BLOCKS, keyed by pfn >> BLOCK_SHIFT). RDMA, VFIO and io_uring
+/// pin gigabytes of 4 KiB pages long-term, physically close together: one entry per
+/// folio (PINS) costs about 100 bytes per page, one per block about 8 when the block is
+/// full. Every reference here was streamed: user space holds each pin's story, and the
+/// hazard hooks need only the counts.
+#[repr(C)]
+#[derive(Copy, Clone, Debug)]
+pub struct PinBlock {
+    /// FOLL_PIN references on each page of the block.
+    pub pin_refs: [u32; BLOCK_PAGES],
+    /// Per page, 1 once a hazard hook exposed it (a byte each, so that no CPU's store
+    /// can undo another's: 5.10 has no atomic OR).
+    pub exposed: [u8; BLOCK_PAGES],
+    /// References on the whole block: at 0 the entry goes.
+    pub held: u32,
+    /// tgid and gup_flags of the latest pinner, and when the block's first pin came.
+    pub tgid: u32,
+    pub gup_flags: u32,
+    pub _pad: u32,
+    pub first_ts_ns: u64,
+}
+
 /// Bits of [`PinState::state`].
 pub mod pin_state {
     /// A hazard hook unmapped, cleaned, wrote back or dropped the folio while pinned:
@@ -545,6 +573,7 @@ mod user {
     use super::*;
     unsafe impl aya::Pod for GupCall {}
     unsafe impl aya::Pod for PinState {}
+    unsafe impl aya::Pod for PinBlock {}
     unsafe impl aya::Pod for ProcPins {}
     unsafe impl aya::Pod for Enforce {}
     unsafe impl aya::Pod for FoundBatch {}

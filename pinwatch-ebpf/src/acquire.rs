@@ -17,7 +17,7 @@ use crate::{
         PIN_SCRATCH, PROC_PINS, QUIET_GETS, STACK_SCRATCH,
     },
     page::{backing, file_of, folio_head, folio_order, mapping, vmemmap_base, PfnMath},
-    pins::pins_insert,
+    pins::{block_pin, pins_insert},
     record::{current, fill_header, fill_stack, is_self, send, stream_all, Nest},
 };
 
@@ -398,10 +398,11 @@ pub extern "C" fn pin_page(slot: u64, base: u64, tgid: u64, flags: u64, ts: u64)
         count(counter::READ_FAILED, 1);
         return u64::MAX;
     }
-    track_pin(pfn, flags & PIN_REF != 0, quiet, tgid as u32, flags as u32, ts);
+    let order = folio_order(head);
+    track_pin(pfn, order, flags & PIN_REF != 0, quiet, tgid as u32, flags as u32, ts);
     // The folio's order rides above the pfn: what a pin holds in place is the whole
     // folio, whatever the references (pinwatch_common::PFN_ORDER_SHIFT).
-    pfn | folio_order(head) << PFN_ORDER_SHIFT
+    pfn | order << PFN_ORDER_SHIFT
 }
 
 /// pin_page's `base` when the caller has not read vmemmap_base.
@@ -414,10 +415,16 @@ const MAPPING_ANON: u64 = 1;
 
 /// Adds one reference to the folio's state. Counts are added atomically: several CPUs
 /// pin pages of one large folio at once (the one PINS entry of a huge page). A new
-/// entry goes in with its first reference, in one map operation.
+/// entry goes in with its first reference, in one map operation. A streamed long-term FOLL_PIN reference on a small folio goes into its block
+/// (PIN_BLOCKS), the dense form for what stays pinned for hours; PINS takes the rest,
+/// and what a full PIN_BLOCKS has no room for.
 #[inline(always)]
-fn track_pin(pfn: u64, pin: bool, quiet: bool, tgid: u32, gup_flags: u32, ts: u64) {
+fn track_pin(pfn: u64, order: u64, pin: bool, quiet: bool, tgid: u32, gup_flags: u32, ts: u64) {
     let ts = if ts != CLOCK_LATER { ts } else { crate::record::now() };
+    let longterm = gup_flags as u64 & unsafe { core::ptr::read_volatile(&FOLL_LONGTERM) } != 0;
+    if pin && !quiet && longterm && order == 0 && block_pin(pfn, tgid as u64, gup_flags as u64, ts) {
+        return;
+    }
     let first = PinState {
         tgid,
         gup_flags,

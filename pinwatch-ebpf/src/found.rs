@@ -8,7 +8,7 @@ use pinwatch_common::{backing as bk, counter, found, pin_state, PinState, FOUND_
 
 use crate::{
     maps::{atomic_add, count, FOUND, PINS},
-    pins::pins_insert,
+    pins::{block_page, pins_insert},
     page::{backing, file_of, live, mapping, PfnMath},
 };
 
@@ -71,6 +71,10 @@ pub extern "C" fn found_pfn(pfn: u64, base: u64, tgid: u64, flags: u64, ts: u64)
         quiet_refs: 0,
         state: pin_state::FOUND,
     };
+    // A long-term pin seen since start may be counted in its block (PIN_BLOCKS).
+    if l.order == 0 && block_page(head_pfn, false) != 0 {
+        return answer | found::KNOWN;
+    }
     if pins_insert(head_pfn, &first) {
         return answer | found::ADOPTED;
     }

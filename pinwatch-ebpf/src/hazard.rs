@@ -11,7 +11,7 @@ use pinwatch_common::{backing, kind, page_op, pin_state, release, seen, PinState
 use crate::{
     maps::{PAGE_SCRATCH, PINS, RELEASE_SCRATCH},
     page::{backing as backing_of, file_of, live, mapping, page_index, page_to_pfn, PageArg},
-    pins::maybe_pinned_head,
+    pins::{block_page, block_pinner, block_unpin, maybe_pinned_head, BLOCK_EXPOSED, BLOCK_REFS},
     record::{fill_header, fill_stack, send, Nest},
 };
 
@@ -30,23 +30,38 @@ pub fn page_op<C: EbpfContext>(ctx: &C, hook: u16, op: u16, page: PageArg, kerne
         return;
     }
     let pfn = page_to_pfn(head);
-    let state = match PINS.get_ptr_mut(&pfn) {
+    // Dirtying matters only after the folio was exposed (unmapped, cleaned, written
+    // back, dropped): a direct-I/O read dirtying its own pinned page is the normal
+    // course, and a record per read would be most of its cost.
+    let dirty = op == page_op::DIRTY;
+    let (in_pins, mut state) = match PINS.get_ptr_mut(&pfn) {
         Some(s) => unsafe {
-            // Dirtying matters only after the folio was exposed (unmapped, cleaned,
-            // written back, dropped): a direct-I/O read dirtying its own pinned page is
-            // the normal course, and a record per read would be most of its cost.
-            if op == page_op::DIRTY {
-                if (*s).state & pin_state::EXPOSED == 0 {
-                    return;
-                }
-            } else {
+            if !dirty {
                 (*s).state |= pin_state::EXPOSED;
             }
-            *s
+            (true, *s)
         },
-        None if kernel_pins => PinState::default(),
-        None => return,
+        None => (false, PinState::default()),
     };
+    // Long-term pins of small folios are counted in their block instead (PIN_BLOCKS).
+    let block = block_page(pfn, !dirty);
+    let block_refs = (block & BLOCK_REFS) as u32;
+    if !in_pins && block_refs == 0 && !kernel_pins {
+        return;
+    }
+    if dirty && (in_pins || block_refs != 0) && state.state & pin_state::EXPOSED == 0 && block & BLOCK_EXPOSED == 0 {
+        return;
+    }
+    if block_refs != 0 {
+        state.pin_refs += block_refs;
+        if !in_pins {
+            if let Some((tgid, gup_flags, first)) = block_pinner(pfn) {
+                state.tgid = tgid;
+                state.gup_flags = gup_flags;
+                state.first_ts_ns = first;
+            }
+        }
+    }
     let l = live(head);
     let known = state.pin_refs != 0 || state.get_refs != 0;
     if known {
@@ -92,8 +107,10 @@ pub fn page_op<C: EbpfContext>(ctx: &C, hook: u16, op: u16, page: PageArg, kerne
 fn drop_if_gone(hook: u16, pfn: u64, state: &PinState, l: &crate::page::Live) -> bool {
     let pins_gone = state.pin_refs != 0 && !l.maybe_dma_pinned;
     if pins_gone || l.gets_gone(state.get_refs) {
+        // A block's references are FOLL_PIN ones: gone only with the kernel's pin count.
+        let block = if pins_gone { block_unpin(pfn, u32::MAX as u64) } else { 0 };
         // User space hears only of references it was sent, or of an exposed folio.
-        if crate::release::forget(pfn, state) || state.state & pin_state::EXPOSED != 0 {
+        if crate::release::forget(pfn, state) || block != 0 || state.state & pin_state::EXPOSED != 0 {
             send_gone(hook, pfn);
         }
         return true;

@@ -4,7 +4,7 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
-use pinwatch_common::{calib, counter, Enforce, FoundBatch, GupCall, KernelStack, PageRecord, PinRecord, PinState, ProcPins, ReleaseRecord};
+use pinwatch_common::{calib, counter, Enforce, FoundBatch, GupCall, KernelStack, PageRecord, PinBlock, PinRecord, PinState, ProcPins, ReleaseRecord};
 
 /// Records to user space. User space sizes it at load (kernel::load::ring_bytes): 8 MiB
 /// when recording, about 20,000 one-page pin records, several seconds of a heavy
@@ -48,7 +48,14 @@ pub static RELEASE_DEPTH: HashMap<u32, u32> = HashMap::with_max_entries(16384, 0
 #[map]
 pub static PINS: HashMap<u64, PinState> = HashMap::with_max_entries(262144, 0);
 
-/// How many PINS entries have their head struct page in each slot (its address over
+/// Long-term FOLL_PIN references on small folios, 32 pfns an entry (see
+/// pinwatch_common::PinBlock): the dense form of PINS for what RDMA, VFIO and io_uring
+/// hold for hours. User space sizes it from the host's memory at load
+/// (kernel::load::block_capacity); a block that finds no room goes into PINS instead.
+#[map]
+pub static PIN_BLOCKS: HashMap<u64, PinBlock> = HashMap::with_max_entries(4096, 0);
+
+/// How many PINS entries (and PIN_BLOCKS references) have their head struct page in each slot (its address over
 /// the size of struct page, modulo PIN_FILTER_SLOTS: the pfn modulo it, as vmemmap_base
 /// is 1 GiB aligned, but known without vmemmap_base), kept with
 /// every insert and remove: a slot at 0 says "not pinned" with one array load, where a

@@ -1,10 +1,10 @@
 //! PINS and its filter together: every entry added or removed is counted in its filter
 //! slot, and every page hook asks the filter before PINS.
 
-use pinwatch_common::PinState;
+use pinwatch_common::{PinBlock, PinState, BLOCK_PAGES, BLOCK_SHIFT};
 
 use crate::{
-    maps::{atomic_add, PINS, PIN_FILTER, PIN_FILTER_SLOTS},
+    maps::{atomic_add, PINS, PIN_BLOCKS, PIN_FILTER, PIN_FILTER_SLOTS},
     page::{struct_page_index, PfnMath},
 };
 
@@ -51,4 +51,109 @@ fn filter_add(pfn: u64, v: u32) {
     if let Some(n) = PIN_FILTER.get_ptr_mut(filter_slot(PfnMath::new().page(pfn))) {
         atomic_add(n, v);
     }
+}
+
+/// PIN_BLOCKS answers: the page's references in the low 32 bits, and whether it was
+/// exposed (by a hazard hook, before this call).
+pub const BLOCK_EXPOSED: u64 = 1 << 32;
+pub const BLOCK_REFS: u64 = 0xffff_ffff;
+
+#[inline(always)]
+fn block_of(pfn: u64) -> (u64, usize) {
+    (pfn >> BLOCK_SHIFT, (pfn & (BLOCK_PAGES as u64 - 1)) as usize)
+}
+
+/// One streamed long-term FOLL_PIN reference on the small folio `pfn`, in its block;
+/// false when the block had no room (the caller tracks it in PINS). Each reference is
+/// counted in the page's filter slot, so releases need no transition test (5.10 has
+/// no atomic fetch). A global function, verified once.
+#[no_mangle]
+#[inline(never)]
+pub extern "C" fn block_pin(pfn: u64, tgid: u64, gup_flags: u64, ts: u64) -> bool {
+    let (key, i) = block_of(pfn);
+    let b = match PIN_BLOCKS.get_ptr_mut(&key) {
+        Some(b) => b,
+        None => {
+            let mut first = PinBlock { pin_refs: [0; BLOCK_PAGES], exposed: [0; BLOCK_PAGES], held: 0, tgid: tgid as u32, gup_flags: gup_flags as u32, _pad: 0, first_ts_ns: ts };
+            first.pin_refs[i & (BLOCK_PAGES - 1)] = 1;
+            first.held = 1;
+            // BPF_NOEXIST: a racing CPU's block is kept, and this one adds to it.
+            if PIN_BLOCKS.insert(&key, &first, 1).is_ok() {
+                filter_add(pfn, 1);
+                return true;
+            }
+            match PIN_BLOCKS.get_ptr_mut(&key) {
+                Some(b) => b,
+                None => return false,
+            }
+        }
+    };
+    unsafe {
+        atomic_add(&mut (*b).pin_refs[i & (BLOCK_PAGES - 1)], 1);
+        atomic_add(&mut (*b).held, 1);
+        (*b).tgid = tgid as u32;
+        (*b).gup_flags |= gup_flags as u32;
+    }
+    filter_add(pfn, 1);
+    true
+}
+
+/// The block references of `pfn` and whether it was exposed; with `expose`, marks it
+/// exposed when it holds any (a hazard hook unmapped, cleaned, wrote back or dropped
+/// it). Global, verified once.
+#[no_mangle]
+#[inline(never)]
+pub extern "C" fn block_page(pfn: u64, expose: bool) -> u64 {
+    let (key, i) = block_of(pfn);
+    let Some(b) = PIN_BLOCKS.get_ptr_mut(&key) else { return 0 };
+    let i = i & (BLOCK_PAGES - 1);
+    unsafe {
+        let refs = (*b).pin_refs[i] as u64;
+        if refs == 0 {
+            return 0;
+        }
+        let was = if (*b).exposed[i] != 0 { BLOCK_EXPOSED } else { 0 };
+        if expose {
+            (*b).exposed[i] = 1;
+        }
+        refs | was
+    }
+}
+
+/// Drops up to `n` block references of `pfn` (`n` = u32::MAX: all of them, the page is
+/// freed or its pins gone); returns how many went, with BLOCK_EXPOSED. A page left
+/// with none is no longer exposed, and a block left with none goes. Global.
+#[no_mangle]
+#[inline(never)]
+pub extern "C" fn block_unpin(pfn: u64, n: u64) -> u64 {
+    let (key, i) = block_of(pfn);
+    let Some(b) = PIN_BLOCKS.get_ptr_mut(&key) else { return 0 };
+    let i = i & (BLOCK_PAGES - 1);
+    unsafe {
+        let refs = (*b).pin_refs[i] as u64;
+        let take = if n < refs { n } else { refs };
+        if take == 0 {
+            return 0;
+        }
+        let was = if (*b).exposed[i] != 0 { BLOCK_EXPOSED } else { 0 };
+        atomic_add(&mut (*b).pin_refs[i], (take as u32).wrapping_neg());
+        if take == refs {
+            (*b).exposed[i] = 0;
+        }
+        atomic_add(&mut (*b).held, (take as u32).wrapping_neg());
+        filter_add(pfn, (take as u32).wrapping_neg());
+        // A pin racing in between is lost with the block, as PINS's removal can lose one.
+        if (*b).held == 0 {
+            let _ = PIN_BLOCKS.remove(&key);
+        }
+        take | was
+    }
+}
+
+/// The latest pinner's tgid, flags and first time of `pfn`'s block (a hazard record
+/// of a page only the block knows).
+#[inline(always)]
+pub fn block_pinner(pfn: u64) -> Option<(u32, u32, u64)> {
+    let b = unsafe { PIN_BLOCKS.get(&(pfn >> BLOCK_SHIFT)) }?;
+    Some((b.tgid, b.gup_flags, b.first_ts_ns))
 }

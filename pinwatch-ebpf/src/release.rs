@@ -8,7 +8,7 @@ use pinwatch_common::{counter, kind, pin_state, release, PinState, PFNS_PER_RECO
 use crate::{
     maps::{atomic_add, count, GUP_CALLS, KNOWN, PINS, PROC_PINS, QUIET_GETS, RELEASE_DEPTH, RELEASE_SCRATCH},
     page::{head_pfn, page_to_pfn, struct_page_size, PageArg, PfnMath},
-    pins::{maybe_pinned, maybe_pinned_head, pins_remove},
+    pins::{block_unpin, maybe_pinned, maybe_pinned_head, pins_remove, BLOCK_EXPOSED, BLOCK_REFS},
     record::{current, fill_header, send, Nest},
 };
 
@@ -57,18 +57,41 @@ pub extern "C" fn slot_pfn(slot: u64) -> u64 {
     PfnMath::new().head_pfn(page)
 }
 
-/// Drops `n` references of kind `release` from the pin state of `pfn`. Quiet
-/// references (never streamed) are dropped first: transient pins come and go while the
-/// long-term ones user space knows stay. A quiet reference released leaves its
-/// process's quiet_held count. Returns how many of the dropped references user space
-/// must hear of: those it was sent, or all of them on a folio a hazard exposed (a free
-/// or a `gone` says 1: all of them).
+/// Drops `n` references of kind `release` from the pin state of `pfn`: PINS first,
+/// then, for an unpin, its block's long-term references (PIN_BLOCKS); a free drops
+/// everything. Quiet references (never streamed) are dropped first: transient pins come
+/// and go while the long-term ones user space knows stay. A quiet reference released
+/// leaves its process's quiet_held count. Returns how many of the dropped references
+/// user space must hear of: those it was sent, or all of them on a folio a hazard
+/// exposed (a free or a `gone` says 1: all of them).
 #[inline(always)]
 fn track_release(pfn: u64, release: u16, level: u32, n: u32) -> u32 {
-    let Some(s) = PINS.get_ptr_mut(&pfn) else {
-        return 0;
+    let gone = release == release::FREED || release == release::GONE;
+    let (heard, left) = match PINS.get_ptr_mut(&pfn) {
+        Some(s) => pins_release(pfn, unsafe { &mut *s }, release, level, n),
+        None => (0, n),
     };
-    let s = unsafe { &mut *s };
+    if left == 0 || !(gone || release == release::UNPIN) {
+        return heard;
+    }
+    let b = block_unpin(pfn, if gone { u32::MAX as u64 } else { left as u64 });
+    if b & BLOCK_EXPOSED != 0 {
+        if let Some(k) = KNOWN.get_ptr_mut(level) {
+            unsafe { *k |= KNOWN_EXPOSED };
+        }
+    }
+    let taken = (b & BLOCK_REFS) as u32;
+    if gone {
+        heard | (taken != 0) as u32
+    } else {
+        heard + taken
+    }
+}
+
+/// track_release's part in PINS: how many user space must hear of, and how many of the
+/// `n` references PINS did not hold (an unpin's go on to the block; after a free, `n`).
+#[inline(always)]
+fn pins_release(pfn: u64, s: &mut PinState, release: u16, level: u32, n: u32) -> (u32, u32) {
     let exposed = s.state & pin_state::EXPOSED != 0;
     if exposed {
         if let Some(k) = KNOWN.get_ptr_mut(level) {
@@ -76,12 +99,12 @@ fn track_release(pfn: u64, release: u16, level: u32, n: u32) -> u32 {
         }
     }
     if release == release::FREED || release == release::GONE {
-        return (forget(pfn, s) || exposed) as u32;
+        return ((forget(pfn, s) || exposed) as u32, n);
     }
     let refs = if release == release::UNPIN { &mut s.pin_refs } else { &mut s.get_refs };
     let take = n.min(*refs);
     if take == 0 {
-        return 0;
+        return (0, n);
     }
     *refs -= take;
     let quiet = take.min(s.quiet_refs);
@@ -95,11 +118,7 @@ fn track_release(pfn: u64, release: u16, level: u32, n: u32) -> u32 {
     if s.pin_refs == 0 && s.get_refs == 0 {
         pins_remove(pfn);
     }
-    if exposed {
-        take
-    } else {
-        take - quiet
-    }
+    (if exposed { take } else { take - quiet }, n - take)
 }
 
 /// Every reference on `pfn` is gone (freed, or found gone by a hazard hook or the

@@ -30,6 +30,39 @@ pub fn ring_bytes(streaming: Streaming) -> u32 {
 /// The programs, built by build.rs and embedded: pinwatch is one binary to copy.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pinwatch"));
 
+/// The embedded object as compiled (its maps preallocated).
+#[cfg(test)]
+pub fn object() -> &'static [u8] {
+    OBJECT
+}
+
+/// Hash maps that grow as they fill, where the kernel allows it: their size follows
+/// what is pinned and by how many processes, not their capacity. From 6.1 tracing
+/// programs allocate map elements from BPF's own per-CPU caches (bpf_mem_alloc); before
+/// it, a run-time allocation from a kprobe or tracepoint is unsafe, and 5.10 warns in
+/// the kernel log, so they stay preallocated there. The maps of calls in flight
+/// (GUP_CALLS, GUP_STACKS, RELEASE_DEPTH) take an element on every call and stay
+/// preallocated everywhere.
+pub const GROWN_MAPS: [&str; 6] = ["PINS", "PIN_BLOCKS", "QUIET_GETS", "PROC_PINS", "LONGTERM_RELEASED", "EXEMPT_CGROUPS"];
+
+/// Blocks of 32 pages PIN_BLOCKS holds: a quarter of the host's memory pinned long-term
+/// in small folios (at least 128 MiB, at most 128 GiB); what finds no room goes into
+/// PINS, one entry per folio. Preallocated (5.10) that is 256 bytes per block, 0.2% of
+/// the memory they cover; grown as they fill (6.1+), their buckets are 16 bytes each.
+pub fn block_capacity(phys_pages: u64) -> u32 {
+    (phys_pages / 4 / pinwatch_common::BLOCK_PAGES as u64).clamp(1024, 1 << 20) as u32
+}
+
+fn phys_pages() -> u64 {
+    // SAFETY: sysconf reads a value; -1 (unknown) becomes the smallest capacity.
+    u64::try_from(unsafe { libc::sysconf(libc::_SC_PHYS_PAGES) }).unwrap_or(0)
+}
+
+/// Whether GROWN_MAPS grow as they fill on this release (see there).
+pub fn maps_grow(release: &str) -> bool {
+    super::release_at_least(release, 6, 1)
+}
+
 /// What the programs send to user space.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Streaming {
@@ -56,6 +89,10 @@ pub struct Kernel {
     btf: Option<Btf>,
     /// Folios the pin map holds.
     pub pin_map_capacity: u32,
+    /// Blocks of 32 small folios PIN_BLOCKS holds (long-term pins).
+    pub block_capacity: u32,
+    /// Whether the pin maps take memory as they fill (GROWN_MAPS), or all of it at load.
+    pub maps_grow: bool,
 }
 
 /// log2 of sizeof(struct page) when it is a power of two, else 0 (the programs divide).
@@ -132,6 +169,10 @@ impl Kernel {
         let f = &layouts.folio;
         let compound_info_mask = layouts.compound_info_mask as u64;
         let fake_heads = layouts.fake_heads as u64;
+        let grown = maps_grow(&release);
+        let block_capacity = block_capacity(phys_pages());
+        let patched = if grown { Some(super::object::with_map_flags(OBJECT, &GROWN_MAPS, super::object::BPF_F_NO_PREALLOC)?) } else { None };
+        let object = patched.as_ref().map_or(OBJECT, |(copy, len)| copy.bytes(*len));
         let mut ebpf = EbpfLoader::new()
             .override_global(globals::PAGE_FLAGS_OFF, &f.flags_off, true)
             .override_global(globals::PG_HEAD_BIT, &f.pg_head_bit, true)
@@ -165,8 +206,9 @@ impl Kernel {
             .override_global(globals::GUP_UNNESTED, &gup_unnested, true)
             .override_global(globals::WAKE_ABOVE, &wake_above, true)
             .map_max_entries("PINS", pin_map_capacity)
+            .map_max_entries("PIN_BLOCKS", block_capacity)
             .map_max_entries("EVENTS", ring)
-            .load(OBJECT)
+            .load(object)
             .map_err(|e| anyhow!("loading the eBPF object failed: {}", error_chain(&e)))?;
         // Parsed once: the fentry test and every fentry/fexit load need it.
         let btf = Btf::from_sys_fs().map_err(|e| error_chain(&e));
@@ -181,7 +223,8 @@ impl Kernel {
             .filter_map(|h| btf::func_nargs(&vmlinux, h.symbol).map(|n| (h.symbol, n)))
             .collect();
         let btf = btf.ok();
-        Ok(Kernel { release, vmemmap, layouts, caps, plan, ebpf, nargs, btf, pin_map_capacity })
+        drop(patched);
+        Ok(Kernel { release, vmemmap, layouts, caps, plan, ebpf, nargs, btf, pin_map_capacity, block_capacity, maps_grow: grown })
     }
 
     /// Attaches every hook of the plan, each down its ladder until a rung works; a hook
@@ -340,12 +383,18 @@ impl Kernel {
         Ok(m.iter().filter_map(|r| r.ok()).filter(|(_, ts)| now_ns.saturating_sub(*ts) > age_ns).map(|(pfn, _)| pfn).take(max).collect())
     }
 
-    /// Of `pfns`, those PINS no longer holds: the kernel side saw their last release
-    /// (or page free) even when its record was lost to a full ring.
+    /// Of `pfns`, those neither PINS nor PIN_BLOCKS holds: the kernel side saw their
+    /// last release (or page free) even when its record was lost to a full ring.
     pub fn pins_absent(&self, pfns: impl Iterator<Item = u64>) -> Result<Vec<u64>> {
+        use pinwatch_common::{PinBlock, BLOCK_PAGES, BLOCK_SHIFT};
         let map = self.ebpf.map("PINS").ok_or_else(|| anyhow!("map PINS missing"))?;
         let m: aya::maps::HashMap<_, u64, pinwatch_common::PinState> = aya::maps::HashMap::try_from(map)?;
-        Ok(pfns.filter(|pfn| matches!(m.get(pfn, 0), Err(aya::maps::MapError::KeyNotFound))).collect())
+        let map = self.ebpf.map("PIN_BLOCKS").ok_or_else(|| anyhow!("map PIN_BLOCKS missing"))?;
+        let blocks: aya::maps::HashMap<_, u64, PinBlock> = aya::maps::HashMap::try_from(map)?;
+        let in_block = |pfn: u64| {
+            blocks.get(&(pfn >> BLOCK_SHIFT), 0).is_ok_and(|b| b.pin_refs[pfn as usize % BLOCK_PAGES] != 0)
+        };
+        Ok(pfns.filter(|pfn| matches!(m.get(pfn, 0), Err(aya::maps::MapError::KeyNotFound)) && !in_block(*pfn)).collect())
     }
 
     /// Every process's GUP counts (PROC_PINS), and which of them were deleted now:
