@@ -16,6 +16,11 @@ pub struct KernelArgs {
     /// bytes of kernel memory). Pins past it are counted (pin_map_full), not watched.
     #[arg(long, default_value_t = PIN_MAP_CAPACITY, value_parser = clap::value_parser!(u32).range(1..=(1 << 26)))]
     pub pin_map_capacity: u32,
+    /// Blocks of 32 small folios the long-term pin map holds (about 8 bytes per page
+    /// pinned when full). Default: enough for a quarter of this machine's memory. A
+    /// long-term pin that finds no block goes into the pin map.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=(1 << 24)))]
+    pub pin_block_capacity: Option<u32>,
 }
 
 /// How to load, for the modes that watch the live kernel (record, top, alert).

@@ -410,21 +410,24 @@ fn check_reuse(r: &Recorded) -> Result<String> {
     Ok(format!("{} of {} freed pages reused by a memfd (attempt {}), truncated: no hazard; old references dropped by {kinds:?}", reused.len(), pfns("old").len(), u(hit, "attempt")))
 }
 
-/// A pin map too small for 64 pinned pages: the pages it could not hold are counted as
-/// pin_map_full (never hidden), the start event says the capacity, and once those pins
-/// are released the map holds new ones: the 2018 sequence that follows is caught.
+/// A long-term pin map of one block and a pin map of 24 folios, too small for 96
+/// long-term pinned pages: the block takes at most 32, the pin map 24, and the pages
+/// neither could hold are counted as pin_map_full (never hidden); the start event says
+/// both capacities, and once those pins are released the maps hold new ones: the 2018
+/// sequence that follows is caught.
 pub fn check_pinmap(r: &Recorded) -> Result<String> {
     ensure!(r.ended, "the guest never finished this scenario");
     ensure!(r.rc == Some(0), "pinwatch record exited with {:?}: {}", r.rc, r.err.join(" | "));
     let start = r.trace.iter().find(|e| e["event"] == "start").context("no start event")?;
     ensure!(start["pin_map_capacity"] == 24, "the start event says capacity {}", start["pin_map_capacity"]);
+    ensure!(start["pin_block_capacity"] == 1, "the start event says block capacity {}", start["pin_block_capacity"]);
     let full: u64 = r.trace.iter().filter(|e| e["event"] == "lost" && e["reason"] == "pin_map_full").map(|e| u(e, "count")).sum();
-    ensure!(full >= 40, "{full} pages counted as pin_map_full; 64 pages into 24 folios must leave at least 40 out");
+    ensure!((40..=71).contains(&full), "{full} pages counted as pin_map_full; 96 pages into one block of 32 and 24 folios must leave 40 to 71 out");
     let kinds: BTreeSet<&str> = hazards(r, "").filter(|h| pinners(h).iter().any(|p| p["path"] == "direct I/O")).filter_map(|h| h["kind"].as_str()).collect();
     for want in ["mkclean_while_pinned", "unmap_while_pinned", "truncate_while_pinned"] {
         ensure!(kinds.contains(want), "after the map emptied, no {want} for the direct I/O pin: {kinds:?}");
     }
-    Ok(format!("{full} pages counted as pin_map_full while 64 were pinned into 24 folios; after release the 2018 sequence was caught ({})", kinds.into_iter().collect::<Vec<_>>().join(", ")))
+    Ok(format!("{full} pages counted as pin_map_full while 96 were pinned into one block and 24 folios; after release the 2018 sequence was caught ({})", kinds.into_iter().collect::<Vec<_>>().join(", ")))
 }
 
 /// `record` killed by SIGKILL after the hazard sequence: the trace on disk has every
@@ -772,7 +775,7 @@ mod tests {
 
     #[test]
     fn the_pin_map_check_fails_without_loss_counted_or_without_recovery() {
-        let start = serde_json::json!({"event":"start","pin_map_capacity":24});
+        let start = serde_json::json!({"event":"start","pin_map_capacity":24,"pin_block_capacity":1});
         let lost = serde_json::json!({"event":"lost","reason":"pin_map_full","count":44});
         let caught = ["mkclean_while_pinned", "unmap_while_pinned", "truncate_while_pinned"].map(|k| hazard(k, 1, 5));
         let good: Vec<Value> = [start.clone(), lost.clone()].into_iter().chain(caught.iter().cloned()).collect();
@@ -783,6 +786,9 @@ mod tests {
         assert!(check_pinmap(&rec(&blind, 5)).is_err(), "no recovery after release");
         let other: Vec<Value> = [serde_json::json!({"event":"start"}), lost].into_iter().chain(caught.iter().cloned()).collect();
         assert!(check_pinmap(&rec(&other, 5)).is_err(), "the capacity is not in the trace");
+        let too_many = serde_json::json!({"event":"lost","reason":"pin_map_full","count":80});
+        let unblocked: Vec<Value> = [start.clone(), too_many].into_iter().chain(caught.iter().cloned()).collect();
+        assert!(check_pinmap(&rec(&unblocked, 5)).is_err(), "the block took no page");
     }
 }
 

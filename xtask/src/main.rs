@@ -108,12 +108,13 @@ pub const SCENARIOS: &[(&str, &str, &str)] = &[
     ("aged", "--max-pin-age 1s", "pinwatch-scenario odirect-slow --file /mnt/aged --dev /dev/nullb0 --pages 8"),
     ("aged_vmsplice", "--max-pin-age 1s", "pinwatch-scenario vmsplice --pages 8 --hold-ms 2500"),
     ("aged_ctl", "--max-pin-age 1s", "pinwatch-scenario pvm-writev --pages 8"),
-    // A pin map of 24 folios filled by 64 pinned pages, then, once they are released,
-    // the 2018 sequence on 8 pages: counted while full, watched again after.
+    // A long-term pin map of one block (32 pages) and a pin map of 24 folios filled by
+    // 96 long-term pinned pages, then, once they are released, the 2018 sequence on 8
+    // pages: counted while full, watched again after.
     (
         "pinmap",
-        "--pin-map-capacity 24",
-        "sh -c 'pinwatch-scenario iouring-fixed --pages 64 --hold-ms 500 && pinwatch-scenario odirect-hazard --file /mnt/pinmap --dev /dev/nullb0 --pages 8'",
+        "--pin-map-capacity 24 --pin-block-capacity 1",
+        "sh -c 'pinwatch-scenario iouring-fixed --pages 96 --hold-ms 500 && pinwatch-scenario odirect-hazard --file /mnt/pinmap --dev /dev/nullb0 --pages 8'",
     ),
 ];
 

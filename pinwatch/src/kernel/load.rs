@@ -13,7 +13,7 @@ use pinwatch_common::{counter, globals, ProcPins};
 
 use super::{
     btf::{self, Layouts},
-    plan::{self, AttachMode, AttachType, Capabilities, Choice, Family, HookSpec, Mode, PlannedHook, Role},
+    plan::{self, AttachType, Capabilities, Choice, Family, HookSpec, Mode, PlannedHook, Role},
     symbols::Symbols,
 };
 
@@ -127,7 +127,8 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 impl Kernel {
     /// Reads layouts and symbols, loads the object and tests attach types. Does not
     /// attach the plan yet (doctor stops here).
-    pub fn open(mode: AttachMode, pin_map_capacity: u32, streaming: Streaming) -> Result<Kernel> {
+    pub fn open(args: &crate::args::KernelArgs, streaming: Streaming) -> Result<Kernel> {
+        let (mode, pin_map_capacity) = (args.attach, args.pin_map_capacity);
         super::check_privileges()?;
         // pfns, byte counts and the programs' page arithmetic are 4 KiB pages (x86-64).
         let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
@@ -170,7 +171,7 @@ impl Kernel {
         let compound_info_mask = layouts.compound_info_mask as u64;
         let fake_heads = layouts.fake_heads as u64;
         let grown = maps_grow(&release);
-        let block_capacity = block_capacity(phys_pages());
+        let block_capacity = args.pin_block_capacity.unwrap_or_else(|| block_capacity(phys_pages()));
         let patched = if grown { Some(super::object::with_map_flags(OBJECT, &GROWN_MAPS, super::object::BPF_F_NO_PREALLOC)?) } else { None };
         let object = patched.as_ref().map_or(OBJECT, |(copy, len)| copy.bytes(*len));
         let mut ebpf = EbpfLoader::new()
@@ -685,5 +686,34 @@ fn give_back_memory() {
         // SAFETY: whole pages inside OBJECT, a read-only private mapping of the binary:
         // dropping them loses nothing, a later read faults them in again.
         unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_block_map_covers_a_quarter_of_memory_within_its_bounds() {
+        // 24 GiB of 4 KiB pages: a quarter is 6 GiB, 49152 blocks of 128 KiB.
+        assert_eq!(block_capacity(24 << 18), 49152);
+        assert_eq!(block_capacity(0), 1024, "an unknown size gets the smallest map");
+        assert_eq!(block_capacity(1 << 40), 1 << 20);
+    }
+
+    #[test]
+    fn maps_grow_from_6_1_on() {
+        assert!(!maps_grow("5.10.0-32-cloud-amd64"));
+        assert!(maps_grow("6.1.0-50-cloud-amd64"));
+        assert!(maps_grow("7.2.13+deb14-cloud-amd64"));
+        assert!(!maps_grow("garbage"));
+    }
+
+    #[test]
+    fn every_grown_map_is_in_the_object() {
+        let (copy, len) = super::super::object::with_map_flags(OBJECT, &GROWN_MAPS, super::super::object::BPF_F_NO_PREALLOC).unwrap();
+        for m in GROWN_MAPS {
+            assert_eq!(super::super::object::map_flags(copy.bytes(len), m).unwrap() & 1, 1, "{m}");
+        }
     }
 }

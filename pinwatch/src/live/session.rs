@@ -141,7 +141,7 @@ impl Session {
     /// Loads and attaches; refuses to run blind, explains tracepoint-only mode.
     pub fn open(live: LiveArgs, limits: &LimitArgs, streaming: Streaming) -> Result<Session> {
         let args = live.kernel;
-        let mut kernel = Kernel::open(args.attach, args.pin_map_capacity, streaming)?;
+        let mut kernel = Kernel::open(&args, streaming)?;
         crate::kernel::plan::check_mode(&kernel.caps, args.attach).map_err(anyhow::Error::msg)?;
         let mode = kernel.attach()?;
         match mode {
@@ -186,6 +186,7 @@ impl Session {
             format: trace::FORMAT.into(),
             limits: Some(limits.rules()),
             pin_map_capacity: Some(kernel.pin_map_capacity),
+            pin_block_capacity: Some(kernel.block_capacity),
         });
         // The engine takes its limit rules from the start event, as a replay does.
         let mut engine = Engine::default();

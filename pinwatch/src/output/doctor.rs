@@ -126,7 +126,7 @@ fn enforcement(can_track_pins: bool) -> Enforcement {
 }
 
 pub fn run(args: DoctorArgs) -> Result<i32> {
-    let mut kernel = Kernel::open(args.kernel.attach, args.kernel.pin_map_capacity, Streaming::Monitor)?;
+    let mut kernel = Kernel::open(&args.kernel, Streaming::Monitor)?;
     let mode = kernel.attach()?;
     let report = report(&kernel, mode);
     match args.format {

@@ -159,6 +159,9 @@ pub struct Start {
     /// Folios the kernel-side pin map held: pins past it were counted, not watched.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pin_map_capacity: Option<u32>,
+    /// Blocks of 32 small folios the kernel-side long-term pin map held.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pin_block_capacity: Option<u32>,
 }
 
 impl Start {
