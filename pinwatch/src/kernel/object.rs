@@ -29,22 +29,7 @@ impl Aligned {
 /// A copy of `elf` in which each named map's `map_flags` has `flags` added; a name the
 /// object lacks is an error (a renamed map must not silently lose its flags).
 pub fn with_map_flags(elf: &[u8], maps: &[&str], flags: u32) -> Result<(Aligned, usize)> {
-    let mut offsets = Vec::with_capacity(maps.len());
-    {
-        let file = object::File::parse(elf).map_err(|e| anyhow!("the embedded eBPF object does not parse as ELF: {e}"))?;
-        let section = file.section_by_name("maps").ok_or_else(|| anyhow!("the eBPF object has no maps section"))?;
-        let (start, size) = section.file_range().ok_or_else(|| anyhow!("the eBPF object's maps section has no file data"))?;
-        for name in maps {
-            let sym = file
-                .symbols()
-                .find(|s| s.name() == Ok(*name) && s.section_index() == Some(section.index()))
-                .ok_or_else(|| anyhow!("map {name} is not in the eBPF object's maps section"))?;
-            if sym.address() + MAP_DEF_SIZE as u64 > size {
-                bail!("map {name}'s definition lies past the end of the maps section");
-            }
-            offsets.push((start + sym.address()) as usize + MAP_FLAGS_OFF);
-        }
-    }
+    let offsets = maps.iter().map(|name| flags_offset(elf, name)).collect::<Result<Vec<_>>>()?;
     let mut words = vec![0u64; elf.len().div_ceil(8)];
     // SAFETY: the Vec has room for elf.len() bytes; u8 has no alignment requirement.
     let bytes = unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr() as *mut u8, elf.len()) };
@@ -56,17 +41,25 @@ pub fn with_map_flags(elf: &[u8], maps: &[&str], flags: u32) -> Result<(Aligned,
     Ok((Aligned(words), elf.len()))
 }
 
-/// The `map_flags` of map `name` in `elf`.
-#[cfg(test)]
-pub fn map_flags(elf: &[u8], name: &str) -> Result<u32> {
-    let file = object::File::parse(elf).map_err(|e| anyhow!("not ELF: {e}"))?;
-    let section = file.section_by_name("maps").ok_or_else(|| anyhow!("no maps section"))?;
-    let (start, _) = section.file_range().ok_or_else(|| anyhow!("no file data"))?;
+/// Where map `name`'s `map_flags` word lies in `elf`.
+fn flags_offset(elf: &[u8], name: &str) -> Result<usize> {
+    let file = object::File::parse(elf).map_err(|e| anyhow!("the embedded eBPF object does not parse as ELF: {e}"))?;
+    let section = file.section_by_name("maps").ok_or_else(|| anyhow!("the eBPF object has no maps section"))?;
+    let (start, size) = section.file_range().ok_or_else(|| anyhow!("the eBPF object's maps section has no file data"))?;
     let sym = file
         .symbols()
         .find(|s| s.name() == Ok(name) && s.section_index() == Some(section.index()))
-        .ok_or_else(|| anyhow!("no map {name}"))?;
-    let off = (start + sym.address()) as usize + MAP_FLAGS_OFF;
+        .ok_or_else(|| anyhow!("map {name} is not in the eBPF object's maps section"))?;
+    if sym.address() + MAP_DEF_SIZE as u64 > size {
+        bail!("map {name}'s definition lies past the end of the maps section");
+    }
+    Ok((start + sym.address()) as usize + MAP_FLAGS_OFF)
+}
+
+/// The `map_flags` of map `name` in `elf`.
+#[cfg(test)]
+pub fn map_flags(elf: &[u8], name: &str) -> Result<u32> {
+    let off = flags_offset(elf, name)?;
     Ok(u32::from_le_bytes(elf.get(off..off + 4).ok_or_else(|| anyhow!("short"))?.try_into()?))
 }
 
