@@ -54,6 +54,9 @@ pub static PINS: HashMap<u64, PinState> = HashMap::with_max_entries(262144, 0);
 /// (kernel::load::block_capacity); a block that finds no room goes into PINS instead.
 #[map]
 pub static PIN_BLOCKS: HashMap<u64, PinBlock> = HashMap::with_max_entries(4096, 0);
+/// A new block is built here before it is inserted (see pins::block_pin).
+#[map]
+pub static BLOCK_SCRATCH: PerCpuArray<PinBlock> = PerCpuArray::with_max_entries(1, 0);
 
 /// How many PINS entries (and PIN_BLOCKS references) have their head struct page in each slot (its address over
 /// the size of struct page, modulo PIN_FILTER_SLOTS: the pfn modulo it, as vmemmap_base

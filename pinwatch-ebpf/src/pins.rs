@@ -1,10 +1,10 @@
 //! PINS and its filter together: every entry added or removed is counted in its filter
 //! slot, and every page hook asks the filter before PINS.
 
-use pinwatch_common::{PinBlock, PinState, BLOCK_PAGES, BLOCK_SHIFT};
+use pinwatch_common::{PinState, BLOCK_PAGES, BLOCK_SHIFT};
 
 use crate::{
-    maps::{atomic_add, PINS, PIN_BLOCKS, PIN_FILTER, PIN_FILTER_SLOTS},
+    maps::{atomic_add, BLOCK_SCRATCH, PINS, PIN_BLOCKS, PIN_FILTER, PIN_FILTER_SLOTS},
     page::{struct_page_index, PfnMath},
 };
 
@@ -74,11 +74,20 @@ pub extern "C" fn block_pin(pfn: u64, tgid: u64, gup_flags: u64, ts: u64) -> boo
     let b = match PIN_BLOCKS.get_ptr_mut(&key) {
         Some(b) => b,
         None => {
-            let mut first = PinBlock { pin_refs: [0; BLOCK_PAGES], exposed: [0; BLOCK_PAGES], held: 0, tgid: tgid as u32, gup_flags: gup_flags as u32, _pad: 0, first_ts_ns: ts };
+            // Built in map memory: on the BPF stack it took the GUP programs' combined
+            // stack past 512 bytes. Only GUP return programs call this (task context,
+            // never nested in each other), so one slot per CPU serves.
+            let Some(first) = BLOCK_SCRATCH.get_ptr_mut(0) else { return false };
+            let first = unsafe { &mut *first };
+            first.pin_refs = [0; BLOCK_PAGES];
+            first.exposed = [0; BLOCK_PAGES];
             first.pin_refs[i & (BLOCK_PAGES - 1)] = 1;
             first.held = 1;
+            first.tgid = tgid as u32;
+            first.gup_flags = gup_flags as u32;
+            first.first_ts_ns = ts;
             // BPF_NOEXIST: a racing CPU's block is kept, and this one adds to it.
-            if PIN_BLOCKS.insert(&key, &first, 1).is_ok() {
+            if PIN_BLOCKS.insert(&key, first, 1).is_ok() {
                 filter_add(pfn, 1);
                 return true;
             }
