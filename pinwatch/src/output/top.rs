@@ -634,8 +634,9 @@ fn screen_text(s: &Session, rows: &[Row], acc: &Accounts, sort: Column, reverse:
     out += "\n";
     if let Some(n) = s.lost_by_reason.get("pin_map_full") {
         out += &format!(
-            "pin map full: {n} page(s) not watched for hazards (capacity {} folios, {} held now; --pin-map-capacity sets it)\n",
+            "pin map full: {n} page(s) not watched for hazards (capacity {} folios and {} blocks of 32 long-term pages, {} folios held now; --pin-map-capacity and --pin-block-capacity set them)\n",
             s.kernel.pin_map_capacity,
+            s.kernel.block_capacity,
             s.engine.pins.folios()
         );
     }

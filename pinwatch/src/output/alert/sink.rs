@@ -121,7 +121,7 @@ const LOSS_EVERY_NS: u64 = 60_000_000_000;
 fn loss_advice(reason: &str) -> &'static str {
     match reason {
         "ringbuf_full" => "records came faster than the daemon read them (a stalled or starved daemon); hazards may have been missed",
-        "pin_map_full" => "the kernel-side pin map is full: pins past it are not watched; raise --pin-map-capacity",
+        "pin_map_full" => "the kernel-side pin maps are full: pins past them are not watched; raise --pin-map-capacity (or --pin-block-capacity for long-term pins)",
         "pfns_truncated" => "GUP calls of more than 256 pages: their other pages are not watched (README: Limits, today)",
         "call_map_full" => "more threads inside GUP at once than the call map holds: those calls were not tracked",
         "read_failed" => "page pointers that could not be read: those pages were not tracked",
