@@ -30,25 +30,12 @@ pub fn ring_bytes(streaming: Streaming) -> u32 {
 /// The programs, built by build.rs and embedded: pinwatch is one binary to copy.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pinwatch"));
 
-/// The embedded object as compiled (its maps preallocated).
-#[cfg(test)]
-pub fn object() -> &'static [u8] {
-    OBJECT
-}
-
-/// Hash maps that grow as they fill, where the kernel allows it: their size follows
-/// what is pinned and by how many processes, not their capacity. From 6.1 tracing
-/// programs allocate map elements from BPF's own per-CPU caches (bpf_mem_alloc); before
-/// it, a run-time allocation from a kprobe or tracepoint is unsafe, and 5.10 warns in
-/// the kernel log, so they stay preallocated there. The maps of calls in flight
-/// (GUP_CALLS, GUP_STACKS, RELEASE_DEPTH) take an element on every call and stay
-/// preallocated everywhere.
-pub const GROWN_MAPS: [&str; 6] = ["PINS", "PIN_BLOCKS", "QUIET_GETS", "PROC_PINS", "LONGTERM_RELEASED", "EXEMPT_CGROUPS"];
-
 /// Blocks of 32 pages PIN_BLOCKS holds: a quarter of the host's memory pinned long-term
 /// in small folios (at least 128 MiB, at most 128 GiB); what finds no room goes into
-/// PINS, one entry per folio. Preallocated (5.10) that is 256 bytes per block, 0.2% of
-/// the memory they cover; grown as they fill (6.1+), their buckets are 16 bytes each.
+/// PINS, one entry per folio. Preallocated, like every hash map here (a map that grows
+/// allocates as it inserts, and one GUP call inserts hundreds: the kernel's per-CPU
+/// caches run dry within a call and the pins go untracked): about 256 bytes per block,
+/// 2 bytes per 4 KiB page of the host, 0.05% of its memory.
 pub fn block_capacity(phys_pages: u64) -> u32 {
     (phys_pages / 4 / pinwatch_common::BLOCK_PAGES as u64).clamp(1024, 1 << 20) as u32
 }
@@ -56,11 +43,6 @@ pub fn block_capacity(phys_pages: u64) -> u32 {
 fn phys_pages() -> u64 {
     // SAFETY: sysconf reads a value; -1 (unknown) becomes the smallest capacity.
     u64::try_from(unsafe { libc::sysconf(libc::_SC_PHYS_PAGES) }).unwrap_or(0)
-}
-
-/// Whether GROWN_MAPS grow as they fill on this release (see there).
-pub fn maps_grow(release: &str) -> bool {
-    super::release_at_least(release, 6, 1)
 }
 
 /// What the programs send to user space.
@@ -91,8 +73,6 @@ pub struct Kernel {
     pub pin_map_capacity: u32,
     /// Blocks of 32 small folios PIN_BLOCKS holds (long-term pins).
     pub block_capacity: u32,
-    /// Whether the pin maps take memory as they fill (GROWN_MAPS), or all of it at load.
-    pub maps_grow: bool,
 }
 
 /// log2 of sizeof(struct page) when it is a power of two, else 0 (the programs divide).
@@ -170,10 +150,7 @@ impl Kernel {
         let f = &layouts.folio;
         let compound_info_mask = layouts.compound_info_mask as u64;
         let fake_heads = layouts.fake_heads as u64;
-        let grown = maps_grow(&release);
         let block_capacity = args.pin_block_capacity.unwrap_or_else(|| block_capacity(phys_pages()));
-        let patched = if grown { Some(super::object::with_map_flags(OBJECT, &GROWN_MAPS, super::object::BPF_F_NO_PREALLOC)?) } else { None };
-        let object = patched.as_ref().map_or(OBJECT, |(copy, len)| copy.bytes(*len));
         let mut ebpf = EbpfLoader::new()
             .override_global(globals::PAGE_FLAGS_OFF, &f.flags_off, true)
             .override_global(globals::PG_HEAD_BIT, &f.pg_head_bit, true)
@@ -209,7 +186,7 @@ impl Kernel {
             .map_max_entries("PINS", pin_map_capacity)
             .map_max_entries("PIN_BLOCKS", block_capacity)
             .map_max_entries("EVENTS", ring)
-            .load(object)
+            .load(OBJECT)
             .map_err(|e| anyhow!("loading the eBPF object failed: {}", error_chain(&e)))?;
         // Parsed once: the fentry test and every fentry/fexit load need it.
         let btf = Btf::from_sys_fs().map_err(|e| error_chain(&e));
@@ -224,8 +201,7 @@ impl Kernel {
             .filter_map(|h| btf::func_nargs(&vmlinux, h.symbol).map(|n| (h.symbol, n)))
             .collect();
         let btf = btf.ok();
-        drop(patched);
-        Ok(Kernel { release, vmemmap, layouts, caps, plan, ebpf, nargs, btf, pin_map_capacity, block_capacity, maps_grow: grown })
+        Ok(Kernel { release, vmemmap, layouts, caps, plan, ebpf, nargs, btf, pin_map_capacity, block_capacity })
     }
 
     /// Attaches every hook of the plan, each down its ladder until a rung works; a hook
@@ -699,21 +675,5 @@ mod tests {
         assert_eq!(block_capacity(24 << 18), 49152);
         assert_eq!(block_capacity(0), 1024, "an unknown size gets the smallest map");
         assert_eq!(block_capacity(1 << 40), 1 << 20);
-    }
-
-    #[test]
-    fn maps_grow_from_6_1_on() {
-        assert!(!maps_grow("5.10.0-32-cloud-amd64"));
-        assert!(maps_grow("6.1.0-50-cloud-amd64"));
-        assert!(maps_grow("7.2.13+deb14-cloud-amd64"));
-        assert!(!maps_grow("garbage"));
-    }
-
-    #[test]
-    fn every_grown_map_is_in_the_object() {
-        let (copy, len) = super::super::object::with_map_flags(OBJECT, &GROWN_MAPS, super::super::object::BPF_F_NO_PREALLOC).unwrap();
-        for m in GROWN_MAPS {
-            assert_eq!(super::super::object::map_flags(copy.bytes(len), m).unwrap() & 1, 1, "{m}");
-        }
     }
 }

@@ -7,7 +7,6 @@ pub mod calibrate;
 pub mod decode;
 pub mod found;
 pub mod load;
-pub mod object;
 pub mod plan;
 pub mod procs;
 pub mod stack;

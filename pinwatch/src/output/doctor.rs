@@ -76,8 +76,6 @@ struct Report {
     pin_map_capacity: u32,
     /// Blocks of 32 small folios the long-term pin map holds (sized from the host).
     pin_block_capacity: u32,
-    /// Whether the pin maps take memory as they fill (6.1+) or all at load.
-    pin_maps_grow: bool,
     layouts: Layouts,
     hooks: Vec<PlannedHook>,
     roles: Vec<RoleReport>,
@@ -161,7 +159,6 @@ fn report(kernel: &Kernel, mode: Mode) -> Report {
         },
         pin_map_capacity: kernel.pin_map_capacity,
         pin_block_capacity: kernel.block_capacity,
-        pin_maps_grow: kernel.maps_grow,
         layouts: kernel.layouts.clone(),
         hooks: kernel.plan.clone(),
         roles: Role::ALL.into_iter().map(|r| RoleReport { role: r.name(), visible: covered.contains(&r), what: r.what() }).collect(),
@@ -289,16 +286,11 @@ fn text(r: &Report) -> String {
         &format!(
             "pin map: {} folios ({} of base pages at once; pins past it are counted as pin_map_full, not watched), \
              and {} blocks of 32 pages for long-term pins of small folios ({}; a pin that finds no block goes into the pin map); \
-             {}",
+             both are allocated whole at start",
             r.pin_map_capacity,
             bytesize::ByteSize::b(r.pin_map_capacity as u64 * 4096),
             r.pin_block_capacity,
             bytesize::ByteSize::b(r.pin_block_capacity as u64 * 32 * 4096),
-            if r.pin_maps_grow {
-                "both take memory as they fill"
-            } else {
-                "both are allocated whole at start (before 6.1 a tracing program cannot safely allocate map memory)"
-            }
         ),
         "  ",
     );
@@ -357,7 +349,6 @@ mod tests {
             pfns: Pfns { available: false, vmemmap_base_from: "none", error: Some("x".repeat(300)) },
             pin_map_capacity: 16,
             pin_block_capacity: 1024,
-            pin_maps_grow: false,
             layouts: Layouts::default(),
             hooks: crate::kernel::plan::plan(&syms, &caps, crate::kernel::plan::AttachMode::Auto),
             roles: Role::ALL.into_iter().map(|r| RoleReport { role: r.name(), visible: covered.contains(&r), what: r.what() }).collect(),
