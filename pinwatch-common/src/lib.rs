@@ -488,7 +488,7 @@ pub mod counter {
     pub const PIN_MAP_FULL: u32 = 1;
     /// A GUP call took more pages than the records can carry.
     pub const PFNS_TRUNCATED: u32 = 2;
-    /// GUP_CALLS had no room for a call in flight.
+    /// GUP_CALLS (or RELEASE_DEPTH) had no room for a call in flight.
     pub const CALL_MAP_FULL: u32 = 3;
     /// A page pointer could not be read.
     pub const READ_FAILED: u32 = 4;
@@ -501,7 +501,10 @@ pub mod counter {
     /// QUIET_GETS had no room: an unstreamed FOLL_GET reference whose release goes
     /// unseen stays counted until its page is freed.
     pub const QUIET_GETS_FULL: u32 = 7;
-    pub const NR: u32 = 8;
+    /// PROC_PINS had no room for a process: its GUP calls went uncounted per process
+    /// (their pins are tracked all the same).
+    pub const PROC_MAP_FULL: u32 = 8;
+    pub const NR: u32 = 9;
 }
 
 /// Struct layouts and kernel constants, read by user space from BTF and kallsyms and

@@ -176,7 +176,10 @@ fn count_call(tgid: u32, pages: u64, quiet: Option<u64>, longterm: u64) {
         let _ = PROC_PINS.insert(&tgid, &ProcPins::default(), 1);
         p = PROC_PINS.get_ptr_mut(&tgid);
     }
-    let Some(p) = p else { return };
+    let Some(p) = p else {
+        count(counter::PROC_MAP_FULL, 1);
+        return;
+    };
     unsafe {
         atomic_add(&mut (*p).calls, 1);
         atomic_add(&mut (*p).pages, pages);

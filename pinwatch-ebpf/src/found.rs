@@ -1,14 +1,15 @@
 //! Pins older than pinwatch. User space reads a process's page table from
 //! /proc/PID/pagemap and hands its pfns over in batches (map FOUND); for each page whose
 //! folio the kernel counts as DMA-pinned (the same test as folio_maybe_dma_pinned), a
-//! reference of that process goes into PINS, marked found: from then on its hazards and
-//! its release are watched like those of a pin pinwatch saw being taken.
+//! reference of that process goes into its block (PIN_BLOCKS, a small folio) or into
+//! PINS, marked found: from then on its hazards and its release are watched like those
+//! of a pin pinwatch saw being taken.
 
 use pinwatch_common::{backing as bk, counter, found, pin_state, PinState, FOUND_BATCH, GUP_PIN_COUNTING_BIAS};
 
 use crate::{
     maps::{atomic_add, count, FOUND, PINS},
-    pins::{block_page, pins_insert},
+    pins::{block_page, block_pin, pins_insert, BLOCK_REFS},
     page::{backing, file_of, live, mapping, PfnMath},
 };
 
@@ -71,9 +72,19 @@ pub extern "C" fn found_pfn(pfn: u64, base: u64, tgid: u64, flags: u64, ts: u64)
         quiet_refs: 0,
         state: pin_state::FOUND,
     };
-    // A long-term pin seen since start may be counted in its block (PIN_BLOCKS).
-    if l.order == 0 && block_page(head_pfn, false) != 0 {
-        return answer | found::KNOWN;
+    // A small folio's pins go into its block (PIN_BLOCKS), the dense form for what
+    // stays pinned for hours, as a long-term pin seen being taken does: a pin older
+    // than pinwatch is long-term by nature. A page the block already counts as many
+    // pins as the kernel does is known (seen since start, or found through another
+    // mapping); one in PINS stays there; one whose block finds no room goes to PINS.
+    if l.order == 0 {
+        let have = (block_page(head_pfn, false) & BLOCK_REFS) as u32;
+        if have >= kernel_refs && have != 0 {
+            return answer | found::KNOWN;
+        }
+        if (have != 0 || PINS.get_ptr(&head_pfn).is_none()) && block_pin(head_pfn, tgid, flags, ts) {
+            return answer | found::ADOPTED;
+        }
     }
     if pins_insert(head_pfn, &first) {
         return answer | found::ADOPTED;

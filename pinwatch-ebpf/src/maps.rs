@@ -39,9 +39,10 @@ pub static GUP_STACKS: HashMap<u32, KernelStack> = HashMap::with_max_entries(204
 pub static STACK_SCRATCH: PerCpuArray<KernelStack> = PerCpuArray::with_max_entries(NEST_LEVELS, 0);
 
 /// Nesting depth of release calls per thread (unpin_user_pages_dirty_lock calls
-/// unpin_user_pages, for one): only the outermost one is recorded.
+/// unpin_user_pages, for one): only the outermost one is recorded. As many threads
+/// inside a release at once as inside GUP (GUP_CALLS); past that counted.
 #[map]
-pub static RELEASE_DEPTH: HashMap<u32, u32> = HashMap::with_max_entries(16384, 0);
+pub static RELEASE_DEPTH: HashMap<u32, u32> = HashMap::with_max_entries(4096, 0);
 
 /// Pinned folios by head pfn: the filter every hazard hook consults. 262144 folios is
 /// 1 GiB of base pages; a full map is counted (PIN_MAP_FULL) and reported.
@@ -80,7 +81,7 @@ pub static ENFORCE: Array<Enforce> = Array::with_max_entries(1, 0);
 /// space only (the kernel side adds to ProcPins::longterm_pages only), so neither
 /// side's writes race the other's. As many processes as PROC_PINS.
 #[map]
-pub static LONGTERM_RELEASED: HashMap<u32, u64> = HashMap::with_max_entries(16384, 0);
+pub static LONGTERM_RELEASED: HashMap<u32, u64> = HashMap::with_max_entries(8192, 0);
 
 /// Who enforcement spares, by uid, cgroup id (user space lists every cgroup below an
 /// exempt path) and comm. Read only when a call goes over the cap.
@@ -93,8 +94,9 @@ pub static EXEMPT_COMMS: HashMap<[u8; 16], u8> = HashMap::with_max_entries(64, 0
 
 /// GUP activity per process (tgid): calls, pages, references held unstreamed. Live
 /// views read it at each refresh; user space deletes the entries of processes gone.
+/// 8192 processes that did GUP and still live; past that counted (PROC_MAP_FULL).
 #[map]
-pub static PROC_PINS: HashMap<u32, ProcPins> = HashMap::with_max_entries(16384, 0);
+pub static PROC_PINS: HashMap<u32, ProcPins> = HashMap::with_max_entries(8192, 0);
 
 /// The start-up scan's batch (see found.rs): written and read back by user space around
 /// each test run of found_pfns.

@@ -63,7 +63,8 @@ fn block_of(pfn: u64) -> (u64, usize) {
     (pfn >> BLOCK_SHIFT, (pfn & (BLOCK_PAGES as u64 - 1)) as usize)
 }
 
-/// One streamed long-term FOLL_PIN reference on the small folio `pfn`, in its block;
+/// One streamed long-term FOLL_PIN reference on the small folio `pfn` (or one older
+/// than pinwatch, found by the start-up scan), in its block;
 /// false when the block had no room (the caller tracks it in PINS). Each reference is
 /// counted in the page's filter slot, so releases need no transition test (5.10 has
 /// no atomic fetch). A global function, verified once.
@@ -75,8 +76,9 @@ pub extern "C" fn block_pin(pfn: u64, tgid: u64, gup_flags: u64, ts: u64) -> boo
         Some(b) => b,
         None => {
             // Built in map memory: on the BPF stack it took the GUP programs' combined
-            // stack past 512 bytes. Only GUP return programs call this (task context,
-            // never nested in each other), so one slot per CPU serves.
+            // stack past 512 bytes. Only GUP return programs and the start-up scan
+            // (found_pfns, run by user space with preemption off) call this, in task
+            // context and never nested in each other, so one slot per CPU serves.
             let Some(first) = BLOCK_SCRATCH.get_ptr_mut(0) else { return false };
             let first = unsafe { &mut *first };
             first.pin_refs = [0; BLOCK_PAGES];

@@ -212,7 +212,10 @@ pub fn enter_outermost() -> bool {
         unsafe { *d += 1 };
         return false;
     }
-    let _ = RELEASE_DEPTH.insert(&tid, &1, 0);
+    // No room: this call is recorded, and so are the releases it nests, counted.
+    if RELEASE_DEPTH.insert(&tid, &1, 0).is_err() {
+        count(counter::CALL_MAP_FULL, 1);
+    }
     true
 }
 

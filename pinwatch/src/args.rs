@@ -13,9 +13,10 @@ pub struct KernelArgs {
     #[arg(long, value_enum, default_value_t = AttachMode::Auto)]
     pub attach: AttachMode,
     /// Folios the kernel-side pin map holds (each pinned folio is one entry, about 100
-    /// bytes of kernel memory). Pins past it are counted (pin_map_full), not watched.
-    #[arg(long, default_value_t = PIN_MAP_CAPACITY, value_parser = clap::value_parser!(u32).range(1..=(1 << 26)))]
-    pub pin_map_capacity: u32,
+    /// bytes of kernel memory). Default: one per 512 KiB of this machine's memory
+    /// (8192 to 262144). Pins past it are counted (pin_map_full), not watched.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=(1 << 26)))]
+    pub pin_map_capacity: Option<u32>,
     /// Blocks of 32 small folios the long-term pin map holds (about 8 bytes per page
     /// pinned when full). Default: enough for a quarter of this machine's memory. A
     /// long-term pin that finds no block goes into the pin map.
@@ -33,9 +34,6 @@ pub struct LiveArgs {
     #[arg(long)]
     pub no_start_scan: bool,
 }
-
-/// 262144 folios: 1 GiB of base pages pinned at once, far more with huge folios.
-pub const PIN_MAP_CAPACITY: u32 = 262_144;
 
 /// The longest duration any option takes: past this, clocks and timers overflow.
 const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);

@@ -40,6 +40,16 @@ pub fn block_capacity(phys_pages: u64) -> u32 {
     (phys_pages / 4 / pinwatch_common::BLOCK_PAGES as u64).clamp(1024, 1 << 20) as u32
 }
 
+/// Folios PINS holds: one per 512 KiB of the host's memory (at least 8192, at most
+/// 262144: 1 GiB of base pages, far more in huge folios), about 104 bytes each. PINS
+/// holds what is pinned for the length of an I/O (the pages of files under direct I/O,
+/// every pin while recording), long-term pins of large folios (one entry a folio), and
+/// the long-term pins of small folios PIN_BLOCKS has no room for; past it a pin is
+/// counted (pin_map_full), not watched.
+pub fn pin_map_capacity(phys_pages: u64) -> u32 {
+    (phys_pages / 128).clamp(8192, 262_144) as u32
+}
+
 fn phys_pages() -> u64 {
     // SAFETY: sysconf reads a value; -1 (unknown) becomes the smallest capacity.
     u64::try_from(unsafe { libc::sysconf(libc::_SC_PHYS_PAGES) }).unwrap_or(0)
@@ -108,7 +118,8 @@ impl Kernel {
     /// Reads layouts and symbols, loads the object and tests attach types. Does not
     /// attach the plan yet (doctor stops here).
     pub fn open(args: &crate::args::KernelArgs, streaming: Streaming) -> Result<Kernel> {
-        let (mode, pin_map_capacity) = (args.attach, args.pin_map_capacity);
+        let mode = args.attach;
+        let pin_map_capacity = args.pin_map_capacity.unwrap_or_else(|| pin_map_capacity(phys_pages()));
         super::check_privileges()?;
         // pfns, byte counts and the programs' page arithmetic are 4 KiB pages (x86-64).
         let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
@@ -503,7 +514,7 @@ pub struct Counters(pub [u64; counter::NR as usize]);
 
 impl Counters {
     pub const NAMES: [&'static str; counter::NR as usize] =
-        ["ringbuf_full", "pin_map_full", "pfns_truncated", "call_map_full", "read_failed", "stack_lost", "nested_too_deep", "quiet_gets_full"];
+        ["ringbuf_full", "pin_map_full", "pfns_truncated", "call_map_full", "read_failed", "stack_lost", "nested_too_deep", "quiet_gets_full", "proc_map_full"];
 }
 
 /// Attaches one hook with one attach type: the return program first (an entry
@@ -675,5 +686,12 @@ mod tests {
         assert_eq!(block_capacity(24 << 18), 49152);
         assert_eq!(block_capacity(0), 1024, "an unknown size gets the smallest map");
         assert_eq!(block_capacity(1 << 40), 1 << 20);
+    }
+
+    #[test]
+    fn the_pin_map_has_an_entry_per_512_kib_within_its_bounds() {
+        assert_eq!(pin_map_capacity(3 << 18), 8192, "a 3 GiB guest gets the smallest pin map");
+        assert_eq!(pin_map_capacity(64 << 18), 131072);
+        assert_eq!(pin_map_capacity(1 << 40), 262_144);
     }
 }

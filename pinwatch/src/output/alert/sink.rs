@@ -123,11 +123,12 @@ fn loss_advice(reason: &str) -> &'static str {
         "ringbuf_full" => "records came faster than the daemon read them (a stalled or starved daemon); hazards may have been missed",
         "pin_map_full" => "the kernel-side pin maps are full: pins past them are not watched; raise --pin-map-capacity (or --pin-block-capacity for long-term pins)",
         "pfns_truncated" => "GUP calls of more than 256 pages: their other pages are not watched (README: Limits, today)",
-        "call_map_full" => "more threads inside GUP at once than the call map holds: those calls were not tracked",
+        "call_map_full" => "more threads inside GUP (or a release) at once than the call maps hold: those calls were not tracked",
         "read_failed" => "page pointers that could not be read: those pages were not tracked",
         "stack_lost" => "kernel stacks that could not be walked: those records carry none",
         "nested_too_deep" => "programs nested deeper than their scratch space on one CPU: the innermost record was dropped",
         "quiet_gets_full" => "transient FOLL_GET references past the map's room stay counted until their page is freed",
+        "proc_map_full" => "more processes doing GUP at once than the per-process map holds: their calls are missing from the per-process counts",
         _ => "see pinwatch_lost_events_total",
     }
 }
