@@ -88,11 +88,13 @@ pub fn footprint(pages: usize, hold_ms: u64) -> Result<()> {
     let held = vm_rss_kb(parent)?;
     // A map that is not preallocated charges what it holds: read them while held too.
     let maps_held = maps_memlock(parent);
+    let largest: Vec<String> = maps_charged(parent).iter().take(8).map(|(m, b)| format!("\"{m}\":{b}")).collect();
     check(unsafe { libc::syscall(libc::SYS_io_uring_register, ring, IORING_UNREGISTER_BUFFERS, std::ptr::null::<u8>(), 0u32) }, "IORING_UNREGISTER_BUFFERS")?;
     unsafe { libc::close(ring as i32) };
     say(&format!(
-        "{{\"bench\":\"footprint\",\"pages\":{},\"rss_idle_kb\":{idle},\"rss_held_kb\":{held},\"maps_memlock_idle_bytes\":{maps},\"maps_memlock_bytes\":{maps_held},\"rss_idle_parts_kb\":{{{}}}}}",
+        "{{\"bench\":\"footprint\",\"pages\":{},\"rss_idle_kb\":{idle},\"rss_held_kb\":{held},\"maps_memlock_idle_bytes\":{maps},\"maps_memlock_bytes\":{maps_held},\"largest_maps_bytes\":{{{}}},\"rss_idle_parts_kb\":{{{}}}}}",
         buffers * PER_BUFFER,
+        largest.join(","),
         parts.iter().map(|(k, v)| format!("\"{k}\":{v}")).collect::<Vec<_>>().join(",")
     ));
     Ok(())
@@ -154,9 +156,22 @@ fn rss_parts_kb(pid: i32) -> std::collections::BTreeMap<&'static str, u64> {
 
 /// Sum of `memlock:` over the process's BPF map fds (what the kernel charges for them).
 fn maps_memlock(pid: i32) -> u64 {
-    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else { return 0 };
-    dir.filter_map(|e| std::fs::read_to_string(e.ok()?.path()).ok())
+    maps_charged(pid).iter().map(|(_, b)| b).sum()
+}
+
+/// Each BPF map fd of the process as `type key+value xentries` (fdinfo has no name;
+/// sizes tell the maps apart) with its `memlock:`, largest first.
+fn maps_charged(pid: i32) -> Vec<(String, u64)> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else { return Vec::new() };
+    let mut maps: Vec<(String, u64)> = dir
+        .filter_map(|e| std::fs::read_to_string(e.ok()?.path()).ok())
         .filter(|info| info.contains("map_type:"))
-        .filter_map(|info| info.lines().find_map(|l| l.strip_prefix("memlock:")).and_then(|v| v.trim().parse::<u64>().ok()))
-        .sum()
+        .filter_map(|info| {
+            let field = |k: &str| info.lines().find_map(|l| l.strip_prefix(k)).map(str::trim).unwrap_or("?").to_string();
+            let bytes = field("memlock:").parse::<u64>().ok()?;
+            Some((format!("type {} {}+{} x{}", field("map_type:"), field("key_size:"), field("value_size:"), field("max_entries:")), bytes))
+        })
+        .collect();
+    maps.sort_by(|a, b| b.1.cmp(&a.1));
+    maps
 }

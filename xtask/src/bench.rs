@@ -461,6 +461,12 @@ fn readme_block(report: &Value) -> String {
                 let list: Vec<String> = parts.iter().map(|(k, v)| format!("{k} {v:.1}")).collect();
                 s += &format!("Idle RSS by mapping, MiB: {}.\n", list.join(", "));
             }
+            if let Some(maps) = f["largest_maps_bytes"].as_object().filter(|m| !m.is_empty()) {
+                let mut maps: Vec<(&String, f64)> = maps.iter().map(|(k, v)| (k, v.as_f64().unwrap_or(0.0) / (1 << 20) as f64)).collect();
+                maps.sort_by(|a, b| b.1.total_cmp(&a.1));
+                let list: Vec<String> = maps.iter().map(|(k, v)| format!("{k} {v:.2}")).collect();
+                s += &format!("Largest maps while held (fdinfo: map type, key+value bytes, entries), MiB: {}.\n", list.join(", "));
+            }
         }
     }
     let scan = &report["start_scan"];
