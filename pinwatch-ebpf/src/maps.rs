@@ -8,8 +8,10 @@ use pinwatch_common::{calib, counter, Enforce, FoundBatch, GupCall, KernelStack,
 
 /// Records to user space. User space sizes it at load (kernel::load::ring_bytes): 8 MiB
 /// when recording, about 20,000 one-page pin records, several seconds of a heavy
-/// direct-I/O load even if user space stalls; 2 MiB when monitoring, where records are
-/// rare. Its pages count in the reader's RSS twice (the data area is mapped twice).
+/// direct-I/O load even if user space stalls; 1 MiB when monitoring, where records are
+/// rare (the long-term pins of a 512 MiB io_uring registration, its largest burst in
+/// the bench, are 1.1 MB of records, read while they come). Its pages count in the
+/// reader's RSS twice (the data area is mapped twice).
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(8 << 20, 0);
 
@@ -31,10 +33,10 @@ pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::N
 pub static GUP_CALLS: HashMap<u32, GupCall> = HashMap::with_max_entries(4096, 0);
 
 /// The kernel stack of each streamed GUP call in flight, taken on entry (see
-/// acquire::enter): 2048 threads inside a streamed call at once (264 bytes each); past
+/// acquire::enter): 1024 threads inside a streamed call at once (264 bytes each); past
 /// that a call goes without its stack, counted.
 #[map]
-pub static GUP_STACKS: HashMap<u32, KernelStack> = HashMap::with_max_entries(2048, 0);
+pub static GUP_STACKS: HashMap<u32, KernelStack> = HashMap::with_max_entries(1024, 0);
 #[map]
 pub static STACK_SCRATCH: PerCpuArray<KernelStack> = PerCpuArray::with_max_entries(NEST_LEVELS, 0);
 
@@ -64,8 +66,9 @@ pub static BLOCK_SCRATCH: PerCpuArray<PinBlock> = PerCpuArray::with_max_entries(
 /// is 1 GiB aligned, but known without vmemmap_base), kept with
 /// every insert and remove: a slot at 0 says "not pinned" with one array load, where a
 /// PINS lookup hashes. Every page freed, dirtied, cleaned, written back or unpinned asks
-/// here first. 1 MiB; a slot shared by many pfns only costs the lookup it saves.
-pub const PIN_FILTER_SLOTS: u32 = 1 << 18;
+/// here first. 512 KiB; a slot shared by many pfns only costs the lookup it saves (with
+/// a thousand folios in PINS, one page in 130 of those not pinned).
+pub const PIN_FILTER_SLOTS: u32 = 1 << 17;
 #[map]
 pub static PIN_FILTER: Array<u32> = Array::with_max_entries(PIN_FILTER_SLOTS, 0);
 
@@ -113,10 +116,10 @@ pub static NEST: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
 /// Folios holding unstreamed FOLL_GET references (monitoring), with when the latest was
 /// taken: user space has them re-checked (sweep_pfn) when they grow old, since an
 /// inline put_page releases them unseen. Direct I/O's come and go within a read.
-/// Only file pages come here (anonymous ones are counted, not watched): 16384 folios
-/// at once; past that counted (QUIET_GETS_FULL).
+/// Only file pages come here (anonymous ones are counted, not watched): 8192 folios
+/// (32 MiB of direct I/O on files in flight) at once; past that counted (QUIET_GETS_FULL).
 #[map]
-pub static QUIET_GETS: HashMap<u64, u64> = HashMap::with_max_entries(16384, 0);
+pub static QUIET_GETS: HashMap<u64, u64> = HashMap::with_max_entries(8192, 0);
 
 /// Scratch space for one record: records are larger than the 512-byte BPF stack. One
 /// slot per nesting level.
