@@ -8,10 +8,10 @@ use pinwatch_common::{calib, counter, Enforce, FoundBatch, GupCall, KernelStack,
 
 /// Records to user space. User space sizes it at load (kernel::load::ring_bytes): 8 MiB
 /// when recording, about 20,000 one-page pin records, several seconds of a heavy
-/// direct-I/O load even if user space stalls; 1 MiB when monitoring, where records are
-/// rare (the long-term pins of a 512 MiB io_uring registration, its largest burst in
-/// the bench, are 1.1 MB of records, read while they come). Its pages count in the
-/// reader's RSS twice (the data area is mapped twice).
+/// direct-I/O load even if user space stalls; 2 MiB when monitoring, where records are
+/// rare but come in bursts: the long-term pins of the bench's 512 MiB io_uring
+/// registration are about 1.1 MB of records, and a 1 MiB ring lost 575 of them there.
+/// Its pages count in the reader's RSS twice (the data area is mapped twice).
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(8 << 20, 0);
 
@@ -66,8 +66,9 @@ pub static BLOCK_SCRATCH: PerCpuArray<PinBlock> = PerCpuArray::with_max_entries(
 /// is 1 GiB aligned, but known without vmemmap_base), kept with
 /// every insert and remove: a slot at 0 says "not pinned" with one array load, where a
 /// PINS lookup hashes. Every page freed, dirtied, cleaned, written back or unpinned asks
-/// here first. 512 KiB; a slot shared by many pfns only costs the lookup it saves (with
-/// a thousand folios in PINS, one page in 130 of those not pinned).
+/// here first. 1 MiB (the kernel charges an array 8 bytes a value); a slot shared by
+/// many pfns only costs the lookup it saves (with a thousand folios in PINS, one page
+/// in 130 of those not pinned).
 pub const PIN_FILTER_SLOTS: u32 = 1 << 17;
 #[map]
 pub static PIN_FILTER: Array<u32> = Array::with_max_entries(PIN_FILTER_SLOTS, 0);

@@ -23,7 +23,7 @@ use super::{
 pub fn ring_bytes(streaming: Streaming) -> u32 {
     match streaming {
         Streaming::All => 8 << 20,
-        Streaming::Monitor | Streaming::Floor => 1 << 20,
+        Streaming::Monitor | Streaming::Floor => 2 << 20,
     }
 }
 
