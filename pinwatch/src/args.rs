@@ -24,6 +24,12 @@ pub struct KernelArgs {
     pub pin_block_capacity: Option<u32>,
 }
 
+impl KernelArgs {
+    pub fn load_options(&self) -> crate::kernel::load::LoadOptions {
+        crate::kernel::load::LoadOptions { attach: self.attach, pin_map_capacity: self.pin_map_capacity, pin_block_capacity: self.pin_block_capacity }
+    }
+}
+
 /// How to load, for the modes that watch the live kernel (record, top, alert).
 #[derive(clap::Args, Debug, Clone, Copy)]
 pub struct LiveArgs {

@@ -13,7 +13,7 @@ use pinwatch_common::{counter, globals, ProcPins};
 
 use super::{
     btf::{self, Layouts},
-    plan::{self, AttachType, Capabilities, Choice, Family, HookSpec, Mode, PlannedHook, Role},
+    plan::{self, AttachMode, AttachType, Capabilities, Choice, Family, HookSpec, Mode, PlannedHook, Role},
     symbols::Symbols,
 };
 
@@ -53,6 +53,15 @@ pub fn pin_map_capacity(phys_pages: u64) -> u32 {
 fn phys_pages() -> u64 {
     // SAFETY: sysconf reads a value; -1 (unknown) becomes the smallest capacity.
     u64::try_from(unsafe { libc::sysconf(libc::_SC_PHYS_PAGES) }).unwrap_or(0)
+}
+
+/// What the user chose about loading (the command line's args::KernelArgs): the attach
+/// types allowed, and the pin maps' sizes (None: sized from the host).
+#[derive(Clone, Copy, Debug)]
+pub struct LoadOptions {
+    pub attach: AttachMode,
+    pub pin_map_capacity: Option<u32>,
+    pub pin_block_capacity: Option<u32>,
 }
 
 /// What the programs send to user space.
@@ -117,7 +126,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 impl Kernel {
     /// Reads layouts and symbols, loads the object and tests attach types. Does not
     /// attach the plan yet (doctor stops here).
-    pub fn open(args: &crate::args::KernelArgs, streaming: Streaming) -> Result<Kernel> {
+    pub fn open(args: &LoadOptions, streaming: Streaming) -> Result<Kernel> {
         let mode = args.attach;
         let pin_map_capacity = args.pin_map_capacity.unwrap_or_else(|| pin_map_capacity(phys_pages()));
         super::check_privileges()?;

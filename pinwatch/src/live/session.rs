@@ -141,7 +141,7 @@ impl Session {
     /// Loads and attaches; refuses to run blind, explains tracepoint-only mode.
     pub fn open(live: LiveArgs, limits: &LimitArgs, streaming: Streaming) -> Result<Session> {
         let args = live.kernel;
-        let mut kernel = Kernel::open(&args, streaming)?;
+        let mut kernel = Kernel::open(&args.load_options(), streaming)?;
         crate::kernel::plan::check_mode(&kernel.caps, args.attach).map_err(anyhow::Error::msg)?;
         let mode = kernel.attach()?;
         match mode {

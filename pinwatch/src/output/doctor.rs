@@ -124,7 +124,7 @@ fn enforcement(can_track_pins: bool) -> Enforcement {
 }
 
 pub fn run(args: DoctorArgs) -> Result<i32> {
-    let mut kernel = Kernel::open(&args.kernel, Streaming::Monitor)?;
+    let mut kernel = Kernel::open(&args.kernel.load_options(), Streaming::Monitor)?;
     let mode = kernel.attach()?;
     let report = report(&kernel, mode);
     match args.format {
