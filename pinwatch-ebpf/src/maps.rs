@@ -46,8 +46,9 @@ pub static STACK_SCRATCH: PerCpuArray<KernelStack> = PerCpuArray::with_max_entri
 #[map]
 pub static RELEASE_DEPTH: HashMap<u32, u32> = HashMap::with_max_entries(4096, 0);
 
-/// Pinned folios by head pfn: the filter every hazard hook consults. 262144 folios is
-/// 1 GiB of base pages; a full map is counted (PIN_MAP_FULL) and reported.
+/// Pinned folios by head pfn: the filter every hazard hook consults. User space sizes
+/// it at load from the host's memory (kernel::load::pin_map_capacity, 8192 to 262144
+/// folios); a full map is counted (PIN_MAP_FULL) and reported.
 #[map]
 pub static PINS: HashMap<u64, PinState> = HashMap::with_max_entries(262144, 0);
 

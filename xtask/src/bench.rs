@@ -455,17 +455,11 @@ fn readme_block(report: &Value) -> String {
                 f["kernel_bytes_per_pinned_page"].as_f64().unwrap_or(0.0),
                 f["kernel_added_bytes_per_pinned_page"].as_f64().unwrap_or(0.0),
             );
-            if let Some(parts) = f["rss_idle_parts_kb"].as_object().filter(|p| !p.is_empty()) {
-                let mut parts: Vec<(&String, f64)> = parts.iter().map(|(k, v)| (k, v.as_f64().unwrap_or(0.0) / 1024.0)).collect();
-                parts.sort_by(|a, b| b.1.total_cmp(&a.1));
-                let list: Vec<String> = parts.iter().map(|(k, v)| format!("{k} {v:.1}")).collect();
-                s += &format!("Idle RSS by mapping, MiB: {}.\n", list.join(", "));
+            if let Some(list) = mib_largest_first(&f["rss_idle_parts_kb"], 1024.0, 1) {
+                s += &format!("Idle RSS by mapping, MiB: {list}.\n");
             }
-            if let Some(maps) = f["largest_maps_bytes"].as_object().filter(|m| !m.is_empty()) {
-                let mut maps: Vec<(&String, f64)> = maps.iter().map(|(k, v)| (k, v.as_f64().unwrap_or(0.0) / (1 << 20) as f64)).collect();
-                maps.sort_by(|a, b| b.1.total_cmp(&a.1));
-                let list: Vec<String> = maps.iter().map(|(k, v)| format!("{k} {v:.2}")).collect();
-                s += &format!("Largest maps while held (fdinfo: map type, key+value bytes, entries), MiB: {}.\n", list.join(", "));
+            if let Some(list) = mib_largest_first(&f["largest_maps_bytes"], (1 << 20) as f64, 2) {
+                s += &format!("Largest maps while held (fdinfo: map type, key+value bytes, entries), MiB: {list}.\n");
             }
         }
     }
@@ -487,6 +481,15 @@ Start-up scan (pins older than pinwatch): a process holding {} MiB of io_uring b
     let missed = misses(report);
     s += &if missed.is_empty() { "\nEvery target met.\n".to_string() } else { format!("\nTargets missed ({}):\n\n{}\n", missed.len(), missed.iter().map(|m| format!("- {m}")).collect::<Vec<_>>().join("\n")) };
     s
+}
+
+/// A JSON object of sizes in units of 1/`per_mib` MiB as `name MiB, ...`, largest
+/// first, with `digits` decimals; None when absent or empty.
+fn mib_largest_first(sizes: &Value, per_mib: f64, digits: usize) -> Option<String> {
+    let sizes = sizes.as_object().filter(|m| !m.is_empty())?;
+    let mut list: Vec<(&String, f64)> = sizes.iter().map(|(k, v)| (k, v.as_f64().unwrap_or(0.0) / per_mib)).collect();
+    list.sort_by(|a, b| b.1.total_cmp(&a.1));
+    Some(list.iter().map(|(k, v)| format!("{k} {v:.digits$}")).collect::<Vec<_>>().join(", "))
 }
 
 /// Puts the tables between the README's bench markers.

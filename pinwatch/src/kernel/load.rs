@@ -128,7 +128,8 @@ impl Kernel {
     /// attach the plan yet (doctor stops here).
     pub fn open(args: &LoadOptions, streaming: Streaming) -> Result<Kernel> {
         let mode = args.attach;
-        let pin_map_capacity = args.pin_map_capacity.unwrap_or_else(|| pin_map_capacity(phys_pages()));
+        let phys = phys_pages();
+        let pin_map_capacity = args.pin_map_capacity.unwrap_or_else(|| pin_map_capacity(phys));
         super::check_privileges()?;
         // pfns, byte counts and the programs' page arithmetic are 4 KiB pages (x86-64).
         let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
@@ -170,7 +171,7 @@ impl Kernel {
         let f = &layouts.folio;
         let compound_info_mask = layouts.compound_info_mask as u64;
         let fake_heads = layouts.fake_heads as u64;
-        let block_capacity = args.pin_block_capacity.unwrap_or_else(|| block_capacity(phys_pages()));
+        let block_capacity = args.pin_block_capacity.unwrap_or_else(|| block_capacity(phys));
         let mut ebpf = EbpfLoader::new()
             .override_global(globals::PAGE_FLAGS_OFF, &f.flags_off, true)
             .override_global(globals::PG_HEAD_BIT, &f.pg_head_bit, true)
