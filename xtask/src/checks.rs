@@ -436,7 +436,7 @@ pub fn check_pinmap(r: &Recorded) -> Result<String> {
 
 /// What PINMAP's maps (24 folios, one block) must leave out of the 96 pages io_uring
 /// registers, read from the trace: the block the first page opens keeps the pages of
-/// its 32 pfns; PINS takes 24 folios, less those still held by the pins streamed before
+/// its pfns (pinwatch_common::BLOCK_PAGES of them); PINS takes 24 folios, less those still held by the pins streamed before
 /// (exec's FOLL_GET argument pages, put inline unseen until swept: at most that many).
 /// Returns the bounds, the pages of the block and the folios held before.
 fn pinmap_bounds(trace: &[Value]) -> Result<(u64, u64, u64, u64)> {
@@ -445,8 +445,9 @@ fn pinmap_bounds(trace: &[Value]) -> Result<(u64, u64, u64, u64)> {
     let pfns: BTreeSet<u64> = trace[i]["pfns"].as_array().into_iter().flatten().filter_map(Value::as_u64).collect();
     ensure!(pfns.len() == 96, "the long-term pin names {} distinct pfns, not 96", pfns.len());
     ensure!(!trace[..i].iter().any(|e| e["found"] == true), "pins found at start: the one block may be theirs");
-    let first = trace[i]["pfns"][0].as_u64().context("no first pfn")? >> 5;
-    let in_block = pfns.iter().filter(|p| **p >> 5 == first).count() as u64;
+    let block = pinwatch_common::BLOCK_SHIFT;
+    let first = trace[i]["pfns"][0].as_u64().context("no first pfn")? >> block;
+    let in_block = pfns.iter().filter(|p| **p >> block == first).count() as u64;
     let mut held = BTreeSet::new();
     for e in &trace[..i] {
         let named = e["pfns"].as_array().into_iter().flatten().filter_map(Value::as_u64);
