@@ -9,7 +9,7 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 
-use crate::{check, dirty, map_anon, map_file, open, uring, IORING_REGISTER_BUFFERS, IORING_UNREGISTER_BUFFERS, PAGE};
+use crate::{check, dirty, map_anon, map_anon_small, map_file, open, uring, IORING_REGISTER_BUFFERS, IORING_UNREGISTER_BUFFERS, PAGE};
 
 fn say(json: &str) {
     println!("PINWATCH-BENCH {json}");
@@ -62,7 +62,9 @@ pub fn writeback(file: &str, pages: usize, rounds: usize) -> Result<()> {
 }
 
 /// pinwatch's memory while it tracks `pages` long-term pinned pages: io_uring buffers of
-/// 1 MiB each (one GUP call per buffer, within what one call's records carry). Run as
+/// 1 MiB each (one GUP call per buffer, within what one call's records carry), in base
+/// pages. Not in transparent huge pages (Debian's kernels use them by default): from
+/// 6.10 io_uring keeps one reference per huge folio, and 512 MiB would be 256 pins. Run as
 /// the command of `pinwatch record`, or beside the one pinwatch running (`top`): its
 /// VmRSS before and while the pages are held, and the memory its BPF maps charge
 /// (fdinfo memlock) before and while held.
@@ -70,7 +72,7 @@ pub fn footprint(pages: usize, hold_ms: u64) -> Result<()> {
     const PER_BUFFER: usize = 256;
     let parent = pinwatch_pid()?;
     let buffers = pages.div_ceil(PER_BUFFER);
-    let buf = map_anon(buffers * PER_BUFFER)?;
+    let buf = map_anon_small(buffers * PER_BUFFER)?;
     // Let pinwatch settle (its first tick, the sweep) before the idle reading.
     std::thread::sleep(Duration::from_millis(hold_ms));
     let idle = vm_rss_kb(parent)?;

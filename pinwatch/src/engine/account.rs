@@ -32,6 +32,17 @@ pub struct Usage {
     pub by_path: BTreeMap<String, u64>,
 }
 
+/// Adds to a key's figure, allocating its name only the first time: account() runs
+/// every tick over every page held.
+fn add_to(m: &mut BTreeMap<String, u64>, key: &str, bytes: u64) {
+    match m.get_mut(key) {
+        Some(v) => *v += bytes,
+        None => {
+            m.insert(key.to_string(), bytes);
+        }
+    }
+}
+
 impl Usage {
     /// One reference, holding `bytes` in place.
     fn add(&mut self, h: &HeldPin, bytes: u64) {
@@ -42,11 +53,9 @@ impl Usage {
         self.write_bytes += bytes * has(Flag::Write) as u64;
         self.file_bytes += bytes * h.file as u64;
         self.oldest_since_ns = Some(self.oldest_since_ns.map_or(h.since_ns, |o| o.min(h.since_ns)));
-        *self.by_func.entry(h.func.clone()).or_default() += bytes;
-        let caller = if h.caller.is_empty() { "unknown" } else { h.caller.as_str() };
-        *self.by_caller.entry(caller.to_string()).or_default() += bytes;
-        let path = if h.path.is_empty() { "unknown" } else { h.path.as_str() };
-        *self.by_path.entry(path.to_string()).or_default() += bytes;
+        add_to(&mut self.by_func, &h.func, bytes);
+        add_to(&mut self.by_caller, if h.caller.is_empty() { "unknown" } else { &h.caller }, bytes);
+        add_to(&mut self.by_path, if h.path.is_empty() { "unknown" } else { &h.path }, bytes);
     }
 
     pub fn oldest_age_ns(&self, now_ns: u64) -> Option<u64> {
@@ -79,12 +88,12 @@ pub fn account(pins: &PinTable) -> Accounts {
     // pins exec takes of its arguments carry the parent's name). Chosen by time, not by
     // the order the pin table iterates in, so that a replay names it as the live run did.
     let mut latest: HashMap<u32, (u64, &str)> = HashMap::new();
-    for (pfn, list) in pins.by_folio() {
+    pins.for_each_folio(|pfn, list| {
         let mut in_place = HeldInPlace::new(list, PAGE_SIZE << pins.order(pfn));
         for h in list {
             let bytes = in_place.charge(h);
             let p = a.processes.entry(h.pid).or_insert_with(|| ProcUsage { pid: h.pid, ..Default::default() });
-            let key = (h.since_ns, h.comm.as_str());
+            let key = (h.since_ns, h.call.comm.as_str());
             let l = latest.entry(h.pid).or_insert((0, ""));
             if key > *l || p.comm.is_empty() {
                 *l = key;
@@ -97,7 +106,7 @@ pub fn account(pins: &PinTable) -> Accounts {
             a.users.entry(h.uid).or_default().add(h, bytes);
             a.totals.add(h, bytes);
         }
-    }
+    });
     a
 }
 
@@ -195,7 +204,7 @@ impl LimitState {
         if let Some(max) = limits.max_pin_age_ns {
             let mut held = BTreeSet::new();
             // One report per pin (a GUP call: pid and when it was taken), not per page.
-            let mut old: BTreeMap<(u32, u64), (&HeldPin, u64)> = BTreeMap::new();
+            let mut old: BTreeMap<(u32, u64), (HeldPin, u64)> = BTreeMap::new();
             for (_, h) in pins.iter() {
                 if now_ns.saturating_sub(h.since_ns) > max {
                     old.entry((h.pid, h.since_ns)).or_insert((h, 0)).1 += 1;

@@ -92,7 +92,7 @@ impl Hazards {
     pub fn settle(&mut self, pins: &PinTable, event: &Event) {
         if let Event::Unpin(u) = event {
             for pfn in &u.pfns {
-                if pins.pins_on(*pfn).is_empty() {
+                if !pins.holds(*pfn) {
                     self.exposed.remove(pfn);
                 }
             }

@@ -7,11 +7,7 @@
 //! one folio the release goes to the unpinning process if it holds one, else to the
 //! oldest pin.
 
-use std::{
-    collections::{BTreeMap, HashMap},
-    ops::Deref,
-    sync::Arc,
-};
+use std::{collections::{BTreeMap, HashMap}, ops::Deref};
 
 use crate::trace::{Event, Flag, Held, Pin, Release};
 
@@ -31,6 +27,10 @@ pub struct PinCall {
     pub since_ns: u64,
     /// Pages the call took.
     pub nr_pages: u64,
+    /// The user address of its first page; page i was at start + i * 4 KiB.
+    pub start: u64,
+    /// Its first file_pages pages belong to a file's page cache (shmem included).
+    pub file_pages: u64,
 }
 
 impl PinCall {
@@ -39,26 +39,61 @@ impl PinCall {
     }
 }
 
-/// One page reference: its call, and what differs page by page.
-#[derive(Clone, Debug, PartialEq)]
-pub struct HeldPin {
-    pub call: Arc<PinCall>,
+/// One page reference as the table hands it out: its call, and what differs page by
+/// page. A view: the table keeps 8 bytes per reference, not this.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct HeldPin<'a> {
+    pub call: &'a PinCall,
     /// The page belongs to a file's page cache (shmem included).
     pub file: bool,
     /// The user address the page was pinned at.
     pub addr: u64,
 }
 
-impl Deref for HeldPin {
+impl Deref for HeldPin<'_> {
     type Target = PinCall;
     fn deref(&self) -> &PinCall {
-        &self.call
+        self.call
     }
 }
 
+/// A page reference as stored: the call's slot and the page's index in the call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Ref {
+    call: u32,
+    page: u32,
+}
+
+/// A released reference still in `settled`, until the next compaction.
+const DEAD: Ref = Ref { call: u32::MAX, page: 0 };
+/// References kept in `recent` before they are merged into `settled`, at least; at
+/// most an eighth of what is settled, so that merging costs a few moves per pin.
+const RECENT_MIN: usize = 4096;
+
+#[derive(Debug)]
+struct CallSlot {
+    call: PinCall,
+    /// References of the call still held; the slot is freed at zero.
+    held: u64,
+}
+
+/// References by folio head pfn, in two tiers. What is held a while (registrations of
+/// RDMA, io_uring, VFIO: hundreds of thousands of pages) is in `settled`, a vector
+/// sorted by pfn at 16 bytes per reference; new references go to `recent`, a hash map,
+/// and are merged into `settled` when it fills. A direct I/O pin of a few microseconds
+/// comes and goes in `recent`. Within one pfn, references are kept oldest first:
+/// `settled` before `recent`, each in the order taken.
 #[derive(Default, Debug)]
 pub struct PinTable {
-    by_pfn: HashMap<u64, Vec<HeldPin>>,
+    calls: Vec<Option<CallSlot>>,
+    free_calls: Vec<u32>,
+    settled: Vec<(u64, Ref)>,
+    /// DEAD entries in `settled`.
+    dead: usize,
+    recent: HashMap<u64, Vec<Ref>>,
+    recent_refs: usize,
+    /// References held, both tiers.
+    refs: usize,
     /// The order of each large folio held (absent: a single page).
     orders: HashMap<u64, u8>,
     /// Releases of pfns with no matching pin (pins taken before pinwatch started, or
@@ -76,6 +111,7 @@ impl PinTable {
                         self.unmatched_releases += 1;
                     }
                 }
+                self.compact();
             }
             _ => {}
         }
@@ -85,7 +121,7 @@ impl PinTable {
         if p.pfns.is_empty() {
             return;
         }
-        let call = Arc::new(PinCall {
+        let call = PinCall {
             pid: p.pid,
             comm: p.comm.clone(),
             uid: p.uid,
@@ -96,58 +132,207 @@ impl PinTable {
             flags: p.flags.clone(),
             since_ns: p.ts_ns,
             nr_pages: p.pfns.len() as u64,
-        });
-        // file_pages is known per call, not per page: the first file_pages pages count.
+            start: p.start,
+            file_pages: p.file_pages,
+        };
+        let slot = Some(CallSlot { call, held: p.pfns.len() as u64 });
+        let id = match self.free_calls.pop() {
+            Some(id) => {
+                self.calls[id as usize] = slot;
+                id
+            }
+            None => {
+                self.calls.push(slot);
+                (self.calls.len() - 1) as u32
+            }
+        };
         for (i, pfn) in p.pfns.iter().enumerate() {
             if let Some(o) = p.orders.get(i).filter(|o| **o != 0) {
                 self.orders.insert(*pfn, *o);
             }
-            self.by_pfn.entry(*pfn).or_default().push(HeldPin {
-                call: call.clone(),
-                file: (i as u64) < p.file_pages,
-                addr: p.start + i as u64 * 4096,
-            });
+            self.recent.entry(*pfn).or_default().push(Ref { call: id, page: i as u32 });
+        }
+        self.recent_refs += p.pfns.len();
+        self.refs += p.pfns.len();
+        if self.recent_refs > RECENT_MIN.max((self.settled.len() - self.dead) / 8) {
+            self.settle();
+        }
+    }
+
+    /// Merges `recent` into `settled`, in place: the vector grows by exactly what is
+    /// added, and released references go first.
+    fn settle(&mut self) {
+        let mut add: Vec<(u64, Ref)> = Vec::with_capacity(self.recent_refs);
+        for (pfn, refs) in self.recent.drain() {
+            add.extend(refs.into_iter().map(|r| (pfn, r)));
+        }
+        self.recent_refs = 0;
+        if self.recent.capacity() > 4 * RECENT_MIN {
+            self.recent.shrink_to(RECENT_MIN);
+        }
+        // Stable: one pfn's references stay in the order taken.
+        add.sort_by_key(|e| e.0);
+        if self.dead > 0 {
+            self.settled.retain(|e| e.1 != DEAD);
+            self.dead = 0;
+        }
+        let (mut i, mut j) = (self.settled.len(), add.len());
+        self.settled.reserve_exact(j);
+        self.settled.resize(i + j, (0, DEAD));
+        // From the back: a settled reference goes after an added one only when its pfn
+        // is greater, so that on one pfn the older ones stay first.
+        while j > 0 {
+            let k = i + j - 1;
+            if i > 0 && self.settled[i - 1].0 > add[j - 1].0 {
+                self.settled[k] = self.settled[i - 1];
+                i -= 1;
+            } else {
+                self.settled[k] = add[j - 1];
+                j -= 1;
+            }
+        }
+    }
+
+    /// Drops released references from `settled` once they are half of it, and gives
+    /// memory back when it is mostly unused, all of it when nothing is held.
+    fn compact(&mut self) {
+        if self.refs == 0 {
+            *self = PinTable { unmatched_releases: self.unmatched_releases, ..PinTable::default() };
+            return;
+        }
+        if self.dead > 1024 && self.dead * 2 > self.settled.len() {
+            self.settled.retain(|e| e.1 != DEAD);
+            self.dead = 0;
+            if self.settled.capacity() > 2 * self.settled.len() + RECENT_MIN {
+                self.settled.shrink_to_fit();
+            }
+        }
+    }
+
+    fn view(&self, r: Ref) -> HeldPin<'_> {
+        let call = &self.calls[r.call as usize].as_ref().expect("a held reference's call is held").call;
+        HeldPin { call, file: (r.page as u64) < call.file_pages, addr: call.start + r.page as u64 * 4096 }
+    }
+
+    /// The range of `settled` with references on `pfn`, released ones included.
+    fn settled_range(&self, pfn: u64) -> std::ops::Range<usize> {
+        let lo = self.settled.partition_point(|e| e.0 < pfn);
+        let hi = lo + self.settled[lo..].iter().take_while(|e| e.0 == pfn).count();
+        lo..hi
+    }
+
+    /// The references on `pfn`, oldest first, as (index in settled, or in recent).
+    fn refs_on(&self, pfn: u64) -> impl Iterator<Item = (Where, Ref)> + '_ {
+        let settled = self.settled_range(pfn).filter(|i| self.settled[*i].1 != DEAD).map(|i| (Where::Settled(i), self.settled[i].1));
+        let recent = self.recent.get(&pfn).into_iter().flatten().enumerate().map(|(i, r)| (Where::Recent(i), *r));
+        settled.chain(recent)
+    }
+
+    fn drop_ref(&mut self, pfn: u64, at: Where) {
+        let r = match at {
+            Where::Settled(i) => {
+                self.dead += 1;
+                std::mem::replace(&mut self.settled[i].1, DEAD)
+            }
+            Where::Recent(i) => {
+                let list = self.recent.get_mut(&pfn).expect("a recent reference's list");
+                let r = list.remove(i);
+                if list.is_empty() {
+                    self.recent.remove(&pfn);
+                }
+                self.recent_refs -= 1;
+                r
+            }
+        };
+        self.refs -= 1;
+        let slot = self.calls[r.call as usize].as_mut().expect("a held reference's call is held");
+        slot.held -= 1;
+        if slot.held == 0 {
+            self.calls[r.call as usize] = None;
+            self.free_calls.push(r.call);
         }
     }
 
     /// Every page reference held, with its pfn.
-    pub fn iter(&self) -> impl Iterator<Item = (u64, &HeldPin)> {
-        self.by_pfn.iter().flat_map(|(pfn, v)| v.iter().map(move |h| (*pfn, h)))
+    pub fn iter(&self) -> impl Iterator<Item = (u64, HeldPin<'_>)> + '_ {
+        let settled = self.settled.iter().filter(|e| e.1 != DEAD).map(|(pfn, r)| (*pfn, self.view(*r)));
+        let recent = self.recent.iter().flat_map(move |(pfn, refs)| refs.iter().map(move |r| (*pfn, self.view(*r))));
+        settled.chain(recent)
     }
 
     fn release(&mut self, pfn: u64, kind: Release, releaser: u32) -> bool {
-        let Some(list) = self.by_pfn.get_mut(&pfn) else { return false };
         let matched = match kind {
             Release::Freed | Release::Gone => {
-                list.clear();
-                true
+                // From the newest, so that the indexes in recent stay valid.
+                let all: Vec<Where> = self.refs_on(pfn).map(|(w, _)| w).collect();
+                for w in all.iter().rev() {
+                    self.drop_ref(pfn, *w);
+                }
+                !all.is_empty()
             }
             Release::Unpin | Release::Put => {
                 let want_pin = kind == Release::Unpin;
-                let same_kind = |h: &HeldPin| h.is_pin() == want_pin;
-                let idx = list
-                    .iter()
-                    .position(|h| same_kind(h) && h.pid == releaser)
-                    .or_else(|| list.iter().position(same_kind));
-                match idx {
-                    Some(i) => {
-                        list.remove(i);
+                let mut first = None;
+                let mut own = None;
+                for (w, r) in self.refs_on(pfn) {
+                    let h = self.view(r);
+                    if h.is_pin() == want_pin {
+                        first = first.or(Some(w));
+                        if h.pid == releaser {
+                            own = Some(w);
+                            break;
+                        }
+                    }
+                }
+                match own.or(first) {
+                    Some(w) => {
+                        self.drop_ref(pfn, w);
                         true
                     }
                     None => false,
                 }
             }
         };
-        if list.is_empty() {
-            self.by_pfn.remove(&pfn);
+        if matched && !self.holds(pfn) {
             self.orders.remove(&pfn);
         }
         matched
     }
 
-    /// Every folio with a reference held: its pfn and its references.
-    pub fn by_folio(&self) -> impl Iterator<Item = (u64, &[HeldPin])> {
-        self.by_pfn.iter().map(|(pfn, v)| (*pfn, v.as_slice()))
+    /// Calls `f` with every folio holding a reference: its pfn and its references,
+    /// oldest first.
+    pub fn for_each_folio<'a>(&'a self, mut f: impl FnMut(u64, &[HeldPin<'a>])) {
+        let mut list = Vec::new();
+        let mut i = 0;
+        while i < self.settled.len() {
+            let pfn = self.settled[i].0;
+            list.clear();
+            while i < self.settled.len() && self.settled[i].0 == pfn {
+                if self.settled[i].1 != DEAD {
+                    list.push(self.view(self.settled[i].1));
+                }
+                i += 1;
+            }
+            list.extend(self.recent.get(&pfn).into_iter().flatten().map(|r| self.view(*r)));
+            if !list.is_empty() {
+                f(pfn, &list);
+            }
+        }
+        for (pfn, refs) in &self.recent {
+            // A pfn settled too was visited above, its released references included.
+            if self.settled_range(*pfn).is_empty() {
+                list.clear();
+                list.extend(refs.iter().map(|r| self.view(*r)));
+                f(*pfn, &list);
+            }
+        }
+    }
+
+    /// Every folio with a reference held.
+    pub fn folio_pfns(&self) -> Vec<u64> {
+        let mut pfns = Vec::new();
+        self.for_each_folio(|pfn, _| pfns.push(pfn));
+        pfns
     }
 
     /// The order of the folio at `pfn` (0: a single page, or not held).
@@ -155,33 +340,48 @@ impl PinTable {
         self.orders.get(&pfn).copied().unwrap_or(0)
     }
 
-    pub fn pins_on(&self, pfn: u64) -> &[HeldPin] {
-        self.by_pfn.get(&pfn).map(Vec::as_slice).unwrap_or(&[])
+    /// The references on `pfn`, oldest first.
+    pub fn pins_on(&self, pfn: u64) -> Vec<HeldPin<'_>> {
+        self.refs_on(pfn).map(|(_, r)| self.view(r)).collect()
     }
 
+    /// Whether any reference is held on `pfn`.
+    pub fn holds(&self, pfn: u64) -> bool {
+        self.refs_on(pfn).next().is_some()
+    }
+
+    /// Page references held.
     #[cfg(test)]
     pub fn total_refs(&self) -> usize {
-        self.by_pfn.values().map(Vec::len).sum()
+        self.refs
     }
 
     /// Folios with a reference held.
     pub fn folios(&self) -> usize {
-        self.by_pfn.len()
+        let mut n = 0;
+        self.for_each_folio(|_, _| n += 1);
+        n
     }
 
     pub fn is_empty(&self) -> bool {
-        self.by_pfn.is_empty()
+        self.refs == 0
     }
 
     /// References still held, per process, sorted by pid.
     pub fn held(&self) -> Vec<Held> {
         let mut m: BTreeMap<u32, Held> = BTreeMap::new();
-        for h in self.by_pfn.values().flatten() {
+        for (_, h) in self.iter() {
             let e = m.entry(h.pid).or_insert_with(|| Held { pid: h.pid, comm: h.comm.clone(), pages: 0 });
             e.pages += 1;
         }
         m.into_values().collect()
     }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Where {
+    Settled(usize),
+    Recent(usize),
 }
 
 #[cfg(test)]
@@ -241,5 +441,93 @@ mod tests {
         t.apply(&rel(7, Release::Unpin, &[10]));
         assert_eq!(t.pins_on(10)[0].pid, 3);
         assert_eq!(t.held(), vec![Held { pid: 3, comm: String::new(), pages: 1 }]);
+    }
+
+    /// A table spanning both tiers: the oldest reference on a pfn goes first, whichever
+    /// tier holds it, and the releaser's own reference before that.
+    #[test]
+    fn releases_find_references_across_both_tiers() {
+        let mut t = PinTable::default();
+        t.apply(&pin(1, &[Flag::Pin], &[10]));
+        // Enough other pages to push pfn 10's first reference into `settled`.
+        let many: Vec<u64> = (1000..1000 + RECENT_MIN as u64 + 1).collect();
+        t.apply(&pin(5, &[Flag::Pin], &many));
+        assert!(t.recent.is_empty() && t.settled.len() == many.len() + 1);
+        t.apply(&pin(2, &[Flag::Pin], &[10]));
+        t.apply(&pin(3, &[Flag::Pin], &[10]));
+        let pids = |t: &PinTable| t.pins_on(10).iter().map(|h| h.pid).collect::<Vec<_>>();
+        assert_eq!(pids(&t), [1, 2, 3]);
+        t.apply(&rel(9, Release::Unpin, &[10]));
+        assert_eq!(pids(&t), [2, 3], "the oldest, from settled");
+        t.apply(&rel(3, Release::Unpin, &[10]));
+        assert_eq!(pids(&t), [2], "the releaser's own, from recent");
+        let mut folios = 0;
+        t.for_each_folio(|_, list| folios += list.len());
+        assert_eq!(folios, many.len() + 1);
+        t.apply(&rel(0, Release::Freed, &[10]));
+        assert!(!t.holds(10));
+        t.apply(&rel(5, Release::Unpin, &many));
+        assert!(t.is_empty() && t.unmatched_releases == 0);
+        assert!(t.calls.iter().all(Option::is_none), "every call's slot is freed");
+        assert_eq!((t.settled.len(), t.dead), (0, 0), "compacted");
+    }
+
+    /// A page's address and file flag come from its call.
+    #[test]
+    fn a_reference_knows_its_address_and_file() {
+        let mut t = PinTable::default();
+        t.apply(&Event::Pin(Pin { pid: 1, flags: vec![Flag::Pin], pfns: vec![7, 8], start: 0x10000, file_pages: 1, nr_pages: 2, ..Default::default() }));
+        let (a, b) = (t.pins_on(7)[0], t.pins_on(8)[0]);
+        assert_eq!((a.addr, a.file, b.addr, b.file), (0x10000, true, 0x11000, false));
+    }
+
+    thread_local! {
+        static LIVE: std::cell::Cell<isize> = const { std::cell::Cell::new(0) };
+    }
+
+    /// Counts what each thread has allocated and not freed.
+    struct Counting;
+    unsafe impl std::alloc::GlobalAlloc for Counting {
+        unsafe fn alloc(&self, l: std::alloc::Layout) -> *mut u8 {
+            LIVE.with(|c| c.set(c.get() + l.size() as isize));
+            unsafe { std::alloc::System.alloc(l) }
+        }
+        unsafe fn dealloc(&self, p: *mut u8, l: std::alloc::Layout) {
+            LIVE.with(|c| c.set(c.get() - l.size() as isize));
+            unsafe { std::alloc::System.dealloc(p, l) }
+        }
+        unsafe fn realloc(&self, p: *mut u8, l: std::alloc::Layout, new: usize) -> *mut u8 {
+            LIVE.with(|c| c.set(c.get() + new as isize - l.size() as isize));
+            unsafe { std::alloc::System.realloc(p, l, new) }
+        }
+    }
+    #[global_allocator]
+    static COUNTING: Counting = Counting;
+
+    /// 512 MiB of long-term pins in 4 KiB pages, as 512 registrations of 1 MiB (the
+    /// bench's footprint): the table keeps them in at most 32 bytes a page, and gives
+    /// it all back when they are released.
+    #[test]
+    fn a_large_registration_costs_a_few_bytes_a_page() {
+        let live = || LIVE.with(|c| c.get());
+        let before = live();
+        let mut t = PinTable::default();
+        // Scattered pfns, as the buddy allocator hands out small pages.
+        let pfn = |c: u64, i: u64| (c * 7919 + i * 104729) % (1 << 24);
+        for c in 0..512u64 {
+            let pfns: Vec<u64> = (0..256).map(|i| pfn(c, i)).collect();
+            t.apply(&Event::Pin(Pin { pid: 1, flags: vec![Flag::Pin, Flag::Longterm], nr_pages: 256, pfns, ..Default::default() }));
+        }
+        let per_page = (live() - before) as f64 / 131072.0;
+        assert_eq!(t.total_refs(), 131072);
+        eprintln!("the pin table: {per_page:.1} bytes per page");
+        assert!(per_page <= 32.0, "{per_page:.1} bytes per page");
+        for c in 0..512u64 {
+            let pfns: Vec<u64> = (0..256).map(|i| pfn(c, i)).collect();
+            t.apply(&rel(1, Release::Unpin, &pfns));
+        }
+        assert!(t.is_empty() && t.unmatched_releases == 0);
+        let left = live() - before;
+        assert!(left < 64 << 10, "{left} bytes left once everything is released");
     }
 }

@@ -129,7 +129,7 @@ impl Session {
     /// was lost to a full ring. Each becomes a `gone` release, so that what is held
     /// comes back to what the kernel holds once a storm ends.
     fn reconcile(&mut self, events: &mut Vec<Event>) -> Result<()> {
-        let pfns = self.kernel.pins_absent(self.engine.pins.by_folio().map(|(pfn, _)| pfn))?;
+        let pfns = self.kernel.pins_absent(self.engine.pins.folio_pfns().into_iter())?;
         log::debug!("reconcile: {} pinned folio(s) the kernel side no longer holds", pfns.len());
         if !pfns.is_empty() {
             let gone = Unpin { ts_ns: monotonic_ns(), pid: 0, tid: 0, comm: String::new(), func: "reconcile".into(), release: Release::Gone, dirty: false, pfns };

@@ -182,7 +182,7 @@ impl Stories {
                 }
                 // The pins this page op met, each told once per story, at its time.
                 for s in &subjects {
-                    for h in held {
+                    for h in &held {
                         if self.story(s).pins.contains(&(h.pid, h.since_ns)) {
                             continue;
                         }
@@ -254,7 +254,7 @@ impl Stories {
                         }
                     }
                     // Released for good when no pin is left on the page.
-                    if pins.pins_on(*pfn).is_empty() {
+                    if !pins.holds(*pfn) {
                         self.exposed.remove(pfn);
                     }
                 }
