@@ -11,16 +11,13 @@ pub const RECORD_VERSION: u16 = 6;
 /// Folio head pfns carried by one record. A GUP call that takes more pages is sent as
 /// several records (chunks) of the same call.
 pub const PFNS_PER_RECORD: usize = 64;
-/// Chunks one GUP call may produce: 4096 pages (16 MiB of base pages). VFIO and RDMA
+/// Chunks one GUP call or one release may produce: 4096 pages (16 MiB of base pages). VFIO and RDMA
 /// pin 512 pages per call, io_uring a whole buffer in one. Pages past it are counted
 /// (`nr_pages`) but their pfns are not sent, and the record says so with
 /// [`RECORD_TRUNCATED`]. Each chunk is one call of a global BPF function (pin_chunk,
 /// quiet_chunk) the verifier checks once, so a chunk costs it a call site, not the
 /// ~15k instructions of an unrolled chunk.
 pub const MAX_CHUNKS: usize = 64;
-/// Chunks one release may produce: releases come per bio or per unpin call, and pages
-/// past this are left to the page-free safety net and the sweep.
-pub const RELEASE_MAX_CHUNKS: usize = 2;
 
 pub const TASK_COMM_LEN: usize = 16;
 

@@ -58,6 +58,11 @@ pub static PINS: HashMap<u64, PinState> = HashMap::with_max_entries(262144, 0);
 /// (kernel::load::block_capacity); a block that finds no room goes into PINS instead.
 #[map]
 pub static PIN_BLOCKS: HashMap<u64, PinBlock> = HashMap::with_max_entries(4096, 0);
+/// Block references unpinned and not sent (monitoring sends no unpin of a page only its
+/// block held, unless a hazard exposed it): when this moves, user space compares the
+/// pins it holds with the blocks and releases what they no longer hold.
+#[map]
+pub static BLOCK_UNSENT: Array<u64> = Array::with_max_entries(1, 0);
 /// A new block is built here before it is inserted (see pins::block_pin).
 #[map]
 pub static BLOCK_SCRATCH: PerCpuArray<PinBlock> = PerCpuArray::with_max_entries(1, 0);

@@ -3,13 +3,13 @@
 //! page free, after which no reference of any kind can be left.
 
 use aya_ebpf::helpers::bpf_probe_read_kernel;
-use pinwatch_common::{counter, kind, pin_state, release, PinState, PFNS_PER_RECORD, RELEASE_FIXED, RELEASE_MAX_CHUNKS};
+use pinwatch_common::{counter, kind, pin_state, release, PinState, MAX_CHUNKS, PFNS_PER_RECORD, RELEASE_FIXED};
 
 use crate::{
-    maps::{atomic_add, count, GUP_CALLS, KNOWN, PINS, PROC_PINS, QUIET_GETS, RELEASE_DEPTH, RELEASE_SCRATCH},
+    maps::{atomic_add, count, BLOCK_UNSENT, GUP_CALLS, KNOWN, PINS, PROC_PINS, QUIET_GETS, RELEASE_DEPTH, RELEASE_SCRATCH},
     page::{head_pfn, page_to_pfn, struct_page_size, PageArg, PfnMath},
     pins::{block_unpin, maybe_pinned, maybe_pinned_head, pins_remove, BLOCK_EXPOSED, BLOCK_REFS},
-    record::{current, fill_header, send, Nest},
+    record::{current, fill_header, send, stream_all, Nest},
 };
 
 /// KNOWN bits: the chunk names a pfn user space must hear of; one of them was exposed;
@@ -25,7 +25,7 @@ static BIO_VCNT_OFF: u64 = 0;
 #[no_mangle]
 static PIPE_BUFFER_PAGE_OFF: u64 = 0;
 
-const MAX_PAGES: u64 = (PFNS_PER_RECORD * RELEASE_MAX_CHUNKS) as u64;
+const MAX_PAGES: u64 = (PFNS_PER_RECORD * MAX_CHUNKS) as u64;
 
 /// Drop one reference of kind `release` from the pin state of `pfn`; returns `pfn` if
 /// user space must hear of it (a reference it was sent, or any reference of a folio a
@@ -83,6 +83,14 @@ fn track_release(pfn: u64, release: u16, level: u32, n: u32) -> u32 {
     let taken = (b & BLOCK_REFS) as u32;
     if gone {
         heard | (taken != 0) as u32
+    } else if taken != 0 && b & BLOCK_EXPOSED == 0 && !stream_all() {
+        // While monitoring, an unpin of what the block held is not sent: unregistering
+        // 512 MiB of base pages would be 131072 records at once. The block is the
+        // truth; user space compares with it when this count moves (see BLOCK_UNSENT).
+        if let Some(c) = BLOCK_UNSENT.get_ptr_mut(0) {
+            atomic_add(c, taken as u64);
+        }
+        heard
     } else {
         heard + taken
     }
@@ -146,12 +154,38 @@ fn unquiet(tgid: u32, n: u64) {
     }
 }
 
-/// Fills release records slot by slot: slot j of chunk c is item c * PFNS_PER_RECORD + j,
-/// and `pfn_of(i)` is the folio head pfn item i releases (u64::MAX: none). Every slot has a fixed place,
-/// so the verifier sees one shape per iteration; pfns pinwatch did not know are sent as
-/// u64::MAX and skipped by user space.
+/// Where release_items finds its items' pages (release_chunk's `how`, its low byte).
+mod items {
+    /// An array of page pointers: item i at src + i * 8.
+    pub const SLOTS: u64 = 0;
+    /// Consecutive struct pages from src.
+    pub const RANGE: u64 = 1;
+    /// The bio_vecs at src: item i is page i % PAGES_PER_BVEC of bvec i / PAGES_PER_BVEC.
+    pub const BVECS: u64 = 2;
+    /// One folio, whose head pfn is src.
+    pub const PFN: u64 = 3;
+}
+
+/// Folio head pfn of item `i` of a release (see `items`; u64::MAX: none).
+/// A global function: the verifier checks it once, not in every chunk's loop.
+#[no_mangle]
+#[inline(never)]
+pub extern "C" fn item_pfn(src: u64, how: u64, i: u64) -> u64 {
+    match how {
+        items::SLOTS => slot_pfn(src + i * 8),
+        items::RANGE => range_pfn(src, i),
+        items::BVECS => bvec_page_pfn(src + (i / PAGES_PER_BVEC) * 16, i % PAGES_PER_BVEC),
+        _ => src,
+    }
+}
+
+/// Sends a release of `n` items (see `items`), each losing `refs` references, as one
+/// record per PFNS_PER_RECORD items, up to MAX_PAGES: every page of an unpin of an
+/// io_uring buffer, an RDMA or a VFIO mapping (256 and 512 pages per call), so that none
+/// is left held until its page is freed. Pfns pinwatch did not know are sent as
+/// u64::MAX and skipped by user space; a chunk that names none is not sent.
 #[inline(always)]
-fn release_items(hook: u16, release: u16, dirty: u16, n: u64, refs: u64, pfn_of: impl Fn(u64) -> u64) {
+fn release_items(hook: u16, release: u16, dirty: u16, n: u64, refs: u64, src: u64, how: u64) {
     let Some(nest) = Nest::enter() else { return };
     let Some(rec) = RELEASE_SCRATCH.get_ptr_mut(nest.level) else {
         return;
@@ -163,40 +197,60 @@ fn release_items(hook: u16, release: u16, dirty: u16, n: u64, refs: u64, pfn_of:
     r.release = release;
     r.dirty = dirty;
     r.call_id = (r.header.ts_ns << 16) ^ r.header.tid as u64;
-    for chunk in 0..RELEASE_MAX_CHUNKS {
-        let base = (chunk * PFNS_PER_RECORD) as u64;
-        if base >= n {
+    let how_refs = how | refs.min(u32::MAX as u64) << 8;
+    for chunk in 0..MAX_CHUNKS {
+        if (chunk * PFNS_PER_RECORD) as u64 >= n {
             break;
         }
-        let used = (n - base).min(PFNS_PER_RECORD as u64) as u16;
-        // Whether any pfn was known, kept in map memory: a flag in a register would
-        // double the verifier's states at every item.
-        let Some(known) = KNOWN.get_ptr_mut(nest.level) else { return };
-        unsafe { *known = 0 };
-        for j in 0..PFNS_PER_RECORD {
-            if j as u16 >= used {
-                break;
-            }
-            let pfn = release_pfn(pfn_of(base + j as u64), release as u64, nest.level as u64, refs);
-            // The mask makes the slot bound explicit to the verifier.
-            r.pfns[j & (PFNS_PER_RECORD - 1)] = pfn;
-            unsafe { *known |= (pfn != u64::MAX) as u64 * KNOWN_SEND };
-        }
-        let k = unsafe { *known };
-        if k & KNOWN_SEND != 0 {
-            r.chunk = chunk as u16;
-            r.nr_pfns = used;
-            r.refs_each = (k >> KNOWN_HEARD_SHIFT) as u32;
-            // The length from the count just stored in the record, read back from map
-            // memory: a fresh bound. `used` itself can reach the call with the bounds of
-            // a path that cannot happen (5.10's and 6.1's verifiers walk some, and keep
-            // a spilled scalar's bounds), which refused the fentry twins of
-            // unpin_user_pages there.
-            let used = unsafe { core::ptr::read_volatile(&r.nr_pfns) } as usize;
-            // A dirtying release of an exposed page is a hazard: user space hears now.
-            send(r, RELEASE_FIXED + used * 8, k & KNOWN_EXPOSED != 0 && dirty != 0);
-        }
+        release_chunk(nest.level as u64, src, how_refs, chunk as u64, n);
     }
+}
+
+/// Chunk `chunk` of a release being filled in RELEASE_SCRATCH at `level`: items
+/// chunk * PFNS_PER_RECORD onwards of `n`, slot j of the record for item
+/// chunk * PFNS_PER_RECORD + j, so that the verifier sees one shape per iteration.
+/// `how_refs`: the items' kind (low byte) and the references each loses. A global
+/// function, like pin_chunk: a chunk costs the verifier a call site.
+#[no_mangle]
+#[inline(never)]
+pub extern "C" fn release_chunk(level: u64, src: u64, how_refs: u64, chunk: u64, n: u64) -> u64 {
+    let Some(rec) = RELEASE_SCRATCH.get_ptr_mut(level as u32) else { return 0 };
+    let r = unsafe { &mut *rec };
+    let (how, refs) = (how_refs & 0xff, how_refs >> 8);
+    let base = chunk * PFNS_PER_RECORD as u64;
+    if base >= n {
+        return 0;
+    }
+    let used = (n - base).min(PFNS_PER_RECORD as u64) as u16;
+    // Whether any pfn was known, kept in map memory: a flag in a register would
+    // double the verifier's states at every item.
+    let Some(known) = KNOWN.get_ptr_mut(level as u32) else { return 0 };
+    unsafe { *known = 0 };
+    for j in 0..PFNS_PER_RECORD {
+        if j as u16 >= used {
+            break;
+        }
+        let pfn = release_pfn(item_pfn(src, how, base + j as u64), r.release as u64, level, refs);
+        // The mask makes the slot bound explicit to the verifier.
+        r.pfns[j & (PFNS_PER_RECORD - 1)] = pfn;
+        unsafe { *known |= (pfn != u64::MAX) as u64 * KNOWN_SEND };
+    }
+    let k = unsafe { *known };
+    if k & KNOWN_SEND == 0 {
+        return 0;
+    }
+    r.chunk = chunk as u16;
+    r.nr_pfns = used;
+    r.refs_each = (k >> KNOWN_HEARD_SHIFT) as u32;
+    // The length from the count just stored in the record, read back from map
+    // memory: a fresh bound. `used` itself can reach the call with the bounds of
+    // a path that cannot happen (5.10's and 6.1's verifiers walk some, and keep
+    // a spilled scalar's bounds), which refused the fentry twins of
+    // unpin_user_pages there.
+    let used = unsafe { core::ptr::read_volatile(&r.nr_pfns) } as usize;
+    // A dirtying release of an exposed page is a hazard: user space hears now.
+    send(r, RELEASE_FIXED + used * 8, k & KNOWN_EXPOSED != 0 && r.dirty != 0);
+    1
 }
 
 /// Only the outermost release call of a thread is recorded, and none inside a GUP call
@@ -247,17 +301,18 @@ pub fn exit() {
 /// unpin_user_pages and friends: an array of page pointers.
 #[inline(always)]
 pub fn page_array(hook: u16, release: u16, pages: u64, npages: u64, dirty: u16) {
-    // An array longer than the records carry that is one folio's pages (io_uring's
-    // coalescing unpins 255 or 511 pages of one huge folio at once, 6.10 to 7.0) goes
-    // as its first page with the count; any other is cut, and what is cut counted.
+    // An array longer than one record that is one folio's pages (io_uring's coalescing
+    // unpins 255 or 511 pages of one huge folio at once, 6.10 to 7.0) goes as its first
+    // page with the count; any other goes page by page, up to MAX_PAGES, and what is
+    // past that is counted.
     // One call of release_items either way: two in one program cost 5.10's and 6.1's
     // verifiers the bound of the record's length.
-    let one_folio = npages > MAX_PAGES && is_one_folio(pages, npages);
+    let one_folio = npages > PFNS_PER_RECORD as u64 && is_one_folio(pages, npages);
     let (n, refs) = if one_folio { (1, npages) } else { (npages.min(MAX_PAGES), 1) };
     if !one_folio && npages > MAX_PAGES {
         count(counter::PFNS_TRUNCATED, npages - MAX_PAGES);
     }
-    release_items(hook, release, dirty, n, refs, |i| slot_pfn(pages + i * 8));
+    release_items(hook, release, dirty, n, refs, pages, items::SLOTS);
 }
 
 /// Whether the `npages` page pointers at `pages` are consecutive struct pages of one
@@ -278,7 +333,10 @@ pub extern "C" fn is_one_folio(pages: u64, npages: u64) -> bool {
 /// unpin_user_page_range_dirty_lock: npages consecutive struct pages from `page`.
 #[inline(always)]
 pub fn page_range(hook: u16, page: u64, npages: u64, dirty: u16) {
-    release_items(hook, release::UNPIN, dirty, npages.min(MAX_PAGES), 1, |i| range_pfn(page, i));
+    if npages > MAX_PAGES {
+        count(counter::PFNS_TRUNCATED, npages - MAX_PAGES);
+    }
+    release_items(hook, release::UNPIN, dirty, npages.min(MAX_PAGES), 1, page, items::RANGE);
 }
 
 /// Folio head pfn of struct page `i` from `page`. A global function, like slot_pfn:
@@ -304,7 +362,7 @@ pub fn folio_refs(hook: u16, release: u16, page: PageArg, refs: u64, leaf: bool)
     }
     // All `refs` at once, however many: one record naming the pfn once, with the count
     // user space must drop.
-    release_items(hook, release, 0, 1, refs.clamp(1, u32::MAX as u64), |_| pfn);
+    release_items(hook, release, 0, 1, refs.clamp(1, u32::MAX as u64), pfn, items::PFN);
 }
 
 /// Pages per bio_vec looked at. A bvec spans several pages when they are physically
@@ -327,7 +385,7 @@ pub fn bio(hook: u16, bio: u64, dirty: u16) {
         return;
     }
     let n = (vcnt * PAGES_PER_BVEC).min(MAX_PAGES);
-    release_items(hook, release::PUT, dirty, n, 1, |i| bvec_page_pfn(vec + (i / PAGES_PER_BVEC) * 16, i % PAGES_PER_BVEC));
+    release_items(hook, release::PUT, dirty, n, 1, vec, items::BVECS);
 }
 
 /// Folio head pfn of page `p` of the bio_vec at `bv` (u64::MAX past its end).
@@ -367,5 +425,5 @@ pub fn page_free(hook: u16, page: u64) {
         return;
     }
     let pfn = page_to_pfn(page);
-    release_items(hook, release::FREED, 0, 1, 1, |_| pfn);
+    release_items(hook, release::FREED, 0, 1, 1, pfn, items::PFN);
 }

@@ -81,7 +81,7 @@ pub const SCENARIOS: &[(&str, &str, &str)] = &[
     ("odirect", "", "pinwatch-scenario odirect-slow --file /mnt/odirect --dev /dev/nullb0 --pages 8"),
     ("vmsplice", "", "pinwatch-scenario vmsplice --pages 8"),
     ("pvm", "", "pinwatch-scenario pvm-writev --pages 8"),
-    ("iouring", "", "pinwatch-scenario iouring-fixed --pages 64"),
+    ("iouring", "", "pinwatch-scenario iouring-fixed --pages 256 --no-huge"),
     ("buffered", "", "pinwatch-scenario buffered --file /mnt/buffered --pages 8"),
     ("hazard", "--attach fentry", "pinwatch-scenario odirect-hazard --file /mnt/hazard --dev /dev/nullb0 --pages 8"),
     ("hazard_kprobe", "--attach kprobe", "pinwatch-scenario odirect-hazard --file /mnt/hazard --dev /dev/nullb0 --pages 8"),

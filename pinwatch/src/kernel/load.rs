@@ -395,6 +395,50 @@ impl Kernel {
         Ok(pfns.filter(|pfn| matches!(m.get(pfn, 0), Err(aya::maps::MapError::KeyNotFound)) && !in_block(*pfn)).collect())
     }
 
+    /// Block references unpinned while monitoring and not sent (BLOCK_UNSENT), since load.
+    pub fn block_unsent(&self) -> Result<u64> {
+        let map = self.ebpf.map("BLOCK_UNSENT").ok_or_else(|| anyhow!("map BLOCK_UNSENT missing"))?;
+        let a: aya::maps::Array<_, u64> = aya::maps::Array::try_from(map)?;
+        Ok(a.get(&0, 0)?)
+    }
+
+    /// Of `held`, (pfn, FOLL_PIN references user space holds on a small folio), the
+    /// pfns where the kernel side holds fewer (its block's count and PINS's, which also
+    /// counts what is not streamed), with how many fewer: references unpinned unsent.
+    /// One lookup per block, and one in PINS only where the block falls short.
+    pub fn pins_short(&self, held: &[(u64, u32)]) -> Result<Vec<(u64, u32)>> {
+        use pinwatch_common::{PinBlock, BLOCK_PAGES, BLOCK_SHIFT};
+        let map = self.ebpf.map("PINS").ok_or_else(|| anyhow!("map PINS missing"))?;
+        let pins: aya::maps::HashMap<_, u64, pinwatch_common::PinState> = aya::maps::HashMap::try_from(map)?;
+        let map = self.ebpf.map("PIN_BLOCKS").ok_or_else(|| anyhow!("map PIN_BLOCKS missing"))?;
+        let blocks: aya::maps::HashMap<_, u64, PinBlock> = aya::maps::HashMap::try_from(map)?;
+        // Absent is 0; any other failure is an error, never a release.
+        fn absent_as_none<T>(r: Result<T, aya::maps::MapError>) -> Result<Option<T>> {
+            match r {
+                Ok(v) => Ok(Some(v)),
+                Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+                Err(e) => Err(e.into()),
+            }
+        }
+        let mut read: HashMap<u64, Option<PinBlock>> = HashMap::new();
+        let mut short = Vec::new();
+        for &(pfn, refs) in held {
+            let key = pfn >> BLOCK_SHIFT;
+            let block = match read.get(&key) {
+                Some(b) => *b,
+                None => *read.entry(key).or_insert(absent_as_none(blocks.get(&key, 0))?),
+            };
+            let mut kernel = block.map_or(0, |b| b.pin_refs[pfn as usize % BLOCK_PAGES]);
+            if kernel < refs {
+                kernel += absent_as_none(pins.get(&pfn, 0))?.map_or(0, |s| s.pin_refs);
+            }
+            if kernel < refs {
+                short.push((pfn, refs - kernel));
+            }
+        }
+        Ok(short)
+    }
+
     /// Every process's GUP counts (PROC_PINS), and which of them were deleted now:
     /// processes that are gone and hold nothing unstreamed, so the map holds the living.
     pub fn proc_pins(&mut self) -> Result<(HashMap<u32, ProcPins>, Vec<u32>)> {

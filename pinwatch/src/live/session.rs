@@ -77,6 +77,11 @@ pub struct Session {
     /// Ticks left that compare the engine's pins with the kernel's PINS: set when the
     /// ring overflowed, since a lost release would leave its pin held here forever.
     reconcile_ticks: u8,
+    /// BLOCK_UNSENT at the last look, and ticks left that compare long-term pins with
+    /// the kernel's blocks (this one and the next, once it moved: a pin whose record
+    /// was still in the ring at the first is compared at the second).
+    block_unsent: u64,
+    block_ticks: u8,
 }
 
 /// One process's GUP activity from the kernel's counters (PROC_PINS).
@@ -138,6 +143,34 @@ impl Session {
         Ok(())
     }
 
+    /// Long-term pins of small folios whose unpin the kernel side did not send (while
+    /// monitoring, a page only its block held): what the blocks and PINS no longer hold
+    /// is released here, as the unpins they were. Whatever is in the ring goes first, so
+    /// that a release sent is taken from its record.
+    fn settle_blocks(&mut self, events: &mut Vec<Event>) -> Result<()> {
+        let mut sent = Vec::new();
+        self.source.drain(&mut sent);
+        for e in sent {
+            self.apply(e, events);
+        }
+        let pins = &self.engine.pins;
+        let mut held = Vec::new();
+        pins.for_each_folio(|pfn, list| {
+            let n = list.iter().filter(|h| h.is_pin() && h.flags.contains(&Flag::Longterm)).count() as u32;
+            if n > 0 && pins.order(pfn) == 0 {
+                held.push((pfn, n));
+            }
+        });
+        let short = self.kernel.pins_short(&held)?;
+        log::debug!("blocks: {} long-term pinned page(s) compared, {} released unsent", held.len(), short.iter().map(|(_, n)| *n as u64).sum::<u64>());
+        if !short.is_empty() {
+            let pfns = short.iter().flat_map(|(pfn, n)| std::iter::repeat_n(*pfn, *n as usize)).collect();
+            let unpin = Unpin { ts_ns: monotonic_ns(), pid: 0, tid: 0, comm: String::new(), func: "unsent".into(), release: Release::Unpin, dirty: false, pfns };
+            self.apply(Event::Unpin(unpin), events);
+        }
+        Ok(())
+    }
+
     /// Loads and attaches; refuses to run blind, explains tracepoint-only mode.
     pub fn open(live: LiveArgs, limits: &LimitArgs, streaming: Streaming) -> Result<Session> {
         let args = live.kernel;
@@ -171,12 +204,6 @@ impl Session {
                 None
             }
         };
-        // Start-up parsed BTF and kallsyms and read verifier logs; give what was freed
-        // back, so that the daemon's resident memory is what it holds.
-        #[cfg(target_env = "gnu")]
-        unsafe {
-            libc::malloc_trim(0);
-        }
         let start = Event::Start(Start {
             version: env!("CARGO_PKG_VERSION").into(),
             kernel: kernel.release.clone(),
@@ -210,6 +237,12 @@ impl Session {
                 }
             }
         };
+        // Start-up parsed BTF and kallsyms, read verifier logs and scanned for pins;
+        // give what was freed back, so that the daemon's resident memory is what it holds.
+        #[cfg(target_env = "gnu")]
+        unsafe {
+            libc::malloc_trim(0);
+        }
         Ok(Session {
             kernel,
             source,
@@ -223,6 +256,8 @@ impl Session {
             gup_ended: GupCounts::default(),
             found,
             reconcile_ticks: 0,
+            block_unsent: 0,
+            block_ticks: 0,
         })
     }
 
@@ -348,6 +383,15 @@ impl Session {
             for e in gone {
                 self.apply(e, &mut events);
             }
+        }
+        let unsent = self.kernel.block_unsent()?;
+        if unsent != self.block_unsent {
+            self.block_unsent = unsent;
+            self.block_ticks = 2;
+        }
+        if self.block_ticks > 0 {
+            self.block_ticks -= 1;
+            self.settle_blocks(&mut events)?;
         }
         if self.reconcile_ticks > 0 {
             self.reconcile_ticks -= 1;
