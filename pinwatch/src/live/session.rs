@@ -429,6 +429,12 @@ impl Session {
             figures.sort_by_key(|f| f.pid);
             self.apply(Event::Procs(Procs { ts_ns: monotonic_ns(), procs: figures }), &mut events);
         }
+        // A burst (a registration's records, decoded in batches of thousands) leaves
+        // free memory between what is held; glibc keeps it resident unless asked.
+        #[cfg(target_env = "gnu")]
+        unsafe {
+            libc::malloc_trim(0);
+        }
         Ok(Tick { events, accounts })
     }
 }
