@@ -80,7 +80,7 @@ pub const LAB_TOOLS: [&str; 2] = ["/usr/bin/fio", "/usr/sbin/bpftool"];
 pub const SCENARIOS: &[(&str, &str, &str)] = &[
     ("odirect", "", "pinwatch-scenario odirect-slow --file /mnt/odirect --dev /dev/nullb0 --pages 8"),
     ("vmsplice", "", "pinwatch-scenario vmsplice --pages 8"),
-    ("pvm", "", "pinwatch-scenario pvm-writev --pages 8"),
+    ("pvm", "", "pinwatch-scenario pvm-writev --pages 256"),
     ("iouring", "", "pinwatch-scenario iouring-fixed --pages 256 --no-huge"),
     ("buffered", "", "pinwatch-scenario buffered --file /mnt/buffered --pages 8"),
     ("hazard", "--attach fentry", "pinwatch-scenario odirect-hazard --file /mnt/hazard --dev /dev/nullb0 --pages 8"),

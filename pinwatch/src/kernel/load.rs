@@ -403,8 +403,8 @@ impl Kernel {
     }
 
     /// Of `held`, (pfn, FOLL_PIN references user space holds on a small folio), the
-    /// pfns where the kernel side holds fewer (its block's count and PINS's, which also
-    /// counts what is not streamed), with how many fewer: references unpinned unsent.
+    /// pfns where the kernel side holds fewer (its block's count and PINS's streamed
+    /// ones), with how many fewer: references unpinned unsent.
     /// One lookup per block, and one in PINS only where the block falls short.
     pub fn pins_short(&self, held: &[(u64, u32)]) -> Result<Vec<(u64, u32)>> {
         use pinwatch_common::{PinBlock, BLOCK_PAGES, BLOCK_SHIFT};
@@ -430,7 +430,9 @@ impl Kernel {
             };
             let mut kernel = block.map_or(0, |b| b.pin_refs[pfn as usize % BLOCK_PAGES]);
             if kernel < refs {
-                kernel += absent_as_none(pins.get(&pfn, 0))?.map_or(0, |s| s.pin_refs);
+                // PINS's FOLL_PIN references less its quiet ones (a direct I/O's, never
+                // streamed), taking quiet ones as FOLL_GET first.
+                kernel += absent_as_none(pins.get(&pfn, 0))?.map_or(0, |s| s.pin_refs - s.pin_refs.min(s.quiet_refs.saturating_sub(s.get_refs)));
             }
             if kernel < refs {
                 short.push((pfn, refs - kernel));

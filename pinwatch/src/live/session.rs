@@ -98,6 +98,11 @@ pub struct GupCounts {
     pub longterm_pages: u64,
 }
 
+/// Long-term FOLL_PIN references among `list`: what a page's block may hold.
+fn longterm_refs(list: &[crate::engine::pins::HeldPin]) -> u32 {
+    list.iter().filter(|h| h.is_pin() && h.flags.contains(&Flag::Longterm)).count() as u32
+}
+
 /// What one tick found.
 pub struct Tick {
     pub events: Vec<Event>,
@@ -156,12 +161,35 @@ impl Session {
         let pins = &self.engine.pins;
         let mut held = Vec::new();
         pins.for_each_folio(|pfn, list| {
-            let n = list.iter().filter(|h| h.is_pin() && h.flags.contains(&Flag::Longterm)).count() as u32;
+            let n = longterm_refs(list);
             if n > 0 && pins.order(pfn) == 0 {
                 held.push((pfn, n));
             }
         });
-        let short = self.kernel.pins_short(&held)?;
+        self.release_short(&held, events)
+    }
+
+    /// Before a page event while unpins went unsent since the last settle: its page may
+    /// have been unpinned unsent, freed and taken by someone else within the refresh, and
+    /// the hazard must not name the old pinner. Only that page is compared (hazards are
+    /// rare); a failed look is logged and the event goes on as it came.
+    fn settle_page(&mut self, pfn: u64, events: &mut Vec<Event>) {
+        let moved = self.kernel.block_unsent().is_ok_and(|n| n != self.block_unsent);
+        if !moved || self.engine.pins.order(pfn) != 0 {
+            return;
+        }
+        let n = longterm_refs(&self.engine.pins.pins_on(pfn));
+        if n > 0 {
+            if let Err(e) = self.release_short(&[(pfn, n)], events) {
+                log::warn!("comparing pfn {pfn} with the kernel's blocks: {e:#}");
+            }
+        }
+    }
+
+    /// Releases, as unpins sent by nobody, the references of `held` the kernel side no
+    /// longer holds.
+    fn release_short(&mut self, held: &[(u64, u32)], events: &mut Vec<Event>) -> Result<()> {
+        let short = self.kernel.pins_short(held)?;
         log::debug!("blocks: {} long-term pinned page(s) compared, {} released unsent", held.len(), short.iter().map(|(_, n)| *n as u64).sum::<u64>());
         if !short.is_empty() {
             let pfns = short.iter().flat_map(|(pfn, n)| std::iter::repeat_n(*pfn, *n as usize)).collect();
@@ -325,6 +353,9 @@ impl Session {
     pub fn apply(&mut self, e: Event, out: &mut Vec<Event>) {
         if let Event::Lost(l) = &e {
             *self.lost_by_reason.entry(l.reason.clone()).or_default() += l.count;
+        }
+        if let Event::Page(p) = &e {
+            self.settle_page(p.pfn, out);
         }
         let hazards = self.engine.apply(&e);
         out.push(e);
