@@ -384,15 +384,21 @@ impl Kernel {
     /// Of `pfns`, those neither PINS nor PIN_BLOCKS holds: the kernel side saw their
     /// last release (or page free) even when its record was lost to a full ring.
     pub fn pins_absent(&self, pfns: impl Iterator<Item = u64>) -> Result<Vec<u64>> {
-        use pinwatch_common::{PinBlock, BLOCK_PAGES, BLOCK_SHIFT};
-        let map = self.ebpf.map("PINS").ok_or_else(|| anyhow!("map PINS missing"))?;
-        let m: aya::maps::HashMap<_, u64, pinwatch_common::PinState> = aya::maps::HashMap::try_from(map)?;
-        let map = self.ebpf.map("PIN_BLOCKS").ok_or_else(|| anyhow!("map PIN_BLOCKS missing"))?;
-        let blocks: aya::maps::HashMap<_, u64, PinBlock> = aya::maps::HashMap::try_from(map)?;
+        use pinwatch_common::{BLOCK_PAGES, BLOCK_SHIFT};
+        let (m, blocks) = self.pin_maps()?;
         let in_block = |pfn: u64| {
             blocks.get(&(pfn >> BLOCK_SHIFT), 0).is_ok_and(|b| b.pin_refs[pfn as usize % BLOCK_PAGES] != 0)
         };
         Ok(pfns.filter(|pfn| matches!(m.get(pfn, 0), Err(aya::maps::MapError::KeyNotFound)) && !in_block(*pfn)).collect())
+    }
+
+    /// The two maps of pin state, to read: PINS and PIN_BLOCKS.
+    #[allow(clippy::type_complexity)]
+    fn pin_maps(&self) -> Result<(aya::maps::HashMap<&MapData, u64, pinwatch_common::PinState>, aya::maps::HashMap<&MapData, u64, pinwatch_common::PinBlock>)> {
+        let map = self.ebpf.map("PINS").ok_or_else(|| anyhow!("map PINS missing"))?;
+        let pins = aya::maps::HashMap::try_from(map)?;
+        let map = self.ebpf.map("PIN_BLOCKS").ok_or_else(|| anyhow!("map PIN_BLOCKS missing"))?;
+        Ok((pins, aya::maps::HashMap::try_from(map)?))
     }
 
     /// Block references unpinned while monitoring and not sent (BLOCK_UNSENT), since load.
@@ -408,10 +414,7 @@ impl Kernel {
     /// One lookup per block, and one in PINS only where the block falls short.
     pub fn pins_short(&self, held: &[(u64, u32)]) -> Result<Vec<(u64, u32)>> {
         use pinwatch_common::{PinBlock, BLOCK_PAGES, BLOCK_SHIFT};
-        let map = self.ebpf.map("PINS").ok_or_else(|| anyhow!("map PINS missing"))?;
-        let pins: aya::maps::HashMap<_, u64, pinwatch_common::PinState> = aya::maps::HashMap::try_from(map)?;
-        let map = self.ebpf.map("PIN_BLOCKS").ok_or_else(|| anyhow!("map PIN_BLOCKS missing"))?;
-        let blocks: aya::maps::HashMap<_, u64, PinBlock> = aya::maps::HashMap::try_from(map)?;
+        let (pins, blocks) = self.pin_maps()?;
         // Absent is 0; any other failure is an error, never a release.
         fn absent_as_none<T>(r: Result<T, aya::maps::MapError>) -> Result<Option<T>> {
             match r {
@@ -426,7 +429,11 @@ impl Kernel {
             let key = pfn >> BLOCK_SHIFT;
             let block = match read.get(&key) {
                 Some(b) => *b,
-                None => *read.entry(key).or_insert(absent_as_none(blocks.get(&key, 0))?),
+                None => {
+                    let b = absent_as_none(blocks.get(&key, 0))?;
+                    read.insert(key, b);
+                    b
+                }
             };
             let mut kernel = block.map_or(0, |b| b.pin_refs[pfn as usize % BLOCK_PAGES]);
             if kernel < refs {
