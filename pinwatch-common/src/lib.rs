@@ -6,7 +6,7 @@
 #![no_std]
 
 /// Bumped whenever a record layout below changes.
-pub const RECORD_VERSION: u16 = 6;
+pub const RECORD_VERSION: u16 = 7;
 
 /// Folio head pfns carried by one record. A GUP call that takes more pages is sent as
 /// several records (chunks) of the same call.
@@ -73,6 +73,9 @@ pub const RECORD_SIGNALED: u16 = 1 << 2;
 pub const RECORD_SIGNAL_REFUSED: u16 = 1 << 3;
 /// Over the cap, and exempt (uid, cgroup or comm in the EXEMPT_* maps): no signal.
 pub const RECORD_SIGNAL_EXEMPT: u16 = 1 << 4;
+/// A pin record's words open with the call's kernel stack ([`PinRecord::words`]): the
+/// first chunk of a streamed call carries it, the others do not.
+pub const RECORD_STACK: u16 = 1 << 5;
 
 /// The per-process cap on long-term pinned pages that the kernel side enforces in the
 /// GUP return program (map ENFORCE, index 0), filled by `pinwatch alert`. A long-term
@@ -277,10 +280,60 @@ pub struct PinRecord {
     pub file_pages: u16,
     pub _pad: [u16; 3],
     pub file: FileRef,
-    /// The GUP call's kernel stack: who called GUP (io_uring, direct I/O, a driver).
-    pub stack: KernelStack,
-    /// Folio head pfn of each page, its folio's order above [`PFN_ORDER_SHIFT`].
-    pub pfns: [u64; PFNS_PER_RECORD],
+    /// Variable-length, and the record is sent cut after its last word: with
+    /// [`RECORD_STACK`], first the GUP call's kernel stack (who called GUP: io_uring,
+    /// direct I/O, a driver) as [`KernelStack`] lays it out but only its `nr` frames;
+    /// then `nr_pfns` pfns, the folio head pfn of each page with its folio's order above
+    /// [`PFN_ORDER_SHIFT`]. A one-page call with a 20-frame stack is 304 bytes, and the
+    /// chunks after a long call's first carry no stack (640 bytes for 64 pages).
+    pub words: [u64; PIN_WORDS],
+}
+
+/// Room in [`PinRecord::words`]: a stack and a chunk's pfns, rounded up to a power of two
+/// so that the kernel side bounds an index with a mask.
+pub const PIN_WORDS: usize = 128;
+const _: () = assert!(1 + STACK_FRAMES + PFNS_PER_RECORD <= PIN_WORDS && PIN_WORDS.is_power_of_two());
+
+impl PinRecord {
+    /// Words the stack takes at the start of `words` (its `nr` word and its frames): 0
+    /// without [`RECORD_STACK`], 1 for a failed walk (a negative errno in `nr`).
+    pub fn stack_words(&self) -> usize {
+        if self.header.flags & RECORD_STACK == 0 {
+            return 0;
+        }
+        1 + stack_frames(self.words[0] as u32 as i32)
+    }
+
+    /// The call's kernel stack frames, innermost first: None when this chunk carries no
+    /// stack or the kernel could not walk it.
+    pub fn stack(&self) -> Option<&[u64]> {
+        let n = self.stack_words();
+        let nr = self.words[0] as u32 as i32;
+        (n > 0 && nr >= 0).then(|| &self.words[1..n])
+    }
+
+    /// The pfns this chunk carries (at most PFNS_PER_RECORD).
+    pub fn pfns(&self) -> &[u64] {
+        let at = self.stack_words();
+        &self.words[at..at + (self.nr_pfns as usize).min(PFNS_PER_RECORD)]
+    }
+
+    /// Bytes the kernel side sends of this record: up to its last word.
+    pub fn sent_len(&self) -> usize {
+        PIN_FIXED + 8 * (self.stack_words() + (self.nr_pfns as usize).min(PFNS_PER_RECORD))
+    }
+}
+
+/// Frames a stack's `nr` word names, within 0..=STACK_FRAMES (a negative errno: none).
+#[inline(always)]
+pub fn stack_frames(nr: i32) -> usize {
+    if nr <= 0 {
+        0
+    } else if nr as usize > STACK_FRAMES {
+        STACK_FRAMES
+    } else {
+        nr as usize
+    }
 }
 
 /// Return addresses kept per stack: the hook, the few tracing frames above it (fentry
@@ -376,8 +429,9 @@ pub struct ReleaseRecord {
 pub const PFN_ORDER_SHIFT: u64 = 56;
 pub const PFN_MASK: u64 = (1 << PFN_ORDER_SHIFT) - 1;
 
-/// Bytes of a pin record before its pfns: a record is sent cut after its last pfn.
-pub const PIN_FIXED: usize = core::mem::offset_of!(PinRecord, pfns);
+/// Bytes of a pin record before its words (stack and pfns): a record is sent cut after
+/// its last word.
+pub const PIN_FIXED: usize = core::mem::offset_of!(PinRecord, words);
 /// Bytes of a release record before its pfns.
 pub const RELEASE_FIXED: usize = core::mem::offset_of!(ReleaseRecord, pfns);
 
@@ -602,11 +656,11 @@ mod tests {
         const STACK: usize = 8 + 8 * STACK_FRAMES;
         assert_eq!(core::mem::size_of::<KernelStack>(), STACK);
         assert_eq!(core::mem::size_of::<RecordHeader>(), 56);
-        assert_eq!(core::mem::size_of::<PinRecord>(), 56 + 40 + 8 + 24 + STACK + 8 * PFNS_PER_RECORD);
+        assert_eq!(core::mem::size_of::<PinRecord>(), 56 + 40 + 8 + 24 + 8 * PIN_WORDS);
         assert_eq!(core::mem::size_of::<PageRecord>(), 56 + 8 + 16 + 24 + 8 + STACK + 24);
         assert_eq!(core::mem::size_of::<ReleaseRecord>(), 56 + 24 + 8 * PFNS_PER_RECORD);
         // Pin and release records are sent cut after their last pfn.
-        assert_eq!(PIN_FIXED + 8 * PFNS_PER_RECORD, core::mem::size_of::<PinRecord>());
+        assert_eq!(PIN_FIXED, 56 + 40 + 8 + 24);
         assert_eq!(RELEASE_FIXED, 56 + 24);
         assert_eq!(core::mem::size_of::<PinState>(), 32);
     }

@@ -7,8 +7,8 @@ use aya_ebpf::{
     EbpfContext,
 };
 use pinwatch_common::{
-    backing as bk, counter, kind, GupCall, KernelStack, PinState, ProcPins, Hook, MAX_CHUNKS, PFNS_PER_RECORD,
-    PFN_ORDER_SHIFT, PIN_FIXED, RECORD_FAILED, RECORD_SIGNALED, RECORD_SIGNAL_EXEMPT, RECORD_SIGNAL_REFUSED, RECORD_TRUNCATED,
+    backing as bk, counter, kind, stack_frames, GupCall, KernelStack, PinState, ProcPins, Hook, MAX_CHUNKS, PFNS_PER_RECORD,
+    PFN_ORDER_SHIFT, PIN_FIXED, PIN_WORDS, RECORD_FAILED, RECORD_STACK, RECORD_SIGNALED, RECORD_SIGNAL_EXEMPT, RECORD_SIGNAL_REFUSED, RECORD_TRUNCATED,
 };
 
 use crate::{
@@ -291,17 +291,19 @@ fn record(call: &GupCall, ret: i64, tgid: u32, tid: u32) {
     let rec = unsafe { &mut *rec };
     fill_header(&mut rec.header, kind::PIN, call.hook);
     // The stack says who called GUP (io_uring, direct I/O, a driver): taken once per
-    // call on entry, carried by every chunk of the call.
+    // call on entry, carried by the call's first chunk only, at the start of its words
+    // (pin_chunk puts the pfns after its last frame).
+    rec.header.flags = RECORD_STACK;
     match GUP_STACKS.get_ptr(&tid) {
         Some(st) => {
             let bytes = core::mem::size_of::<KernelStack>() as u32;
-            let dst = &mut rec.stack as *mut KernelStack as *mut core::ffi::c_void;
+            let dst = rec.words.as_mut_ptr() as *mut core::ffi::c_void;
             if unsafe { bpf_probe_read_kernel_raw(dst, bytes, st as *const core::ffi::c_void) } < 0 {
-                rec.stack.nr = -14;
+                rec.words[0] = -14i32 as u32 as u64;
             }
             let _ = GUP_STACKS.remove(&tid);
         }
-        None => rec.stack.nr = -2,
+        None => rec.words[0] = -2i32 as u32 as u64,
     }
     let ts = rec.header.ts_ns;
     rec.gup_flags = call.gup_flags;
@@ -315,14 +317,14 @@ fn record(call: &GupCall, ret: i64, tgid: u32, tid: u32) {
     rec.file = Default::default();
     if ret <= 0 {
         if ret < 0 {
-            rec.header.flags = RECORD_FAILED;
+            rec.header.flags |= RECORD_FAILED;
         }
-        send(rec, PIN_FIXED, false);
+        send(rec, PIN_FIXED + 8 * (1 + stack_frames(rec.words[0] as u32 as i32)), false);
         return;
     }
     let n = ret as u64;
     if n > MAX_PAGES {
-        rec.header.flags = RECORD_TRUNCATED;
+        rec.header.flags |= RECORD_TRUNCATED;
         count(counter::PFNS_TRUNCATED, n - MAX_PAGES);
     }
     let flags = call.gup_flags as u64 | if is_pin(call.hook) { PIN_REF } else { 0 };
@@ -343,9 +345,10 @@ fn record(call: &GupCall, ret: i64, tgid: u32, tid: u32) {
 /// One chunk of a streamed call: up to PFNS_PER_RECORD pages from the page pointer at
 /// `slots` on (`left`: pages of the call from there) into the scratch record of nesting
 /// level `level`, whose header and call fields are filled, then sent as chunk `chunk`.
-/// A global function: the verifier checks it once, and a call of any size costs it
-/// one call site per chunk (VFIO and RDMA pin 512 pages per call, io_uring a whole
-/// buffer in one).
+/// Chunk 0 keeps the stack record() put at the start of the words and puts its pfns
+/// after it; the others write over it and go without. A global function: the verifier
+/// checks it once, and a call of any size costs it one call site per chunk (VFIO and
+/// RDMA pin 512 pages per call, io_uring a whole buffer in one).
 #[no_mangle]
 #[inline(never)]
 pub extern "C" fn pin_chunk(slots: u64, left: u64, level: u64, chunk: u64, flags: u64) -> u64 {
@@ -353,12 +356,18 @@ pub extern "C" fn pin_chunk(slots: u64, left: u64, level: u64, chunk: u64, flags
     let rec = unsafe { &mut *rec };
     let k = if left > PFNS_PER_RECORD as u64 { PFNS_PER_RECORD as u64 } else { left };
     let (tgid, ts) = (rec.header.tgid as u64, rec.header.ts_ns);
+    let at = if chunk == 0 {
+        1 + stack_frames(rec.words[0] as u32 as i32)
+    } else {
+        rec.header.flags &= !RECORD_STACK;
+        0
+    };
     let math = PfnMath::new();
     for j in 0..PFNS_PER_RECORD {
         if j as u64 >= k {
             break;
         }
-        rec.pfns[j & (PFNS_PER_RECORD - 1)] = pin_page(slots + j as u64 * 8, math.base(), tgid, flags, ts);
+        rec.words[(at + j) & (PIN_WORDS - 1)] = pin_page(slots + j as u64 * 8, math.base(), tgid, flags, ts);
     }
     rec.chunk = chunk as u16;
     rec.nr_pfns = k as u16;
@@ -374,7 +383,7 @@ pub extern "C" fn pin_chunk(slots: u64, left: u64, level: u64, chunk: u64, flags
         rec.file_pages = 0;
         rec.file = Default::default();
     }
-    send(rec, PIN_FIXED + k as usize * 8, false);
+    send(rec, PIN_FIXED + (at + k as usize) * 8, false);
     k
 }
 

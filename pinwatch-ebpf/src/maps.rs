@@ -7,10 +7,11 @@ use aya_ebpf::{
 use pinwatch_common::{calib, counter, Enforce, FoundBatch, GupCall, KernelStack, PageRecord, PinBlock, PinRecord, PinState, ProcPins, ReleaseRecord};
 
 /// Records to user space. User space sizes it at load (kernel::load::ring_bytes): 8 MiB
-/// when recording, about 20,000 one-page pin records, several seconds of a heavy
-/// direct-I/O load even if user space stalls; 2 MiB when monitoring, where records are
+/// when recording, about 25,000 one-page pin records, several seconds of a heavy
+/// direct-I/O load even if user space stalls; 1 MiB when monitoring, where records are
 /// rare but come in bursts: the long-term pins of the bench's 512 MiB io_uring
-/// registration are about 1.1 MB of records, and a 1 MiB ring lost 575 of them there.
+/// registration are about 1.4 MB of records (a call's chunks after its first carry no
+/// stack; with the stack in every chunk, 1.9 MB lost 575 records in a 1 MiB ring).
 /// Its pages count in the reader's RSS twice (the data area is mapped twice).
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(8 << 20, 0);
@@ -33,8 +34,9 @@ pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::N
 pub static GUP_CALLS: HashMap<u32, GupCall> = HashMap::with_max_entries(4096, 0);
 
 /// The kernel stack of each streamed GUP call in flight, taken on entry (see
-/// acquire::enter): 1024 threads inside a streamed call at once (264 bytes each); past
-/// that a call goes without its stack, counted.
+/// acquire::enter): 1024 threads inside a streamed call at once (264 bytes each) while
+/// recording, 128 while monitoring (kernel::load::MONITOR_STACKS); past that a call goes
+/// without its stack, counted.
 #[map]
 pub static GUP_STACKS: HashMap<u32, KernelStack> = HashMap::with_max_entries(1024, 0);
 #[map]
@@ -67,17 +69,19 @@ pub static BLOCK_UNSENT: Array<u64> = Array::with_max_entries(1, 0);
 #[map]
 pub static BLOCK_SCRATCH: PerCpuArray<PinBlock> = PerCpuArray::with_max_entries(1, 0);
 
-/// How many PINS entries (and PIN_BLOCKS references) have their head struct page in each slot (its address over
-/// the size of struct page, modulo PIN_FILTER_SLOTS: the pfn modulo it, as vmemmap_base
-/// is 1 GiB aligned, but known without vmemmap_base), kept with
-/// every insert and remove: a slot at 0 says "not pinned" with one array load, where a
-/// PINS lookup hashes. Every page freed, dirtied, cleaned, written back or unpinned asks
-/// here first. 1 MiB (the kernel charges an array 8 bytes a value); a slot shared by
-/// many pfns only costs the lookup it saves (with a thousand folios in PINS, one page
-/// in 130 of those not pinned).
+/// How many PINS entries (and PIN_BLOCKS references) have their head struct page in
+/// each slot (its address over the size of struct page, modulo PIN_FILTER_SLOTS: the
+/// pfn modulo it, as vmemmap_base is 1 GiB aligned, but known without vmemmap_base),
+/// kept with every insert and remove: a slot at 0 says "not pinned" with one array
+/// load, where a PINS lookup hashes. Every page freed, dirtied, cleaned, written back
+/// or unpinned asks here first. A slot shared by many pfns only costs the lookup it
+/// saves (with a thousand folios in PINS, one page in 130 of those not pinned).
+/// Two 32-bit slots to a value (pins::filter_slot): the kernel charges an array 8 bytes
+/// a value, so 2^17 slots cost 512 KiB, not the 1 MiB of one u32 a value. 32 bits, not
+/// 16: a slot counts references, and one page can be pinned more than 65535 times.
 pub const PIN_FILTER_SLOTS: u32 = 1 << 17;
 #[map]
-pub static PIN_FILTER: Array<u32> = Array::with_max_entries(PIN_FILTER_SLOTS, 0);
+pub static PIN_FILTER: Array<u64> = Array::with_max_entries(PIN_FILTER_SLOTS / 2, 0);
 
 /// The per-process cap on long-term pins the GUP return program enforces (one entry;
 /// see pinwatch_common::Enforce). Zero until `pinwatch alert` is told to enforce.

@@ -13,7 +13,8 @@ use crate::{
 /// on every page freed or dirtied answer before any pfn arithmetic.
 #[inline(always)]
 pub fn maybe_pinned_head(head: u64) -> bool {
-    PIN_FILTER.get(filter_slot(head)).is_some_and(|n| *n != 0)
+    let (index, lane) = filter_slot(head);
+    PIN_FILTER.get(index).is_some_and(|n| (*n >> lane) as u32 != 0)
 }
 
 /// maybe_pinned_head by folio head pfn.
@@ -22,9 +23,11 @@ pub fn maybe_pinned(pfn: u64) -> bool {
     maybe_pinned_head(PfnMath::new().page(pfn))
 }
 
+/// The filter value holding `head`'s slot, and the slot's shift in it (0 or 32).
 #[inline(always)]
-fn filter_slot(head: u64) -> u32 {
-    (struct_page_index(head) % PIN_FILTER_SLOTS as u64) as u32
+fn filter_slot(head: u64) -> (u32, u64) {
+    let slot = struct_page_index(head) % PIN_FILTER_SLOTS as u64;
+    ((slot >> 1) as u32, (slot & 1) << 5)
 }
 
 /// A new PINS entry for `pfn`, counted in its filter slot.
@@ -48,8 +51,11 @@ pub fn pins_remove(pfn: u64) {
 
 #[inline(always)]
 fn filter_add(pfn: u64, v: u32) {
-    if let Some(n) = PIN_FILTER.get_ptr_mut(filter_slot(PfnMath::new().page(pfn))) {
-        atomic_add(n, v);
+    let (index, lane) = filter_slot(PfnMath::new().page(pfn));
+    if let Some(n) = PIN_FILTER.get_ptr_mut(index) {
+        // `v` as a signed count, moved into its lane: taking away from a slot that
+        // counts at least as much never borrows from the other slot of the value.
+        atomic_add(n, ((v as i32 as i64) << lane) as u64);
     }
 }
 

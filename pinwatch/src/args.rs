@@ -26,7 +26,7 @@ pub struct KernelArgs {
 
 impl KernelArgs {
     pub fn load_options(&self) -> crate::kernel::load::LoadOptions {
-        crate::kernel::load::LoadOptions { attach: self.attach, pin_map_capacity: self.pin_map_capacity, pin_block_capacity: self.pin_block_capacity }
+        crate::kernel::load::LoadOptions { attach: self.attach, pin_map_capacity: self.pin_map_capacity, pin_block_capacity: self.pin_block_capacity, enforce: false }
     }
 }
 

@@ -104,7 +104,9 @@ impl Decoder {
         match h.kind {
             kind::PIN => {
                 let r: PinRecord = read_cut(bytes, PIN_FIXED)?;
-                check_cut(bytes, PIN_FIXED, r.nr_pfns)?;
+                if bytes.len() < r.sent_len() {
+                    bail!("record of {} bytes counts {} stack words and {} pfns, which take {}", bytes.len(), r.stack_words(), r.nr_pfns, r.sent_len());
+                }
                 self.pin(r)
             }
             kind::RELEASE => {
@@ -130,8 +132,7 @@ impl Decoder {
             }
         };
         let h = &r.header;
-        let n = (r.nr_pfns as usize).min(PFNS_PER_RECORD);
-        let pfns: Vec<(u64, u8)> = r.pfns[..n].iter().copied().filter(|p| *p != u64::MAX).map(|p| (p & PFN_MASK, ((p >> PFN_ORDER_SHIFT) & 63) as u8)).collect();
+        let pfns: Vec<(u64, u8)> = r.pfns().iter().copied().filter(|p| *p != u64::MAX).map(|p| (p & PFN_MASK, ((p >> PFN_ORDER_SHIFT) & 63) as u8)).collect();
         let failed = h.flags & RECORD_FAILED != 0;
         let taken = if r.ret > 0 { r.ret as u64 } else { 0 };
         let chunks = (taken as usize).div_ceil(PFNS_PER_RECORD).clamp(1, MAX_CHUNKS);
@@ -162,7 +163,7 @@ impl Decoder {
                     path: String::new(),
                     signal: signal_result(h.flags),
                     found: false,
-                    kstack: r.stack.frames().unwrap_or_default().to_vec(),
+                    kstack: r.stack().unwrap_or_default().to_vec(),
                 },
                 0,
             )
@@ -293,7 +294,7 @@ fn page_event(r: &PageRecord, foll: &FollFlags) -> Event {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use pinwatch_common::{KernelStack, STACK_FRAMES, TASK_COMM_LEN};
+    use pinwatch_common::{KernelStack, PIN_WORDS, RECORD_STACK, STACK_FRAMES, TASK_COMM_LEN};
 
     fn header(kind: u16, hook: Hook) -> RecordHeader {
         let mut comm = [0u8; TASK_COMM_LEN];
@@ -324,8 +325,8 @@ mod tests {
     }
 
     fn pin_record(chunk: u16, nr: u16, ret: i64, first_pfn: u64) -> PinRecord {
-        let mut pfns = [0u64; PFNS_PER_RECORD];
-        for (i, p) in pfns.iter_mut().enumerate() {
+        let mut words = [0u64; PIN_WORDS];
+        for (i, p) in words.iter_mut().take(PFNS_PER_RECORD).enumerate() {
             *p = first_pfn + i as u64;
         }
         PinRecord {
@@ -340,9 +341,19 @@ mod tests {
             file_pages: 0,
             _pad: [0; 3],
             file: Default::default(),
-            stack: KernelStack { nr: -14, _pad: 0, ips: [0; STACK_FRAMES] },
-            pfns,
+            words,
         }
+    }
+
+    /// A first chunk as the kernel side lays it out: the stack's `nr` word and frames,
+    /// then the pfns.
+    fn with_stack(mut r: PinRecord, ips: &[u64]) -> PinRecord {
+        let pfns = r.words;
+        r.header.flags |= RECORD_STACK;
+        r.words[0] = ips.len() as u64;
+        r.words[1..1 + ips.len()].copy_from_slice(ips);
+        r.words[1 + ips.len()..].copy_from_slice(&pfns[..PIN_WORDS - 1 - ips.len()]);
+        r
     }
 
     #[test]
@@ -443,17 +454,46 @@ mod tests {
         assert!(d.push(&bytes(&r)).unwrap_err().to_string().contains("different builds"));
     }
 
+    /// A long call's first chunk carries the stack, the others only their pfns: the
+    /// call's stack comes from the first, and every pfn arrives after it.
+    #[test]
+    fn the_stack_rides_in_the_first_chunk_only() {
+        let first = with_stack(pin_record(0, 64, 100, 1000), &[0xffff_1000, 0xffff_2000, 0xffff_3000]);
+        assert_eq!(first.stack_words(), 4);
+        assert_eq!(first.sent_len(), PIN_FIXED + 8 * (4 + 64));
+        let second = pin_record(1, 36, 100, 2000);
+        assert_eq!(second.sent_len(), PIN_FIXED + 8 * 36);
+        let mut d = Decoder::new(FollFlags::BEFORE_6_3);
+        assert!(d.push(&bytes(&first)[..first.sent_len()]).unwrap().is_none());
+        let Some(Event::Pin(p)) = d.push(&bytes(&second)[..second.sent_len()]).unwrap() else { panic!() };
+        assert_eq!(p.kstack, [0xffff_1000, 0xffff_2000, 0xffff_3000]);
+        assert_eq!((p.pfns.len(), p.pfns[0], p.pfns[63], p.pfns[64], p.pfns[99]), (100, 1000, 1063, 2000, 2035));
+        // A failed walk keeps its errno in the one word: no frames, the pfns after it.
+        let mut failed = with_stack(pin_record(0, 2, 2, 50), &[]);
+        failed.words[0] = -14i32 as u32 as u64;
+        assert_eq!((failed.stack(), failed.pfns()), (None, &[50u64, 51][..]));
+        let Some(Event::Pin(p)) = d.push(&bytes(&failed)[..failed.sent_len()]).unwrap() else { panic!() };
+        assert!(p.kstack.is_empty());
+        assert_eq!(p.pfns, vec![50, 51]);
+        // A stack word past STACK_FRAMES names no more than the record holds.
+        let mut wild = with_stack(pin_record(0, 1, 1, 7), &[]);
+        wild.words[0] = 1000;
+        assert_eq!(wild.stack_words(), 1 + STACK_FRAMES);
+        assert!(wild.sent_len() <= std::mem::size_of::<PinRecord>());
+    }
+
     #[test]
     fn records_cut_after_their_last_pfn_decode_and_cut_deeper_are_errors() {
         // The kernel sends a pin record up to its last pfn: 3 pfns, not 64.
-        let r = pin_record(0, 3, 3, 40);
+        let r = with_stack(pin_record(0, 3, 3, 40), &[0xffff_1000]);
         let full = bytes(&r);
         let mut d = Decoder::new(FollFlags::BEFORE_6_3);
-        let Some(Event::Pin(p)) = d.push(&full[..PIN_FIXED + 3 * 8]).unwrap() else { panic!("no pin") };
+        let Some(Event::Pin(p)) = d.push(&full[..PIN_FIXED + (2 + 3) * 8]).unwrap() else { panic!("no pin") };
         assert_eq!(p.pfns, vec![40, 41, 42]);
+        assert_eq!(p.kstack, [0xffff_1000]);
         // one pfn short of what it counts
-        let e = d.push(&full[..PIN_FIXED + 2 * 8]).unwrap_err().to_string();
-        assert!(e.contains("counts 3 pfns"), "{e}");
+        let e = d.push(&full[..PIN_FIXED + (2 + 2) * 8]).unwrap_err().to_string();
+        assert!(e.contains("2 stack words and 3 pfns"), "{e}");
         // shorter than the fixed part
         assert!(d.push(&full[..PIN_FIXED - 8]).is_err());
         let mut rel = ReleaseRecord { header: header(kind::RELEASE, Hook::UnpinUserPages), release: release::UNPIN, chunk: 0, nr_pfns: 1, dirty: 0, call_id: 1, refs_each: 1, _pad: 0, pfns: [0; PFNS_PER_RECORD] };

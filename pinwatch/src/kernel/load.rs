@@ -23,9 +23,16 @@ use super::{
 pub fn ring_bytes(streaming: Streaming) -> u32 {
     match streaming {
         Streaming::All => 8 << 20,
-        Streaming::Monitor | Streaming::Floor => 2 << 20,
+        Streaming::Monitor | Streaming::Floor => 1 << 20,
     }
 }
+
+/// Streamed GUP calls in flight at once with their stack (map GUP_STACKS) while
+/// monitoring, where only long-term pins are streamed: RDMA registrations, VFIO maps,
+/// io_uring buffers, rarely made by many threads at the same moment. Past it a call goes
+/// without its stack, counted (stack_lost). Recording streams every call and keeps the
+/// map's full 1024.
+const MONITOR_STACKS: u32 = 128;
 
 /// The programs, built by build.rs and embedded: pinwatch is one binary to copy.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pinwatch"));
@@ -56,13 +63,21 @@ fn phys_pages() -> u64 {
 }
 
 /// What the user chose about loading (the command line's args::KernelArgs): the attach
-/// types allowed, and the pin maps' sizes (None: sized from the host).
+/// types allowed, and the pin maps' sizes (None: sized from the host); and whether the
+/// mode may enforce a cap (only the alert daemon: its configuration can turn it on at
+/// any reload).
 #[derive(Clone, Copy, Debug)]
 pub struct LoadOptions {
     pub attach: AttachMode,
     pub pin_map_capacity: Option<u32>,
     pub pin_block_capacity: Option<u32>,
+    pub enforce: bool,
 }
+
+/// The maps only enforcement uses (maps.rs: ENFORCE's exemptions, and what user space
+/// says each process no longer holds). A mode that never enforces loads them at one
+/// entry each: about 1 MiB of preallocated kernel memory it would never touch.
+const ENFORCEMENT_MAPS: [&str; 4] = ["LONGTERM_RELEASED", "EXEMPT_UIDS", "EXEMPT_CGROUPS", "EXEMPT_COMMS"];
 
 /// What the programs send to user space.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -172,7 +187,8 @@ impl Kernel {
         let compound_info_mask = layouts.compound_info_mask as u64;
         let fake_heads = layouts.fake_heads as u64;
         let block_capacity = args.pin_block_capacity.unwrap_or_else(|| block_capacity(phys));
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        loader
             .override_global(globals::PAGE_FLAGS_OFF, &f.flags_off, true)
             .override_global(globals::PG_HEAD_BIT, &f.pg_head_bit, true)
             .override_global(globals::PAGE_REFCOUNT_OFF, &f.refcount_off, true)
@@ -206,9 +222,16 @@ impl Kernel {
             .override_global(globals::WAKE_ABOVE, &wake_above, true)
             .map_max_entries("PINS", pin_map_capacity)
             .map_max_entries("PIN_BLOCKS", block_capacity)
-            .map_max_entries("EVENTS", ring)
-            .load(OBJECT)
-            .map_err(|e| anyhow!("loading the eBPF object failed: {}", error_chain(&e)))?;
+            .map_max_entries("EVENTS", ring);
+        if !args.enforce {
+            for name in ENFORCEMENT_MAPS {
+                loader.map_max_entries(name, 1);
+            }
+        }
+        if streaming != Streaming::All {
+            loader.map_max_entries("GUP_STACKS", MONITOR_STACKS);
+        }
+        let mut ebpf = loader.load(OBJECT).map_err(|e| anyhow!("loading the eBPF object failed: {}", error_chain(&e)))?;
         // Parsed once: the fentry test and every fentry/fexit load need it.
         let btf = Btf::from_sys_fs().map_err(|e| error_chain(&e));
         let caps = test_capabilities(&mut ebpf, &syms, btf.as_ref())?;

@@ -200,9 +200,11 @@ impl Session {
     }
 
     /// Loads and attaches; refuses to run blind, explains tracepoint-only mode.
-    pub fn open(live: LiveArgs, limits: &LimitArgs, streaming: Streaming) -> Result<Session> {
+    /// `enforce`: the mode may enforce a cap (the alert daemon), so the enforcement maps
+    /// get their full size.
+    pub fn open(live: LiveArgs, limits: &LimitArgs, streaming: Streaming, enforce: bool) -> Result<Session> {
         let args = live.kernel;
-        let mut kernel = Kernel::open(&args.load_options(), streaming)?;
+        let mut kernel = Kernel::open(&crate::kernel::load::LoadOptions { enforce, ..args.load_options() }, streaming)?;
         crate::kernel::plan::check_mode(&kernel.caps, args.attach).map_err(anyhow::Error::msg)?;
         let mode = kernel.attach()?;
         match mode {

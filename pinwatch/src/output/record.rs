@@ -62,7 +62,7 @@ pub async fn run(args: RecordArgs) -> Result<i32> {
     // The file is made before anything is attached: a bad path fails in a moment.
     let file = trace::create(&args.output, args.force)?;
     let streaming = if args.floor { Streaming::Floor } else { Streaming::All };
-    let session = match Session::open(args.kernel, &args.limits, streaming) {
+    let session = match Session::open(args.kernel, &args.limits, streaming, false) {
         Ok(s) => s,
         Err(e) => {
             file.discard();

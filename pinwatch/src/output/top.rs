@@ -481,7 +481,7 @@ fn key(ev: crossterm::event::KeyEvent) -> Key {
 
 pub async fn run(args: TopArgs) -> Result<i32> {
     let signals = Live::signals()?;
-    let session = Session::open(args.kernel, &args.limits, Streaming::Monitor)?;
+    let session = Session::open(args.kernel, &args.limits, Streaming::Monitor, false)?;
     let mut live = Live::new(session, signals, args.delay, None);
     let interactive = !args.batch && args.output == TopOutput::Table && std::io::stdout().is_terminal();
     let filter = Filter { pids: args.pids.clone(), comm: args.comm.clone(), cgroup: args.cgroup, user: args.user.clone() };

@@ -219,7 +219,7 @@ pub async fn run(args: AlertArgs) -> Result<i32> {
             .with_context(|| format!("creating the incident directory {} (--incident-dir, or recorder.incident_dir; [recorder] enabled = false turns the flight recorder off)", d.display()))?;
     }
     let signals = Live::signals()?;
-    let session = Session::open(args.kernel, &LimitArgs::default(), Streaming::Monitor)?;
+    let session = Session::open(args.kernel, &LimitArgs::default(), Streaming::Monitor, true)?;
     let mut live = Live::new(session, signals, TICK, None).reload_on_hangup().on_user1()?;
     live.session.set_limits(rules.limits.clone());
     enforce::arm(&mut live.session.kernel, &rules.limits, &rules.config)?;
