@@ -74,8 +74,7 @@ pub fn footprint(pages: usize, hold_ms: u64) -> Result<()> {
     let buffers = pages.div_ceil(PER_BUFFER);
     let buf = map_anon_small(buffers * PER_BUFFER)?;
     // Let pinwatch settle (its first tick, the sweep) before the idle reading.
-    std::thread::sleep(Duration::from_millis(hold_ms));
-    let idle = vm_rss_kb(parent)?;
+    let (idle, idle_peak) = settled_rss_kb(parent, hold_ms)?;
     let parts = rss_parts_kb(parent);
     let maps = maps_memlock(parent);
     let ring = uring()?;
@@ -86,15 +85,14 @@ pub fn footprint(pages: usize, hold_ms: u64) -> Result<()> {
         unsafe { libc::syscall(libc::SYS_io_uring_register, ring, IORING_REGISTER_BUFFERS, iov.as_ptr(), buffers as u32) },
         "IORING_REGISTER_BUFFERS",
     )?;
-    std::thread::sleep(Duration::from_millis(hold_ms));
-    let held = vm_rss_kb(parent)?;
+    let (held, held_peak) = settled_rss_kb(parent, hold_ms)?;
     // A map that is not preallocated charges what it holds: read them while held too.
     let maps_held = maps_memlock(parent);
     let largest: Vec<String> = maps_charged(parent).iter().take(8).map(|(m, b)| format!("\"{m}\":{b}")).collect();
     check(unsafe { libc::syscall(libc::SYS_io_uring_register, ring, IORING_UNREGISTER_BUFFERS, std::ptr::null::<u8>(), 0u32) }, "IORING_UNREGISTER_BUFFERS")?;
     unsafe { libc::close(ring as i32) };
     say(&format!(
-        "{{\"bench\":\"footprint\",\"pages\":{},\"rss_idle_kb\":{idle},\"rss_held_kb\":{held},\"maps_memlock_idle_bytes\":{maps},\"maps_memlock_bytes\":{maps_held},\"largest_maps_bytes\":{{{}}},\"rss_idle_parts_kb\":{{{}}}}}",
+        "{{\"bench\":\"footprint\",\"pages\":{},\"rss_idle_kb\":{idle},\"rss_held_kb\":{held},\"rss_idle_peak_kb\":{idle_peak},\"rss_held_peak_kb\":{held_peak},\"maps_memlock_idle_bytes\":{maps},\"maps_memlock_bytes\":{maps_held},\"largest_maps_bytes\":{{{}}},\"rss_idle_parts_kb\":{{{}}}}}",
         buffers * PER_BUFFER,
         largest.join(","),
         parts.iter().map(|(k, v)| format!("\"{k}\":{v}")).collect::<Vec<_>>().join(",")
@@ -118,6 +116,30 @@ fn pinwatch_pid() -> Result<i32> {
         [] => bail!("the footprint needs a pinwatch running (its parent, or beside it): none found"),
         _ => bail!("the footprint needs one pinwatch running, found {}: {found:?}", found.len()),
     }
+}
+
+/// pinwatch's RSS once it has settled, and the most it reached on the way: sampled every
+/// 250 ms for `hold_ms`, then until four samples in a row (a second: a refresh of
+/// `top -d 1`, which gives freed memory back) lie within 64 KiB, for at most 15 s more.
+/// Under emulation a burst of records can take longer to digest than the hold, and a
+/// single reading then caught the burst's heap (115 bytes a page one run, 0 the next).
+fn settled_rss_kb(pid: i32, hold_ms: u64) -> Result<(u64, u64)> {
+    const STEP: Duration = Duration::from_millis(250);
+    let mut samples = vec![vm_rss_kb(pid)?];
+    let started = std::time::Instant::now();
+    let limit = Duration::from_millis(hold_ms) + Duration::from_secs(15);
+    loop {
+        std::thread::sleep(STEP);
+        samples.push(vm_rss_kb(pid)?);
+        let last = &samples[samples.len().saturating_sub(4)..];
+        let spread = last.iter().max().unwrap_or(&0) - last.iter().min().unwrap_or(&0);
+        let held_long_enough = started.elapsed() >= Duration::from_millis(hold_ms);
+        if held_long_enough && last.len() == 4 && spread <= 64 || started.elapsed() >= limit {
+            break;
+        }
+    }
+    let peak = samples.iter().copied().max().unwrap_or(0);
+    Ok((samples[samples.len() - 1], peak))
 }
 
 fn vm_rss_kb(pid: i32) -> Result<u64> {
