@@ -301,15 +301,19 @@ impl PinRecord {
         if self.header.flags & RECORD_STACK == 0 {
             return 0;
         }
-        1 + stack_frames(self.words[0] as u32 as i32)
+        1 + stack_frames(self.stack_nr())
+    }
+
+    /// The stack's `nr` word: frames filled, or a negative errno.
+    fn stack_nr(&self) -> i32 {
+        self.words[0] as u32 as i32
     }
 
     /// The call's kernel stack frames, innermost first: None when this chunk carries no
     /// stack or the kernel could not walk it.
     pub fn stack(&self) -> Option<&[u64]> {
         let n = self.stack_words();
-        let nr = self.words[0] as u32 as i32;
-        (n > 0 && nr >= 0).then(|| &self.words[1..n])
+        (n > 0 && self.stack_nr() >= 0).then(|| &self.words[1..n])
     }
 
     /// The pfns this chunk carries (at most PFNS_PER_RECORD).
@@ -356,8 +360,7 @@ pub struct KernelStack {
 impl KernelStack {
     /// The frames bpf_get_stack filled, or None when it failed.
     pub fn frames(&self) -> Option<&[u64]> {
-        let n = usize::try_from(self.nr).ok()?;
-        Some(&self.ips[..n.min(STACK_FRAMES)])
+        (self.nr >= 0).then(|| &self.ips[..stack_frames(self.nr)])
     }
 }
 

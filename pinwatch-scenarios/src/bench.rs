@@ -134,7 +134,7 @@ fn settled_rss_kb(pid: i32, hold_ms: u64) -> Result<(u64, u64)> {
         let last = &samples[samples.len().saturating_sub(4)..];
         let spread = last.iter().max().unwrap_or(&0) - last.iter().min().unwrap_or(&0);
         let held_long_enough = started.elapsed() >= Duration::from_millis(hold_ms);
-        if held_long_enough && last.len() == 4 && spread <= 64 || started.elapsed() >= limit {
+        if (held_long_enough && last.len() == 4 && spread <= 64) || started.elapsed() >= limit {
             break;
         }
     }
