@@ -645,6 +645,25 @@ pub fn paging(r: &Recorded) -> Result<(u8, String)> {
     Ok((levels, format!("{levels}-level page tables ({offered}; VmallocTotal {kb} kB): every pfn check of this boot ran on them")))
 }
 
+/// What the kernel logged through the boot's run. From 6.1 pinwatch has some hash maps
+/// allocated as they fill (doctor's maps_on_demand); before, the verifier warns about
+/// such a map in a tracing program with a WARN in the kernel log, so there they must
+/// stay preallocated. Fails on that warning, on a kernel BUG, or when doctor's
+/// maps_on_demand is not what the kernel's version calls for; other warnings (a
+/// filesystem's, about a pinned page the hazard scenarios dirty) are reported.
+pub fn klog(r: &Recorded, maps_on_demand: Option<bool>, v: (u32, u32)) -> Result<String> {
+    let want = v >= (6, 1);
+    ensure!(maps_on_demand == Some(want), "doctor says maps_on_demand {maps_on_demand:?} on {}.{}; want {want}", v.0, v.1);
+    let bad: Vec<&String> = r.out.iter().filter(|l| l.contains("run-time allocat") || l.contains("BUG:")).collect();
+    ensure!(bad.is_empty(), "the kernel logged: {bad:?}");
+    let warnings: Vec<&String> = r.out.iter().filter(|l| l.contains("WARNING:")).collect();
+    let maps = if want { "allocated as they fill" } else { "preallocated" };
+    Ok(match warnings.first() {
+        None => format!("no warning, no BUG; the maps of calls in flight and per-process counts {maps}"),
+        Some(w) => format!("no BUG, no warning about run-time allocated maps; the maps of calls in flight and per-process counts {maps}; {} other warning(s), the first: {w}", warnings.len()),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -787,6 +806,20 @@ mod tests {
         loud.push(hazard("unmap_while_pinned", 1, 5));
         assert!(check("hazard_other", &rec(&loud, 5), v).is_err());
         assert!(check("hazard_other", &rec(&[start("fentry")], 5), v).is_err());
+    }
+
+    #[test]
+    fn the_kernel_log_check_fails_on_a_runtime_allocation_warning_or_the_wrong_maps() {
+        let log = |lines: &[&str]| Recorded { out: lines.iter().map(|l| l.to_string()).collect(), ..Default::default() };
+        assert!(klog(&log(&[]), Some(true), (6, 12)).is_ok());
+        assert!(klog(&log(&[]), Some(false), (5, 10)).is_ok());
+        assert!(klog(&log(&["[ 1.0] WARNING: CPU: 0 PID: 9 at fs/ext4/inode.c:1 x"]), Some(true), (6, 1)).is_ok());
+        let warned = log(&["[ 2.0] trace type BPF program uses run-time allocation", "[ 2.0] WARNING: CPU: 1 PID: 3 at kernel/bpf/verifier.c:1 x"]);
+        assert!(klog(&warned, Some(false), (5, 10)).is_err(), "the verifier's warning fails");
+        assert!(klog(&log(&["[ 3.0] BUG: kernel NULL pointer dereference"]), Some(true), (6, 12)).is_err());
+        assert!(klog(&log(&[]), Some(true), (5, 10)).is_err(), "5.10 must keep them preallocated");
+        assert!(klog(&log(&[]), Some(false), (6, 12)).is_err(), "6.12 must allocate them as they fill");
+        assert!(klog(&log(&[]), None, (6, 12)).is_err(), "a doctor that does not say fails");
     }
 
     #[test]

@@ -275,8 +275,13 @@ fn plan(only: Option<&[&str]>) -> String {
     if only.is_none_or(|o| o.contains(&"storm")) {
         s.push_str(storm::STORM_PLAN);
     }
+    // Last, what the kernel logged through the whole run: its warnings, and the
+    // verifier's about maps allocated as they fill in tracing programs (checks::klog).
+    s.push_str(KLOG_PLAN);
     s
 }
+
+const KLOG_PLAN: &str = "dmesg | grep -E 'WARNING:|BUG:|run-time allocat' | head -n 40 | sed 's/^/PINWATCH-LAB OUT klog /' > $R\nsay END klog\n";
 
 #[derive(Default)]
 struct Tally {
@@ -404,6 +409,15 @@ fn lab(names: &[String], bins: &lab::Binaries, tally: &mut Tally) -> Result<()> 
                 }
             }
             other => tally.fail(&format!("{} doctor", k.release), &format!("{:?}", other.map(|d| (&d.rc, &d.out)))),
+        }
+        let what = format!("{} kernel log", k.release);
+        let on_demand = results
+            .get("doctor")
+            .and_then(|d| serde_json::from_str::<serde_json::Value>(&d.out.join("\n")).ok())
+            .and_then(|j| j["maps_on_demand"].as_bool());
+        match results.get("klog") {
+            Some(r) => tally.record(&what, checks::klog(r, on_demand, v)),
+            None => tally.fail(&what, "no result from the guest"),
         }
         let what = format!("{} paging", k.release);
         match results.get("paging").map(checks::paging) {

@@ -37,6 +37,49 @@ const MONITOR_STACKS: u32 = 128;
 /// The programs, built by build.rs and embedded: pinwatch is one binary to copy.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pinwatch"));
 
+/// Hash maps that take at most one new entry per program run: the calls in flight and
+/// their stacks, the release depths (one per thread inside GUP or a release), the
+/// per-process counts (one per process that ever pinned), and the maps user space alone
+/// writes (enforcement). From 6.1 the kernel allocates hash map entries from per-CPU
+/// caches that any context may use (bpf_mem_alloc), and the verifier lets tracing
+/// programs use maps allocated as they fill: these then cost their buckets (16 bytes a
+/// slot) and the entries in use, not every entry from the start (1.4 MiB while
+/// monitoring). Before 6.1 the verifier warns, in the kernel log, about any such map
+/// in a tracing program, so they stay preallocated there. The pin maps and QUIET_GETS
+/// stay preallocated everywhere: one GUP call inserts hundreds of entries, and the
+/// per-CPU caches run dry within a call.
+const GROWN_ON_DEMAND: [&str; 8] =
+    ["GUP_CALLS", "GUP_STACKS", "RELEASE_DEPTH", "PROC_PINS", "LONGTERM_RELEASED", "EXEMPT_UIDS", "EXEMPT_CGROUPS", "EXEMPT_COMMS"];
+
+/// BPF_F_NO_PREALLOC (include/uapi/linux/bpf.h).
+const BPF_F_NO_PREALLOC: u32 = 1;
+
+/// A copy of an eBPF object whose named maps are allocated as they fill: the flag is
+/// set in each map's definition in the object's `maps` section (struct bpf_map_def:
+/// type, key_size, value_size, max_entries, then map_flags at byte 16), where aya reads
+/// it when it creates the map. aya has no way to set a map's flags at load time.
+fn without_prealloc(elf_bytes: &[u8], names: &[&str]) -> Result<Vec<u8>> {
+    use object::{Object as _, ObjectSection as _, ObjectSymbol as _};
+    const MAP_FLAGS_OFF: u64 = 16;
+    let elf = object::File::parse(elf_bytes).context("parsing the eBPF object")?;
+    let maps = elf.section_by_name("maps").context("the eBPF object has no maps section")?;
+    let (maps_off, maps_len) = maps.file_range().context("the maps section has no data")?;
+    let mut out = elf_bytes.to_vec();
+    for name in names {
+        let sym = elf
+            .symbols()
+            .find(|s| s.name() == Ok(*name) && s.section_index() == Some(maps.index()))
+            .with_context(|| format!("the eBPF object has no map {name}"))?;
+        if sym.address() + MAP_FLAGS_OFF + 4 > maps_len {
+            bail!("map {name}'s definition runs past the maps section");
+        }
+        let at = (maps_off + sym.address() + MAP_FLAGS_OFF) as usize;
+        let flags = u32::from_le_bytes(out[at..at + 4].try_into()?) | BPF_F_NO_PREALLOC;
+        out[at..at + 4].copy_from_slice(&flags.to_le_bytes());
+    }
+    Ok(out)
+}
+
 /// Blocks of 32 pages PIN_BLOCKS holds: a quarter of the host's memory pinned long-term
 /// in small folios (at least 128 MiB, at most 128 GiB); what finds no room goes into
 /// PINS, one entry per folio. Preallocated, like every hash map here (a map that grows
@@ -107,6 +150,8 @@ pub struct Kernel {
     pub pin_map_capacity: u32,
     /// Blocks of 32 small folios PIN_BLOCKS holds (long-term pins).
     pub block_capacity: u32,
+    /// The maps of GROWN_ON_DEMAND are allocated as they fill (6.1 and later).
+    pub maps_on_demand: bool,
 }
 
 /// log2 of sizeof(struct page) when it is a power of two, else 0 (the programs divide).
@@ -231,7 +276,10 @@ impl Kernel {
         if streaming != Streaming::All {
             loader.map_max_entries("GUP_STACKS", MONITOR_STACKS);
         }
-        let mut ebpf = loader.load(OBJECT).map_err(|e| anyhow!("loading the eBPF object failed: {}", error_chain(&e)))?;
+        let maps_on_demand = super::release_at_least(&release, 6, 1);
+        let object = if maps_on_demand { std::borrow::Cow::Owned(without_prealloc(OBJECT, &GROWN_ON_DEMAND)?) } else { OBJECT.into() };
+        let mut ebpf = loader.load(&object).map_err(|e| anyhow!("loading the eBPF object failed: {}", error_chain(&e)))?;
+        drop(object);
         // Parsed once: the fentry test and every fentry/fexit load need it.
         let btf = Btf::from_sys_fs().map_err(|e| error_chain(&e));
         let caps = test_capabilities(&mut ebpf, &syms, btf.as_ref())?;
@@ -245,7 +293,7 @@ impl Kernel {
             .filter_map(|h| btf::func_nargs(&vmlinux, h.symbol).map(|n| (h.symbol, n)))
             .collect();
         let btf = btf.ok();
-        Ok(Kernel { release, vmemmap, layouts, caps, plan, ebpf, nargs, btf, pin_map_capacity, block_capacity })
+        Ok(Kernel { release, vmemmap, layouts, caps, plan, ebpf, nargs, btf, pin_map_capacity, block_capacity, maps_on_demand })
     }
 
     /// Attaches every hook of the plan, each down its ladder until a rung works; a hook
@@ -765,6 +813,33 @@ fn give_back_memory() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn maps_grown_on_demand_carry_no_prealloc_as_aya_reads_them() {
+        let patched = without_prealloc(OBJECT, &GROWN_ON_DEMAND).unwrap();
+        let before = aya_obj::Object::parse(OBJECT).unwrap();
+        let after = aya_obj::Object::parse(&patched).unwrap();
+        assert_eq!(before.maps.len(), after.maps.len());
+        for (name, map) in &after.maps {
+            let was = before.maps[name].map_flags();
+            if GROWN_ON_DEMAND.contains(&name.as_str()) {
+                assert_eq!(was & BPF_F_NO_PREALLOC, 0, "{name} was built preallocated");
+                assert_eq!(map.map_flags(), was | BPF_F_NO_PREALLOC, "{name}");
+            } else {
+                assert_eq!(map.map_flags(), was, "{name} must stay as built");
+            }
+            assert_eq!((map.map_type(), map.key_size(), map.value_size(), map.max_entries()), {
+                let b = &before.maps[name];
+                (b.map_type(), b.key_size(), b.value_size(), b.max_entries())
+            }, "{name}: only the flags change");
+        }
+        // Only the flags' bytes differ.
+        let changed = OBJECT.iter().zip(&patched).filter(|(a, b)| a != b).count();
+        assert_eq!(changed, GROWN_ON_DEMAND.len());
+        let e = without_prealloc(OBJECT, &["NO_SUCH_MAP"]).unwrap_err();
+        assert!(format!("{e:#}").contains("no map NO_SUCH_MAP"), "{e:#}");
+        assert!(without_prealloc(b"not an elf", &["PINS"]).is_err());
+    }
 
     #[test]
     fn the_block_map_covers_a_quarter_of_memory_within_its_bounds() {

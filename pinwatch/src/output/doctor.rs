@@ -76,6 +76,9 @@ struct Report {
     pin_map_capacity: u32,
     /// Blocks of 32 small folios the long-term pin map holds (sized from the host).
     pin_block_capacity: u32,
+    /// The maps of calls in flight, per-process counts and enforcement are allocated as
+    /// they fill (6.1 and later), not whole at start.
+    maps_on_demand: bool,
     layouts: Layouts,
     hooks: Vec<PlannedHook>,
     roles: Vec<RoleReport>,
@@ -159,6 +162,7 @@ fn report(kernel: &Kernel, mode: Mode) -> Report {
         },
         pin_map_capacity: kernel.pin_map_capacity,
         pin_block_capacity: kernel.block_capacity,
+        maps_on_demand: kernel.maps_on_demand,
         layouts: kernel.layouts.clone(),
         hooks: kernel.plan.clone(),
         roles: Role::ALL.into_iter().map(|r| RoleReport { role: r.name(), visible: covered.contains(&r), what: r.what() }).collect(),
@@ -286,11 +290,16 @@ fn text(r: &Report) -> String {
         &format!(
             "pin map: {} folios ({} of base pages at once; pins past it are counted as pin_map_full, not watched), \
              and {} blocks of 32 pages for long-term pins of small folios ({}; a pin that finds no block goes into the pin map); \
-             both are allocated whole at start",
+             both are allocated whole at start; the maps of calls in flight, per-process counts and enforcement {}",
             r.pin_map_capacity,
             bytesize::ByteSize::b(r.pin_map_capacity as u64 * 4096),
             r.pin_block_capacity,
             bytesize::ByteSize::b(r.pin_block_capacity as u64 * 32 * 4096),
+            if r.maps_on_demand {
+                "are allocated as they fill"
+            } else {
+                "too (before 6.1 the verifier warns about maps allocated as they fill in tracing programs)"
+            },
         ),
         "  ",
     );
@@ -349,6 +358,7 @@ mod tests {
             pfns: Pfns { available: false, vmemmap_base_from: "none", error: Some("x".repeat(300)) },
             pin_map_capacity: 16,
             pin_block_capacity: 1024,
+            maps_on_demand: false,
             layouts: Layouts::default(),
             hooks: crate::kernel::plan::plan(&syms, &caps, crate::kernel::plan::AttachMode::Auto),
             roles: Role::ALL.into_iter().map(|r| RoleReport { role: r.name(), visible: covered.contains(&r), what: r.what() }).collect(),
