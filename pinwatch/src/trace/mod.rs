@@ -47,7 +47,7 @@ impl Event {
     /// refuses, goes the general way (and its error is the general one).
     pub fn from_json(text: &[u8]) -> serde_json::Result<Event> {
         const TAG: &[u8] = b"\"event\":\"";
-        let kind = text.windows(TAG.len()).position(|w| w == TAG).map(|i| &text[i + TAG.len()..]);
+        let kind = memchr::memmem::find(text, TAG).map(|i| &text[i + TAG.len()..]);
         match kind {
             Some(k) if k.starts_with(b"pin\"") => {
                 if let Ok(p) = serde_json::from_slice::<Pin>(text) {

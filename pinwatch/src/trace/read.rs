@@ -20,6 +20,14 @@ const MAX_LINE: usize = 16 << 20;
 const MAX_PROBLEMS: usize = 20;
 const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
 
+/// Where next_line left a line.
+enum Line {
+    /// The first so many bytes of the input's buffer, its newline included.
+    InBuffer(usize),
+    /// In `buf`: whether a newline ended it, and whether it was too long to keep.
+    Copied { ended: bool, too_long: bool },
+}
+
 pub struct Reader {
     input: Box<dyn BufRead>,
     line: u64,
@@ -64,9 +72,10 @@ impl Reader {
         }
     }
 
-    /// One line into `buf`, at most MAX_LINE bytes kept. Returns (ended by a newline,
-    /// too long), or None at the end of the input.
-    fn next_line(&mut self) -> std::io::Result<Option<(bool, bool)>> {
+    /// The next line: whole in the input's buffer (most lines: parsed there, not
+    /// copied), or copied into `buf`, at most MAX_LINE bytes kept. None at the end of
+    /// the input.
+    fn next_line(&mut self) -> std::io::Result<Option<Line>> {
         self.buf.clear();
         let mut too_long = false;
         let mut any = false;
@@ -77,13 +86,14 @@ impl Reader {
                 Err(e) => return Err(e),
             };
             if chunk.is_empty() {
-                return Ok(any.then_some((false, too_long)));
+                return Ok(any.then_some(Line::Copied { ended: false, too_long }));
             }
-            any = true;
-            let (take, newline) = match chunk.iter().position(|b| *b == b'\n') {
+            let (take, newline) = match memchr::memchr(b'\n', chunk) {
+                Some(i) if !any => return Ok(Some(Line::InBuffer(i + 1))),
                 Some(i) => (i + 1, true),
                 None => (chunk.len(), false),
             };
+            any = true;
             if !too_long {
                 let room = MAX_LINE.saturating_sub(self.buf.len());
                 if take > room {
@@ -95,7 +105,30 @@ impl Reader {
             }
             self.input.consume(take);
             if newline {
-                return Ok(Some((true, too_long)));
+                return Ok(Some(Line::Copied { ended: true, too_long }));
+            }
+        }
+    }
+
+    /// Parses the line next_line found: in the input's buffer (then consumed), or in
+    /// `buf`. None for a blank line.
+    fn parse(&mut self, line: &Line) -> Option<serde_json::Result<Event>> {
+        match *line {
+            Line::InBuffer(take) => {
+                // The bytes next_line saw, still buffered: fill_buf reads nothing more.
+                let r = match self.input.fill_buf() {
+                    Ok(chunk) if chunk.len() >= take => {
+                        let text = chunk[..take].trim_ascii();
+                        (!text.is_empty()).then(|| Event::from_json(text))
+                    }
+                    _ => unreachable!("a BufRead's buffer shrank without consume"),
+                };
+                self.input.consume(take);
+                r
+            }
+            Line::Copied { .. } => {
+                let text = self.buf.trim_ascii();
+                (!text.is_empty()).then(|| Event::from_json(text))
             }
         }
     }
@@ -118,7 +151,7 @@ impl Iterator for Reader {
 
     fn next(&mut self) -> Option<Result<Event>> {
         while !self.done {
-            let (ended, too_long) = match self.next_line() {
+            let line = match self.next_line() {
                 Ok(Some(l)) => l,
                 Ok(None) => {
                     self.done = true;
@@ -134,16 +167,17 @@ impl Iterator for Reader {
             };
             self.line += 1;
             let n = self.line;
+            let (ended, too_long) = match line {
+                Line::InBuffer(_) => (true, false),
+                Line::Copied { ended, too_long } => (ended, too_long),
+            };
             if too_long {
                 self.skipped += 1;
                 self.problem(format!("line {n} is longer than {MAX_LINE} bytes: skipped"));
                 continue;
             }
-            let text = self.buf.trim_ascii();
-            if text.is_empty() {
-                continue;
-            }
-            match Event::from_json(text) {
+            let Some(parsed) = self.parse(&line) else { continue };
+            match parsed {
                 Ok(Event::Start(s)) => {
                     if let Err(e) = s.check_format() {
                         self.done = true;
@@ -180,6 +214,30 @@ mod tests {
         let mut r = Reader::new(std::io::Cursor::new(bytes)).unwrap();
         let events: Vec<Event> = r.by_ref().map(|e| e.unwrap()).collect();
         (events, r)
+    }
+
+    /// Reads at most 7 bytes at a time: every line spans fills of the buffer.
+    struct Trickle(std::io::Cursor<Vec<u8>>);
+    impl Read for Trickle {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let n = buf.len().min(7);
+            self.0.read(&mut buf[..n])
+        }
+    }
+
+    /// Lines parsed in the input's buffer and lines copied across its fills read alike,
+    /// blank, damaged and cut lines included.
+    #[test]
+    fn lines_across_buffer_fills_read_as_lines_within_one() {
+        let text = format!("{}\n\n  {}  \n{{\"event\":\"nope\"}}\n{}\n{}", lost(1), lost(2), lost(3), &lost(4)[..10]);
+        let (whole, w) = read(text.clone().into_bytes());
+        let mut t = Reader::new(Trickle(std::io::Cursor::new(text.into_bytes()))).unwrap();
+        let trickled: Vec<Event> = t.by_ref().map(|e| e.unwrap()).collect();
+        assert_eq!(whole.len(), 3);
+        assert_eq!(serde_json::to_string(&whole).unwrap(), serde_json::to_string(&trickled).unwrap());
+        assert_eq!((w.skipped, w.cut_short, &w.problems), (t.skipped, t.cut_short, &t.problems));
+        assert_eq!(w.skipped, 2);
+        assert!(w.problems[0].contains("line 4") && w.problems[1].contains("line 6"), "{:?}", w.problems);
     }
 
     #[test]
