@@ -29,7 +29,8 @@ pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::N
 /// GUP calls in flight, keyed by thread id. A thread is in at most one outermost GUP
 /// call, so this bounds the threads inside GUP at once: 4096, far more than run at once
 /// on the hosts we know; past that a call is counted (CALL_MAP_FULL), not tracked.
-/// Preallocated, like every hash map here: each entry costs its bytes from the start.
+/// Allocated as it fills from 6.1, preallocated before (each entry then costs its bytes
+/// from the start), like the other maps of kernel::load::GROWN_ON_DEMAND.
 #[map]
 pub static GUP_CALLS: HashMap<u32, GupCall> = HashMap::with_max_entries(4096, 0);
 

@@ -82,7 +82,7 @@ fn without_prealloc(elf_bytes: &[u8], names: &[&str]) -> Result<Vec<u8>> {
 
 /// Blocks of 32 pages PIN_BLOCKS holds: a quarter of the host's memory pinned long-term
 /// in small folios (at least 128 MiB, at most 128 GiB); what finds no room goes into
-/// PINS, one entry per folio. Preallocated, like every hash map here (a map that grows
+/// PINS, one entry per folio. Preallocated, like PINS (a map that grows
 /// allocates as it inserts, and one GUP call inserts hundreds: the kernel's per-CPU
 /// caches run dry within a call and the pins go untracked): about 256 bytes per block,
 /// 2 bytes per 4 KiB page of the host, 0.05% of its memory.
