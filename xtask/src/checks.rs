@@ -312,6 +312,10 @@ pub fn check_host_memfd(scenario: &str, r: &Recorded) -> Result<String> {
         return Ok("no hazard".into());
     }
     let got: BTreeSet<u64> = all.iter().filter(|h| h["kind"] == "truncate_while_pinned").filter_map(|h| h["pfn"].as_u64()).collect();
+    if got.contains(&u64::MAX) {
+        let said: Vec<&String> = r.err.iter().filter(|l| l.contains("page frame numbers")).collect();
+        bail!("{} hazards without a pfn (vmemmap_base unknown); pinwatch said: {said:?}", all.len());
+    }
     ensure!(got.len() as u64 == pages && all.len() as u64 == pages, "{} hazards on {} pfns, expected {pages} truncate_while_pinned", all.len(), got.len());
     for h in &all {
         ensure!(pinner_pids(h) == vec![None], "tracepoint-only mode cannot know the pinner, yet named {:?}", pinner_pids(h));

@@ -209,8 +209,12 @@ impl Kernel {
             None => match calibrate_vmemmap(&layouts) {
                 Ok(base) => Vmemmap::Calibrated(base),
                 // Without it struct page pointers cannot become pfns; doctor says so,
-                // and the programs send u64::MAX in place of each pfn.
-                Err(e) => Vmemmap::Unknown(format!("{e:#}")),
+                // the programs send u64::MAX in place of each pfn, and every mode
+                // says so at start.
+                Err(e) => {
+                    log::warn!("page frame numbers are unknown here (vmemmap_base: {e:#}): pins cannot be told apart by page, and hazards cannot be matched to pins");
+                    Vmemmap::Unknown(format!("{e:#}"))
+                }
             },
         };
         let (vmemmap_base_addr, vmemmap_base) = match vmemmap {
