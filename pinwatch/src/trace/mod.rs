@@ -3,6 +3,7 @@
 //! recorded trace replays exactly like a live run. Field names are a contract; `read`
 //! and `write` are its streaming reader and writer.
 
+mod quick;
 mod read;
 mod write;
 
@@ -41,20 +42,27 @@ pub enum Event {
 }
 
 impl Event {
-    /// One trace line. Pins and releases, most of any trace, are read straight into
-    /// their struct: serde reads an internally tagged enum by buffering every field
-    /// first, which made the replay half as fast. Anything else, or a line the fast way
-    /// refuses, goes the general way (and its error is the general one).
+    /// One trace line. Pins and releases, most of any trace, are read by hand
+    /// ([`quick`]), or failing that straight into their struct: serde reads an
+    /// internally tagged enum by buffering every field first, which made the replay half
+    /// as fast. Anything else, or a line both fast ways refuse, goes the general way (and
+    /// its error is the general one).
     pub fn from_json(text: &[u8]) -> serde_json::Result<Event> {
         const TAG: &[u8] = b"\"event\":\"";
         let kind = memchr::memmem::find(text, TAG).map(|i| &text[i + TAG.len()..]);
         match kind {
             Some(k) if k.starts_with(b"pin\"") => {
+                if let Some(p) = quick::pin(text) {
+                    return Ok(Event::Pin(p));
+                }
                 if let Ok(p) = serde_json::from_slice::<Pin>(text) {
                     return Ok(Event::Pin(p));
                 }
             }
             Some(k) if k.starts_with(b"unpin\"") => {
+                if let Some(u) = quick::unpin(text) {
+                    return Ok(Event::Unpin(u));
+                }
                 if let Ok(u) = serde_json::from_slice::<Unpin>(text) {
                     return Ok(Event::Unpin(u));
                 }
