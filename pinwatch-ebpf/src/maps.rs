@@ -30,7 +30,8 @@ pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::N
 /// call, so this bounds the threads inside GUP at once: 4096, far more than run at once
 /// on the hosts we know; past that a call is counted (CALL_MAP_FULL), not tracked.
 /// Allocated as it fills from 6.1, preallocated before (each entry then costs its bytes
-/// from the start), like the other maps of kernel::load::GROWN_ON_DEMAND.
+/// from the start, and user space sizes it from the host's CPUs: load::task_capacity),
+/// like the other maps of kernel::load::GROWN_ON_DEMAND.
 #[map]
 pub static GUP_CALLS: HashMap<u32, GupCall> = HashMap::with_max_entries(4096, 0);
 
@@ -109,7 +110,8 @@ pub static EXEMPT_COMMS: HashMap<[u8; 16], u8> = HashMap::with_max_entries(64, 0
 
 /// GUP activity per process (tgid): calls, pages, references held unstreamed. Live
 /// views read it at each refresh; user space deletes the entries of processes gone.
-/// 8192 processes that did GUP and still live; past that counted (PROC_MAP_FULL).
+/// 8192 processes that did GUP and still live (fewer before 6.1, where it is
+/// preallocated: load::task_capacity); past that counted (PROC_MAP_FULL).
 #[map]
 pub static PROC_PINS: HashMap<u32, ProcPins> = HashMap::with_max_entries(8192, 0);
 

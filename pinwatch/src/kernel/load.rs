@@ -100,6 +100,34 @@ pub fn pin_map_capacity(phys_pages: u64) -> u32 {
     (phys_pages / 128).clamp(8192, 262_144) as u32
 }
 
+/// How many threads at once the maps of calls in flight hold (GUP_CALLS, and
+/// RELEASE_DEPTH for releases), and how many live processes with GUP activity PROC_PINS
+/// holds; past them a call is counted (call_map_full, proc_map_full). Where these maps
+/// grow as they fill (6.1 and later) their whole size costs only hash buckets, 16 bytes
+/// a slot, so they keep the size the programs declare. Where they are preallocated
+/// (before 6.1) every slot costs its entry from the start, and they are sized from the
+/// host's CPUs: 128 threads inside GUP at once per CPU (at least 1024), 256 processes
+/// per CPU (at least 2048), up to the declared sizes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct TaskCapacity {
+    pub calls: u32,
+    pub procs: u32,
+}
+
+/// GUP_CALLS' and PROC_PINS' sizes in maps.rs.
+const DECLARED_CALLS: u32 = 4096;
+const DECLARED_PROCS: u32 = 8192;
+
+pub fn task_capacity(cpus: u32, maps_on_demand: bool) -> TaskCapacity {
+    if maps_on_demand {
+        return TaskCapacity { calls: DECLARED_CALLS, procs: DECLARED_PROCS };
+    }
+    TaskCapacity {
+        calls: cpus.saturating_mul(128).clamp(1024, DECLARED_CALLS),
+        procs: cpus.saturating_mul(256).clamp(2048, DECLARED_PROCS),
+    }
+}
+
 fn phys_pages() -> u64 {
     // SAFETY: sysconf reads a value; -1 (unknown) becomes the smallest capacity.
     u64::try_from(unsafe { libc::sysconf(libc::_SC_PHYS_PAGES) }).unwrap_or(0)
@@ -152,6 +180,8 @@ pub struct Kernel {
     pub block_capacity: u32,
     /// The maps of GROWN_ON_DEMAND are allocated as they fill (6.1 and later).
     pub maps_on_demand: bool,
+    /// Threads in GUP and processes the per-task maps hold.
+    pub tasks: TaskCapacity,
 }
 
 /// log2 of sizeof(struct page) when it is a power of two, else 0 (the programs divide).
@@ -281,6 +311,13 @@ impl Kernel {
             loader.map_max_entries("GUP_STACKS", MONITOR_STACKS);
         }
         let maps_on_demand = super::release_at_least(&release, 6, 1);
+        // Possible CPUs, as the kernel sizes per-CPU maps; 1 if unreadable (the least size).
+        let cpus = aya::util::nr_cpus().map(|n| n as u32).unwrap_or(1);
+        let tasks = task_capacity(cpus, maps_on_demand);
+        loader
+            .map_max_entries("GUP_CALLS", tasks.calls)
+            .map_max_entries("RELEASE_DEPTH", tasks.calls)
+            .map_max_entries("PROC_PINS", tasks.procs);
         let object = if maps_on_demand { std::borrow::Cow::Owned(without_prealloc(OBJECT, &GROWN_ON_DEMAND)?) } else { OBJECT.into() };
         let mut ebpf = loader.load(&object).map_err(|e| anyhow!("loading the eBPF object failed: {}", error_chain(&e)))?;
         drop(object);
@@ -297,7 +334,7 @@ impl Kernel {
             .filter_map(|h| btf::func_nargs(&vmlinux, h.symbol).map(|n| (h.symbol, n)))
             .collect();
         let btf = btf.ok();
-        Ok(Kernel { release, vmemmap, layouts, caps, plan, ebpf, nargs, btf, pin_map_capacity, block_capacity, maps_on_demand })
+        Ok(Kernel { release, vmemmap, layouts, caps, plan, ebpf, nargs, btf, pin_map_capacity, block_capacity, maps_on_demand, tasks })
     }
 
     /// Attaches every hook of the plan, each down its ladder until a rung works; a hook
@@ -817,6 +854,22 @@ fn give_back_memory() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn per_task_maps_keep_their_size_where_they_grow_and_follow_the_cpus_where_preallocated() {
+        assert_eq!(task_capacity(2, true), TaskCapacity { calls: 4096, procs: 8192 });
+        assert_eq!(task_capacity(1, false), TaskCapacity { calls: 1024, procs: 2048 });
+        assert_eq!(task_capacity(2, false), TaskCapacity { calls: 1024, procs: 2048 });
+        assert_eq!(task_capacity(16, false), TaskCapacity { calls: 2048, procs: 4096 });
+        assert_eq!(task_capacity(512, false), TaskCapacity { calls: 4096, procs: 8192 });
+        assert_eq!(task_capacity(u32::MAX, false), TaskCapacity { calls: 4096, procs: 8192 });
+        // the declared sizes are the object's
+        let obj = aya_obj::Object::parse(OBJECT).unwrap();
+        let declared = |name: &str| obj.maps.get(name).map(|m| m.max_entries());
+        assert_eq!(declared("GUP_CALLS"), Some(DECLARED_CALLS));
+        assert_eq!(declared("RELEASE_DEPTH"), Some(DECLARED_CALLS));
+        assert_eq!(declared("PROC_PINS"), Some(DECLARED_PROCS));
+    }
 
     #[test]
     fn maps_grown_on_demand_carry_no_prealloc_as_aya_reads_them() {

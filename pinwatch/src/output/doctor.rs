@@ -9,7 +9,7 @@ use serde::Serialize;
 use crate::kernel::{
     Streaming,
     btf::Layouts,
-    load::Vmemmap,
+    load::{TaskCapacity, Vmemmap},
     plan::{covered_roles, Capabilities, Choice, Mode, PlannedHook, Role},
     Kernel,
 };
@@ -79,6 +79,9 @@ struct Report {
     /// The maps of calls in flight, per-process counts and enforcement are allocated as
     /// they fill (6.1 and later), not whole at start.
     maps_on_demand: bool,
+    /// Threads inside GUP at once and live processes with GUP activity the per-task maps
+    /// hold (sized from the host's CPUs where they are preallocated).
+    task_capacity: TaskCapacity,
     layouts: Layouts,
     hooks: Vec<PlannedHook>,
     roles: Vec<RoleReport>,
@@ -163,6 +166,7 @@ fn report(kernel: &Kernel, mode: Mode) -> Report {
         pin_map_capacity: kernel.pin_map_capacity,
         pin_block_capacity: kernel.block_capacity,
         maps_on_demand: kernel.maps_on_demand,
+        task_capacity: kernel.tasks,
         layouts: kernel.layouts.clone(),
         hooks: kernel.plan.clone(),
         roles: Role::ALL.into_iter().map(|r| RoleReport { role: r.name(), visible: covered.contains(&r), what: r.what() }).collect(),
@@ -290,15 +294,18 @@ fn text(r: &Report) -> String {
         &format!(
             "pin map: {} folios ({} of base pages at once; pins past it are counted as pin_map_full, not watched), \
              and {} blocks of 32 pages for long-term pins of small folios ({}; a pin that finds no block goes into the pin map); \
-             both are allocated whole at start; the maps of calls in flight, per-process counts and enforcement {}",
+             both are allocated whole at start; the maps of calls in flight ({} threads inside GUP at once) and of per-process counts \
+             ({} processes; past either, calls are counted as call_map_full or proc_map_full), and enforcement's, {}",
             r.pin_map_capacity,
             bytesize::ByteSize::b(r.pin_map_capacity as u64 * 4096),
             r.pin_block_capacity,
             bytesize::ByteSize::b(r.pin_block_capacity as u64 * 32 * 4096),
+            r.task_capacity.calls,
+            r.task_capacity.procs,
             if r.maps_on_demand {
                 "are allocated as they fill"
             } else {
-                "too (before 6.1 the verifier warns about maps allocated as they fill in tracing programs)"
+                "are too, sized from the host's CPUs (before 6.1 the verifier warns about maps allocated as they fill in tracing programs)"
             },
         ),
         "  ",
@@ -359,6 +366,7 @@ mod tests {
             pin_map_capacity: 16,
             pin_block_capacity: 1024,
             maps_on_demand: false,
+            task_capacity: crate::kernel::load::task_capacity(2, false),
             layouts: Layouts::default(),
             hooks: crate::kernel::plan::plan(&syms, &caps, crate::kernel::plan::AttachMode::Auto),
             roles: Role::ALL.into_iter().map(|r| RoleReport { role: r.name(), visible: covered.contains(&r), what: r.what() }).collect(),
