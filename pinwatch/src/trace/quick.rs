@@ -26,7 +26,7 @@ pub(super) fn pin(text: &[u8]) -> Option<Pin> {
             b"uid" => p.uid = seen.once(5).and_then(|_| s.u32())?,
             b"cgroup_id" => p.cgroup_id = seen.once(6).and_then(|_| s.uint(u64::MAX))?,
             b"func" => p.func = seen.once(7).and_then(|_| s.string())?,
-            b"flags" => p.flags = seen.once(8).and_then(|_| s.list(Scan::flag))?,
+            b"flags" => p.flags = seen.once(8).and_then(|_| s.list(|s| s.one_of(&FLAGS)))?,
             b"gup_flags" => p.gup_flags = seen.once(9).and_then(|_| s.u32())?,
             b"nr_pages" => p.nr_pages = seen.once(10).and_then(|_| s.uint(u64::MAX))?,
             b"nr_requested" => p.nr_requested = seen.once(11).and_then(|_| s.uint(u64::MAX))?,
@@ -42,7 +42,7 @@ pub(super) fn pin(text: &[u8]) -> Option<Pin> {
             b"file" => p.file = seen.once(20).and_then(|_| s.or_null(Scan::file))?,
             b"caller" => p.caller = seen.once(21).and_then(|_| s.string())?,
             b"path" => p.path = seen.once(22).and_then(|_| s.string())?,
-            b"signal" => p.signal = seen.once(23).and_then(|_| s.or_null(Scan::signal))?,
+            b"signal" => p.signal = seen.once(23).and_then(|_| s.or_null(|s| s.one_of(&SIGNALS)))?,
             b"found" => p.found = seen.once(24).and_then(|_| s.bool())?,
             _ => return None,
         }
@@ -68,7 +68,7 @@ pub(super) fn unpin(text: &[u8]) -> Option<Unpin> {
             b"tid" => u.tid = seen.once(3).and_then(|_| s.u32())?,
             b"comm" => u.comm = seen.once(4).and_then(|_| s.string())?,
             b"func" => u.func = seen.once(5).and_then(|_| s.string())?,
-            b"release" => u.release = seen.once(6).and_then(|_| s.release())?,
+            b"release" => u.release = seen.once(6).and_then(|_| s.one_of(&RELEASES))?,
             b"dirty" => u.dirty = seen.once(7).and_then(|_| s.bool())?,
             b"pfns" => u.pfns = seen.once(8).and_then(|_| s.list(|s| s.uint(u64::MAX)))?,
             _ => return None,
@@ -112,20 +112,26 @@ impl<'a> Scan<'a> {
         hit
     }
 
-    /// `{ "key": value, ... }` and nothing after it; `field` reads each value.
-    fn object(&mut self, mut field: impl FnMut(&mut Self, &[u8]) -> Option<()>) -> Option<()> {
+    /// `{ "key": value, ... }`; `field` reads each value.
+    fn fields(&mut self, mut field: impl FnMut(&mut Self, &[u8]) -> Option<()>) -> Option<()> {
         self.eat(b'{').then_some(())?;
-        if !self.eat(b'}') {
-            loop {
-                let key = self.raw_str()?;
-                self.eat(b':').then_some(())?;
-                field(self, key)?;
-                if self.eat(b'}') {
-                    break;
-                }
-                self.eat(b',').then_some(())?;
-            }
+        if self.eat(b'}') {
+            return Some(());
         }
+        loop {
+            let key = self.raw_str()?;
+            self.eat(b':').then_some(())?;
+            field(self, key)?;
+            if self.eat(b'}') {
+                return Some(());
+            }
+            self.eat(b',').then_some(())?;
+        }
+    }
+
+    /// A whole line: one object and nothing after it.
+    fn object(&mut self, field: impl FnMut(&mut Self, &[u8]) -> Option<()>) -> Option<()> {
+        self.fields(field)?;
         self.ws();
         (self.i == self.s.len()).then_some(())
     }
@@ -231,63 +237,34 @@ impl<'a> Scan<'a> {
         }
     }
 
-    fn flag(&mut self) -> Option<Flag> {
-        Some(match self.raw_str()? {
-            b"PIN" => Flag::Pin,
-            b"GET" => Flag::Get,
-            b"LONGTERM" => Flag::Longterm,
-            b"WRITE" => Flag::Write,
-            _ => return None,
-        })
-    }
-
-    fn release(&mut self) -> Option<Release> {
-        Some(match self.raw_str()? {
-            b"unpin" => Release::Unpin,
-            b"put" => Release::Put,
-            b"freed" => Release::Freed,
-            b"gone" => Release::Gone,
-            _ => return None,
-        })
-    }
-
-    fn signal(&mut self) -> Option<SignalResult> {
-        Some(match self.raw_str()? {
-            b"sent" => SignalResult::Sent,
-            b"refused" => SignalResult::Refused,
-            b"exempt" => SignalResult::Exempt,
-            _ => return None,
-        })
+    /// A string that names one of `names`' values.
+    fn one_of<T: Copy>(&mut self, names: &[(&[u8], T)]) -> Option<T> {
+        let s = self.raw_str()?;
+        names.iter().find(|(n, _)| *n == s).map(|(_, v)| *v)
     }
 
     /// A `file` object, read to its closing brace (the line goes on after it).
     fn file(&mut self) -> Option<FileRef> {
         let mut f = FileRef::default();
         let mut seen = Seen::default();
-        self.eat(b'{').then_some(())?;
-        if !self.eat(b'}') {
-            loop {
-                match self.raw_str()? {
-                    b"dev" => f.dev = seen.once(0).and_then(|_| self.colon()).and_then(|_| self.string())?,
-                    b"ino" => f.ino = seen.once(1).and_then(|_| self.colon()).and_then(|_| self.uint(u64::MAX))?,
-                    b"fs" => f.fs = seen.once(2).and_then(|_| self.colon()).and_then(|_| self.string())?,
-                    b"index" => f.index = seen.once(3).and_then(|_| self.colon()).and_then(|_| self.or_null(|s| s.uint(u64::MAX)))?,
-                    b"path" => f.path = seen.once(4).and_then(|_| self.colon()).and_then(|_| self.or_null(Scan::string))?,
-                    _ => return None,
-                }
-                if self.eat(b'}') {
-                    break;
-                }
-                self.eat(b',').then_some(())?;
+        self.fields(|s, key| {
+            match key {
+                b"dev" => f.dev = seen.once(0).and_then(|_| s.string())?,
+                b"ino" => f.ino = seen.once(1).and_then(|_| s.uint(u64::MAX))?,
+                b"fs" => f.fs = seen.once(2).and_then(|_| s.string())?,
+                b"index" => f.index = seen.once(3).and_then(|_| s.or_null(|s| s.uint(u64::MAX)))?,
+                b"path" => f.path = seen.once(4).and_then(|_| s.or_null(Scan::string))?,
+                _ => return None,
             }
-        }
+            Some(())
+        })?;
         seen.all(0..=2).then_some(f)
     }
-
-    fn colon(&mut self) -> Option<()> {
-        self.eat(b':').then_some(())
-    }
 }
+
+const FLAGS: [(&[u8], Flag); 4] = [(b"PIN", Flag::Pin), (b"GET", Flag::Get), (b"LONGTERM", Flag::Longterm), (b"WRITE", Flag::Write)];
+const RELEASES: [(&[u8], Release); 4] = [(b"unpin", Release::Unpin), (b"put", Release::Put), (b"freed", Release::Freed), (b"gone", Release::Gone)];
+const SIGNALS: [(&[u8], SignalResult); 3] = [(b"sent", SignalResult::Sent), (b"refused", SignalResult::Refused), (b"exempt", SignalResult::Exempt)];
 
 #[cfg(test)]
 mod tests {
