@@ -264,7 +264,7 @@ fn note_begins(results: &Path, began: &mut Vec<(String, Duration)>, at: Duration
 }
 
 pub fn boot(k: &Kernel, initramfs: &Path, work: &Path, limit: Duration) -> Result<Boot> {
-    boot_with_memory(k, initramfs, work, limit, "1G", None, false)
+    boot_with_memory(k, initramfs, work, limit, "1G", None, false, false)
 }
 
 /// Where a boot's results port is written, as it runs.
@@ -280,7 +280,9 @@ pub fn results_path(work: &Path) -> PathBuf {
 /// `iommu`: a q35 machine with an emulated Intel IOMMU (the guest's `intel_iommu=on`,
 /// other devices passed through) and QEMU's `edu` PCI device for the guest to bind to
 /// vfio-pci: VFIO's DMA mappings pin memory as on a host with a real device.
-pub fn boot_with_memory(k: &Kernel, initramfs: &Path, work: &Path, limit: Duration, memory: &str, forward: Option<u16>, iommu: bool) -> Result<Boot> {
+/// `counted`: the guest's clock counts its instructions (QEMU's -icount), for the bench.
+#[allow(clippy::too_many_arguments)]
+pub fn boot_with_memory(k: &Kernel, initramfs: &Path, work: &Path, limit: Duration, memory: &str, forward: Option<u16>, iommu: bool, counted: bool) -> Result<Boot> {
     let console = work.join("console.log");
     let results = results_path(work);
     let mut qemu = Command::new("qemu-system-x86_64");
@@ -294,6 +296,11 @@ pub fn boot_with_memory(k: &Kernel, initramfs: &Path, work: &Path, limit: Durati
         Some(port) => qemu.args(["-netdev", &format!("user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:9464"), "-device", "virtio-net-pci,netdev=n0"]),
         None => &mut qemu,
     };
+    if counted {
+        // Guest time is the guest's instruction count, 1 ns each, and idle time is
+        // skipped: the host's load moves nothing the guest measures.
+        qemu.args(["-icount", "shift=0,sleep=off"]);
+    }
     let mut child = qemu
         .args(["-accel", "tcg", "-cpu", "max", "-m", memory, "-smp", "2", "-no-reboot", "-display", "none", "-monitor", "none"])
         .arg("-kernel")

@@ -57,6 +57,11 @@ enum Cmd {
         /// Fail when a figure misses its target (README: "What it costs").
         #[arg(long)]
         check: bool,
+        /// The guest's clock: `instructions` (QEMU counts the guest's instructions, 1 ns
+        /// each: the same build gives the same figures whatever the host does) or `host`
+        /// (the host's time, as the emulation runs: it moves with the host's load).
+        #[arg(long, value_enum, default_value_t = bench::Clock::Instructions)]
+        clock: bench::Clock,
     },
     /// Build the Debian package (cargo-deb) into target/package, and check it.
     Package,
@@ -359,7 +364,7 @@ fn lab(names: &[String], bins: &lab::Binaries, tally: &mut Tally) -> Result<()> 
         let (boot, scraped) = std::thread::scope(|scope| {
             let watcher = prometheus.as_ref().ok().map(|p| scope.spawn(|| p.watch(&lab::results_path(&work), &done)));
             let boot = lab::build_initramfs(&k, bins, &script, &work).and_then(|img| {
-                lab::boot_with_memory(&k, &img, &work, BOOT_LIMIT, "1G", prometheus.as_ref().ok().map(|p| p.metrics_port), true)
+                lab::boot_with_memory(&k, &img, &work, BOOT_LIMIT, "1G", prometheus.as_ref().ok().map(|p| p.metrics_port), true, false)
             });
             done.store(true, std::sync::atomic::Ordering::Relaxed);
             (boot, watcher.map(|w| w.join().unwrap_or_default()))
@@ -714,9 +719,9 @@ fn main() -> ExitCode {
                 summary(&t);
                 Ok(t.failed == 0)
             }
-            Cmd::Bench { kernels, rounds, check } => {
+            Cmd::Bench { kernels, rounds, check, clock } => {
                 setup::setup()?;
-                bench::run(&kernels, rounds, check, &mut lab::build_binaries()?)
+                bench::run(&kernels, rounds, check, clock, &mut lab::build_binaries()?)
             }
             Cmd::Package => {
                 setup::setup()?;
