@@ -525,6 +525,21 @@ pub struct ProcPins {
     pub longterm_pages: u64,
 }
 
+/// The counts of one CPU's latest run of quiet GUP calls that kept no reference (direct
+/// I/O into anonymous memory, the commonest call), all by one process, not yet added to
+/// its PROC_PINS entry (map PROC_BATCH, per CPU): the kernel side adds them there when
+/// another process's such call comes to that CPU, and user space adds each CPU's to
+/// its process when it reads PROC_PINS. A run of one process's reads then costs a
+/// per-CPU array lookup a call, not a hash lookup and atomic adds.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct ProcBatch {
+    pub tgid: u32,
+    pub _pad: u32,
+    pub calls: u64,
+    pub pages: u64,
+}
+
 /// Indexes of the CALIB array (vmemmap_base calibration).
 pub mod calib {
     pub const BASE: u32 = 0;
@@ -632,6 +647,7 @@ mod user {
     unsafe impl aya::Pod for PinState {}
     unsafe impl aya::Pod for PinBlock {}
     unsafe impl aya::Pod for ProcPins {}
+    unsafe impl aya::Pod for ProcBatch {}
     unsafe impl aya::Pod for Enforce {}
     unsafe impl aya::Pod for FoundBatch {}
     unsafe impl aya::Pod for FileRef {}

@@ -14,7 +14,7 @@ use pinwatch_common::{
 use crate::{
     maps::{
         atomic_add, count, ARMED, ENFORCE, EXEMPT_CGROUPS, EXEMPT_COMMS, EXEMPT_UIDS, GUP_CALLS, GUP_STACKS, LONGTERM_RELEASED, PINS,
-        PIN_SCRATCH, PROC_PINS, QUIET_GETS, STACK_SCRATCH,
+        PIN_SCRATCH, PROC_BATCH, PROC_PINS, QUIET_GETS, STACK_SCRATCH,
     },
     page::{backing, file_of, folio_head, folio_order, mapping, vmemmap_base, PfnMath},
     pins::{block_pin, pins_insert},
@@ -164,11 +164,12 @@ pub fn exit(raw_ret: u64) {
     record(&call, ret, tgid, tid);
 }
 
-/// Per-process counts of a call that took `pages` pages; `quiet`: the call was not
-/// streamed, and that many of its pages went into PINS as quiet references; `longterm`:
-/// pages taken with FOLL_LONGTERM, all of them, records or not (the enforced figure).
+/// Per-process counts of `calls` calls that took `pages` pages; `quiet`: the calls were
+/// not streamed, and that many of their pages went into PINS as quiet references;
+/// `longterm`: pages taken with FOLL_LONGTERM, all of them, records or not (the enforced
+/// figure).
 #[inline(always)]
-fn count_call(tgid: u32, pages: u64, quiet: Option<u64>, longterm: u64) {
+fn count_call(tgid: u32, calls: u64, pages: u64, quiet: Option<u64>, longterm: u64) {
     let mut p = PROC_PINS.get_ptr_mut(&tgid);
     if p.is_none() {
         // BPF_NOEXIST: two threads of one process racing here both end up adding to
@@ -181,10 +182,12 @@ fn count_call(tgid: u32, pages: u64, quiet: Option<u64>, longterm: u64) {
         return;
     };
     unsafe {
-        atomic_add(&mut (*p).calls, 1);
+        atomic_add(&mut (*p).calls, calls);
         atomic_add(&mut (*p).pages, pages);
         if let Some(held) = quiet {
-            atomic_add(&mut (*p).quiet_held, held);
+            if held != 0 {
+                atomic_add(&mut (*p).quiet_held, held);
+            }
         } else {
             atomic_add(&mut (*p).streamed_calls, 1);
         }
@@ -252,7 +255,34 @@ fn track_quietly(call: &GupCall, ret: i64, tgid: u32, ts: u64) {
         }
         tracked += quiet_chunk(call.pages + base * 8, n - base, tgid as u64, flags, ts);
     }
-    count_call(tgid, n, Some(tracked), 0);
+    if tracked == 0 {
+        count_batched(tgid, n);
+    } else {
+        count_call(tgid, 1, n, Some(tracked), 0);
+    }
+}
+
+/// The counts of a quiet call that kept no reference, into this CPU's run of one
+/// process's calls (PROC_BATCH), which goes into PROC_PINS when another process's call
+/// comes: one array lookup for the commonest call, where PROC_PINS costs a hash lookup
+/// and atomic adds. Plain adds: no other CPU writes this CPU's slot, and GUP return
+/// programs nest on one CPU only when a GUP-fast-only call runs in an NMI (perf's
+/// physical-address sampling) in the middle of this, where a count can be lost. These
+/// are statistics; quiet_held, which releases take back, never goes through here.
+#[inline(always)]
+fn count_batched(tgid: u32, pages: u64) {
+    let Some(b) = PROC_BATCH.get_ptr_mut(0) else { return };
+    let b = unsafe { &mut *b };
+    if b.tgid != tgid {
+        if b.calls != 0 {
+            count_call(b.tgid, b.calls, b.pages, Some(0), 0);
+        }
+        b.tgid = tgid;
+        b.calls = 0;
+        b.pages = 0;
+    }
+    b.calls += 1;
+    b.pages += pages;
 }
 
 /// Pages one GUP call may have tracked: MAX_CHUNKS records of PFNS_PER_RECORD.
@@ -329,7 +359,7 @@ fn record(call: &GupCall, ret: i64, tgid: u32, tid: u32) {
     }
     let flags = call.gup_flags as u64 | if is_pin(call.hook) { PIN_REF } else { 0 };
     let longterm = call.gup_flags as u64 & unsafe { core::ptr::read_volatile(&FOLL_LONGTERM) } != 0;
-    count_call(tgid, n.min(MAX_PAGES), None, if longterm { n } else { 0 });
+    count_call(tgid, 1, n.min(MAX_PAGES), None, if longterm { n } else { 0 });
     if longterm {
         rec.header.flags |= enforce(tgid);
     }

@@ -4,7 +4,7 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
-use pinwatch_common::{calib, counter, Enforce, FoundBatch, GupCall, KernelStack, PageRecord, PinBlock, PinRecord, PinState, ProcPins, ReleaseRecord};
+use pinwatch_common::{calib, counter, Enforce, FoundBatch, GupCall, KernelStack, PageRecord, PinBlock, PinRecord, PinState, ProcBatch, ProcPins, ReleaseRecord};
 
 /// Records to user space. User space sizes it at load (kernel::load::ring_bytes): 8 MiB
 /// when recording, about 25,000 one-page pin records, several seconds of a heavy
@@ -114,6 +114,11 @@ pub static EXEMPT_COMMS: HashMap<[u8; 16], u8> = HashMap::with_max_entries(64, 0
 /// preallocated: load::task_capacity); past that counted (PROC_MAP_FULL).
 #[map]
 pub static PROC_PINS: HashMap<u32, ProcPins> = HashMap::with_max_entries(8192, 0);
+
+/// Each CPU's run of one process's quiet calls that kept no reference, not yet in
+/// PROC_PINS (see pinwatch_common::ProcBatch).
+#[map]
+pub static PROC_BATCH: PerCpuArray<ProcBatch> = PerCpuArray::with_max_entries(1, 0);
 
 /// The start-up scan's batch (see found.rs): written and read back by user space around
 /// each test run of found_pfns.

@@ -9,7 +9,7 @@ use aya::{
     programs::{FEntry, KProbe, Program, RawTracePoint},
     Btf, Ebpf, EbpfLoader,
 };
-use pinwatch_common::{counter, globals, ProcPins};
+use pinwatch_common::{counter, globals, ProcBatch, ProcPins};
 
 use super::{
     btf::{self, Layouts},
@@ -560,18 +560,23 @@ impl Kernel {
         Ok(short)
     }
 
-    /// Every process's GUP counts (PROC_PINS), and which of them were deleted now:
-    /// processes that are gone and hold nothing unstreamed, so the map holds the living.
+    /// Every process's GUP counts (PROC_PINS, and each CPU's run not yet in it:
+    /// PROC_BATCH), and which of them were deleted now: processes that are gone and
+    /// hold nothing unstreamed, so the map holds the living.
     pub fn proc_pins(&mut self) -> Result<(HashMap<u32, ProcPins>, Vec<u32>)> {
         let map = self.ebpf.map_mut("PROC_PINS").ok_or_else(|| anyhow!("map PROC_PINS missing"))?;
         let mut m: aya::maps::HashMap<_, u32, ProcPins> = aya::maps::HashMap::try_from(map)?;
-        let all: HashMap<u32, ProcPins> = m.iter().filter_map(|r| r.ok()).collect();
+        let mut all: HashMap<u32, ProcPins> = m.iter().filter_map(|r| r.ok()).collect();
         let mut gone = Vec::new();
         for (tgid, p) in &all {
             if p.quiet_held == 0 && !std::path::Path::new(&format!("/proc/{tgid}")).exists() && m.remove(tgid).is_ok() {
                 gone.push(*tgid);
             }
         }
+        let map = self.ebpf.map("PROC_BATCH").ok_or_else(|| anyhow!("map PROC_BATCH missing"))?;
+        let batches: aya::maps::PerCpuArray<_, ProcBatch> = aya::maps::PerCpuArray::try_from(map)?;
+        let runs = batches.get(&0, 0).context("reading PROC_BATCH")?;
+        add_batches(&mut all, &gone, runs.iter());
         Ok((all, gone))
     }
 
@@ -681,6 +686,18 @@ fn calibrate_vmemmap(layouts: &Layouts) -> Result<u64> {
         .load(OBJECT)
         .map_err(|e| anyhow!("loading the eBPF object for calibration: {}", error_chain(&e)))?;
     super::calibrate::vmemmap_base(&mut ebpf)
+}
+
+/// Adds each CPU's run of calls not yet in PROC_PINS to its process's counts. Not to a
+/// process deleted from the map in this same read: its counts end now (the session adds
+/// them to the totals of ended processes), and the run, when the kernel side adds it to
+/// PROC_PINS later, comes back as a new entry that ends in its turn, counted once.
+fn add_batches<'a>(all: &mut HashMap<u32, ProcPins>, gone: &[u32], runs: impl Iterator<Item = &'a ProcBatch>) {
+    for b in runs.filter(|b| b.calls != 0 && !gone.contains(&b.tgid)) {
+        let p = all.entry(b.tgid).or_default();
+        p.calls += b.calls;
+        p.pages += b.pages;
+    }
 }
 
 /// Drop counters summed over CPUs, indexed by pinwatch_common::counter.
@@ -869,6 +886,23 @@ mod tests {
         assert_eq!(declared("GUP_CALLS"), Some(DECLARED_CALLS));
         assert_eq!(declared("RELEASE_DEPTH"), Some(DECLARED_CALLS));
         assert_eq!(declared("PROC_PINS"), Some(DECLARED_PROCS));
+    }
+
+    #[test]
+    fn each_cpus_run_adds_to_its_process_unless_it_ended_now() {
+        let mut all = HashMap::from([(10, ProcPins { calls: 5, pages: 9, quiet_held: 2, ..Default::default() }), (11, ProcPins { calls: 1, pages: 1, ..Default::default() })]);
+        let runs = [
+            ProcBatch { tgid: 10, calls: 3, pages: 3, ..Default::default() },
+            ProcBatch { tgid: 12, calls: 7, pages: 70, ..Default::default() },
+            ProcBatch { tgid: 11, calls: 4, pages: 4, ..Default::default() },
+            ProcBatch::default(),
+            ProcBatch { tgid: 10, calls: 1, pages: 2, ..Default::default() },
+        ];
+        add_batches(&mut all, &[11], runs.iter());
+        assert_eq!((all[&10].calls, all[&10].pages, all[&10].quiet_held), (9, 14, 2), "two CPUs' runs added, held untouched");
+        assert_eq!((all[&12].calls, all[&12].pages), (7, 70), "a process only a run knows of");
+        assert_eq!((all[&11].calls, all[&11].pages), (1, 1), "the run of a process that ended now waits for its entry");
+        assert!(!all.contains_key(&0), "an empty slot adds nothing");
     }
 
     #[test]
