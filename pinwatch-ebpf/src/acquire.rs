@@ -427,11 +427,11 @@ pub extern "C" fn pin_chunk(slots: u64, left: u64, level: u64, chunk: u64, flags
 #[inline(never)]
 pub extern "C" fn pin_page(slot: u64, base: u64, tgid: u64, flags: u64, ts: u64) -> u64 {
     let page = unsafe { bpf_probe_read_kernel(slot as *const u64) }.unwrap_or(0);
-    let head = PfnMath::with_base(base).head(page);
+    let (head, head_mapping) = PfnMath::with_base(base).head_and_mapping(page);
     let quiet = flags & QUIET_REF != 0;
     // A transient pin of anonymous memory has no file behind it to tear: while
     // monitoring it is counted, not watched (see track_quietly).
-    if quiet && mapping(head) & MAPPING_ANON != 0 {
+    if quiet && head_mapping & MAPPING_ANON != 0 {
         return UNTRACKED;
     }
     let base = if base != BASE_LATER { base } else { vmemmap_base() };

@@ -162,6 +162,24 @@ impl PfnMath {
         self.base
     }
 
+    /// The folio head of a page pointer and the head's `mapping`. Where compound_head
+    /// and mapping lie in the struct page's first 32 bytes (offsets 8 and 24: every
+    /// x86-64 kernel from 5.10 on), one read of those bytes answers for a page that is
+    /// its own head, the common case: a small folio. A tail page, or under the HugeTLB
+    /// vmemmap optimization a struct page that starts a vmemmap page (it may read as a
+    /// head and be a tail: unfake), goes the long way, head then mapping.
+    #[inline(always)]
+    pub fn head_and_mapping(&self, page: u64) -> (u64, u64) {
+        if self.head_off == 8 && global(&PAGE_MAPPING_OFF) == 24 {
+            let w: [u64; 4] = unsafe { bpf_probe_read_kernel(page as *const [u64; 4]) }.unwrap_or([0; 4]);
+            if w[1] & 1 == 0 && (global(&FAKE_HEADS) == 0 || page & 4095 != 0) {
+                return (page, w[3]);
+            }
+        }
+        let head = self.head(page);
+        (head, mapping(head))
+    }
+
     /// The folio head of a page pointer.
     #[inline(always)]
     pub fn head(&self, page: u64) -> u64 {
