@@ -51,7 +51,8 @@ enum Cmd {
         #[arg(long = "kernel", default_values_t = ["6.12".to_string()])]
         kernels: Vec<String>,
         /// Rounds, each running every mode once in a rotated order (medians are
-        /// reported; under TCG rounds of one mode scatter by 15-25%).
+        /// reported; under the instruction clock rounds agree within 1%, under the
+        /// host's clock they scatter by 15-25%).
         #[arg(long, default_value_t = 5)]
         rounds: usize,
         /// Fail when a figure misses its target (README: "What it costs").
