@@ -294,23 +294,37 @@ impl Stat {
     }
 }
 
-/// ns per op of every good round of `mode` for `bench`; what went wrong into `problems`
-/// (reading the mean: each round's trouble is said once).
-fn per_op(results: &BTreeMap<String, Recorded>, mode: &str, bench: &str, rounds: usize, stat: Stat, problems: &mut Vec<String>) -> Vec<f64> {
-    let mut out = Vec::new();
-    let mut quiet = Vec::new();
-    let problems = if stat == Stat::Mean { problems } else { &mut quiet };
+/// ns per op of every good round of one mode for one workload, read both ways.
+#[derive(Debug, Default, PartialEq)]
+pub struct PerOp {
+    mean: Vec<f64>,
+    /// Only the rounds whose line gives its median op.
+    median: Vec<f64>,
+}
+
+impl PerOp {
+    fn get(&self, stat: Stat) -> &[f64] {
+        match stat {
+            Stat::Mean => &self.mean,
+            Stat::Median => &self.median,
+        }
+    }
+}
+
+/// Every good round of `mode` for `bench`, each line read once; what went wrong into
+/// `problems`, once per round.
+fn per_op(results: &BTreeMap<String, Recorded>, mode: &str, bench: &str, rounds: usize, problems: &mut Vec<String>) -> PerOp {
+    let mut out = PerOp::default();
     for r in 1..=rounds {
         let name = format!("{mode}-{r}");
         let Some(rec) = good_run(results, &name, mode, problems) else { continue };
-        let v = measures(rec).get(bench).and_then(|m| match stat {
-            Stat::Mean => Some(m["ns"].as_f64()? / m["ops"].as_f64()?),
-            Stat::Median => m["p50_ns"].as_f64(),
-        });
-        match v {
-            Some(v) => out.push(v),
-            None => problems.push(format!("{name}: no {bench} measure")),
-        }
+        let measures = measures(rec);
+        let Some(m) = measures.get(bench) else {
+            problems.push(format!("{name}: no {bench} measure"));
+            continue;
+        };
+        out.mean.push(m["ns"].as_f64().unwrap_or(f64::NAN) / m["ops"].as_f64().unwrap_or(f64::NAN));
+        out.median.extend(m["p50_ns"].as_f64());
     }
     out
 }
@@ -598,27 +612,19 @@ fn footprint(results: &BTreeMap<String, Recorded>, run: &str, mode: &str) -> Res
 pub fn report(kernel: &str, rounds: usize, results: &BTreeMap<String, Recorded>) -> (Value, Vec<String>) {
     let mut problems = Vec::new();
     let mut report = json!({"kernel": kernel, "rounds": rounds, "workloads": {}, "workloads_p50": {}, "stats": {}});
-    for stat in [Stat::Mean, Stat::Median] {
-        for (bench, what) in WORKLOADS {
-            let mut medians = BTreeMap::new();
-            let mut all = BTreeMap::new();
-            let mut noise = 0.0;
-            for m in MODES {
-                let runs = per_op(results, m, bench, rounds, stat, &mut problems);
-                if m == "base" {
-                    noise = scatter(&runs);
-                }
-                medians.insert(m, median(runs.clone()));
-                all.insert(m, runs);
-            }
+    for (bench, what) in WORKLOADS {
+        let runs: BTreeMap<&str, PerOp> = MODES.iter().map(|m| (*m, per_op(results, m, bench, rounds, &mut problems))).collect();
+        for stat in [Stat::Mean, Stat::Median] {
+            let medians: BTreeMap<&str, Option<f64>> = runs.iter().map(|(m, r)| (*m, median(r.get(stat).to_vec()))).collect();
+            let noise = runs.get("base").map(|r| scatter(r.get(stat))).unwrap_or(0.0);
             let mut f = figures(&medians, noise);
             f["what"] = json!(what);
             // Every round's figure, in round order (for reading the scatter).
-            for (m, runs) in all {
-                if m == "base" {
-                    f["baseline_rounds_ns"] = json!(runs);
+            for (m, r) in &runs {
+                if *m == "base" {
+                    f["baseline_rounds_ns"] = json!(r.get(stat));
                 } else {
-                    f[m]["rounds_ns"] = json!(runs);
+                    f[*m]["rounds_ns"] = json!(r.get(stat));
                 }
             }
             report[stat.key()][bench] = f;
@@ -817,20 +823,23 @@ mod tests {
         // monitoring reads its loss from top's last refresh
         results.insert("monitor-fentry-1".to_string(), rec(&[&line(1500)], 0, Some(json!({"lost_events":2}))));
         let mut problems = Vec::new();
-        assert_eq!(per_op(&results, "base", "dio", 1, Stat::Mean, &mut problems), vec![100.0]);
-        assert_eq!(per_op(&results, "record-fentry", "dio", 2, Stat::Mean, &mut problems), vec![200.0]);
-        assert_eq!(per_op(&results, "monitor-fentry", "dio", 1, Stat::Mean, &mut problems), Vec::<f64>::new());
+        let mean = |r: PerOp| r.get(Stat::Mean).to_vec();
+        assert_eq!(mean(per_op(&results, "base", "dio", 1, &mut problems)), vec![100.0]);
+        assert_eq!(mean(per_op(&results, "record-fentry", "dio", 2, &mut problems)), vec![200.0]);
+        assert_eq!(mean(per_op(&results, "monitor-fentry", "dio", 1, &mut problems)), Vec::<f64>::new());
         assert_eq!(problems, vec!["record-fentry-2: pinwatch lost 3 record(s)".to_string(), "monitor-fentry-1: pinwatch lost 2 record(s)".to_string()]);
         // a round that failed, or never ran, is a problem too
         let mut problems = Vec::new();
         results.insert("base-2".to_string(), rec(&[], 1, None));
-        assert!(per_op(&results, "base", "dio", 3, Stat::Mean, &mut problems).len() == 1 && problems.len() == 2, "{problems:?}");
+        assert!(mean(per_op(&results, "base", "dio", 3, &mut problems)).len() == 1 && problems.len() == 2, "{problems:?}");
         // the median op is the line's own figure; a line without one gives none, and the
-        // rounds' trouble is said once, by the mean
+        // rounds' trouble is said once
         results.insert("base-3".to_string(), rec(&["PINWATCH-BENCH {\"bench\":\"dio\",\"ops\":10,\"ns\":1000,\"p50_ns\":70}"], 0, None));
         let mut problems = Vec::new();
-        assert_eq!(per_op(&results, "base", "dio", 3, Stat::Median, &mut problems), vec![70.0]);
-        assert!(problems.is_empty(), "{problems:?}");
+        let both = per_op(&results, "base", "dio", 3, &mut problems);
+        assert_eq!(both.get(Stat::Median), &[70.0]);
+        assert_eq!(both.get(Stat::Mean), &[100.0, 100.0]);
+        assert_eq!(problems, vec!["base-2: exit Some(1): []".to_string()], "{problems:?}");
     }
 
     #[test]
