@@ -611,6 +611,10 @@ pub mod globals {
     /// path and pin_user_pages_unlocked call get_user_pages_unlocked): an fexit
     /// program then handles a monitored call from its own arguments, with no call map.
     pub const GUP_UNNESTED: &str = "GUP_UNNESTED";
+    /// 1 where the kernel has bpf_get_func_arg (5.17+, inlined by its verifier): fentry
+    /// and fexit programs read pointer arguments with it instead of
+    /// bpf_probe_read_kernel.
+    pub const FUNC_ARG_INLINED: &str = "FUNC_ARG_INLINED";
     /// 1: every program returns at once (the bench's floor: the cost of the hooks alone).
     pub const FLOOR: &str = "FLOOR";
     /// Unread bytes in the ring past which every record wakes the reader.

@@ -64,14 +64,24 @@ pub struct Layout {
     pub pages: usize,
 }
 
+/// A GUP call's arguments, read at its hook's Layout positions.
+#[derive(Copy, Clone)]
+pub struct GupArgs {
+    pub start: u64,
+    pub nr_pages: u64,
+    pub gup_flags: u64,
+    pub pages: u64,
+}
+
 pub const LAYOUT_PLAIN: Layout = Layout { start: 0, nr_pages: 1, gup_flags: 2, pages: 3 };
 pub const LAYOUT_REMOTE: Layout = Layout { start: 1, nr_pages: 2, gup_flags: 3, pages: 4 };
 pub const LAYOUT_UNLOCKED: Layout = Layout { start: 0, nr_pages: 1, gup_flags: 3, pages: 2 };
 
-/// Called on entry with the arguments already read at `Layout` positions (for a call
-/// that goes through the call map: not a mapless one under fentry).
+/// Called on entry with the call's arguments (for a call that goes through the call
+/// map: not a mapless one under fentry).
 #[inline(always)]
-pub fn enter<C: EbpfContext>(ctx: &C, hook: Hook, start: u64, nr_pages: u64, gup_flags: u64, pages: u64) {
+pub fn enter<C: EbpfContext>(ctx: &C, hook: Hook, a: GupArgs) {
+    let GupArgs { start, nr_pages, gup_flags, pages } = a;
     let (tgid, tid) = current();
     if is_self(tgid) || !armed() {
         return;
@@ -127,21 +137,20 @@ fn is_pin(hook: u16) -> bool {
 }
 
 /// An fexit program's return of a mapless call (see mapless), which its entry program
-/// left to it: the arguments `a` at `l` positions and the raw return value.
+/// left to it: the call's arguments and the raw return value.
 #[inline(always)]
-pub fn exit_mapless(hook: Hook, a: [u64; 5], l: Layout, raw_ret: u64) {
-    let gup_flags = a[l.gup_flags];
+pub fn exit_mapless(hook: Hook, a: GupArgs, raw_ret: u64) {
     let (tgid, _) = current();
-    if a[l.pages] == 0 || is_self(tgid) || !armed() {
+    if a.pages == 0 || is_self(tgid) || !armed() {
         return;
     }
     let call = GupCall {
         hook: hook as u16,
         depth: 0,
-        gup_flags: gup_flags as u32,
-        pages: a[l.pages],
-        start: a[l.start],
-        nr_requested: a[l.nr_pages],
+        gup_flags: a.gup_flags as u32,
+        pages: a.pages,
+        start: a.start,
+        nr_requested: a.nr_pages,
     };
     let ret = if returns_int(call.hook) { raw_ret as i32 as i64 } else { raw_ret as i64 };
     track_quietly(&call, ret, tgid, CLOCK_LATER);

@@ -37,8 +37,16 @@ use aya_ebpf::{
 };
 use pinwatch_common::{page_op, release as rel, Hook};
 
-use acquire::{Layout, LAYOUT_PLAIN, LAYOUT_REMOTE, LAYOUT_UNLOCKED};
+use acquire::{GupArgs, Layout, LAYOUT_PLAIN, LAYOUT_REMOTE, LAYOUT_UNLOCKED};
 use page::PageArg;
+
+/// 1 where the kernel has bpf_get_func_arg (5.17+), which its verifier inlines into a
+/// few loads: an fentry or fexit program then reads a pointer argument with no helper
+/// call. Before, bpf_probe_read_kernel, which cost more than the rest of the unpin and
+/// dirtying programs together (87 instructions a read on 6.12). The branch is on a
+/// frozen global: the verifier of a kernel without the helper never sees the call.
+#[no_mangle]
+static FUNC_ARG_INLINED: u64 = 0;
 
 /// Argument n of the hooked function as a u64, whichever way the program attached.
 trait Args {
@@ -50,10 +58,11 @@ trait Args {
     fn scalar(&self, n: usize) -> u64 {
         self.a(n)
     }
-    /// The first five arguments at once.
+    /// A GUP call's arguments at `l` positions: start, nr_pages and gup_flags are
+    /// integers, pages a pointer.
     #[inline(always)]
-    fn first5(&self) -> [u64; 5] {
-        [self.a(0), self.a(1), self.a(2), self.a(3), self.a(4)]
+    fn gup_args(&self, l: Layout) -> GupArgs {
+        GupArgs { start: self.scalar(l.start), nr_pages: self.scalar(l.nr_pages), gup_flags: self.scalar(l.gup_flags), pages: self.a(l.pages) }
     }
 }
 impl Args for ProbeContext {
@@ -65,24 +74,40 @@ impl Args for ProbeContext {
 }
 impl Args for FEntryContext {
     const ARGS_AT_RETURN: bool = true;
-    /// Read as raw memory, not through the BTF-typed context: the verifier refuses
-    /// loads of `struct page **` arguments and arithmetic on typed `folio *` ones,
-    /// while a scalar copy of the same slot is fine on every kernel from 5.10.
     #[inline(always)]
     fn a(&self, n: usize) -> u64 {
-        let slot = unsafe { (aya_ebpf::EbpfContext::as_ptr(self) as *const u64).add(n) };
-        unsafe { aya_ebpf::helpers::bpf_probe_read_kernel(slot) }.unwrap_or(0)
+        trampoline_arg(aya_ebpf::EbpfContext::as_ptr(self), n)
     }
     #[inline(always)]
     fn scalar(&self, n: usize) -> u64 {
         frame_word(aya_ebpf::EbpfContext::as_ptr(self), n)
     }
-    /// One helper call instead of five. Slots past the function's arguments are other
-    /// words of the trampoline's frame, read harmlessly and never used.
+}
+impl Args for FExitContext {
+    const ARGS_AT_RETURN: bool = true;
     #[inline(always)]
-    fn first5(&self) -> [u64; 5] {
-        frame5(aya_ebpf::EbpfContext::as_ptr(self))
+    fn a(&self, n: usize) -> u64 {
+        trampoline_arg(aya_ebpf::EbpfContext::as_ptr(self), n)
     }
+    #[inline(always)]
+    fn scalar(&self, n: usize) -> u64 {
+        frame_word(aya_ebpf::EbpfContext::as_ptr(self), n)
+    }
+}
+
+/// Argument n of an fentry or fexit program, pointer or not, as a plain number. Not
+/// loaded from the BTF-typed context: the verifier refuses loads of `struct page **`
+/// arguments and arithmetic on typed `folio *` ones. bpf_get_func_arg gives a scalar
+/// copy of the slot where the kernel has it; before 5.17, bpf_probe_read_kernel.
+#[inline(always)]
+fn trampoline_arg(ctx: *mut core::ffi::c_void, n: usize) -> u64 {
+    if unsafe { core::ptr::read_volatile(&FUNC_ARG_INLINED) } != 0 {
+        let mut v = 0u64;
+        unsafe { aya_ebpf::helpers::generated::bpf_get_func_arg(ctx, n as u32, &mut v) };
+        return v;
+    }
+    let slot = unsafe { (ctx as *const u64).add(n) };
+    unsafe { aya_ebpf::helpers::bpf_probe_read_kernel(slot) }.unwrap_or(0)
 }
 
 /// Word n of an fentry or fexit trampoline's frame, loaded from the context, which the
@@ -90,13 +115,6 @@ impl Args for FEntryContext {
 #[inline(always)]
 fn frame_word(ctx: *mut core::ffi::c_void, n: usize) -> u64 {
     unsafe { *(ctx as *const u64).add(n) }
-}
-
-/// The first five words of an fentry or fexit trampoline's frame: the arguments, the
-/// return value after them (fexit). One helper call.
-#[inline(always)]
-fn frame5(ctx: *mut core::ffi::c_void) -> [u64; 5] {
-    unsafe { aya_ebpf::helpers::bpf_probe_read_kernel(ctx as *const [u64; 5]) }.unwrap_or([0; 5])
 }
 
 /// A kprobe and its fentry twin with one body; `$c` is the context in the body.
@@ -129,8 +147,7 @@ fn gup_enter<C: Args + aya_ebpf::EbpfContext>(c: &C, hook: Hook, l: Layout) {
     if C::ARGS_AT_RETURN && acquire::mapless(c.scalar(l.gup_flags)) {
         return;
     }
-    let a = c.first5();
-    acquire::enter(c, hook, a[l.start], a[l.nr_pages], a[l.gup_flags], a[l.pages]);
+    acquire::enter(c, hook, c.gup_args(l));
 }
 
 // ---- acquire: one entry program per hook (the hook id is its identity).
@@ -154,7 +171,7 @@ pub fn gup_return(ctx: RetProbeContext) -> u32 {
 }
 
 /// fexit of a GUP function with `$n` arguments: the return value is slot `$n`. The
-/// frame is read whole only for a mapless call, which has nothing in the call map.
+/// arguments are read only for a mapless call, which has nothing in the call map.
 macro_rules! gup_fexit {
     ($name:ident, $sym:literal, $n:literal, $hook:expr, $layout:expr) => {
         #[fexit(function = $sym)]
@@ -162,10 +179,9 @@ macro_rules! gup_fexit {
             if record::floor() {
                 return 0;
             }
-            let frame = aya_ebpf::EbpfContext::as_ptr(&ctx);
-            let ret = ctx.arg::<u64>($n);
-            if acquire::mapless(frame_word(frame, $layout.gup_flags)) {
-                acquire::exit_mapless($hook, frame5(frame), $layout, ret);
+            let ret = ctx.scalar($n);
+            if acquire::mapless(ctx.scalar($layout.gup_flags)) {
+                acquire::exit_mapless($hook, ctx.gup_args($layout), ret);
             } else {
                 acquire::exit(ret);
             }
@@ -210,24 +226,24 @@ twins!(unpin_user_page, fentry_unpin_user_page, "unpin_user_page", |c| {
     release::folio_refs(Hook::UnpinUserPage as u16, rel::UNPIN, PageArg::Page(c.a(0)), 1, true)
 });
 twins!(unpin_user_pages, fentry_unpin_user_pages, "unpin_user_pages", |c| unpin(|| {
-    release::page_array(Hook::UnpinUserPages as u16, rel::UNPIN, c.a(0), c.a(1), 0)
+    release::page_array(Hook::UnpinUserPages as u16, rel::UNPIN, c.a(0), c.scalar(1), 0)
 }));
 twins!(unpin_user_pages_dirty_lock, fentry_unpin_user_pages_dirty_lock, "unpin_user_pages_dirty_lock", |c| unpin(|| {
-    let dirty = (c.a(2) & 0xff != 0) as u16;
-    release::page_array(Hook::UnpinUserPagesDirtyLock as u16, rel::UNPIN, c.a(0), c.a(1), dirty)
+    let dirty = (c.scalar(2) & 0xff != 0) as u16;
+    release::page_array(Hook::UnpinUserPagesDirtyLock as u16, rel::UNPIN, c.a(0), c.scalar(1), dirty)
 }));
 twins!(unpin_user_page_range_dirty_lock, fentry_unpin_user_page_range_dirty_lock, "unpin_user_page_range_dirty_lock", |c| unpin_leaf(|| {
-    let dirty = (c.a(2) & 0xff != 0) as u16;
-    release::page_range(Hook::UnpinUserPageRangeDirtyLock as u16, c.a(0), c.a(1), dirty)
+    let dirty = (c.scalar(2) & 0xff != 0) as u16;
+    release::page_range(Hook::UnpinUserPageRangeDirtyLock as u16, c.a(0), c.scalar(1), dirty)
 }));
 twins!(unpin_folio, fentry_unpin_folio, "unpin_folio", |c| {
     release::folio_refs(Hook::UnpinFolio as u16, rel::UNPIN, PageArg::Folio(c.a(0)), 1, true)
 });
 twins!(unpin_folios, fentry_unpin_folios, "unpin_folios", |c| unpin_leaf(|| {
-    release::page_array(Hook::UnpinFolios as u16, rel::UNPIN, c.a(0), c.a(1), 0)
+    release::page_array(Hook::UnpinFolios as u16, rel::UNPIN, c.a(0), c.scalar(1), 0)
 }));
 twins!(unpin_user_folio, fentry_unpin_user_folio, "unpin_user_folio", |c| {
-    release::folio_refs(Hook::UnpinUserFolio as u16, rel::UNPIN, PageArg::Folio(c.a(0)), c.a(1) & 0xffff_ffff, true)
+    release::folio_refs(Hook::UnpinUserFolio as u16, rel::UNPIN, PageArg::Folio(c.a(0)), c.scalar(1) & 0xffff_ffff, true)
 });
 
 #[kretprobe]
@@ -256,10 +272,10 @@ unpin_fexit!(fexit_unpin_user_pages_dirty_lock, "unpin_user_pages_dirty_lock");
 
 // ---- FOLL_GET releases we can see, and the page-free safety net.
 twins!(bio_release_pages, fentry_bio_release_pages, "bio_release_pages", |c| {
-    release::bio(Hook::BioReleasePages as u16, c.a(0), (c.a(1) & 0xff != 0) as u16)
+    release::bio(Hook::BioReleasePages as u16, c.a(0), (c.scalar(1) & 0xff != 0) as u16)
 });
 twins!(__bio_release_pages, fentry___bio_release_pages, "__bio_release_pages", |c| {
-    release::bio(Hook::UnderscoreBioReleasePages as u16, c.a(0), (c.a(1) & 0xff != 0) as u16)
+    release::bio(Hook::UnderscoreBioReleasePages as u16, c.a(0), (c.scalar(1) & 0xff != 0) as u16)
 });
 twins!(page_cache_pipe_buf_release, fentry_page_cache_pipe_buf_release, "page_cache_pipe_buf_release", |c| {
     release::pipe_buf(Hook::PageCachePipeBufRelease as u16, c.a(1))

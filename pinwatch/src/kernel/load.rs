@@ -259,6 +259,8 @@ impl Kernel {
         // Hooked GUP functions nest until 6.2 (KERNEL-NOTES): only then may a monitored
         // call skip the call map.
         let gup_unnested = super::release_at_least(&release, 6, 2) as u64;
+        // bpf_get_func_arg came in 5.17 (f92c1e183604), inlined by the verifier from then.
+        let func_arg_inlined = super::release_at_least(&release, 5, 17) as u64;
         let struct_page_shift = struct_page_shift(layouts.struct_page_size);
         let ring = ring_bytes(streaming);
         let wake_above = ring as u64 / 4;
@@ -298,6 +300,7 @@ impl Kernel {
             .override_global(globals::FLOOR, &floor, true)
             .override_global(globals::FOLL_LONGTERM, &foll_longterm, true)
             .override_global(globals::GUP_UNNESTED, &gup_unnested, true)
+            .override_global(globals::FUNC_ARG_INLINED, &func_arg_inlined, true)
             .override_global(globals::WAKE_ABOVE, &wake_above, true)
             .map_max_entries("PINS", pin_map_capacity)
             .map_max_entries("PIN_BLOCKS", block_capacity)
