@@ -611,6 +611,9 @@ pub mod globals {
     /// path and pin_user_pages_unlocked call get_user_pages_unlocked): an fexit
     /// program then handles a monitored call from its own arguments, with no call map.
     pub const GUP_UNNESTED: &str = "GUP_UNNESTED";
+    /// 1 where the kernel has BPF_CMPXCHG (5.12+): GUP calls in flight go into a slot
+    /// of their thread first (CALL_SLOTS), the hash map only when it is taken.
+    pub const CALL_SLOTS_ON: &str = "CALL_SLOTS_ON";
     /// 1 where the kernel has bpf_get_func_arg (5.17+, inlined by its verifier): fentry
     /// and fexit programs read pointer arguments with it instead of
     /// bpf_probe_read_kernel.

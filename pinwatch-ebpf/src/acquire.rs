@@ -13,7 +13,7 @@ use pinwatch_common::{
 
 use crate::{
     maps::{
-        atomic_add, count, ARMED, ENFORCE, EXEMPT_CGROUPS, EXEMPT_COMMS, EXEMPT_UIDS, GUP_CALLS, GUP_STACKS, LONGTERM_RELEASED, PINS,
+        atomic_add, compare_exchange, count, CallSlot, ARMED, CALL_SLOTS, CALL_SLOTS_N, ENFORCE, EXEMPT_CGROUPS, EXEMPT_COMMS, EXEMPT_UIDS, GUP_CALLS, GUP_STACKS, LONGTERM_RELEASED, PINS,
         PIN_SCRATCH, PROC_BATCH, PROC_PINS, QUIET_GETS, STACK_SCRATCH,
     },
     page::{backing, file_of, folio_head, folio_order, mapping, vmemmap_base, PfnMath},
@@ -26,6 +26,65 @@ static FOLL_LONGTERM: u64 = 0;
 /// 1 where no hooked GUP function calls another (6.2+, pinwatch_common::globals).
 #[no_mangle]
 static GUP_UNNESTED: u64 = 0;
+
+/// 1 where the kernel has BPF_CMPXCHG (5.12+): calls go into CALL_SLOTS first.
+#[no_mangle]
+static CALL_SLOTS_ON: u64 = 0;
+
+/// The call slot of thread `tid` (maps::CALL_SLOTS), where the kernel has them. The
+/// branch is on a frozen global: before 5.12 the verifier never sees the
+/// compare-and-swap.
+#[inline(always)]
+fn call_slot(tid: u32) -> Option<*mut CallSlot> {
+    if unsafe { core::ptr::read_volatile(&CALL_SLOTS_ON) } == 0 {
+        return None;
+    }
+    CALL_SLOTS.get_ptr_mut(tid & (CALL_SLOTS_N - 1))
+}
+
+/// A call slot's owner value for thread `tid` (0 is a free slot; the idle task's tid is 0).
+#[inline(always)]
+fn owner(tid: u32) -> u64 {
+    tid as u64 + 1
+}
+
+/// Thread `tid`'s call slot, if the thread holds it.
+#[inline(always)]
+fn own_slot(tid: u32) -> Option<*mut CallSlot> {
+    call_slot(tid).filter(|s| unsafe { core::ptr::read_volatile(&(**s).owner) } == owner(tid))
+}
+
+/// Takes thread `tid`'s slot for `call` if it is free and no outer call of the thread
+/// is in GUP_CALLS (before 6.2 hooked GUP calls nest, and an outer call that found the
+/// slot taken went to the map: this one then joins it there as nested).
+#[inline(always)]
+fn take_slot(tid: u32, call: &GupCall) -> bool {
+    let Some(s) = call_slot(tid) else { return false };
+    let unnested = unsafe { core::ptr::read_volatile(&GUP_UNNESTED) } != 0;
+    if !unnested && GUP_CALLS.get_ptr(&tid).is_some() {
+        return false;
+    }
+    if !compare_exchange(unsafe { &mut (*s).owner }, 0, owner(tid)) {
+        return false;
+    }
+    // Every field but the depth, which is 0 in a free slot (one is given back only at
+    // depth 0): a GUP-fast-only call in an NMI that lands right here finds the slot its
+    // thread's and counts its depth, which this must not overwrite.
+    unsafe {
+        (*s).call.hook = call.hook;
+        (*s).call.gup_flags = call.gup_flags;
+        (*s).call.pages = call.pages;
+        (*s).call.start = call.start;
+        (*s).call.nr_requested = call.nr_requested;
+    }
+    true
+}
+
+/// Whether thread `tid` is inside a GUP call pinwatch follows (its slot or GUP_CALLS).
+#[inline(always)]
+pub fn in_gup_call(tid: u32) -> bool {
+    own_slot(tid).is_some() || GUP_CALLS.get_ptr(&tid).is_some()
+}
 
 /// Whether a call that is not streamed skips the call map, when its return program is
 /// an fexit program (which sees the arguments): where no GUP call it could nest in
@@ -96,9 +155,14 @@ pub fn enter<C: EbpfContext>(ctx: &C, hook: Hook, a: GupArgs) {
         start,
         nr_requested: nr_pages,
     };
+    // A call nested in one the thread's slot holds counts its depth there.
+    if let Some(s) = own_slot(tid) {
+        unsafe { (*s).call.depth += 1 };
+        return;
+    }
     // BPF_NOEXIST: the thread's outermost call is the one in the map, and a nested
     // call finds it there (one map operation for the common, unnested call).
-    if pages == 0 || GUP_CALLS.insert(&tid, &call, 1).is_err() {
+    if pages == 0 || (!take_slot(tid, &call) && GUP_CALLS.insert(&tid, &call, 1).is_err()) {
         match GUP_CALLS.get_ptr_mut(&tid) {
             Some(outer) => unsafe { (*outer).depth += 1 },
             None if pages != 0 => count(counter::CALL_MAP_FULL, 1),
@@ -128,6 +192,12 @@ fn returns_int(hook: u16) -> bool {
         || hook == Hook::GetUserPagesFastOnly as u16
 }
 
+/// The return value of `hook` from the raw return register.
+#[inline(always)]
+fn returned(hook: u16, raw_ret: u64) -> i64 {
+    if returns_int(hook) { raw_ret as i32 as i64 } else { raw_ret as i64 }
+}
+
 #[inline(always)]
 fn is_pin(hook: u16) -> bool {
     hook == Hook::PinUserPages as u16
@@ -152,14 +222,24 @@ pub fn exit_mapless(hook: Hook, a: GupArgs, raw_ret: u64) {
         start: a.start,
         nr_requested: a.nr_pages,
     };
-    let ret = if returns_int(call.hook) { raw_ret as i32 as i64 } else { raw_ret as i64 };
-    track_quietly(&call, ret, tgid, CLOCK_LATER);
+    track_quietly(&call, returned(call.hook, raw_ret), tgid, CLOCK_LATER);
 }
 
 /// Called on return with the raw return register.
 #[inline(always)]
 pub fn exit(raw_ret: u64) {
     let (tgid, tid) = current();
+    if let Some(s) = own_slot(tid) {
+        let call = unsafe { core::ptr::read_volatile(&(*s).call) };
+        if call.depth > 0 {
+            unsafe { (*s).call.depth -= 1 };
+            return;
+        }
+        // Given back with a plain store: only its owner frees a slot.
+        unsafe { core::ptr::write_volatile(&mut (*s).owner, 0) };
+        record(&call, returned(call.hook, raw_ret), tgid, tid);
+        return;
+    }
     let Some(slot) = GUP_CALLS.get_ptr_mut(&tid) else {
         return;
     };
@@ -169,8 +249,7 @@ pub fn exit(raw_ret: u64) {
         return;
     }
     let _ = GUP_CALLS.remove(&tid);
-    let ret = if returns_int(call.hook) { raw_ret as i32 as i64 } else { raw_ret as i64 };
-    record(&call, ret, tgid, tid);
+    record(&call, returned(call.hook, raw_ret), tgid, tid);
 }
 
 /// Per-process counts of `calls` calls that took `pages` pages; `quiet`: the calls were

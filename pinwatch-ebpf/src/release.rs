@@ -6,7 +6,8 @@ use aya_ebpf::helpers::bpf_probe_read_kernel;
 use pinwatch_common::{counter, kind, pin_state, release, PinState, MAX_CHUNKS, PFNS_PER_RECORD, RELEASE_FIXED};
 
 use crate::{
-    maps::{atomic_add, count, BLOCK_UNSENT, GUP_CALLS, KNOWN, PINS, PROC_PINS, QUIET_GETS, RELEASE_DEPTH, RELEASE_SCRATCH},
+    acquire::in_gup_call,
+    maps::{atomic_add, count, BLOCK_UNSENT, KNOWN, PINS, PROC_PINS, QUIET_GETS, RELEASE_DEPTH, RELEASE_SCRATCH},
     page::{head_pfn, page_to_pfn, struct_page_size, PageArg, PfnMath},
     pins::{block_unpin, maybe_pinned, maybe_pinned_head, pins_remove, BLOCK_EXPOSED, BLOCK_REFS},
     record::{current, fill_header, send, stream_all, Nest},
@@ -259,7 +260,7 @@ pub extern "C" fn release_chunk(level: u64, src: u64, how_refs: u64, chunk: u64,
 #[inline(always)]
 pub fn enter_outermost() -> bool {
     let (_, tid) = current();
-    if GUP_CALLS.get_ptr(&tid).is_some() {
+    if in_gup_call(tid) {
         return false;
     }
     if let Some(d) = RELEASE_DEPTH.get_ptr_mut(&tid) {
@@ -279,7 +280,7 @@ pub fn enter_outermost() -> bool {
 #[inline(always)]
 pub fn nested() -> bool {
     let (_, tid) = current();
-    GUP_CALLS.get_ptr(&tid).is_some() || RELEASE_DEPTH.get_ptr(&tid).is_some()
+    in_gup_call(tid) || RELEASE_DEPTH.get_ptr(&tid).is_some()
 }
 
 /// Counterpart of every enter_outermost, called from the return probe.

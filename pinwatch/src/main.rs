@@ -89,7 +89,8 @@ fn live(mode: impl std::future::Future<Output = anyhow::Result<i32>>) -> anyhow:
 /// the parse of the kernel's BTF at start-up, or one burst of events, would then set
 /// the daemon's RSS for good (one bench saw 27 MiB idle where the others saw 17).
 /// Fixed thresholds keep large blocks in their own mappings, returned when freed, and
-/// trim the heap's free top.
+/// trim the heap's free top; the live loop gives back the free pages inside the heap
+/// after a burst of records (live::give_back_after_burst).
 fn fixed_malloc_thresholds() {
     #[cfg(target_env = "gnu")]
     // SAFETY: mallopt only sets the allocator's parameters; called before any thread starts.

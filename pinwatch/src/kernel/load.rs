@@ -80,6 +80,38 @@ fn without_prealloc(elf_bytes: &[u8], names: &[&str]) -> Result<Vec<u8>> {
     Ok(out)
 }
 
+/// A copy of an eBPF object for kernels before 5.12, whose verifier refuses any
+/// compare-and-swap instruction (BPF_STX with a nonzero imm: "uses reserved fields")
+/// wherever it is, reachable or not. The programs reach theirs only through the call
+/// slots, which CALL_SLOTS_ON leaves off there, so each one becomes `r0 = -1`: what a
+/// failed compare-and-swap leaves in r0 (the comparand is 0), were it ever run.
+/// Returns the copy and how many instructions were changed.
+fn without_compare_exchange(elf_bytes: &[u8]) -> Result<(Vec<u8>, usize)> {
+    use object::{Object as _, ObjectSection as _};
+    const LD_IMM64: u8 = 0x18;
+    const STX_ATOMIC_DW: u8 = 0xdb;
+    const CMPXCHG: i32 = 0xf1;
+    const MOV64_IMM_R0_MINUS_1: [u8; 8] = [0xb7, 0, 0, 0, 0xff, 0xff, 0xff, 0xff];
+    let elf = object::File::parse(elf_bytes).context("parsing the eBPF object")?;
+    let mut out = elf_bytes.to_vec();
+    let mut changed = 0;
+    for section in elf.sections().filter(|s| s.kind() == object::SectionKind::Text) {
+        let Some((off, len)) = section.file_range() else { continue };
+        let code = out.get_mut(off as usize..(off + len) as usize).context("a code section runs past the object")?;
+        let mut at = 0;
+        while at + 8 <= code.len() {
+            let insn = &mut code[at..at + 8];
+            let imm = i32::from_le_bytes([insn[4], insn[5], insn[6], insn[7]]);
+            if insn[0] == STX_ATOMIC_DW && imm == CMPXCHG {
+                insn.copy_from_slice(&MOV64_IMM_R0_MINUS_1);
+                changed += 1;
+            }
+            at += if insn[0] == LD_IMM64 { 16 } else { 8 };
+        }
+    }
+    Ok((out, changed))
+}
+
 /// Blocks of 32 pages PIN_BLOCKS holds: a quarter of the host's memory pinned long-term
 /// in small folios (at least 128 MiB, at most 128 GiB); what finds no room goes into
 /// PINS, one entry per folio. Preallocated, like PINS (a map that grows
@@ -112,19 +144,24 @@ pub fn pin_map_capacity(phys_pages: u64) -> u32 {
 pub struct TaskCapacity {
     pub calls: u32,
     pub procs: u32,
+    /// Call slots in front of the map of calls in flight, one per thread id modulo
+    /// their number (maps::CALL_SLOTS: 5.12+, 0 before); set by the loader.
+    pub call_slots: u32,
 }
 
-/// GUP_CALLS' and PROC_PINS' sizes in maps.rs.
+/// GUP_CALLS', PROC_PINS' and CALL_SLOTS' sizes in maps.rs.
 const DECLARED_CALLS: u32 = 4096;
 const DECLARED_PROCS: u32 = 8192;
+const DECLARED_CALL_SLOTS: u32 = 1024;
 
 pub fn task_capacity(cpus: u32, maps_on_demand: bool) -> TaskCapacity {
     if maps_on_demand {
-        return TaskCapacity { calls: DECLARED_CALLS, procs: DECLARED_PROCS };
+        return TaskCapacity { calls: DECLARED_CALLS, procs: DECLARED_PROCS, call_slots: 0 };
     }
     TaskCapacity {
         calls: cpus.saturating_mul(128).clamp(1024, DECLARED_CALLS),
         procs: cpus.saturating_mul(256).clamp(2048, DECLARED_PROCS),
+        call_slots: 0,
     }
 }
 
@@ -261,6 +298,9 @@ impl Kernel {
         let gup_unnested = super::release_at_least(&release, 6, 2) as u64;
         // bpf_get_func_arg came in 5.17 (f92c1e183604), inlined by the verifier from then.
         let func_arg_inlined = super::release_at_least(&release, 5, 17) as u64;
+        // BPF_CMPXCHG came in 5.12 (5ffa25502b5a); before, the call slots stay unused.
+        let call_slots_on = super::release_at_least(&release, 5, 12);
+        let call_slots_global = call_slots_on as u64;
         let struct_page_shift = struct_page_shift(layouts.struct_page_size);
         let ring = ring_bytes(streaming);
         let wake_above = ring as u64 / 4;
@@ -301,6 +341,7 @@ impl Kernel {
             .override_global(globals::FOLL_LONGTERM, &foll_longterm, true)
             .override_global(globals::GUP_UNNESTED, &gup_unnested, true)
             .override_global(globals::FUNC_ARG_INLINED, &func_arg_inlined, true)
+            .override_global(globals::CALL_SLOTS_ON, &call_slots_global, true)
             .override_global(globals::WAKE_ABOVE, &wake_above, true)
             .map_max_entries("PINS", pin_map_capacity)
             .map_max_entries("PIN_BLOCKS", block_capacity)
@@ -313,15 +354,22 @@ impl Kernel {
         if streaming != Streaming::All {
             loader.map_max_entries("GUP_STACKS", MONITOR_STACKS);
         }
+        if !call_slots_on {
+            loader.map_max_entries("CALL_SLOTS", 1);
+        }
         let maps_on_demand = super::release_at_least(&release, 6, 1);
         // Possible CPUs, as the kernel sizes per-CPU maps; 1 if unreadable (the least size).
         let cpus = aya::util::nr_cpus().map(|n| n as u32).unwrap_or(1);
-        let tasks = task_capacity(cpus, maps_on_demand);
+        let mut tasks = task_capacity(cpus, maps_on_demand);
+        tasks.call_slots = if call_slots_on { DECLARED_CALL_SLOTS } else { 0 };
         loader
             .map_max_entries("GUP_CALLS", tasks.calls)
             .map_max_entries("RELEASE_DEPTH", tasks.calls)
             .map_max_entries("PROC_PINS", tasks.procs);
-        let object = if maps_on_demand { std::borrow::Cow::Owned(without_prealloc(OBJECT, &GROWN_ON_DEMAND)?) } else { OBJECT.into() };
+        let mut object: std::borrow::Cow<[u8]> = if maps_on_demand { without_prealloc(OBJECT, &GROWN_ON_DEMAND)?.into() } else { OBJECT.into() };
+        if !call_slots_on {
+            object = without_compare_exchange(&object)?.0.into();
+        }
         let mut ebpf = loader.load(&object).map_err(|e| anyhow!("loading the eBPF object failed: {}", error_chain(&e)))?;
         drop(object);
         // Parsed once: the fentry test and every fentry/fexit load need it.
@@ -877,18 +925,19 @@ mod tests {
 
     #[test]
     fn per_task_maps_keep_their_size_where_they_grow_and_follow_the_cpus_where_preallocated() {
-        assert_eq!(task_capacity(2, true), TaskCapacity { calls: 4096, procs: 8192 });
-        assert_eq!(task_capacity(1, false), TaskCapacity { calls: 1024, procs: 2048 });
-        assert_eq!(task_capacity(2, false), TaskCapacity { calls: 1024, procs: 2048 });
-        assert_eq!(task_capacity(16, false), TaskCapacity { calls: 2048, procs: 4096 });
-        assert_eq!(task_capacity(512, false), TaskCapacity { calls: 4096, procs: 8192 });
-        assert_eq!(task_capacity(u32::MAX, false), TaskCapacity { calls: 4096, procs: 8192 });
+        assert_eq!(task_capacity(2, true), TaskCapacity { calls: 4096, procs: 8192, call_slots: 0 });
+        assert_eq!(task_capacity(1, false), TaskCapacity { calls: 1024, procs: 2048, call_slots: 0 });
+        assert_eq!(task_capacity(2, false), TaskCapacity { calls: 1024, procs: 2048, call_slots: 0 });
+        assert_eq!(task_capacity(16, false), TaskCapacity { calls: 2048, procs: 4096, call_slots: 0 });
+        assert_eq!(task_capacity(512, false), TaskCapacity { calls: 4096, procs: 8192, call_slots: 0 });
+        assert_eq!(task_capacity(u32::MAX, false), TaskCapacity { calls: 4096, procs: 8192, call_slots: 0 });
         // the declared sizes are the object's
         let obj = aya_obj::Object::parse(OBJECT).unwrap();
         let declared = |name: &str| obj.maps.get(name).map(|m| m.max_entries());
         assert_eq!(declared("GUP_CALLS"), Some(DECLARED_CALLS));
         assert_eq!(declared("RELEASE_DEPTH"), Some(DECLARED_CALLS));
         assert_eq!(declared("PROC_PINS"), Some(DECLARED_PROCS));
+        assert_eq!(declared("CALL_SLOTS"), Some(DECLARED_CALL_SLOTS));
     }
 
     #[test]
@@ -933,6 +982,27 @@ mod tests {
         let e = without_prealloc(OBJECT, &["NO_SUCH_MAP"]).unwrap_err();
         assert!(format!("{e:#}").contains("no map NO_SUCH_MAP"), "{e:#}");
         assert!(without_prealloc(b"not an elf", &["PINS"]).is_err());
+    }
+
+    #[test]
+    fn before_5_12_every_compare_and_swap_becomes_a_failed_one_and_nothing_else_changes() {
+        let (patched, changed) = without_compare_exchange(OBJECT).unwrap();
+        assert!(changed > 0, "the programs take call slots by compare-and-swap");
+        // Every changed byte lies in a changed instruction, now `r0 = -1`.
+        let mut diffs = 0;
+        for (at, (a, b)) in OBJECT.chunks(8).zip(patched.chunks(8)).enumerate() {
+            if a != b {
+                assert_eq!(a[0], 0xdb, "instruction {at}");
+                assert_eq!(b, [0xb7, 0, 0, 0, 0xff, 0xff, 0xff, 0xff]);
+                diffs += 1;
+            }
+        }
+        assert_eq!(diffs, changed);
+        // None is left, and the copy still reads as the same object.
+        assert_eq!(without_compare_exchange(&patched).unwrap().1, 0);
+        let obj = aya_obj::Object::parse(&patched).unwrap();
+        assert!(obj.maps.contains_key("CALL_SLOTS"));
+        assert!(without_compare_exchange(b"not an elf").is_err());
     }
 
     #[test]

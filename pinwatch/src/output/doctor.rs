@@ -295,7 +295,7 @@ fn text(r: &Report) -> String {
             "pin map: {} folios ({} of base pages at once; pins past it are counted as pin_map_full, not watched), \
              and {} blocks of 32 pages for long-term pins of small folios ({}; a pin that finds no block goes into the pin map); \
              both are allocated whole at start; the maps of calls in flight ({} threads inside GUP at once) and of per-process counts \
-             ({} processes; past either, calls are counted as call_map_full or proc_map_full), and enforcement's, {}",
+             ({} processes; past either, calls are counted as call_map_full or proc_map_full), and enforcement's, {}{}",
             r.pin_map_capacity,
             bytesize::ByteSize::b(r.pin_map_capacity as u64 * 4096),
             r.pin_block_capacity,
@@ -306,6 +306,15 @@ fn text(r: &Report) -> String {
                 "are allocated as they fill"
             } else {
                 "are too, sized from the host's CPUs (before 6.1 the verifier warns about maps allocated as they fill in tracing programs)"
+            },
+            if r.task_capacity.call_slots > 0 {
+                format!(
+                    "; in front of the map of calls in flight, {} call slots, one per thread id modulo their number, take a call for a few loads \
+                     where the map costs a hash insert and delete (a thread whose slot is another's goes to the map)",
+                    r.task_capacity.call_slots
+                )
+            } else {
+                "; no call slots in front of the map of calls in flight (they need BPF compare-and-swap, 5.12+)".to_string()
             },
         ),
         "  ",
