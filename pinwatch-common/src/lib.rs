@@ -611,6 +611,13 @@ pub mod globals {
     /// path and pin_user_pages_unlocked call get_user_pages_unlocked): an fexit
     /// program then handles a monitored call from its own arguments, with no call map.
     pub const GUP_UNNESTED: &str = "GUP_UNNESTED";
+    /// 1 where the loader made the object's calls of helper RDONLY_CAST_CALL calls of
+    /// the kfunc bpf_rdonly_cast (6.2+): kernel words are then read by loads the JIT
+    /// guards, not by bpf_probe_read_kernel.
+    pub const RDONLY_CAST: &str = "RDONLY_CAST";
+    /// BTF id of the struct kernel memory is cast to for those loads (struct pt_regs:
+    /// unsigned longs from offset 0).
+    pub const WORDS_BTF_ID: &str = "WORDS_BTF_ID";
     /// 1 where the kernel has BPF_CMPXCHG (5.12+): GUP calls in flight go into a slot
     /// of their thread first (CALL_SLOTS), the hash map only when it is taken.
     pub const CALL_SLOTS_ON: &str = "CALL_SLOTS_ON";
@@ -643,6 +650,12 @@ pub mod globals {
     pub const SB_DEV_OFF: &str = "SB_DEV_OFF";
     pub const SB_MAGIC_OFF: &str = "SB_MAGIC_OFF";
 }
+
+/// The helper number the programs call where they mean the kfunc bpf_rdonly_cast: no
+/// helper has it, and the loader turns each such call into the kfunc's (a kfunc call
+/// names its BTF id, which only the running kernel knows). Unpatched, the calls are
+/// never reached (globals::RDONLY_CAST is 0).
+pub const RDONLY_CAST_CALL: u32 = 0x1ffff;
 
 /// GUP_PIN_COUNTING_BIAS: what one FOLL_PIN adds to a small folio's refcount.
 pub const GUP_PIN_COUNTING_BIAS: i32 = 1024;

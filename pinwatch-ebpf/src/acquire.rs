@@ -16,7 +16,7 @@ use crate::{
         atomic_add, compare_exchange, count, CallSlot, ARMED, CALL_SLOTS, CALL_SLOTS_N, ENFORCE, EXEMPT_CGROUPS, EXEMPT_COMMS, EXEMPT_UIDS, GUP_CALLS, GUP_STACKS, LONGTERM_RELEASED, PINS,
         PIN_SCRATCH, PROC_BATCH, PROC_PINS, QUIET_GETS, STACK_SCRATCH,
     },
-    page::{backing, file_of, folio_head, folio_order, mapping, vmemmap_base, PfnMath},
+    page::{backing, file_of, folio_head, folio_order, kernel_u64, mapping, vmemmap_base, PfnMath},
     pins::{block_pin, pins_insert},
     record::{current, fill_header, fill_stack, is_self, send, stream_all, Nest},
 };
@@ -514,7 +514,7 @@ pub extern "C" fn pin_chunk(slots: u64, left: u64, level: u64, chunk: u64, flags
 #[no_mangle]
 #[inline(never)]
 pub extern "C" fn pin_page(slot: u64, base: u64, tgid: u64, flags: u64, ts: u64) -> u64 {
-    let page = unsafe { bpf_probe_read_kernel(slot as *const u64) }.unwrap_or(0);
+    let page = kernel_u64(slot);
     let (head, head_mapping) = PfnMath::with_base(base).head_and_mapping(page);
     let quiet = flags & QUIET_REF != 0;
     // A transient pin of anonymous memory has no file behind it to tear: while

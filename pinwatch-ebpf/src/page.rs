@@ -20,9 +20,42 @@ static COMPOUND_INFO_MASK: u64 = 0;
 #[no_mangle]
 static FAKE_HEADS: u64 = 0;
 
+#[no_mangle]
+static RDONLY_CAST: u64 = 0;
+#[no_mangle]
+static WORDS_BTF_ID: u64 = 0;
+
 #[inline(always)]
 fn global(v: &'static u64) -> u64 {
     unsafe { core::ptr::read_volatile(v) }
+}
+
+/// The u64 at kernel address `addr` (0 if unreadable).
+#[inline(always)]
+pub fn kernel_u64(addr: u64) -> u64 {
+    kernel_words::<1>(addr)[0]
+}
+
+/// The `N` u64 words from kernel address `addr` (0s if unreadable; N at most 4). Where
+/// the loader found bpf_rdonly_cast (6.2+, globals::RDONLY_CAST), `addr` is cast to a
+/// struct of unsigned longs and read by plain loads, which the JIT guards (a fault reads
+/// 0) and the verifier inlines the cast away: a few instructions where
+/// bpf_probe_read_kernel costs about 90 (6.12, instruction clock). Before, the helper.
+#[inline(always)]
+pub fn kernel_words<const N: usize>(addr: u64) -> [u64; N] {
+    if global(&RDONLY_CAST) != 0 {
+        // SAFETY: the loader made every call of this number a call of bpf_rdonly_cast
+        // (void *bpf_rdonly_cast(const void *obj, u32 btf_id)), or left RDONLY_CAST at 0.
+        let cast: unsafe extern "C" fn(u64, u64) -> *const u64 =
+            unsafe { core::mem::transmute(pinwatch_common::RDONLY_CAST_CALL as usize) };
+        let words = unsafe { cast(addr, global(&WORDS_BTF_ID)) };
+        let mut w = [0u64; N];
+        for (i, v) in w.iter_mut().enumerate() {
+            *v = unsafe { core::ptr::read_volatile(words.add(i)) };
+        }
+        return w;
+    }
+    unsafe { bpf_probe_read_kernel(addr as *const [u64; N]) }.unwrap_or([0; N])
 }
 
 #[inline(always)]
@@ -69,7 +102,7 @@ impl PageArg {
 /// The branch on the encoding is on a constant the verifier knows (a frozen global).
 #[inline(always)]
 fn head_at(page: u64, head_off: u64) -> u64 {
-    let ch: u64 = unsafe { bpf_probe_read_kernel((page + head_off) as *const u64) }.unwrap_or(0);
+    let ch = kernel_u64(page + head_off);
     let tail = 0u64.wrapping_sub(ch & 1);
     // A struct page address has bit 0 clear, so the mask's bit 0 changes nothing.
     let head = if global(&COMPOUND_INFO_MASK) != 0 { page & ch } else { ch.wrapping_sub(1) };
@@ -90,7 +123,7 @@ pub extern "C" fn unfake(page: u64, head_off: u64) -> u64 {
         return page;
     }
     let next = page + struct_page_size();
-    let ch: u64 = unsafe { bpf_probe_read_kernel((next + head_off) as *const u64) }.unwrap_or(0);
+    let ch = kernel_u64(next + head_off);
     if ch & 1 != 0 { ch - 1 } else { page }
 }
 
@@ -171,7 +204,7 @@ impl PfnMath {
     #[inline(always)]
     pub fn head_and_mapping(&self, page: u64) -> (u64, u64) {
         if self.head_off == 8 && global(&PAGE_MAPPING_OFF) == 24 {
-            let w: [u64; 4] = unsafe { bpf_probe_read_kernel(page as *const [u64; 4]) }.unwrap_or([0; 4]);
+            let w = kernel_words::<4>(page);
             if w[1] & 1 == 0 && (global(&FAKE_HEADS) == 0 || page & 4095 != 0) {
                 return (page, w[3]);
             }

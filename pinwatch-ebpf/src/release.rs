@@ -8,7 +8,7 @@ use pinwatch_common::{counter, kind, pin_state, release, PinState, MAX_CHUNKS, P
 use crate::{
     acquire::in_gup_call,
     maps::{atomic_add, count, BLOCK_UNSENT, KNOWN, PINS, PROC_PINS, QUIET_GETS, RELEASE_DEPTH, RELEASE_SCRATCH},
-    page::{head_pfn, page_to_pfn, struct_page_size, PageArg, PfnMath},
+    page::{head_pfn, kernel_u64, page_to_pfn, struct_page_size, PageArg, PfnMath},
     pins::{block_unpin, maybe_pinned, maybe_pinned_head, pins_remove, BLOCK_EXPOSED, BLOCK_REFS},
     record::{current, fill_header, send, stream_all, Nest},
 };
@@ -54,8 +54,7 @@ pub extern "C" fn release_pfn(pfn: u64, release: u64, level: u64, refs: u64) -> 
 #[no_mangle]
 #[inline(never)]
 pub extern "C" fn slot_pfn(slot: u64) -> u64 {
-    let page = unsafe { bpf_probe_read_kernel(slot as *const u64) }.unwrap_or(0);
-    PfnMath::new().head_pfn(page)
+    PfnMath::new().head_pfn(kernel_u64(slot))
 }
 
 /// Drops `n` references of kind `release` from the pin state of `pfn`: PINS first,

@@ -89,6 +89,19 @@ pub fn load_vmlinux() -> Result<Btf> {
     Btf::from_file(VMLINUX_BTF).with_context(|| format!("parsing {VMLINUX_BTF}"))
 }
 
+/// What the programs need to read kernel words without a helper (6.2+): the BTF ids of
+/// the kfunc bpf_rdonly_cast and of struct pt_regs, whose first members are unsigned
+/// longs, the type the programs cast kernel memory to (kernel::load patches the calls).
+/// None where either is missing (before 6.2).
+pub fn rdonly_cast_ids(btf: &Btf) -> Option<(u32, u32)> {
+    let id_of = |name: &str, want: fn(&Type) -> bool| {
+        btf.resolve_ids_by_name(name).ok()?.into_iter().find(|id| btf.resolve_type_by_id(*id).is_ok_and(|t| want(&t)))
+    };
+    let func = id_of("bpf_rdonly_cast", |t| matches!(t, Type::Func(_)))?;
+    let words = id_of("pt_regs", |t| matches!(t, Type::Struct(s) if s.size() >= 32))?;
+    Some((func, words))
+}
+
 fn struct_type(btf: &Btf, name: &str) -> Result<btf_rs::Struct> {
     for t in btf.resolve_types_by_name(name).with_context(|| format!("struct {name} not in BTF"))? {
         if let Type::Struct(s) = t {

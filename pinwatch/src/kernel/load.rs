@@ -80,18 +80,12 @@ fn without_prealloc(elf_bytes: &[u8], names: &[&str]) -> Result<Vec<u8>> {
     Ok(out)
 }
 
-/// A copy of an eBPF object for kernels before 5.12, whose verifier refuses any
-/// compare-and-swap instruction (BPF_STX with a nonzero imm: "uses reserved fields")
-/// wherever it is, reachable or not. The programs reach theirs only through the call
-/// slots, which CALL_SLOTS_ON leaves off there, so each one becomes `r0 = -1`: what a
-/// failed compare-and-swap leaves in r0 (the comparand is 0), were it ever run.
-/// Returns the copy and how many instructions were changed.
-fn without_compare_exchange(elf_bytes: &[u8]) -> Result<(Vec<u8>, usize)> {
+/// A copy of an eBPF object with each instruction `patch` changed (it returns whether it
+/// did), walking the code sections' instructions (ld_imm64 takes two); and how many
+/// were changed.
+fn patch_instructions(elf_bytes: &[u8], mut patch: impl FnMut(&mut [u8]) -> bool) -> Result<(Vec<u8>, usize)> {
     use object::{Object as _, ObjectSection as _};
     const LD_IMM64: u8 = 0x18;
-    const STX_ATOMIC_DW: u8 = 0xdb;
-    const CMPXCHG: i32 = 0xf1;
-    const MOV64_IMM_R0_MINUS_1: [u8; 8] = [0xb7, 0, 0, 0, 0xff, 0xff, 0xff, 0xff];
     let elf = object::File::parse(elf_bytes).context("parsing the eBPF object")?;
     let mut out = elf_bytes.to_vec();
     let mut changed = 0;
@@ -101,15 +95,54 @@ fn without_compare_exchange(elf_bytes: &[u8]) -> Result<(Vec<u8>, usize)> {
         let mut at = 0;
         while at + 8 <= code.len() {
             let insn = &mut code[at..at + 8];
-            let imm = i32::from_le_bytes([insn[4], insn[5], insn[6], insn[7]]);
-            if insn[0] == STX_ATOMIC_DW && imm == CMPXCHG {
-                insn.copy_from_slice(&MOV64_IMM_R0_MINUS_1);
-                changed += 1;
-            }
-            at += if insn[0] == LD_IMM64 { 16 } else { 8 };
+            let wide = insn[0] == LD_IMM64;
+            changed += patch(insn) as usize;
+            at += if wide { 16 } else { 8 };
         }
     }
     Ok((out, changed))
+}
+
+/// An instruction's immediate.
+fn imm(insn: &[u8]) -> i32 {
+    i32::from_le_bytes([insn[4], insn[5], insn[6], insn[7]])
+}
+
+/// A copy of an eBPF object for kernels before 5.12, whose verifier refuses any
+/// compare-and-swap instruction (BPF_STX with a nonzero imm: "uses reserved fields")
+/// wherever it is, reachable or not. The programs reach theirs only through the call
+/// slots, which CALL_SLOTS_ON leaves off there, so each one becomes `r0 = -1`: what a
+/// failed compare-and-swap leaves in r0 (the comparand is 0), were it ever run.
+fn without_compare_exchange(elf_bytes: &[u8]) -> Result<(Vec<u8>, usize)> {
+    const STX_ATOMIC_DW: u8 = 0xdb;
+    const CMPXCHG: i32 = 0xf1;
+    const MOV64_IMM_R0_MINUS_1: [u8; 8] = [0xb7, 0, 0, 0, 0xff, 0xff, 0xff, 0xff];
+    patch_instructions(elf_bytes, |insn| {
+        let hit = insn[0] == STX_ATOMIC_DW && imm(insn) == CMPXCHG;
+        if hit {
+            insn.copy_from_slice(&MOV64_IMM_R0_MINUS_1);
+        }
+        hit
+    })
+}
+
+/// A copy of an eBPF object whose calls of helper `RDONLY_CAST_CALL` (which no helper
+/// has) call the kfunc whose BTF id is `func_id`: a kfunc call is a call instruction
+/// with src_reg BPF_PSEUDO_KFUNC_CALL (2) and the id, offset 0 for vmlinux. aya knows
+/// nothing of kfuncs and leaves such calls as they are.
+fn with_kfunc_calls(elf_bytes: &[u8], func_id: u32) -> Result<(Vec<u8>, usize)> {
+    const CALL: u8 = 0x85;
+    const PSEUDO_KFUNC_CALL: u8 = 2;
+    let magic = pinwatch_common::RDONLY_CAST_CALL as i32;
+    patch_instructions(elf_bytes, |insn| {
+        let hit = insn[0] == CALL && insn[1] == 0 && imm(insn) == magic;
+        if hit {
+            insn[1] = PSEUDO_KFUNC_CALL << 4;
+            insn[2..4].copy_from_slice(&0u16.to_le_bytes());
+            insn[4..8].copy_from_slice(&func_id.to_le_bytes());
+        }
+        hit
+    })
 }
 
 /// Blocks of 32 pages PIN_BLOCKS holds: a quarter of the host's memory pinned long-term
@@ -219,6 +252,9 @@ pub struct Kernel {
     pub maps_on_demand: bool,
     /// Threads in GUP and processes the per-task maps hold.
     pub tasks: TaskCapacity,
+    /// The programs read kernel words by guarded loads (bpf_rdonly_cast, 6.2+), not
+    /// through bpf_probe_read_kernel.
+    pub direct_reads: bool,
 }
 
 /// log2 of sizeof(struct page) when it is a power of two, else 0 (the programs divide).
@@ -301,6 +337,9 @@ impl Kernel {
         // BPF_CMPXCHG came in 5.12 (5ffa25502b5a); before, the call slots stay unused.
         let call_slots_on = super::release_at_least(&release, 5, 12);
         let call_slots_global = call_slots_on as u64;
+        // Kernel words read by guarded loads where the kernel has bpf_rdonly_cast (6.2+).
+        let rdonly_cast = btf::rdonly_cast_ids(&vmlinux);
+        let (rdonly_cast_global, words_btf_id) = rdonly_cast.map_or((0u64, 0u64), |(_, words)| (1, words as u64));
         let struct_page_shift = struct_page_shift(layouts.struct_page_size);
         let ring = ring_bytes(streaming);
         let wake_above = ring as u64 / 4;
@@ -342,6 +381,8 @@ impl Kernel {
             .override_global(globals::GUP_UNNESTED, &gup_unnested, true)
             .override_global(globals::FUNC_ARG_INLINED, &func_arg_inlined, true)
             .override_global(globals::CALL_SLOTS_ON, &call_slots_global, true)
+            .override_global(globals::RDONLY_CAST, &rdonly_cast_global, true)
+            .override_global(globals::WORDS_BTF_ID, &words_btf_id, true)
             .override_global(globals::WAKE_ABOVE, &wake_above, true)
             .map_max_entries("PINS", pin_map_capacity)
             .map_max_entries("PIN_BLOCKS", block_capacity)
@@ -370,6 +411,9 @@ impl Kernel {
         if !call_slots_on {
             object = without_compare_exchange(&object)?.0.into();
         }
+        if let Some((func, _)) = rdonly_cast {
+            object = with_kfunc_calls(&object, func)?.0.into();
+        }
         let mut ebpf = loader.load(&object).map_err(|e| anyhow!("loading the eBPF object failed: {}", error_chain(&e)))?;
         drop(object);
         // Parsed once: the fentry test and every fentry/fexit load need it.
@@ -385,7 +429,8 @@ impl Kernel {
             .filter_map(|h| btf::func_nargs(&vmlinux, h.symbol).map(|n| (h.symbol, n)))
             .collect();
         let btf = btf.ok();
-        Ok(Kernel { release, vmemmap, layouts, caps, plan, ebpf, nargs, btf, pin_map_capacity, block_capacity, maps_on_demand, tasks })
+        let direct_reads = rdonly_cast.is_some();
+        Ok(Kernel { release, vmemmap, layouts, caps, plan, ebpf, nargs, btf, pin_map_capacity, block_capacity, maps_on_demand, tasks, direct_reads })
     }
 
     /// Attaches every hook of the plan, each down its ladder until a rung works; a hook
@@ -1003,6 +1048,22 @@ mod tests {
         let obj = aya_obj::Object::parse(&patched).unwrap();
         assert!(obj.maps.contains_key("CALL_SLOTS"));
         assert!(without_compare_exchange(b"not an elf").is_err());
+    }
+
+    #[test]
+    fn calls_of_the_placeholder_helper_become_kfunc_calls_and_nothing_else_changes() {
+        let (patched, changed) = with_kfunc_calls(OBJECT, 0x1234_5678).unwrap();
+        assert!(changed > 0, "the programs read kernel words through bpf_rdonly_cast");
+        let mut diffs = 0;
+        for (a, b) in OBJECT.chunks(8).zip(patched.chunks(8)) {
+            if a != b {
+                assert_eq!((a[0], a[1], imm(a)), (0x85, 0, pinwatch_common::RDONLY_CAST_CALL as i32));
+                assert_eq!(b, [0x85, 0x20, 0, 0, 0x78, 0x56, 0x34, 0x12]);
+                diffs += 1;
+            }
+        }
+        assert_eq!(diffs, changed);
+        assert_eq!(with_kfunc_calls(&patched, 1).unwrap().1, 0);
     }
 
     #[test]

@@ -82,6 +82,9 @@ struct Report {
     /// Threads inside GUP at once and live processes with GUP activity the per-task maps
     /// hold (sized from the host's CPUs where they are preallocated).
     task_capacity: TaskCapacity,
+    /// How the programs read struct pages and page arrays: "bpf_rdonly_cast" (guarded
+    /// loads, 6.2+) or "bpf_probe_read_kernel".
+    reads_kernel_words_by: &'static str,
     layouts: Layouts,
     hooks: Vec<PlannedHook>,
     roles: Vec<RoleReport>,
@@ -167,6 +170,7 @@ fn report(kernel: &Kernel, mode: Mode) -> Report {
         pin_block_capacity: kernel.block_capacity,
         maps_on_demand: kernel.maps_on_demand,
         task_capacity: kernel.tasks,
+        reads_kernel_words_by: if kernel.direct_reads { "bpf_rdonly_cast" } else { "bpf_probe_read_kernel" },
         layouts: kernel.layouts.clone(),
         hooks: kernel.plan.clone(),
         roles: Role::ALL.into_iter().map(|r| RoleReport { role: r.name(), visible: covered.contains(&r), what: r.what() }).collect(),
@@ -376,6 +380,7 @@ mod tests {
             pin_block_capacity: 1024,
             maps_on_demand: false,
             task_capacity: crate::kernel::load::task_capacity(2, false),
+            reads_kernel_words_by: "bpf_probe_read_kernel",
             layouts: Layouts::default(),
             hooks: crate::kernel::plan::plan(&syms, &caps, crate::kernel::plan::AttachMode::Auto),
             roles: Role::ALL.into_iter().map(|r| RoleReport { role: r.name(), visible: covered.contains(&r), what: r.what() }).collect(),
