@@ -56,7 +56,10 @@ fn own_slot(tid: u32) -> Option<*mut CallSlot> {
 
 /// Takes thread `tid`'s slot for `call` if it is free and no outer call of the thread
 /// is in GUP_CALLS (before 6.2 hooked GUP calls nest, and an outer call that found the
-/// slot taken went to the map: this one then joins it there as nested).
+/// slot taken went to the map: this one then joins it there as nested). From 6.2 the
+/// map is not asked: only a GUP-fast-only call in an NMI can nest there, and where its
+/// thread's outer call went to the map, it takes the slot and is recorded as a call of
+/// its own.
 #[inline(always)]
 fn take_slot(tid: u32, call: &GupCall) -> bool {
     let Some(s) = call_slot(tid) else { return false };
