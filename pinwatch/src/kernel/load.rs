@@ -80,18 +80,18 @@ fn without_prealloc(elf_bytes: &[u8], names: &[&str]) -> Result<Vec<u8>> {
     Ok(out)
 }
 
-/// A copy of an eBPF object with each instruction `patch` changed (it returns whether it
-/// did), walking the code sections' instructions (ld_imm64 takes two); and how many
-/// were changed.
-fn patch_instructions(elf_bytes: &[u8], mut patch: impl FnMut(&mut [u8]) -> bool) -> Result<(Vec<u8>, usize)> {
+/// Changes each instruction of an eBPF object's code sections that `patch` changes (it
+/// returns whether it did), in place (ld_imm64 takes two slots); returns how many.
+fn patch_instructions(elf_bytes: &mut [u8], mut patch: impl FnMut(&mut [u8]) -> bool) -> Result<usize> {
     use object::{Object as _, ObjectSection as _};
     const LD_IMM64: u8 = 0x18;
-    let elf = object::File::parse(elf_bytes).context("parsing the eBPF object")?;
-    let mut out = elf_bytes.to_vec();
+    let ranges: Vec<(u64, u64)> = {
+        let elf = object::File::parse(&*elf_bytes).context("parsing the eBPF object")?;
+        elf.sections().filter(|s| s.kind() == object::SectionKind::Text).filter_map(|s| s.file_range()).collect()
+    };
     let mut changed = 0;
-    for section in elf.sections().filter(|s| s.kind() == object::SectionKind::Text) {
-        let Some((off, len)) = section.file_range() else { continue };
-        let code = out.get_mut(off as usize..(off + len) as usize).context("a code section runs past the object")?;
+    for (off, len) in ranges {
+        let code = elf_bytes.get_mut(off as usize..(off + len) as usize).context("a code section runs past the object")?;
         let mut at = 0;
         while at + 8 <= code.len() {
             let insn = &mut code[at..at + 8];
@@ -100,7 +100,7 @@ fn patch_instructions(elf_bytes: &[u8], mut patch: impl FnMut(&mut [u8]) -> bool
             at += if wide { 16 } else { 8 };
         }
     }
-    Ok((out, changed))
+    Ok(changed)
 }
 
 /// An instruction's immediate.
@@ -108,12 +108,12 @@ fn imm(insn: &[u8]) -> i32 {
     i32::from_le_bytes([insn[4], insn[5], insn[6], insn[7]])
 }
 
-/// A copy of an eBPF object for kernels before 5.12, whose verifier refuses any
+/// Makes an eBPF object fit for kernels before 5.12, whose verifier refuses any
 /// compare-and-swap instruction (BPF_STX with a nonzero imm: "uses reserved fields")
 /// wherever it is, reachable or not. The programs reach theirs only through the call
 /// slots, which CALL_SLOTS_ON leaves off there, so each one becomes `r0 = -1`: what a
 /// failed compare-and-swap leaves in r0 (the comparand is 0), were it ever run.
-fn without_compare_exchange(elf_bytes: &[u8]) -> Result<(Vec<u8>, usize)> {
+fn without_compare_exchange(elf_bytes: &mut [u8]) -> Result<usize> {
     const STX_ATOMIC_DW: u8 = 0xdb;
     const CMPXCHG: i32 = 0xf1;
     const MOV64_IMM_R0_MINUS_1: [u8; 8] = [0xb7, 0, 0, 0, 0xff, 0xff, 0xff, 0xff];
@@ -126,11 +126,11 @@ fn without_compare_exchange(elf_bytes: &[u8]) -> Result<(Vec<u8>, usize)> {
     })
 }
 
-/// A copy of an eBPF object whose calls of helper `RDONLY_CAST_CALL` (which no helper
-/// has) call the kfunc whose BTF id is `func_id`: a kfunc call is a call instruction
+/// Makes an eBPF object's calls of helper `RDONLY_CAST_CALL` (which no helper has)
+/// calls of the kfunc whose BTF id is `func_id`: a kfunc call is a call instruction
 /// with src_reg BPF_PSEUDO_KFUNC_CALL (2) and the id, offset 0 for vmlinux. aya knows
 /// nothing of kfuncs and leaves such calls as they are.
-fn with_kfunc_calls(elf_bytes: &[u8], func_id: u32) -> Result<(Vec<u8>, usize)> {
+fn with_kfunc_calls(elf_bytes: &mut [u8], func_id: u32) -> Result<usize> {
     const CALL: u8 = 0x85;
     const PSEUDO_KFUNC_CALL: u8 = 2;
     let magic = pinwatch_common::RDONLY_CAST_CALL as i32;
@@ -408,11 +408,12 @@ impl Kernel {
             .map_max_entries("RELEASE_DEPTH", tasks.calls)
             .map_max_entries("PROC_PINS", tasks.procs);
         let mut object: std::borrow::Cow<[u8]> = if maps_on_demand { without_prealloc(OBJECT, &GROWN_ON_DEMAND)?.into() } else { OBJECT.into() };
+        // Patched in one copy of the object (the first patch makes it, if any).
         if !call_slots_on {
-            object = without_compare_exchange(&object)?.0.into();
+            without_compare_exchange(object.to_mut())?;
         }
         if let Some((func, _)) = rdonly_cast {
-            object = with_kfunc_calls(&object, func)?.0.into();
+            with_kfunc_calls(object.to_mut(), func)?;
         }
         let mut ebpf = loader.load(&object).map_err(|e| anyhow!("loading the eBPF object failed: {}", error_chain(&e)))?;
         drop(object);
@@ -1031,7 +1032,8 @@ mod tests {
 
     #[test]
     fn before_5_12_every_compare_and_swap_becomes_a_failed_one_and_nothing_else_changes() {
-        let (patched, changed) = without_compare_exchange(OBJECT).unwrap();
+        let mut patched = OBJECT.to_vec();
+        let changed = without_compare_exchange(&mut patched).unwrap();
         assert!(changed > 0, "the programs take call slots by compare-and-swap");
         // Every changed byte lies in a changed instruction, now `r0 = -1`.
         let mut diffs = 0;
@@ -1044,15 +1046,16 @@ mod tests {
         }
         assert_eq!(diffs, changed);
         // None is left, and the copy still reads as the same object.
-        assert_eq!(without_compare_exchange(&patched).unwrap().1, 0);
+        assert_eq!(without_compare_exchange(&mut patched.clone()).unwrap(), 0);
         let obj = aya_obj::Object::parse(&patched).unwrap();
         assert!(obj.maps.contains_key("CALL_SLOTS"));
-        assert!(without_compare_exchange(b"not an elf").is_err());
+        assert!(without_compare_exchange(&mut b"not an elf".to_vec()).is_err());
     }
 
     #[test]
     fn calls_of_the_placeholder_helper_become_kfunc_calls_and_nothing_else_changes() {
-        let (patched, changed) = with_kfunc_calls(OBJECT, 0x1234_5678).unwrap();
+        let mut patched = OBJECT.to_vec();
+        let changed = with_kfunc_calls(&mut patched, 0x1234_5678).unwrap();
         assert!(changed > 0, "the programs read kernel words through bpf_rdonly_cast");
         let mut diffs = 0;
         for (a, b) in OBJECT.chunks(8).zip(patched.chunks(8)) {
@@ -1063,7 +1066,7 @@ mod tests {
             }
         }
         assert_eq!(diffs, changed);
-        assert_eq!(with_kfunc_calls(&patched, 1).unwrap().1, 0);
+        assert_eq!(with_kfunc_calls(&mut patched.clone(), 1).unwrap(), 0);
     }
 
     #[test]
