@@ -51,18 +51,24 @@ fn owner(tid: u32) -> u64 {
 /// Thread `tid`'s call slot, if the thread holds it.
 #[inline(always)]
 fn own_slot(tid: u32) -> Option<*mut CallSlot> {
-    call_slot(tid).filter(|s| unsafe { core::ptr::read_volatile(&(**s).owner) } == owner(tid))
+    owned(call_slot(tid), tid)
 }
 
-/// Takes thread `tid`'s slot for `call` if it is free and no outer call of the thread
+/// `slot` (thread `tid`'s call_slot), if the thread holds it.
+#[inline(always)]
+fn owned(slot: Option<*mut CallSlot>, tid: u32) -> Option<*mut CallSlot> {
+    slot.filter(|s| unsafe { core::ptr::read_volatile(&(**s).owner) } == owner(tid))
+}
+
+/// Takes thread `tid`'s slot `s` (its call_slot) for `call` if it is free and no outer call of the thread
 /// is in GUP_CALLS (before 6.2 hooked GUP calls nest, and an outer call that found the
 /// slot taken went to the map: this one then joins it there as nested). From 6.2 the
 /// map is not asked: only a GUP-fast-only call in an NMI can nest there, and where its
 /// thread's outer call went to the map, it takes the slot and is recorded as a call of
 /// its own.
 #[inline(always)]
-fn take_slot(tid: u32, call: &GupCall) -> bool {
-    let Some(s) = call_slot(tid) else { return false };
+fn take_slot(slot: Option<*mut CallSlot>, tid: u32, call: &GupCall) -> bool {
+    let Some(s) = slot else { return false };
     let unnested = unsafe { core::ptr::read_volatile(&GUP_UNNESTED) } != 0;
     if !unnested && GUP_CALLS.get_ptr(&tid).is_some() {
         return false;
@@ -159,13 +165,14 @@ pub fn enter<C: EbpfContext>(ctx: &C, hook: Hook, a: GupArgs) {
         nr_requested: nr_pages,
     };
     // A call nested in one the thread's slot holds counts its depth there.
-    if let Some(s) = own_slot(tid) {
+    let slot = call_slot(tid);
+    if let Some(s) = owned(slot, tid) {
         unsafe { (*s).call.depth += 1 };
         return;
     }
     // BPF_NOEXIST: the thread's outermost call is the one in the map, and a nested
     // call finds it there (one map operation for the common, unnested call).
-    if pages == 0 || (!take_slot(tid, &call) && GUP_CALLS.insert(&tid, &call, 1).is_err()) {
+    if pages == 0 || (!take_slot(slot, tid, &call) && GUP_CALLS.insert(&tid, &call, 1).is_err()) {
         match GUP_CALLS.get_ptr_mut(&tid) {
             Some(outer) => unsafe { (*outer).depth += 1 },
             None if pages != 0 => count(counter::CALL_MAP_FULL, 1),

@@ -72,28 +72,23 @@ impl Args for ProbeContext {
         self.arg::<u64>(n).unwrap_or(0)
     }
 }
-impl Args for FEntryContext {
-    const ARGS_AT_RETURN: bool = true;
-    #[inline(always)]
-    fn a(&self, n: usize) -> u64 {
-        trampoline_arg(aya_ebpf::EbpfContext::as_ptr(self), n)
-    }
-    #[inline(always)]
-    fn scalar(&self, n: usize) -> u64 {
-        frame_word(aya_ebpf::EbpfContext::as_ptr(self), n)
-    }
+/// fentry and fexit programs read their arguments alike, from the trampoline's frame.
+macro_rules! trampoline_args {
+    ($($ctx:ty),*) => {$(
+        impl Args for $ctx {
+            const ARGS_AT_RETURN: bool = true;
+            #[inline(always)]
+            fn a(&self, n: usize) -> u64 {
+                trampoline_arg(aya_ebpf::EbpfContext::as_ptr(self), n)
+            }
+            #[inline(always)]
+            fn scalar(&self, n: usize) -> u64 {
+                frame_word(aya_ebpf::EbpfContext::as_ptr(self), n)
+            }
+        }
+    )*};
 }
-impl Args for FExitContext {
-    const ARGS_AT_RETURN: bool = true;
-    #[inline(always)]
-    fn a(&self, n: usize) -> u64 {
-        trampoline_arg(aya_ebpf::EbpfContext::as_ptr(self), n)
-    }
-    #[inline(always)]
-    fn scalar(&self, n: usize) -> u64 {
-        frame_word(aya_ebpf::EbpfContext::as_ptr(self), n)
-    }
-}
+trampoline_args!(FEntryContext, FExitContext);
 
 /// Argument n of an fentry or fexit program, pointer or not, as a plain number. Not
 /// loaded from the BTF-typed context: the verifier refuses loads of `struct page **`

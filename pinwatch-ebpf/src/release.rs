@@ -320,11 +320,10 @@ pub fn page_array(hook: u16, release: u16, pages: u64, npages: u64, dirty: u16) 
 #[no_mangle]
 #[inline(never)]
 pub extern "C" fn is_one_folio(pages: u64, npages: u64) -> bool {
-    let read_u64 = |a: u64| unsafe { bpf_probe_read_kernel(a as *const u64) }.unwrap_or(0);
     if npages == 0 {
         return false;
     }
-    let (first, last) = (read_u64(pages), read_u64(pages + (npages - 1) * 8));
+    let (first, last) = (kernel_u64(pages), kernel_u64(pages + (npages - 1) * 8));
     let math = PfnMath::new();
     let head = math.head_pfn(first);
     first != 0 && head != u64::MAX && last == first + (npages - 1) * struct_page_size() && math.head_pfn(last) == head
@@ -375,8 +374,7 @@ const PAGES_PER_BVEC: u64 = 16;
 /// Item i is page i % PAGES_PER_BVEC of bvec i / PAGES_PER_BVEC.
 #[inline(always)]
 pub fn bio(hook: u16, bio: u64, dirty: u16) {
-    let read_u64 = |a: u64| unsafe { bpf_probe_read_kernel(a as *const u64) }.unwrap_or(0);
-    let vec = read_u64(bio + unsafe { core::ptr::read_volatile(&BIO_IO_VEC_OFF) });
+    let vec = kernel_u64(bio + unsafe { core::ptr::read_volatile(&BIO_IO_VEC_OFF) });
     let vcnt = unsafe {
         bpf_probe_read_kernel((bio + core::ptr::read_volatile(&BIO_VCNT_OFF)) as *const u16)
     }
@@ -392,9 +390,8 @@ pub fn bio(hook: u16, bio: u64, dirty: u16) {
 #[no_mangle]
 #[inline(never)]
 pub extern "C" fn bvec_page_pfn(bv: u64, p: u64) -> u64 {
-    let read_u64 = |a: u64| unsafe { bpf_probe_read_kernel(a as *const u64) }.unwrap_or(0);
-    let page = read_u64(bv);
-    let len_off = read_u64(bv + 8);
+    let page = kernel_u64(bv);
+    let len_off = kernel_u64(bv + 8);
     let (len, off) = (len_off & 0xffff_ffff, len_off >> 32);
     if page == 0 || len == 0 {
         return u64::MAX;
@@ -411,7 +408,7 @@ pub extern "C" fn bvec_page_pfn(bv: u64, p: u64) -> u64 {
 #[inline(always)]
 pub fn pipe_buf(hook: u16, buf: u64) {
     let off = unsafe { core::ptr::read_volatile(&PIPE_BUFFER_PAGE_OFF) };
-    let page = unsafe { bpf_probe_read_kernel((buf + off) as *const u64) }.unwrap_or(0);
+    let page = kernel_u64(buf + off);
     if page != 0 {
         folio_refs(hook, release::PUT, PageArg::Page(page), 1, false);
     }
