@@ -346,12 +346,23 @@ fn track_quietly(call: &GupCall, ret: i64, tgid: u32, ts: u64) {
     }
     let flags = call.gup_flags as u64 | QUIET_REF | if is_pin(call.hook) { PIN_REF } else { 0 };
     let mut tracked = 0;
-    for chunk in 0..MAX_CHUNKS as u64 {
-        let base = chunk * PFNS_PER_RECORD as u64;
-        if base >= n {
-            break;
+    if n == 1 {
+        // The commonest call, a direct-I/O read of one page into anonymous memory, is
+        // answered here: one read of the page, no loop and no call. Any other page (a
+        // tail page too: the long way to its head is pin_page's) goes through
+        // pin_page, which reads it again.
+        let m = PfnMath::with_base(BASE_LATER).own_head_mapping(kernel_u64(call.pages));
+        if m.is_none_or(|m| m & MAPPING_ANON == 0) {
+            tracked = !pin_page(call.pages, BASE_LATER, tgid as u64, flags, ts) >> 63;
         }
-        tracked += quiet_chunk(call.pages + base * 8, n - base, tgid as u64, flags, ts);
+    } else {
+        for chunk in 0..MAX_CHUNKS as u64 {
+            let base = chunk * PFNS_PER_RECORD as u64;
+            if base >= n {
+                break;
+            }
+            tracked += quiet_chunk(call.pages + base * 8, n - base, tgid as u64, flags, ts);
+        }
     }
     if tracked == 0 {
         count_batched(tgid, n);

@@ -17,7 +17,8 @@ use crate::{
 
 /// `page` is the folio, or any page of it. With `kernel_pins`, folios missing from PINS are
 /// still reported when the kernel counts them as DMA-pinned: the tracepoint-only mode,
-/// where GUP calls cannot be seen at all.
+/// where GUP calls cannot be seen at all. Without it, the caller has asked
+/// pins::nothing_pinned already, before reading its argument.
 #[inline(always)]
 pub fn page_op<C: EbpfContext>(ctx: &C, hook: u16, op: u16, page: PageArg, kernel_pins: bool) {
     if page.addr() == 0 {

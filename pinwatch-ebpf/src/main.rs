@@ -212,12 +212,12 @@ fn unpin(f: impl FnOnce()) {
 /// A release function that calls no hooked one, on an array or range of pages.
 #[inline(always)]
 fn unpin_leaf(f: impl FnOnce()) {
-    if !release::nested() {
+    if !pins::nothing_pinned() && !release::nested() {
         f();
     }
 }
 
-twins!(unpin_user_page, fentry_unpin_user_page, "unpin_user_page", |c| {
+twins!(unpin_user_page, fentry_unpin_user_page, "unpin_user_page", |c| if !pins::nothing_pinned() {
     release::folio_refs(Hook::UnpinUserPage as u16, rel::UNPIN, PageArg::Page(c.a(0)), 1, true)
 });
 twins!(unpin_user_pages, fentry_unpin_user_pages, "unpin_user_pages", |c| unpin(|| {
@@ -231,13 +231,13 @@ twins!(unpin_user_page_range_dirty_lock, fentry_unpin_user_page_range_dirty_lock
     let dirty = (c.scalar(2) & 0xff != 0) as u16;
     release::page_range(Hook::UnpinUserPageRangeDirtyLock as u16, c.a(0), c.scalar(1), dirty)
 }));
-twins!(unpin_folio, fentry_unpin_folio, "unpin_folio", |c| {
+twins!(unpin_folio, fentry_unpin_folio, "unpin_folio", |c| if !pins::nothing_pinned() {
     release::folio_refs(Hook::UnpinFolio as u16, rel::UNPIN, PageArg::Folio(c.a(0)), 1, true)
 });
 twins!(unpin_folios, fentry_unpin_folios, "unpin_folios", |c| unpin_leaf(|| {
     release::page_array(Hook::UnpinFolios as u16, rel::UNPIN, c.a(0), c.scalar(1), 0)
 }));
-twins!(unpin_user_folio, fentry_unpin_user_folio, "unpin_user_folio", |c| {
+twins!(unpin_user_folio, fentry_unpin_user_folio, "unpin_user_folio", |c| if !pins::nothing_pinned() {
     release::folio_refs(Hook::UnpinUserFolio as u16, rel::UNPIN, PageArg::Folio(c.a(0)), c.scalar(1) & 0xffff_ffff, true)
 });
 
@@ -266,13 +266,13 @@ unpin_fexit!(fexit_unpin_user_pages, "unpin_user_pages");
 unpin_fexit!(fexit_unpin_user_pages_dirty_lock, "unpin_user_pages_dirty_lock");
 
 // ---- FOLL_GET releases we can see, and the page-free safety net.
-twins!(bio_release_pages, fentry_bio_release_pages, "bio_release_pages", |c| {
+twins!(bio_release_pages, fentry_bio_release_pages, "bio_release_pages", |c| if !pins::nothing_pinned() {
     release::bio(Hook::BioReleasePages as u16, c.a(0), (c.scalar(1) & 0xff != 0) as u16)
 });
-twins!(__bio_release_pages, fentry___bio_release_pages, "__bio_release_pages", |c| {
+twins!(__bio_release_pages, fentry___bio_release_pages, "__bio_release_pages", |c| if !pins::nothing_pinned() {
     release::bio(Hook::UnderscoreBioReleasePages as u16, c.a(0), (c.scalar(1) & 0xff != 0) as u16)
 });
-twins!(page_cache_pipe_buf_release, fentry_page_cache_pipe_buf_release, "page_cache_pipe_buf_release", |c| {
+twins!(page_cache_pipe_buf_release, fentry_page_cache_pipe_buf_release, "page_cache_pipe_buf_release", |c| if !pins::nothing_pinned() {
     release::pipe_buf(Hook::PageCachePipeBufRelease as u16, c.a(1))
 });
 
@@ -291,7 +291,9 @@ pub fn mm_page_free(ctx: RawTracePointContext) -> i32 {
 /// 6.0).
 macro_rules! fn_hazard {
     ($kprobe:ident, $fentry:ident, $sym:literal, $hook:expr, $op:expr, $kind:ident($arg:literal)) => {
-        twins!($kprobe, $fentry, $sym, |c| hazard::page_op(c, $hook as u16, $op, PageArg::$kind(c.a($arg)), false));
+        twins!($kprobe, $fentry, $sym, |c| if !pins::nothing_pinned() {
+            hazard::page_op(c, $hook as u16, $op, PageArg::$kind(c.a($arg)), false)
+        });
     };
 }
 fn_hazard!(try_to_unmap_one, fentry_try_to_unmap_one, "try_to_unmap_one", Hook::TryToUnmapOne, page_op::UNMAP, Page(0));
@@ -309,7 +311,7 @@ macro_rules! tp_hazard {
     ($name:ident, $kpins:ident, $tp:literal, $hook:expr, $op:expr) => {
         #[raw_tracepoint(tracepoint = $tp)]
         pub fn $name(ctx: RawTracePointContext) -> i32 {
-            if record::floor() {
+            if record::floor() || pins::nothing_pinned() {
                 return 0;
             }
             hazard::page_op(&ctx, $hook as u16, $op, PageArg::Page(ctx.arg::<u64>(0)), false);

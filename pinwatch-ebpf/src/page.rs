@@ -203,14 +203,24 @@ impl PfnMath {
     /// head and be a tail: unfake), goes the long way, head then mapping.
     #[inline(always)]
     pub fn head_and_mapping(&self, page: u64) -> (u64, u64) {
-        if self.head_off == 8 && global(&PAGE_MAPPING_OFF) == 24 {
-            let w = kernel_words::<4>(page);
-            if w[1] & 1 == 0 && (global(&FAKE_HEADS) == 0 || page & 4095 != 0) {
-                return (page, w[3]);
-            }
+        if let Some(m) = self.own_head_mapping(page) {
+            return (page, m);
         }
         let head = self.head(page);
         (head, mapping(head))
+    }
+
+    /// The `mapping` of a page that is its own folio's head, known by one read of the
+    /// struct page's first 32 bytes (see head_and_mapping); None: the long way is needed.
+    #[inline(always)]
+    pub fn own_head_mapping(&self, page: u64) -> Option<u64> {
+        if self.head_off == 8 && global(&PAGE_MAPPING_OFF) == 24 {
+            let w = kernel_words::<4>(page);
+            if w[1] & 1 == 0 && (global(&FAKE_HEADS) == 0 || page & 4095 != 0) {
+                return Some(w[3]);
+            }
+        }
+        None
     }
 
     /// The folio head of a page pointer.

@@ -8,11 +8,27 @@ use crate::{
     page::{struct_page_index, PfnMath},
 };
 
+/// Every count PIN_FILTER holds, summed: PINS entries and block references in all. At
+/// 0 (nothing pinned is watched: a host whose pins are all direct I/O into anonymous
+/// memory, while monitoring) every page hook answers with one load, before it reads the
+/// page or looks at the filter. Kept with the filter, by filter_add, in .bss.
+#[no_mangle]
+static mut PINNED_TOTAL: u64 = 0;
+
+/// Whether PINS and PIN_BLOCKS hold nothing at all (then no page is watched).
+#[inline(always)]
+pub fn nothing_pinned() -> bool {
+    unsafe { core::ptr::read_volatile(&raw const PINNED_TOTAL) == 0 }
+}
+
 /// Whether the folio whose head struct page is at `head` may be in PINS (false:
 /// certainly not). The filter is keyed by the struct page's address, so that the hooks
 /// on every page freed or dirtied answer before any pfn arithmetic.
 #[inline(always)]
 pub fn maybe_pinned_head(head: u64) -> bool {
+    if nothing_pinned() {
+        return false;
+    }
     let (index, lane) = filter_slot(head);
     PIN_FILTER.get(index).is_some_and(|n| (*n >> lane) as u32 != 0)
 }
@@ -51,6 +67,7 @@ pub fn pins_remove(pfn: u64) {
 
 #[inline(always)]
 fn filter_add(pfn: u64, v: u32) {
+    atomic_add(&raw mut PINNED_TOTAL, v as i32 as i64 as u64);
     let (index, lane) = filter_slot(PfnMath::new().page(pfn));
     if let Some(n) = PIN_FILTER.get_ptr_mut(index) {
         // `v` as a signed count, moved into its lane: taking away from a slot that

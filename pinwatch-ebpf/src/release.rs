@@ -9,7 +9,7 @@ use crate::{
     acquire::in_gup_call,
     maps::{atomic_add, count, BLOCK_UNSENT, KNOWN, PINS, PROC_PINS, QUIET_GETS, RELEASE_DEPTH, RELEASE_SCRATCH},
     page::{head_pfn, kernel_u64, page_to_pfn, struct_page_size, PageArg, PfnMath},
-    pins::{block_unpin, maybe_pinned, maybe_pinned_head, pins_remove, BLOCK_EXPOSED, BLOCK_REFS},
+    pins::{block_unpin, maybe_pinned, maybe_pinned_head, nothing_pinned, pins_remove, BLOCK_EXPOSED, BLOCK_REFS},
     record::{current, fill_header, send, stream_all, Nest},
 };
 
@@ -186,6 +186,10 @@ pub extern "C" fn item_pfn(src: u64, how: u64, i: u64) -> u64 {
 /// u64::MAX and skipped by user space; a chunk that names none is not sent.
 #[inline(always)]
 fn release_items(hook: u16, release: u16, dirty: u16, n: u64, refs: u64, src: u64, how: u64) {
+    // Nothing watched: no item can be known, and the record would not go.
+    if nothing_pinned() {
+        return;
+    }
     let Some(nest) = Nest::enter() else { return };
     let Some(rec) = RELEASE_SCRATCH.get_ptr_mut(nest.level) else {
         return;
@@ -347,7 +351,7 @@ pub extern "C" fn range_pfn(page: u64, i: u64) -> u64 {
 }
 
 /// `refs` references on one folio (unpin_user_folio, unpin_folio, unpin_user_page,
-/// and the put_page of a pipe buffer). `leaf`: a release function without a return
+/// and the put_page of a pipe buffer); their programs ask pins::nothing_pinned first. `leaf`: a release function without a return
 /// program, which asks whether it is nested only once the folio may be pinned.
 #[inline(always)]
 pub fn folio_refs(hook: u16, release: u16, page: PageArg, refs: u64, leaf: bool) {

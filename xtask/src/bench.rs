@@ -80,6 +80,13 @@ fn fio(engine: &str) -> String {
 }
 
 pub fn plan(rounds: usize) -> String {
+    // Program names only: anything else in the variable is left out of the script.
+    let dump: String = std::env::var("PINWATCH_BENCH_DUMP")
+        .unwrap_or_default()
+        .split(',')
+        .filter(|n| !n.is_empty() && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+        .collect::<Vec<_>>()
+        .join(" ");
     let mut p = format!(
         r#"
 mount -t tracefs nodev /sys/kernel/tracing 2> /dev/null
@@ -97,6 +104,15 @@ EOF
 cat > /tmp/stats.sh <<'EOF'
 pinwatch-scenario bench-dio --file /mnt/bench-dio --ops {DIO_OPS} || exit 1
 echo "PINWATCH-STATS $(bpftool prog show --json)"
+# PINWATCH_BENCH_DUMP (host environment, for looking into a program's cost): the
+# verifier's rewrite of the programs named and their machine code (base64: the
+# guest's bpftool has no disassembler; objdump -b binary -m i386:x86-64 on the host),
+# to the console (console.log).
+for p in {dump}; do
+  bpftool prog dump xlated name $p | sed "s/^/XLATED $p: /" > /dev/console
+  bpftool prog dump jited name $p file /tmp/jited.bin > /dev/null 2>&1 && base64 -w 0 /tmp/jited.bin | sed "s/^/JITED $p: /" > /dev/console && echo > /dev/console
+done
+true
 EOF
 # Only the last line of a trace or of top's output goes back: thousands of events
 # over the emulated serial port would take minutes. A trace's size is counted.
