@@ -136,6 +136,38 @@ macro_rules! twins {
     };
 }
 
+/// twins! for a hook with nothing to do while nothing is pinned (pins::nothing_pinned):
+/// the page hooks, which run for every page dirtied, cleaned, written back or released.
+/// The programs answer that case with one load, and the body runs in a subprogram, so
+/// that the program itself keeps no stack and saves no registers: what it costs then is
+/// the floor's program and the load.
+macro_rules! gated_twins {
+    ($kprobe:ident, $fentry:ident, $sym:literal, |$c:ident| $body:expr) => {
+        gated!(kprobe, $kprobe, ProbeContext, |$c| $body);
+        gated!(fentry(function = $sym), $fentry, FEntryContext, |$c| $body);
+    };
+}
+
+/// One gated program (see gated_twins): attribute, name, context type, body.
+macro_rules! gated {
+    ($attr:ident $(($($how:tt)*))?, $name:ident, $ctx:ident, |$c:ident| $body:expr) => {
+        #[$attr$(($($how)*))?]
+        pub fn $name(ctx: $ctx) -> u32 {
+            if record::floor() || pins::nothing_pinned() {
+                return 0;
+            }
+            #[inline(never)]
+            fn watched(raw: *mut core::ffi::c_void) {
+                let ctx = $ctx::new(raw);
+                let $c = &ctx;
+                $body;
+            }
+            watched(aya_ebpf::EbpfContext::as_ptr(&ctx));
+            0
+        }
+    };
+}
+
 #[inline(always)]
 fn gup_enter<C: Args + aya_ebpf::EbpfContext>(c: &C, hook: Hook, l: Layout) {
     // A call its fexit program handles alone costs its entry one load.
@@ -212,12 +244,12 @@ fn unpin(f: impl FnOnce()) {
 /// A release function that calls no hooked one, on an array or range of pages.
 #[inline(always)]
 fn unpin_leaf(f: impl FnOnce()) {
-    if !pins::nothing_pinned() && !release::nested() {
+    if !release::nested() {
         f();
     }
 }
 
-twins!(unpin_user_page, fentry_unpin_user_page, "unpin_user_page", |c| if !pins::nothing_pinned() {
+gated_twins!(unpin_user_page, fentry_unpin_user_page, "unpin_user_page", |c| {
     release::folio_refs(Hook::UnpinUserPage as u16, rel::UNPIN, PageArg::Page(c.a(0)), 1, true)
 });
 twins!(unpin_user_pages, fentry_unpin_user_pages, "unpin_user_pages", |c| unpin(|| {
@@ -227,17 +259,17 @@ twins!(unpin_user_pages_dirty_lock, fentry_unpin_user_pages_dirty_lock, "unpin_u
     let dirty = (c.scalar(2) & 0xff != 0) as u16;
     release::page_array(Hook::UnpinUserPagesDirtyLock as u16, rel::UNPIN, c.a(0), c.scalar(1), dirty)
 }));
-twins!(unpin_user_page_range_dirty_lock, fentry_unpin_user_page_range_dirty_lock, "unpin_user_page_range_dirty_lock", |c| unpin_leaf(|| {
+gated_twins!(unpin_user_page_range_dirty_lock, fentry_unpin_user_page_range_dirty_lock, "unpin_user_page_range_dirty_lock", |c| unpin_leaf(|| {
     let dirty = (c.scalar(2) & 0xff != 0) as u16;
     release::page_range(Hook::UnpinUserPageRangeDirtyLock as u16, c.a(0), c.scalar(1), dirty)
 }));
-twins!(unpin_folio, fentry_unpin_folio, "unpin_folio", |c| if !pins::nothing_pinned() {
+gated_twins!(unpin_folio, fentry_unpin_folio, "unpin_folio", |c| {
     release::folio_refs(Hook::UnpinFolio as u16, rel::UNPIN, PageArg::Folio(c.a(0)), 1, true)
 });
-twins!(unpin_folios, fentry_unpin_folios, "unpin_folios", |c| unpin_leaf(|| {
+gated_twins!(unpin_folios, fentry_unpin_folios, "unpin_folios", |c| unpin_leaf(|| {
     release::page_array(Hook::UnpinFolios as u16, rel::UNPIN, c.a(0), c.scalar(1), 0)
 }));
-twins!(unpin_user_folio, fentry_unpin_user_folio, "unpin_user_folio", |c| if !pins::nothing_pinned() {
+gated_twins!(unpin_user_folio, fentry_unpin_user_folio, "unpin_user_folio", |c| {
     release::folio_refs(Hook::UnpinUserFolio as u16, rel::UNPIN, PageArg::Folio(c.a(0)), c.scalar(1) & 0xffff_ffff, true)
 });
 
@@ -266,24 +298,19 @@ unpin_fexit!(fexit_unpin_user_pages, "unpin_user_pages");
 unpin_fexit!(fexit_unpin_user_pages_dirty_lock, "unpin_user_pages_dirty_lock");
 
 // ---- FOLL_GET releases we can see, and the page-free safety net.
-twins!(bio_release_pages, fentry_bio_release_pages, "bio_release_pages", |c| if !pins::nothing_pinned() {
+gated_twins!(bio_release_pages, fentry_bio_release_pages, "bio_release_pages", |c| {
     release::bio(Hook::BioReleasePages as u16, c.a(0), (c.scalar(1) & 0xff != 0) as u16)
 });
-twins!(__bio_release_pages, fentry___bio_release_pages, "__bio_release_pages", |c| if !pins::nothing_pinned() {
+gated_twins!(__bio_release_pages, fentry___bio_release_pages, "__bio_release_pages", |c| {
     release::bio(Hook::UnderscoreBioReleasePages as u16, c.a(0), (c.scalar(1) & 0xff != 0) as u16)
 });
-twins!(page_cache_pipe_buf_release, fentry_page_cache_pipe_buf_release, "page_cache_pipe_buf_release", |c| if !pins::nothing_pinned() {
+gated_twins!(page_cache_pipe_buf_release, fentry_page_cache_pipe_buf_release, "page_cache_pipe_buf_release", |c| {
     release::pipe_buf(Hook::PageCachePipeBufRelease as u16, c.a(1))
 });
 
-#[raw_tracepoint(tracepoint = "mm_page_free")]
-pub fn mm_page_free(ctx: RawTracePointContext) -> i32 {
-    if record::floor() {
-        return 0;
-    }
-    release::page_free(Hook::MmPageFree as u16, ctx.arg::<u64>(0));
-    0
-}
+gated!(raw_tracepoint(tracepoint = "mm_page_free"), mm_page_free, RawTracePointContext, |c| {
+    release::page_free(Hook::MmPageFree as u16, c.arg::<u64>(0))
+});
 
 // ---- hazards: the kernel treating a pinned folio as an ordinary one.
 /// A hazard function hook: argument `$arg` is a `Folio` (its own head) or a `Page` (any
@@ -291,9 +318,7 @@ pub fn mm_page_free(ctx: RawTracePointContext) -> i32 {
 /// 6.0).
 macro_rules! fn_hazard {
     ($kprobe:ident, $fentry:ident, $sym:literal, $hook:expr, $op:expr, $kind:ident($arg:literal)) => {
-        twins!($kprobe, $fentry, $sym, |c| if !pins::nothing_pinned() {
-            hazard::page_op(c, $hook as u16, $op, PageArg::$kind(c.a($arg)), false)
-        });
+        gated_twins!($kprobe, $fentry, $sym, |c| hazard::page_op(c, $hook as u16, $op, PageArg::$kind(c.a($arg)), false));
     };
 }
 fn_hazard!(try_to_unmap_one, fentry_try_to_unmap_one, "try_to_unmap_one", Hook::TryToUnmapOne, page_op::UNMAP, Page(0));
@@ -309,14 +334,9 @@ fn_hazard!(set_page_dirty, fentry_set_page_dirty, "set_page_dirty", Hook::SetPag
 /// `<tp>_kpins` also folios the kernel counts as DMA-pinned (tracepoint-only mode).
 macro_rules! tp_hazard {
     ($name:ident, $kpins:ident, $tp:literal, $hook:expr, $op:expr) => {
-        #[raw_tracepoint(tracepoint = $tp)]
-        pub fn $name(ctx: RawTracePointContext) -> i32 {
-            if record::floor() || pins::nothing_pinned() {
-                return 0;
-            }
-            hazard::page_op(&ctx, $hook as u16, $op, PageArg::Page(ctx.arg::<u64>(0)), false);
-            0
-        }
+        gated!(raw_tracepoint(tracepoint = $tp), $name, RawTracePointContext, |c| {
+            hazard::page_op(c, $hook as u16, $op, PageArg::Page(c.arg::<u64>(0)), false)
+        });
         #[raw_tracepoint(tracepoint = $tp)]
         pub fn $kpins(ctx: RawTracePointContext) -> i32 {
             if record::floor() {
