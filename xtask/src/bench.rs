@@ -87,6 +87,13 @@ pub fn plan(rounds: usize) -> String {
         .filter(|n| !n.is_empty() && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
         .collect::<Vec<_>>()
         .join(" ");
+    // PINWATCH_BENCH_STATS_WORK=fio-psync or fio-uring: the kernel's statistics are
+    // taken on that fio workload (as many reads as dio's) instead of the dio reads.
+    let stats_work = match std::env::var("PINWATCH_BENCH_STATS_WORK").as_deref() {
+        Ok("fio-psync") => fio("psync"),
+        Ok("fio-uring") => fio("io_uring"),
+        _ => format!("pinwatch-scenario bench-dio --file /mnt/bench-dio --ops {DIO_OPS}"),
+    };
     let mut p = format!(
         r#"
 mount -t tracefs nodev /sys/kernel/tracing 2> /dev/null
@@ -102,7 +109,7 @@ cat > /tmp/hold-pins.sh <<'EOF'
 exec pinwatch-scenario bench-footprint --pages {FOOTPRINT_PAGES} --hold-ms 2000
 EOF
 cat > /tmp/stats.sh <<'EOF'
-pinwatch-scenario bench-dio --file /mnt/bench-dio --ops {DIO_OPS} || exit 1
+{stats_work} || exit 1
 echo "PINWATCH-STATS $(bpftool prog show --json)"
 # PINWATCH_BENCH_DUMP (host environment, for looking into a program's cost): the
 # verifier's rewrite of the programs named and their machine code (base64: the
@@ -112,6 +119,7 @@ for p in {dump}; do
   bpftool prog dump xlated name $p | sed "s/^/XLATED $p: /" > /dev/console
   bpftool prog dump jited name $p file /tmp/jited.bin > /dev/null 2>&1 && base64 -w 0 /tmp/jited.bin | sed "s/^/JITED $p: /" > /dev/console && echo > /dev/console
 done
+[ -n "{dump}" ] && bpftool map dump name .bss 2>&1 | sed "s/^/BSS: /" > /dev/console
 true
 EOF
 # Only the last line of a trace or of top's output goes back: thousands of events
