@@ -351,8 +351,9 @@ pub extern "C" fn range_pfn(page: u64, i: u64) -> u64 {
 }
 
 /// `refs` references on one folio (unpin_user_folio, unpin_folio, unpin_user_page,
-/// and the put_page of a pipe buffer); their programs ask pins::nothing_pinned first. `leaf`: a release function without a return
-/// program, which asks whether it is nested only once the folio may be pinned.
+/// and the put_page of a pipe buffer); their programs ask pins::nothing_pinned first.
+/// `leaf`: a release function without a return program, which asks whether it is
+/// nested only once the folio may be pinned.
 #[inline(always)]
 pub fn folio_refs(hook: u16, release: u16, page: PageArg, refs: u64, leaf: bool) {
     let head = page.head();
